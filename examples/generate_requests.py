@@ -1,0 +1,23 @@
+"""Writes examples/test_requests_to_parallel_process.jsonl: 10 small requests ("How much is 8 * x?")."""
+
+import json
+from pathlib import Path
+
+MODEL = "claude-sonnet-4-5"
+N_REQUESTS = 10
+
+filename = Path(__file__).parent / "test_requests_to_parallel_process.jsonl"
+jobs = [
+    {
+        "model": MODEL,
+        "max_tokens": 1024,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": f"How much is 8 * {x}?"}],
+        "metadata": {"row_id": x},
+    }
+    for x in range(N_REQUESTS)
+]
+with open(filename, "w") as file:
+    for job in jobs:
+        file.write(json.dumps(job) + "\n")
+print(f"Wrote {len(jobs)} requests to {filename}")

