@@ -430,13 +430,14 @@ class TokenBucket:
 
     The level may go below zero: a request larger than the whole bucket waits until the bucket is
     full, then goes alone and leaves a debt that later requests wait out. So it is never stuck,
-    and over any stretch of time the average stays at the limit."""
+    and over any stretch of time the average stays at the limit. Buckets start with `initial`
+    (empty by default): a run ramps up to its rate instead of opening with a burst."""
 
-    def __init__(self, per_minute: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, per_minute: float, initial: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = per_minute / 60.0
         self.capacity = max(self.rate * BURST_SECONDS, 1.0)
         self.clock = clock
-        self.level = self.capacity
+        self.level = min(initial, self.capacity)
         self.updated = clock()
 
     def _refill(self) -> None:
@@ -468,7 +469,7 @@ class RateLimiter:
     """Gates every attempt on the request and input-token buckets and on any 429 pause."""
 
     def __init__(self, max_requests_per_minute: float, max_tokens_per_minute: float) -> None:
-        self.requests = TokenBucket(max_requests_per_minute)
+        self.requests = TokenBucket(max_requests_per_minute, initial=1)  # the first request goes at once
         self.input_tokens = TokenBucket(max_tokens_per_minute)
         self.paused_until = 0.0
 

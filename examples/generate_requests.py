@@ -18,6 +18,5 @@ jobs = [
     for x in range(N_REQUESTS)
 ]
 with open(filename, "w") as file:
-    for job in jobs:
-        file.write(json.dumps(job) + "\n")
+    file.writelines(json.dumps(job) + "\n" for job in jobs)
 print(f"Wrote {len(jobs)} requests to {filename}")

@@ -74,8 +74,11 @@ class FakeConfig:
 @dataclass
 class FakeStats:
     received: int = 0
+    received_times: list[float] = field(default_factory=list)  # monotonic arrival time of every POST
+    answered_times: list[float] = field(default_factory=list)  # monotonic time of every 200 sent
     accepted_times: list[float] = field(default_factory=list)  # monotonic time of every admitted request
     rate_limited: int = 0
+    rate_limited_times: list[float] = field(default_factory=list)  # monotonic time of every 429 sent
     faults: dict[str, int] = field(default_factory=dict)
     answered: dict[str, int] = field(default_factory=dict)  # request fingerprint -> 200 responses sent
     cache_write_tokens: int = 0
@@ -240,6 +243,7 @@ class FakeAnthropic:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.stats.received += 1
+        self.stats.received_times.append(time.monotonic())
         raw = await request.read()
         self.stats.headers_seen.append(dict(request.headers))
         if request.headers.get("x-api-key") != self.config.api_key:
@@ -298,6 +302,7 @@ class FakeAnthropic:
         self.stats.cache_write_tokens += cache_write
         self.stats.cache_read_tokens += cache_read
         self.stats.answered[key] = self.stats.answered.get(key, 0) + 1
+        self.stats.answered_times.append(time.monotonic())
 
         last_text = text_of(body["messages"][-1]["content"])
         message = {
@@ -326,6 +331,7 @@ class FakeAnthropic:
         wait = max(waits, default=0.0)
         if wait > 0:
             self.stats.rate_limited += 1
+            self.stats.rate_limited_times.append(time.monotonic())
             headers = {"retry-after": str(max(1, math.ceil(wait))), **self.rate_limit_headers()}
             return self.error(429, "rate_limit_error", "This request would exceed your rate limit.", headers)
         if self.requests is not None:
@@ -340,6 +346,8 @@ class FakeAnthropic:
         simple = {
             "400": (400, "invalid_request_error", "messages: something is wrong"),
             "403": (403, "permission_error", "not allowed"),
+            "408": (408, "timeout_error", "request timed out"),
+            "409": (409, "conflict_error", "conflict"),
             "404": (404, "not_found_error", "model: not found"),
             "413": (413, "request_too_large", "Request exceeds the maximum allowed number of bytes."),
             "500": (500, "api_error", "Internal server error"),
@@ -350,6 +358,7 @@ class FakeAnthropic:
             return self.error(*simple[fault])
         if fault == "429":
             self.stats.rate_limited += 1
+            self.stats.rate_limited_times.append(time.monotonic())
             return self.error(429, "rate_limit_error", "rate limited", {"retry-after": "1"})
         if fault == "spend":
             return self.error(429, "rate_limit_error", "spend limit reached",

@@ -1,0 +1,142 @@
+"""The command line as a user runs it: flags, defaults, exit codes, messages, and the key kept secret."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from conftest import API_KEY, ROOT, cli_args, outputs, read_jsonl, request, run_cli, write_jsonl
+
+import api_request_parallel_processor as app
+
+
+def test_example_file_end_to_end_keeps_metadata_out_of_the_request(tmp_path, fake_server):
+    fake = fake_server()
+    requests_path = tmp_path / "test_requests_to_parallel_process.jsonl"
+    shutil.copy(ROOT / "examples" / "test_requests_to_parallel_process.jsonl", requests_path)
+
+    result = run_cli("--requests_filepath", str(requests_path), "--request_url", fake.url,
+                     "--max_requests_per_minute", "6000", env={"ANTHROPIC_API_KEY": API_KEY})
+
+    assert result.returncode == 0, result.stderr
+    results, errors = outputs(requests_path)
+    assert errors == []
+    assert sorted(record[2]["row_id"] for record in results) == list(range(10))
+    for sent, response, metadata in results:
+        assert "metadata" not in sent
+        assert response["type"] == "message"
+        assert sent["messages"][0]["content"] == f"How much is 8 * {metadata['row_id']}?"
+    assert all("metadata" not in body for body in fake.stats.bodies_seen)
+    assert "Finished in" in result.stderr and "10 succeeded" in result.stderr
+
+
+def test_record_without_metadata_has_two_elements(tmp_path, fake_server):
+    fake = fake_server()
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request("plain")])
+    assert run_cli(*cli_args(fake, requests_path)).returncode == 0
+    (record,) = read_jsonl(tmp_path / "r_results.jsonl")
+    assert len(record) == 2 and record[0] == request("plain")
+
+
+def test_key_is_read_from_a_dotenv_file(tmp_path, fake_server):
+    fake = fake_server()
+    (tmp_path / ".env").write_text(f"ANTHROPIC_API_KEY={API_KEY}\n")
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request("hi", 1)])
+    result = run_cli("--requests_filepath", "r.jsonl", "--request_url", fake.url, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(outputs(requests_path)[0]) == 1
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    ([], "--requests_filepath"),
+    (["--requests_filepath", "missing.jsonl", "--api_key", "k"], "requests file not found"),
+    (["--requests_filepath", "r.jsonl"], "no API key"),
+    (["--requests_filepath", "r.jsonl", "--api_key", "k", "--max_attempts", "0"], "--max_attempts"),
+    (["--requests_filepath", "r.jsonl", "--api_key", "k", "--max_requests_per_minute", "fast"], "expected a number"),
+    (["--requests_filepath", "r.jsonl", "--api_key", "k", "--max_tokens_per_minute", "-5"], "positive"),
+    (["--requests_filepath", "r.jsonl", "--api_key", "k", "--logging_level", "LOUD"], "logging_level"),
+    (["--requests_filepath", "r.jsonl", "--api_key", "k", "--use_caching", "maybe"], "--use_caching"),
+    (["--requests_filepath", "r.jsonl", "--api_key", "k", "--no_such_flag", "1"], "unrecognized"),
+])
+def test_usage_errors_give_one_line_and_exit_2(tmp_path, args, expected):
+    write_jsonl(tmp_path / "r.jsonl", [request("hi")])
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_unwritable_results_path_is_a_usage_error(tmp_path):
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request("hi")])
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    result = run_cli("--requests_filepath", str(requests_path), "--api_key", "k",
+                     "--save_filepath", str(tmp_path / "blocker" / "out.jsonl"))
+    assert result.returncode == 2 and "cannot write results" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_flags_and_defaults_match_the_cookbook_script():
+    parsed = app.build_argument_parser().parse_args(["--requests_filepath", "data/x.jsonl"])
+    assert parsed.save_filepath is None
+    assert parsed.request_url == "https://api.anthropic.com/v1/messages"
+    assert parsed.max_requests_per_minute == 40
+    assert parsed.max_tokens_per_minute == 16_000
+    assert parsed.max_attempts == 5
+    assert app.parse_logging_level(parsed.logging_level) == 20
+    assert parsed.use_caching is False
+    assert app.Settings(requests_filepath="data/x.jsonl").save_filepath == "data/x_results.jsonl"
+    assert app.Settings(requests_filepath="data/x.jsonl").errors_filepath == "data/x_results_errors.jsonl"
+    assert app.Settings(requests_filepath="data/x.txt").save_filepath == "data/x.txt_results.jsonl"
+    assert app.parse_logging_level("10") == 10 and app.parse_logging_level("trace") == 5
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (None, True), ("True", True), ("yes", True), ("1", True), ("False", False), ("no", False), ("0", False),
+])
+def test_use_caching_accepts_the_seed_spellings(value, expected):
+    extra = ["--use_caching"] + ([value] if value is not None else [])
+    parsed = app.build_argument_parser().parse_args(["--requests_filepath", "x.jsonl", *extra])
+    assert parsed.use_caching is expected
+
+
+def test_exit_code_1_when_a_request_fails_and_0_when_all_succeed(tmp_path, fake_server):
+    fake = fake_server()
+    good = write_jsonl(tmp_path / "good.jsonl", [request("a"), request("b")])
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [request("a"), request("[[always:400]]")])
+    assert run_cli(*cli_args(fake, good)).returncode == 0
+    result = run_cli(*cli_args(fake, mixed))
+    assert result.returncode == 1
+    assert "see " + str(tmp_path / "mixed_results_errors.jsonl") in result.stderr
+
+
+def test_rejected_key_stops_the_run_with_exit_2_and_every_line_accounted_for(tmp_path, fake_server):
+    fake = fake_server()
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(30)])
+    args = cli_args(fake, requests_path, "--max_requests_per_minute", "60")  # a burst of one
+    args[args.index(API_KEY)] = "sk-ant-wrong-key-abcdef"
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert "the API rejected the key" in result.stderr and "Traceback" not in result.stderr
+    assert fake.stats.received <= 2  # it stopped instead of trying all 30 lines
+    results, errors = outputs(requests_path)
+    assert results == []
+    assert sorted(record[2]["row"] for record in errors) == list(range(30))
+    assert "sk-ant-wrong-key-abcdef" not in result.stderr + (tmp_path / "r_results_errors.jsonl").read_text()
+
+
+def test_api_key_never_appears_in_logs_or_files_even_at_trace(tmp_path, fake_server):
+    fake = fake_server()
+    rows = [request("ok", 0), request("[[fault:529x1]]", 1), request("[[always:400]]", 2), "{not json"]
+    requests_path = write_jsonl(tmp_path / "r.jsonl", rows)
+    result = run_cli(*cli_args(fake, requests_path, "--logging_level", "TRACE"))
+    assert result.returncode == 1
+    assert "TRACE" in result.stderr and "DEBUG" in result.stderr  # the most verbose level really was on
+    written = "".join(path.read_text() for path in tmp_path.glob("*.jsonl"))
+    assert API_KEY not in result.stderr + result.stdout + written
+    assert all(headers.get("x-api-key") == API_KEY for headers in fake.stats.headers_seen)
+
+
+def test_redact_hides_the_key_in_any_message():
+    assert app.redact(f"echoed {API_KEY} back", API_KEY) == "echoed [redacted] back"
+    assert repr(app.Settings(requests_filepath="x.jsonl", api_key=API_KEY)).count(API_KEY) == 0

@@ -1,0 +1,191 @@
+"""Retries, failures, bad lines and pacing, through real HTTP to the fake server."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+from conftest import outputs, request, run_in_process, write_jsonl
+
+
+@pytest.mark.parametrize("fault", ["529", "500", "502", "drop", "truncated", "slow", "429", "408", "409"])
+def test_each_retryable_fault_is_retried_until_it_succeeds(tmp_path, fake_server, fault):
+    fake = fake_server(slow_seconds=1.0)
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"[[fault:{fault}x2]] please", 7)])
+
+    stats = run_in_process(requests_path, fake, request_timeout=0.5)
+
+    results, errors = outputs(requests_path)
+    assert errors == []
+    assert len(results) == 1 and results[0][1]["type"] == "message" and results[0][2] == {"row": 7}
+    assert fake.stats.faults[fault] == 2 and stats.retries == 2
+    assert stats.succeeded == 1 and stats.exit_code == 0
+
+
+@pytest.mark.parametrize(("fault", "status"), [
+    ("400", "HTTP 400 invalid_request_error"), ("403", "HTTP 403 permission_error"),
+    ("404", "HTTP 404 not_found_error"), ("413", "HTTP 413 request_too_large"),
+    ("spend", "HTTP 429 rate_limit_error: spend limit reached"),
+])
+def test_non_retryable_errors_fail_at_once_with_the_reason(tmp_path, fake_server, fault, status):
+    fake = fake_server()
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"[[always:{fault}]]", 3), request("fine", 4)])
+
+    stats = run_in_process(requests_path, fake, max_attempts=5)
+
+    results, errors = outputs(requests_path)
+    assert [record[2] for record in results] == [{"row": 4}]
+    (error,) = errors
+    sent, messages, metadata = error
+    assert metadata == {"row": 3} and sent == request(f"[[always:{fault}]]")
+    assert len(messages) == 1  # no attempts were spent on a request that cannot succeed
+    assert messages[0].startswith(f"line 1, attempt 1: {status}") and "request-id req_fake" in messages[0]
+    assert stats.failed == 1 and stats.exit_code == 1
+
+
+def test_retryable_failure_gives_up_after_max_attempts_with_one_message_per_attempt(tmp_path, fake_server):
+    fake = fake_server()
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request("[[always:502]]", 1)])
+    stats = run_in_process(requests_path, fake, max_attempts=3)
+    (error,) = outputs(requests_path)[1]
+    assert [message.split(":")[0] for message in error[1]] == ["line 1, attempt 1", "line 1, attempt 2",
+                                                               "line 1, attempt 3"]
+    assert "non-JSON body" in error[1][0] and "502 Bad Gateway" in error[1][0]
+    assert fake.stats.received == 3 and stats.failed == 1
+
+
+def test_bad_lines_are_reported_by_line_number_and_do_not_stop_the_others(tmp_path, fake_server):
+    fake = fake_server()
+    lines = [
+        json.dumps(request("good one", 1)),                                   # 1
+        "{this is not json",                                                   # 2
+        "[1, 2, 3]",                                                           # 3
+        "",                                                                    # 4 (blank: skipped)
+        json.dumps({"max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}),          # 5
+        json.dumps(request("x", max_tokens=0)),                                # 6
+        json.dumps(request("x", max_tokens="10")),                             # 7
+        json.dumps(request("x", messages=[])),                                 # 8
+        json.dumps(request("x", messages=[{"role": "system", "content": "x"}])),  # 9
+        json.dumps({**request("x"), "metadata": "not an object"}),             # 10
+        json.dumps(request("x", stream=True)),                                 # 11
+        json.dumps(request("good two", 2)),                                    # 12
+    ]
+    requests_path = tmp_path / "r.jsonl"
+    requests_path.write_bytes(("\n".join(lines) + "\n").encode() + b'{"model": "\xff\xfe"}\n')  # 13: not UTF-8
+
+    stats = run_in_process(requests_path, fake)
+
+    results, errors = outputs(requests_path)
+    assert sorted(record[2]["row"] for record in results) == [1, 2]
+    problems = {int(record[1][0].split(":")[0].removeprefix("line ")): record[1][0] for record in errors}
+    assert sorted(problems) == [2, 3, 5, 6, 7, 8, 9, 10, 11, 13]
+    assert "not valid JSON" in problems[2] and "expected a JSON object" in problems[3]
+    assert "'model'" in problems[5] and "'max_tokens'" in problems[6] and "'max_tokens'" in problems[7]
+    assert "'messages'" in problems[8] and "role" in problems[9] and "metadata" in problems[10]
+    assert "stream" in problems[11] and "UTF-8" in problems[13]
+    assert errors[0][0] == "{this is not json"  # the raw line, for a line that could not be parsed
+    assert stats.bad_lines == 10 and stats.exit_code == 1
+    assert fake.stats.received == 2
+
+
+def test_request_shapes_pass_through_unchanged(tmp_path, fake_server):
+    fake = fake_server()
+    tool = {"name": "calc", "description": "adds", "input_schema": {"type": "object", "properties": {}}}
+    shapes = [
+        request("string content", system="You are terse."),
+        request("blocks", system=[{"type": "text", "text": "Be kind.", "cache_control": {"type": "ephemeral"}}]),
+        {**request("x"), "tools": [tool], "messages": [
+            {"role": "user", "content": "use the tool"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "calc", "input": {"a": 1}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                          "content": [{"type": "text", "text": "2"}]}]}]},
+        request([{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBOR"}},
+                 {"type": "text", "text": "what is this?"}]),
+        request([{"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "A doc."}},
+                 {"type": "brand_new_block", "payload": {"text": "from the future"}}]),
+        request("special tokens <|endoftext|> and <|fim_prefix|> are just text"),
+    ]
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [{**shape, "metadata": {"row": i}} for i, shape in
+                                                       enumerate(shapes)])
+    stats = run_in_process(requests_path, fake)
+    results, errors = outputs(requests_path)
+    assert errors == [] and stats.succeeded == len(shapes)
+    for sent, _, metadata in results:
+        assert sent == shapes[metadata["row"]]  # exactly as given, minus our metadata
+
+
+def test_a_429_pauses_every_sender_for_its_retry_after(tmp_path, fake_server):
+    fake = fake_server()
+    rows = [request("[[fault:429x1]] first", 0)] + [request(f"q{i}", i) for i in range(1, 15)]
+    requests_path = write_jsonl(tmp_path / "r.jsonl", rows)
+
+    stats = run_in_process(requests_path, fake, max_requests_per_minute=600)  # 10/s, so most come after the 429
+
+    assert stats.succeeded == 15 and stats.rate_limited == 1
+    (refused,) = fake.stats.rate_limited_times
+    during_pause = [t for t in fake.stats.received_times if refused + 0.05 < t < refused + 0.95]  # retry-after: 1
+    assert during_pause == []
+    assert len(fake.stats.received_times) == 16
+
+
+@pytest.mark.parametrize("max_attempts", [8, 1])
+def test_400_requests_under_20_percent_faults_end_exactly_once(tmp_path, fake_server, max_attempts):
+    fake = fake_server(fault_rate=0.2, slow_seconds=1.5, seed=max_attempts)
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"question {i}", i) for i in range(400)])
+
+    stats = run_in_process(requests_path, fake, max_attempts=max_attempts, request_timeout=1.0,
+                           max_requests_per_minute=12_000)
+
+    results, errors = outputs(requests_path)
+    rows = Counter([record[2]["row"] for record in results] + [record[2]["row"] for record in errors])
+    assert sorted(rows) == list(range(400)) and set(rows.values()) == {1}
+    assert set(fake.stats.faults) == {"529", "500", "502", "drop", "truncated", "slow", "429"}
+    if max_attempts == 8:
+        assert errors == [] and stats.succeeded == 400
+    else:
+        assert len(errors) == stats.failed == sum(fake.stats.faults.values()) > 40
+
+
+def test_paced_evenly_at_the_configured_rate_without_429s(tmp_path, fake_server):
+    fake = fake_server(requests_per_minute=1200, burst_seconds=5)
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(180)])
+
+    stats = run_in_process(requests_path, fake, max_requests_per_minute=1200)
+
+    assert stats.succeeded == 180 and fake.stats.rate_limited == 0
+    times = fake.stats.accepted_times
+    steady = [t for t in times if t >= times[0] + 1.0]
+    rate_per_minute = (len(steady) - 1) / (steady[-1] - steady[0]) * 60
+    assert rate_per_minute >= 0.9 * 1200
+    assert rate_per_minute <= 1.02 * 1200
+    busiest_second = max(sum(1 for t in times if start <= t < start + 1) for start in times)
+    assert busiest_second <= 22  # even pacing: about 20 a second, never a minute's budget at once
+
+
+def test_usage_corrects_the_input_estimate_so_the_token_limit_holds(tmp_path, fake_server):
+    # The fake counts 1.5x what cl100k_base does; without correction the client would send 1.5x too much.
+    fake = fake_server(input_tokens_per_minute=120_000, burst_seconds=2, token_ratio=1.5)
+    text = "Explain the history of the printing press in several detailed paragraphs please. " * 12
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"{i} {text}", i) for i in range(60)])
+
+    stats = run_in_process(requests_path, fake, max_tokens_per_minute=120_000)
+
+    assert stats.succeeded == 60
+    assert fake.stats.rate_limited <= 1
+    times = fake.stats.accepted_times
+    counted = stats.input_tokens / len(times)
+    achieved = (len(times) - 1) * counted / (times[-1] - times[0]) * 60
+    assert 0.8 * 120_000 <= achieved <= 1.05 * 120_000
+
+
+def test_a_request_larger_than_the_bucket_still_goes_and_does_not_stall_the_run(tmp_path, fake_server):
+    fake = fake_server(input_tokens_per_minute=120_000, burst_seconds=5, token_ratio=1.0)
+    huge = request("lorem ipsum dolor sit amet " * 1500, 0)  # ~7,500 tokens: more than a bucket holds
+    rows = [huge] + [request(f"small {i}", i) for i in range(1, 11)]
+    requests_path = write_jsonl(tmp_path / "r.jsonl", rows)
+
+    stats = run_in_process(requests_path, fake, max_tokens_per_minute=120_000)
+
+    assert stats.succeeded == 11 and fake.stats.rate_limited == 0
+    assert stats.elapsed < 10

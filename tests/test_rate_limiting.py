@@ -1,0 +1,101 @@
+"""The pieces of pacing and retrying, on a controlled clock: buckets, retry-after, classification."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
+
+import pytest
+
+import api_request_parallel_processor as app
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_bucket_refills_continuously_and_holds_one_second():
+    clock = Clock()
+    bucket = app.TokenBucket(per_minute=600, clock=clock)  # 10 a second
+    assert bucket.capacity == 10 and bucket.seconds_until_available(1) == pytest.approx(0.1)
+    clock.now += 5
+    assert bucket.seconds_until_available(10) == 0  # full after a second, and no fuller after five
+    bucket.take(10)
+    assert bucket.seconds_until_available(1) == pytest.approx(0.1)
+
+
+def test_a_request_larger_than_the_bucket_waits_for_a_full_bucket_then_leaves_a_debt():
+    clock = Clock()
+    bucket = app.TokenBucket(per_minute=6000, initial=100, clock=clock)  # 100 a second, capacity 100
+    assert bucket.seconds_until_available(1000) == 0  # full: the big one may go now, alone
+    bucket.take(1000)
+    assert bucket.seconds_until_available(1) == pytest.approx(9.01)  # the debt is waited out
+
+
+def test_usage_correction_gives_back_or_charges_more():
+    clock = Clock()
+    bucket = app.TokenBucket(per_minute=6000, initial=100, clock=clock)
+    bucket.take(100)
+    bucket.give_back(60)  # the estimate was 100, the API counted 40
+    assert bucket.level == pytest.approx(60)
+    bucket.give_back(-200)  # the API counted 200 more than estimated
+    assert bucket.level == pytest.approx(-140)
+    bucket.give_back(10_000)
+    assert bucket.level == bucket.capacity  # never above capacity
+
+
+def test_learned_ratio_scales_new_estimates():
+    calibration = app.InputCalibration()
+    assert calibration.scale(100) == 100
+    calibration.record(estimated=1000, actual=1300)
+    assert calibration.ratio == pytest.approx(1.3) and calibration.scale(100) == 130
+
+
+def test_retry_after_forms():
+    assert app.parse_retry_after({"retry-after": "3"}) == 3
+    assert app.parse_retry_after({"retry-after-ms": "1500", "retry-after": "9"}) == 1.5
+    later = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    assert 28 <= app.parse_retry_after({"retry-after": later}) <= 30
+    assert app.parse_retry_after({"retry-after": "soon"}) is None
+    assert app.parse_retry_after({"retry-after": "-1"}) is None
+    assert app.parse_retry_after({}) is None
+
+
+def test_backoff_grows_with_jitter_and_is_capped():
+    assert 0.375 <= app.backoff_seconds(1) <= 0.5
+    assert 1.5 <= app.backoff_seconds(3) <= 2
+    assert 6 <= app.backoff_seconds(10) <= 8
+
+
+def error_body(kind: str, **details: str) -> bytes:
+    error = {"type": kind, "message": "m", **({"details": details} if details else {})}
+    return json.dumps({"type": "error", "error": error, "request_id": "req_1"}).encode()
+
+
+@pytest.mark.parametrize(("status", "retryable"), [
+    (400, False), (401, False), (403, False), (404, False), (413, False),
+    (408, True), (409, True), (429, True), (500, True), (502, True), (503, True), (529, True),
+])
+def test_statuses_are_classified_as_the_api_documents(status, retryable):
+    attempt = app.interpret_response(status, {}, error_body("some_error"))
+    assert attempt.retryable is retryable and attempt.response is None
+    assert "(request-id req_1)" in attempt.error
+    assert attempt.authentication_failed is (status == 401)
+
+
+def test_x_should_retry_overrides_and_spend_limit_is_final():
+    assert app.interpret_response(500, {"x-should-retry": "false"}, error_body("api_error")).retryable is False
+    assert app.interpret_response(400, {"x-should-retry": "true"}, error_body("x")).retryable is True
+    spend = error_body("rate_limit_error", error_code="enforced_spend_limit_reached")
+    assert app.interpret_response(429, {}, spend).retryable is False
+
+
+def test_a_200_that_is_not_a_message_is_retried_not_saved():
+    assert app.interpret_response(200, {}, b'{"id": "msg_1", "content": [').retryable is True
+    assert app.interpret_response(200, {}, b"[1, 2]").response is None
+    assert app.interpret_response(200, {}, b'{"type": "message"}').response == {"type": "message"}
