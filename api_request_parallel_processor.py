@@ -31,15 +31,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
+import hashlib
 import json
 import math
 import os
 import random
+import signal
 import sys
 import time
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -47,6 +53,11 @@ from typing import Any
 import aiohttp
 from dotenv import find_dotenv, load_dotenv
 from loguru import logger
+
+try:
+    import fcntl  # the run lock; where it is missing (Windows), runs are simply not locked
+except ImportError:  # pragma: no cover
+    fcntl = None
 
 # ==================================================================================================
 # Configuration and CLI
@@ -77,11 +88,14 @@ class Settings:
     use_caching: bool = False
     max_concurrent_requests: int = 500
     request_timeout: float = 600.0
-    status_interval: float = 5.0
+    status_interval: float = 30.0
+    grace_period: float = 30.0
+    start_over: bool = False
 
     def __post_init__(self) -> None:
         self.logging_level = parse_logging_level(self.logging_level)
-        for name in ("max_requests_per_minute", "max_tokens_per_minute", "request_timeout", "status_interval"):
+        for name in ("max_requests_per_minute", "max_tokens_per_minute", "request_timeout", "status_interval",
+                     "grace_period"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be a positive number, got {getattr(self, name)!r}")
         for name in ("max_attempts", "max_concurrent_requests"):
@@ -169,7 +183,12 @@ def build_argument_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max_concurrent_requests", type=positive_int, default=500, help="requests in flight")
     parser.add_argument("--request_timeout", type=positive_number, default=600.0, help="seconds per attempt")
-    parser.add_argument("--status_interval", type=positive_number, default=5.0, help="seconds between status lines")
+    parser.add_argument("--status_interval", type=positive_number, default=30.0,
+                        help="seconds between status lines when stderr is not a terminal")
+    parser.add_argument("--grace_period", type=positive_number, default=30.0,
+                        help="on Ctrl+C or SIGTERM, seconds to let requests in flight finish")
+    parser.add_argument("--start_over", action="store_true",
+                        help="move earlier results aside and send every line again (default: resume)")
     return parser
 
 
@@ -282,6 +301,58 @@ def find_body_problem(body: dict[str, Any]) -> str | None:
     if body.get("stream"):
         return "'stream': true is not supported: this tool saves whole responses"
     return None
+
+
+def request_fingerprint(body: Any, metadata: Any) -> int:
+    """Identifies a request by content: the body as sent plus its metadata, key order ignored."""
+    text = json.dumps([body, metadata], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+class DoneIndex:
+    """The requests that already have a result, for resuming: a sorted array of 8-byte fingerprints
+    (one per result record, so a request that appears three times needs three results) and a flag
+    per entry once an input line has claimed it. About 9 bytes a result: a million fit in 9 MB."""
+
+    def __init__(self, fingerprints: list[int]) -> None:
+        fingerprints.sort()
+        self.fingerprints = array("Q", fingerprints)
+        self.claimed = bytearray(len(fingerprints))
+
+    def __len__(self) -> int:
+        return len(self.fingerprints)
+
+    @classmethod
+    def from_results_file(cls, path: str) -> DoneIndex:
+        fingerprints: list[int] = []
+        unreadable = 0
+        if Path(path).exists():
+            with open(path, "rb") as file:
+                for line in file:
+                    try:
+                        record = json.loads(line)
+                        fingerprints.append(request_fingerprint(record[0], record[2] if len(record) > 2 else None))
+                    except (ValueError, TypeError, IndexError, KeyError):
+                        unreadable += 1
+        if unreadable:
+            log.warning("{} line(s) of {} are not result records; their requests count as not done.", unreadable,
+                        path)
+        return cls(fingerprints)
+
+    def claim(self, fingerprint: int) -> bool:
+        """True (and the result is used up) if an unclaimed result exists for this request."""
+        start = bisect.bisect_left(self.fingerprints, fingerprint)
+        for index in range(start, bisect.bisect_right(self.fingerprints, fingerprint, lo=start)):
+            if not self.claimed[index]:
+                self.claimed[index] = 1
+                return True
+        return False
+
+
+def count_request_lines(path: str) -> int:
+    """Non-blank lines, for the progress total; run in a thread so it never delays the first request."""
+    with open(path, "rb") as file:
+        return sum(1 for line in file if line.strip())
 
 
 def read_lines(path: str) -> Iterator[tuple[int, bytes]]:
@@ -656,6 +727,66 @@ class ResultWriter:
             self.errors.close()
 
 
+def repair_torn_last_line(path: str) -> int:
+    """A run killed mid-write can leave a last line without its newline. Cut it off (its request
+    simply counts as not done), so every line of the results file parses. Returns bytes removed."""
+    if not Path(path).exists():
+        return 0
+    with open(path, "r+b") as file:
+        size = file.seek(0, os.SEEK_END)
+        position = size
+        while position > 0:
+            step = min(65_536, position)
+            file.seek(position - step)
+            chunk = file.read(step)
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                position = position - step + newline + 1
+                break
+            position -= step
+        if position < size:
+            file.truncate(position)
+        return size - position
+
+
+def set_aside(path: str) -> str | None:
+    """Rename a file out of the way (never delete a result); return the new name."""
+    if not Path(path).exists():
+        return None
+    moved = f"{path}.{datetime.now().strftime('%Y%m%d-%H%M%S')}.bak"
+    os.replace(path, moved)
+    return moved
+
+
+@contextmanager
+def run_lock(results_path: str) -> Iterator[None]:
+    """One run per results file: an exclusive flock on `<results>.lock`, which holds the run's pid.
+
+    The operating system drops the lock when the process dies, so a crashed run never blocks the
+    next one, whatever it left on disk."""
+    if fcntl is None:
+        yield
+        return
+    path = Path(results_path + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            other = file.read().strip() or "unknown"
+            raise ConfigError(f"another run (pid {other}) is writing to {results_path}; wait for it to finish "
+                              "or stop it") from None
+        file.seek(0)
+        file.truncate()
+        file.write(str(os.getpid()))
+        file.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+
+
 # ==================================================================================================
 # The main loop
 # ==================================================================================================
@@ -675,9 +806,12 @@ class RunStats:
     output_tokens: int = 0
     cache_write_tokens: int = 0
     cache_read_tokens: int = 0
+    already_done: int = 0  # lines skipped because an earlier run saved their result
+    total: int | None = None  # non-blank input lines, once counted
     started: float = field(default_factory=time.monotonic)
     stopped_reason: str = ""
     key_rejected: bool = False
+    interrupted_by: str = ""  # "SIGINT" or "SIGTERM"
 
     @property
     def elapsed(self) -> float:
@@ -690,8 +824,15 @@ class RunStats:
         self.cache_read_tokens += usage.get("cache_read_input_tokens") or 0
 
     @property
+    def finished(self) -> int:
+        return self.succeeded + self.failed + self.bad_lines + self.already_done
+
+    @property
     def exit_code(self) -> int:
-        """0 every line succeeded, 1 some failed, 2 the key was rejected (a configuration error)."""
+        """0 every line succeeded, 1 some failed, 2 the key was rejected (a configuration error),
+        130 or 143 interrupted by SIGINT or SIGTERM (rerun to continue)."""
+        if self.interrupted_by:
+            return 128 + signal.Signals[self.interrupted_by].value
         if self.key_rejected:
             return 2
         return 0 if self.failed == 0 and self.bad_lines == 0 and not self.stopped_reason else 1
@@ -703,10 +844,12 @@ class Processor:
     Scheduling is driven by events, never by polling: the dispatcher sleeps until capacity is due,
     until a slot frees, or until a retry comes due (a timer puts it back in `retry_queue`)."""
 
-    def __init__(self, settings: Settings, session: aiohttp.ClientSession, writer: ResultWriter) -> None:
+    def __init__(self, settings: Settings, session: aiohttp.ClientSession, writer: ResultWriter,
+                 done: DoneIndex) -> None:
         self.settings = settings
         self.session = session
         self.writer = writer
+        self.done = done
         self.headers = {
             "x-api-key": settings.api_key or "",
             "anthropic-version": ANTHROPIC_VERSION,
@@ -719,6 +862,7 @@ class Processor:
         self.retry_queue: asyncio.Queue[Job | None] = asyncio.Queue()
         self.retry_timers: dict[Job, asyncio.TimerHandle] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        self.dispatcher: asyncio.Task[None] | None = None
         self.stats = RunStats()
         self.unsettled = 0  # jobs read but not yet written to either file
         self.caching_works = False
@@ -738,6 +882,9 @@ class Processor:
             except BadLine as problem:
                 self.reject_line(line_number, raw, str(problem))
                 continue
+            if self.done.claim(request_fingerprint(body, metadata)):
+                self.stats.already_done += 1
+                continue
             payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
             self.unsettled += 1
             yield Job(line_number, body, payload, metadata, self.estimator.estimate(body))
@@ -752,6 +899,18 @@ class Processor:
 
     async def run(self) -> RunStats:
         jobs = self.jobs_from_file()
+        self.dispatcher = asyncio.create_task(self.dispatch_all(jobs))
+        try:
+            await self.dispatcher
+        except asyncio.CancelledError:
+            if not self.stats.interrupted_by:  # cancelled from outside, not by our signal handling
+                raise
+        if self.stats.stopped_reason:
+            await self.abandon_remaining(jobs)
+        await self.finish_in_flight()
+        return self.stats
+
+    async def dispatch_all(self, jobs: Iterator[Job]) -> None:
         file_done = False
         while not self.stats.stopped_reason:
             job = self.next_retry()
@@ -768,11 +927,21 @@ class Processor:
                 await self.check_caching(job)
             else:
                 await self.dispatch(job)
-        if self.stats.stopped_reason:
-            await self.abandon_remaining(jobs)
-        if self.tasks:
+
+    async def finish_in_flight(self) -> None:
+        """Let the requests in flight finish: all of them, or after an interruption those that
+        finish within the grace period. What is cut off is sent again by the next run."""
+        if not self.tasks:
+            return
+        if not self.stats.interrupted_by:
             await asyncio.gather(*self.tasks)
-        return self.stats
+            return
+        _, cut_off = await asyncio.wait(self.tasks, timeout=self.settings.grace_period)
+        for task in cut_off:
+            task.cancel()
+        if cut_off:
+            await asyncio.wait(cut_off)
+            log.warning("{} request(s) still in flight were abandoned; the next run sends them again.", len(cut_off))
 
     def next_retry(self) -> Job | None:
         while not self.retry_queue.empty():
@@ -832,6 +1001,9 @@ class Processor:
         job.errors.append(message)
         if result.rate_limited:
             self.stats.rate_limited += 1
+        if self.stats.interrupted_by and result.retryable:
+            log.debug("line {}: {}; left for the next run", job.line_number, message)
+            return
         if result.authentication_failed:
             self.stats.key_rejected = True
             self.stop("the API rejected the key (HTTP 401 authentication_error): check ANTHROPIC_API_KEY")
@@ -878,6 +1050,24 @@ class Processor:
         return future.result()
 
     # -- stopping ----------------------------------------------------------------------------------
+
+    def interrupt(self, signal_name: str) -> None:
+        """SIGINT or SIGTERM: stop sending, let requests in flight finish within the grace period,
+        and leave everything unsent for the next run. A second signal abandons them at once."""
+        if self.stats.interrupted_by:
+            log.warning("{} again: stopping now; {} request(s) in flight are abandoned, and the next run sends "
+                        "them again.", signal_name, len(self.tasks))
+            for task in self.tasks:
+                task.cancel()
+            return
+        self.stats.interrupted_by = signal_name
+        log.warning("{}: sending no new requests; waiting up to {:g} s for the {} in flight (again to stop now).",
+                    signal_name, self.settings.grace_period, self.stats.in_flight)
+        for timer in self.retry_timers.values():
+            timer.cancel()
+        self.retry_timers.clear()
+        if self.dispatcher is not None:
+            self.dispatcher.cancel()
 
     def stop(self, reason: str) -> None:
         if not self.stats.stopped_reason:
@@ -928,25 +1118,48 @@ class Processor:
 # Reporting
 # ==================================================================================================
 
+CLEAR_LINE = "\r\x1b[K"  # carriage return, then erase to the end of the line
+
+
+def format_duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
 
 def status_line(stats: RunStats) -> str:
+    """Done/total with ETA once the input is counted, then rates over this run, then trouble."""
     minutes = max(stats.elapsed, 1e-9) / 60
-    done = stats.succeeded + stats.failed
-    return (f"{stats.succeeded:,} succeeded, {stats.failed:,} failed, {stats.bad_lines:,} bad lines, "
-            f"{stats.in_flight:,} in flight | {done / minutes:,.0f} requests/min, "
+    sent = stats.succeeded + stats.failed
+    progress = f"{stats.finished:,}"
+    if stats.total:
+        progress += f"/{stats.total:,} lines ({100 * stats.finished / stats.total:.1f}%)"
+        if sent and stats.total > stats.finished:
+            progress += f", ETA {format_duration((stats.total - stats.finished) / (sent / minutes) * 60)}"
+    else:
+        progress += " lines"
+    return (f"{progress} | {stats.succeeded:,} succeeded, {stats.failed:,} failed, {stats.bad_lines:,} bad, "
+            f"{stats.already_done:,} done before, {stats.in_flight:,} in flight | {sent / minutes:,.0f} requests/min, "
             f"{(stats.input_tokens + stats.cache_write_tokens) / minutes:,.0f} input tokens/min, "
             f"{stats.output_tokens / minutes:,.0f} output tokens/min | {stats.retries:,} retries, "
             f"{stats.rate_limited:,} rate-limited")
 
 
-async def report_status_periodically(stats: RunStats, interval: float) -> None:
+async def report_progress(stats: RunStats, interval: float, live: bool) -> None:
+    """On a terminal, one line rewritten every second; elsewhere (cron, a log file, a notebook),
+    an ordinary log line every `interval` seconds, free of control characters."""
     while True:
-        await asyncio.sleep(interval)
-        log.info("Status: {}", status_line(stats))
+        await asyncio.sleep(1.0 if live else interval)
+        if live:
+            sys.stderr.write(CLEAR_LINE + status_line(stats))
+            sys.stderr.flush()
+        else:
+            log.info("Status: {}", status_line(stats))
 
 
 def log_summary(stats: RunStats, settings: Settings) -> None:
-    log.info("Finished in {:.1f} s: {}", stats.elapsed, status_line(stats))
+    verb = f"Interrupted by {stats.interrupted_by}" if stats.interrupted_by else "Finished"
+    log.info("{} after {:.1f} s: {}", verb, stats.elapsed, status_line(stats))
     log.info("Tokens: {:,} input, {:,} output, {:,} cache write, {:,} cache read.", stats.input_tokens,
              stats.output_tokens, stats.cache_write_tokens, stats.cache_read_tokens)
     log.info("Results saved to {}", settings.save_filepath)
@@ -955,6 +1168,8 @@ def log_summary(stats: RunStats, settings: Settings) -> None:
                     settings.errors_filepath)
     if stats.rate_limited:
         log.warning("{:,} rate limit (429) responses: consider lower --max_*_per_minute figures.", stats.rate_limited)
+    if stats.interrupted_by:
+        log.warning("Run the same command again to send the lines that have no result yet.")
 
 
 # ==================================================================================================
@@ -962,11 +1177,53 @@ def log_summary(stats: RunStats, settings: Settings) -> None:
 # ==================================================================================================
 
 
+def prepare_results_file(config: Settings) -> DoneIndex:
+    """Before a run: set earlier results aside (--start_over) or repair them and index them for
+    resuming; the errors file is started afresh, since its lines are sent again."""
+    if config.start_over:
+        for path in (config.save_filepath, config.errors_filepath):
+            moved = set_aside(path)
+            if moved:
+                log.info("Starting over: moved {} to {}", path, moved)
+    removed = repair_torn_last_line(config.save_filepath)
+    if removed:
+        log.warning("Removed a torn last line ({} bytes) left by an interrupted run; its request is sent again.",
+                    removed)
+    done = DoneIndex.from_results_file(config.save_filepath)
+    if len(done):
+        log.info("Resuming: {} holds {:,} results from earlier runs; lines that match them are skipped.",
+                 config.save_filepath, len(done))
+    Path(config.errors_filepath).unlink(missing_ok=True)
+    return done
+
+
+def install_signal_handlers(on_signal: Callable[[str], None]) -> Callable[[], None]:
+    """Route SIGINT and SIGTERM to `on_signal` for the run's duration; returns the undo. Where the
+    loop cannot take signals (not the main thread, Windows), the run keeps the host's handling."""
+    loop = asyncio.get_running_loop()
+    previous: dict[signal.Signals, Any] = {}
+    for number in (signal.SIGINT, signal.SIGTERM):
+        try:
+            handler = signal.getsignal(number)
+            loop.add_signal_handler(number, on_signal, number.name)
+            previous[number] = handler
+        except (NotImplementedError, RuntimeError, ValueError):
+            continue
+
+    def restore() -> None:
+        for number, handler in previous.items():
+            loop.remove_signal_handler(number)
+            signal.signal(number, handler)
+
+    return restore
+
+
 async def process_api_requests_from_file(requests_filepath: str, **settings: Any) -> RunStats:
     """Process a JSONL file of requests; awaitable from any running event loop (e.g. a notebook).
 
-    Keyword arguments take the command-line flags' names and defaults. Returns the run's counters;
-    raises ConfigError for a missing key or file or a bad setting."""
+    Keyword arguments take the command-line flags' names and defaults. Resumes by default: lines
+    that already have a result in the results file are skipped. Returns the run's counters; raises
+    ConfigError for a missing key or file, a bad setting, or a results file another run is using."""
     config = Settings(requests_filepath=requests_filepath, **settings)
     config.api_key = resolve_api_key(config.api_key)
     if not Path(config.requests_filepath).is_file():
@@ -975,32 +1232,43 @@ async def process_api_requests_from_file(requests_filepath: str, **settings: Any
     log.info("Processing {} -> {} at up to {:g} requests/min and {:g} input tokens/min ({} attempts per request)",
              config.requests_filepath, config.save_filepath, config.max_requests_per_minute,
              config.max_tokens_per_minute, config.max_attempts)
-    if Path(config.errors_filepath).exists():
-        Path(config.errors_filepath).unlink()  # it described the previous run, whose lines are resent now
-        log.info("Removed the previous run's errors file {}", config.errors_filepath)
-
     try:
-        writer = ResultWriter(config.save_filepath, config.errors_filepath)
+        with run_lock(config.save_filepath):
+            done = prepare_results_file(config)
+            writer = ResultWriter(config.save_filepath, config.errors_filepath)
+            try:
+                stats = await run_processor(config, writer, done)
+            finally:
+                writer.close()
     except OSError as error:
         raise ConfigError(f"cannot write results to {config.save_filepath}: {error.strerror}") from None
-    connector = aiohttp.TCPConnector(limit=config.max_concurrent_requests)
-    timeout = aiohttp.ClientTimeout(total=config.request_timeout)
-    try:
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            processor = Processor(config, session, writer)
-            reporter = asyncio.create_task(report_status_periodically(processor.stats, config.status_interval))
-            try:
-                stats = await processor.run()
-            finally:
-                reporter.cancel()
-    finally:
-        writer.close()
     log_summary(stats, config)
     return stats
 
 
+async def run_processor(config: Settings, writer: ResultWriter, done: DoneIndex) -> RunStats:
+    """One session, one processor, with its progress reporter, line counter and signal handlers."""
+    connector = aiohttp.TCPConnector(limit=config.max_concurrent_requests)
+    timeout = aiohttp.ClientTimeout(total=config.request_timeout)
+    live = sys.stderr.isatty()
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        processor = Processor(config, session, writer, done)
+        counter = asyncio.create_task(asyncio.to_thread(count_request_lines, config.requests_filepath))
+        counter.add_done_callback(lambda task: setattr(processor.stats, "total", task.result()))
+        reporter = asyncio.create_task(report_progress(processor.stats, config.status_interval, live))
+        restore_signals = install_signal_handlers(processor.interrupt)
+        try:
+            return await processor.run()
+        finally:
+            restore_signals()
+            reporter.cancel()
+            if live:
+                sys.stderr.write(CLEAR_LINE)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The command line. Returns the exit code: 0 all succeeded, 1 some failed, 2 usage error."""
+    """The command line. Returns the exit code: 0 all succeeded, 1 some failed, 2 usage or
+    configuration error, 130/143 interrupted."""
     arguments = vars(build_argument_parser().parse_args(argv))
     try:
         level = parse_logging_level(arguments["logging_level"])
@@ -1008,15 +1276,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     logger.remove()
-    logger.add(sys.stderr, level=level, format="{time:YYYY-MM-DD HH:mm:ss} | {level: <8} | {message}")
+    sink = (lambda message: sys.stderr.write(CLEAR_LINE + message)) if sys.stderr.isatty() else sys.stderr
+    logger.add(sink, level=level, format="{time:YYYY-MM-DD HH:mm:ss} | {level: <8} | {message}")
     try:
         stats = asyncio.run(process_api_requests_from_file(**arguments))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("Interrupted.", file=sys.stderr)
-        return 130
     return stats.exit_code
 
 

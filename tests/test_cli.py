@@ -27,7 +27,7 @@ def test_example_file_end_to_end_keeps_metadata_out_of_the_request(tmp_path, fak
         assert response["type"] == "message"
         assert sent["messages"][0]["content"] == f"How much is 8 * {metadata['row_id']}?"
     assert all("metadata" not in body for body in fake.stats.bodies_seen)
-    assert "Finished in" in result.stderr and "10 succeeded" in result.stderr
+    assert "Finished after" in result.stderr and "10 succeeded" in result.stderr
 
 
 def test_record_without_metadata_has_two_elements(tmp_path, fake_server):

@@ -1,0 +1,234 @@
+"""Cron-grade runs: resume after a kill, graceful stop on signals, the run lock, progress output."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import SCRIPT, cli_args, outputs, read_jsonl, request, run_cli, run_in_process, write_jsonl
+
+
+def start_cli(*args: str) -> subprocess.Popen[str]:
+    env = {key: value for key, value in os.environ.items() if key != "ANTHROPIC_API_KEY"}
+    return subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def wait_until(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def result_rows(path: Path) -> Counter[int]:
+    """Rows in the results file; every line must parse."""
+    return Counter(record[2]["row"] for record in read_jsonl(path))
+
+
+def test_sigkill_at_a_random_moment_then_rerun_gives_every_line_exactly_once(tmp_path, fake_server):
+    fake = fake_server(latency=(0.02, 0.1))
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"question {i}", i) for i in range(1500)])
+    args = cli_args(fake, requests_path, "--max_requests_per_minute", "30000")
+    kill_after = random.uniform(0.3, 2.0)
+
+    process = start_cli(*args)
+    wait_until(lambda: fake.stats.received > 0)
+    time.sleep(kill_after)
+    process.kill()
+    process.wait()
+    time.sleep(0.3)  # let the fake finish answering what was in flight
+    results_path = tmp_path / "r_results.jsonl"
+    saved_before = results_path.read_bytes().count(b"\n")
+    answered_before = sum(fake.stats.answered.values())
+    assert 0 < saved_before < 1500, f"the kill at {kill_after:.2f} s should land mid-run"
+
+    rerun = run_cli(*args)
+
+    assert rerun.returncode == 0, rerun.stderr
+    assert result_rows(results_path) == Counter(range(1500))  # each exactly once, every line parses
+    assert f"holds {saved_before:,} results from earlier runs" in rerun.stderr
+    in_flight_at_kill = answered_before - saved_before
+    assert fake.stats.paid_twice <= in_flight_at_kill, f"killed at {kill_after:.2f} s"
+
+
+@pytest.mark.parametrize(("signal_number", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_gracefully_and_the_rerun_pays_nothing_twice(tmp_path, fake_server, signal_number, exit_code):
+    fake = fake_server(latency=(1.0, 1.0))
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(40)])
+    args = cli_args(fake, requests_path, "--max_requests_per_minute", "600", "--grace_period", "5")
+
+    process = start_cli(*args)
+    wait_until(lambda: fake.stats.received >= 5)
+    signalled = time.monotonic()
+    process.send_signal(signal_number)
+    _, stderr = process.communicate(timeout=10)
+    stopped_within = time.monotonic() - signalled
+
+    assert process.returncode == exit_code, stderr
+    assert stopped_within < 5, "it must stop within the grace period"
+    assert f"{signal_number.name}: sending no new requests" in stderr and "Run the same command again" in stderr
+    assert "Traceback" not in stderr
+    results_path = tmp_path / "r_results.jsonl"
+    answered = sum(fake.stats.answered.values())
+    assert len(read_jsonl(results_path)) == answered < 40  # every answered request was saved
+    received_before = fake.stats.received
+
+    rerun = run_cli(*args)
+
+    assert rerun.returncode == 0, rerun.stderr
+    assert result_rows(results_path) == Counter(range(40))
+    assert fake.stats.paid_twice == 0
+    assert fake.stats.received - received_before == 40 - answered
+
+
+def test_a_second_signal_stops_at_once(tmp_path, fake_server):
+    fake = fake_server(latency=(5.0, 5.0))
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(10)])
+    process = start_cli(*cli_args(fake, requests_path, "--grace_period", "30"))
+    wait_until(lambda: fake.stats.received >= 3)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    _, stderr = process.communicate(timeout=10)
+    assert process.returncode == 143 and time.monotonic() - started < 2, stderr
+    assert "SIGTERM again: stopping now" in stderr and "abandoned" in stderr
+
+
+def test_appended_lines_are_the_only_ones_sent_on_rerun(tmp_path, fake_server):
+    fake = fake_server()
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"old {i}", i) for i in range(50)])
+    assert run_in_process(requests_path, fake).succeeded == 50
+    with open(requests_path, "a") as file:
+        file.writelines(json.dumps(request(f"new {i}", i)) + "\n" for i in range(50, 150))
+
+    stats = run_in_process(requests_path, fake)
+
+    assert fake.stats.received == 150  # 50, then exactly the 100 new ones
+    assert stats.already_done == 50 and stats.succeeded == 100
+    assert result_rows(tmp_path / "r_results.jsonl") == Counter(range(150))
+
+
+def test_repeats_and_reordering_are_matched_by_content(tmp_path, fake_server):
+    fake = fake_server()
+    rows = [request("same question")] * 3 + [request(f"other {i}", i) for i in range(5)]
+    requests_path = write_jsonl(tmp_path / "r.jsonl", rows)
+    run_in_process(requests_path, fake)
+    assert len(read_jsonl(tmp_path / "r_results.jsonl")) == 8  # three results for the three repeats
+
+    write_jsonl(requests_path, list(reversed(rows)) + [request("same question")])  # reordered, plus a 4th repeat
+    stats = run_in_process(requests_path, fake)
+
+    assert stats.already_done == 8 and stats.succeeded == 1 and fake.stats.received == 9
+    assert sum(1 for record in read_jsonl(tmp_path / "r_results.jsonl") if len(record) == 2) == 4
+
+
+def test_a_torn_last_line_is_repaired_and_its_request_sent_again(tmp_path, fake_server, captured_logs):
+    fake = fake_server()
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(5)])
+    run_in_process(requests_path, fake)
+    results_path = tmp_path / "r_results.jsonl"
+    content = results_path.read_bytes()
+    last_start = content.rstrip(b"\n").rfind(b"\n") + 1
+    results_path.write_bytes(content[: last_start + (len(content) - last_start) // 2])  # a kill mid-write
+    torn_row = json.loads(content[last_start:])[2]["row"]
+
+    stats = run_in_process(requests_path, fake)
+
+    assert stats.succeeded == 1 and fake.stats.received == 6
+    assert result_rows(results_path) == Counter(range(5))
+    assert any("Removed a torn last line" in line for line in captured_logs)
+    assert fake.stats.bodies_seen[-1]["messages"][0]["content"] == f"q{torn_row}"
+
+
+def test_failed_lines_are_retried_on_rerun_and_the_errors_file_describes_the_latest_run(tmp_path, fake_server):
+    fake = fake_server()
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request("[[fault:400x1]] flaky", 0), request("fine", 1)])
+    first = run_in_process(requests_path, fake)
+    assert first.failed == 1 and len(outputs(requests_path)[1]) == 1
+
+    second = run_in_process(requests_path, fake)
+
+    assert second.succeeded == 1 and second.already_done == 1 and second.exit_code == 0
+    results, errors = outputs(requests_path)
+    assert errors == [] and not (tmp_path / "r_results_errors.jsonl").exists()
+    assert sorted(record[2]["row"] for record in results) == [0, 1]
+
+
+def test_start_over_moves_earlier_results_aside_and_sends_everything(tmp_path, fake_server):
+    fake = fake_server()
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(5)])
+    run_in_process(requests_path, fake)
+    result = run_cli(*cli_args(fake, requests_path, "--start_over"))
+    assert result.returncode == 0 and fake.stats.received == 10
+    (backup,) = tmp_path.glob("r_results.jsonl.*.bak")
+    assert len(read_jsonl(backup)) == 5 and len(read_jsonl(tmp_path / "r_results.jsonl")) == 5
+    assert f"moved {tmp_path / 'r_results.jsonl'} to {backup}" in result.stderr
+
+
+def test_a_second_run_on_the_same_results_refuses_with_the_first_runs_pid(tmp_path, fake_server):
+    fake = fake_server(latency=(3.0, 3.0))
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(3)])
+    first = start_cli(*cli_args(fake, requests_path))
+    wait_until(lambda: fake.stats.received >= 1)
+
+    second = run_cli(*cli_args(fake, requests_path))
+
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert f"another run (pid {first.pid}) is writing to" in second.stderr
+    first.terminate()
+    first.communicate(timeout=10)
+
+
+def test_a_lock_left_by_a_crashed_run_does_not_block(tmp_path, fake_server):
+    fake = fake_server()
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request("q", 0)])
+    (tmp_path / "r_results.jsonl.lock").write_text("999999")  # the crashed run's pid; nobody holds the lock
+    result = run_cli(*cli_args(fake, requests_path))
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "r_results.jsonl.lock").exists()
+
+
+def test_without_a_terminal_progress_is_a_plain_status_line_with_a_total(tmp_path, fake_server):
+    fake = fake_server()
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(12)])
+    result = run_cli(*cli_args(fake, requests_path, "--max_requests_per_minute", "240", "--status_interval", "1"))
+    assert result.returncode == 0
+    status = [line for line in result.stderr.splitlines() if "Status: " in line]
+    assert status and "/12 lines (" in status[-1] and "ETA" in status[-1]
+    assert "\x1b" not in result.stderr and "\r" not in result.stderr
+
+
+def test_on_a_terminal_progress_is_one_live_line(tmp_path, fake_server):
+    fake = fake_server()
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(12)])
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *cli_args(fake, requests_path, "--max_requests_per_minute",
+                                                                         "240")],
+                               stdout=subprocess.DEVNULL, stderr=terminal, stdin=subprocess.DEVNULL)
+    os.close(terminal)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+    process.wait(timeout=30)
+    os.close(controller)
+    text = output.decode()
+    assert process.returncode == 0
+    assert text.count("\r\x1b[K") >= 3 and "/12 lines (" in text
+    assert "Status: " not in text  # the live line replaces the periodic log lines
