@@ -42,13 +42,13 @@ import sys
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from dotenv import find_dotenv, load_dotenv
@@ -77,7 +77,7 @@ class ConfigError(ValueError):
 class Settings:
     """Everything a run needs. Field names and defaults match the command-line flags."""
 
-    requests_filepath: str
+    requests_filepath: str | None = None  # None for process_requests, which takes a list
     save_filepath: str | None = None
     request_url: str = DEFAULT_REQUEST_URL
     api_key: str | None = field(default=None, repr=False)
@@ -101,7 +101,7 @@ class Settings:
         for name in ("max_attempts", "max_concurrent_requests"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ConfigError(f"{name} must be a whole number of at least 1, got {getattr(self, name)!r}")
-        if self.save_filepath is None:
+        if self.save_filepath is None and self.requests_filepath is not None:
             self.save_filepath = default_save_filepath(self.requests_filepath)
 
     @property
@@ -264,14 +264,19 @@ class BadLine(Exception):
     """A line that cannot be sent. The message says why; the line number is added by the reader."""
 
 
-def parse_request_line(text: str) -> tuple[dict[str, Any], Any]:
-    """Parse and check one line; return (body to send, the user's metadata or None)."""
-    try:
-        body = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise BadLine(f"not valid JSON ({error.msg} at column {error.colno})") from None
-    if not isinstance(body, dict):
-        raise BadLine(f"expected a JSON object, got {type(body).__name__}")
+def parse_request(raw: bytes | Any) -> tuple[dict[str, Any], Any]:
+    """Parse and check one input: a line of the file (bytes), or an item of a list given to
+    process_requests. Returns (body to send, the user's metadata or None); raises BadLine."""
+    if isinstance(raw, bytes):
+        try:
+            raw = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise BadLine("not valid UTF-8") from None
+        except json.JSONDecodeError as error:
+            raise BadLine(f"not valid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(raw, dict):
+        raise BadLine(f"expected a JSON object, got {type(raw).__name__}")
+    body = dict(raw)  # a copy: a caller's dict is never changed
     metadata = body.pop("metadata", None)
     if metadata is not None and not isinstance(metadata, dict):
         raise BadLine(f"metadata must be an object, got {type(metadata).__name__}")
@@ -694,6 +699,16 @@ async def send_attempt(session: aiohttp.ClientSession, url: str, headers: dict[s
 # ==================================================================================================
 
 
+class ResultSink(Protocol):
+    """Where each line's outcome goes: files (ResultWriter), memory (ResultCollector), or both."""
+
+    def write_result(self, job: Job, response: dict[str, Any]) -> None: ...
+
+    def write_error(self, line_number: int, request: Any, messages: list[str], metadata: Any) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class ResultWriter:
     """Appends result and error records. Each record is one write followed by a flush, so a run
     killed at any moment leaves only whole lines behind. Files stay open for the whole run; the
@@ -711,7 +726,7 @@ class ResultWriter:
             parts.append(json.dumps(job.metadata, ensure_ascii=False))
         self._write(self.results, "[" + ",".join(parts) + "]\n")
 
-    def write_error(self, request: Any, messages: list[str], metadata: Any) -> None:
+    def write_error(self, line_number: int, request: Any, messages: list[str], metadata: Any) -> None:
         if self.errors is None:
             self.errors = open(self.errors_path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
         self._write(self.errors, json.dumps([request, messages, metadata], ensure_ascii=False) + "\n")
@@ -725,6 +740,75 @@ class ResultWriter:
         self.results.close()
         if self.errors is not None:
             self.errors.close()
+
+
+@dataclass
+class RequestResult:
+    """One request's outcome, as process_requests returns it, in the order of the requests given."""
+
+    request: Any  # the body as sent (without metadata), or the item itself if it could not be sent
+    response: dict[str, Any] | None  # the API's message, or None if the request failed
+    errors: list[str]  # one message per failed attempt (also on success, if it took retries)
+    metadata: Any
+
+    @property
+    def ok(self) -> bool:
+        return self.response is not None
+
+    @property
+    def text(self) -> str:
+        """The text blocks of the response, joined; empty when there is no response."""
+        blocks = (self.response or {}).get("content") or []
+        return "".join(block.get("text", "") for block in blocks if isinstance(block, dict))
+
+
+class ResultCollector:
+    """Keeps each request's outcome in memory, by its position in the list, and passes every record
+    on to a ResultWriter too when the caller gave a save_filepath."""
+
+    def __init__(self, requests: list[Any]) -> None:
+        self.requests = requests
+        self.results: list[RequestResult | None] = [None] * len(requests)
+        self.files: ResultWriter | None = None
+
+    def write_result(self, job: Job, response: dict[str, Any]) -> None:
+        self.results[job.line_number - 1] = RequestResult(job.body, response, list(job.errors), job.metadata)
+        if self.files is not None:
+            self.files.write_result(job, response)
+
+    def write_error(self, line_number: int, request: Any, messages: list[str], metadata: Any) -> None:
+        self.results[line_number - 1] = RequestResult(request, None, messages, metadata)
+        if self.files is not None:
+            self.files.write_error(line_number, request, messages, metadata)
+
+    def close(self) -> None:
+        if self.files is not None:
+            self.files.close()
+
+    def finish(self, results_path: str | None, stats: RunStats) -> list[RequestResult]:
+        """Fill in the requests skipped as done by an earlier run (from the results file), and mark
+        any left unsent by an interruption or a stop."""
+        waiting: dict[int, list[int]] = {}
+        for index, result in enumerate(self.results):
+            if result is None:
+                body = dict(self.requests[index])
+                waiting.setdefault(request_fingerprint(body, body.pop("metadata", None)), []).append(index)
+        if waiting and results_path and Path(results_path).exists():
+            with open(results_path, "rb") as file:
+                for line in file:
+                    record = json.loads(line)
+                    indexes = waiting.get(request_fingerprint(record[0], record[2] if len(record) > 2 else None))
+                    if indexes:
+                        index = indexes.pop()
+                        self.results[index] = RequestResult(record[0], record[1], [], self.requests[index].get(
+                            "metadata"))
+        reason = f"not sent: {stats.stopped_reason or 'the run was interrupted by ' + stats.interrupted_by}"
+        for index, result in enumerate(self.results):
+            if result is None:
+                body = dict(self.requests[index])
+                metadata = body.pop("metadata", None)
+                self.results[index] = RequestResult(body, None, [reason], metadata)
+        return self.results  # type: ignore[return-value]
 
 
 def repair_torn_last_line(path: str) -> int:
@@ -844,10 +928,11 @@ class Processor:
     Scheduling is driven by events, never by polling: the dispatcher sleeps until capacity is due,
     until a slot frees, or until a retry comes due (a timer puts it back in `retry_queue`)."""
 
-    def __init__(self, settings: Settings, session: aiohttp.ClientSession, writer: ResultWriter,
-                 done: DoneIndex) -> None:
+    def __init__(self, settings: Settings, session: aiohttp.ClientSession, lines: Iterable[tuple[int, Any]],
+                 writer: ResultSink, done: DoneIndex) -> None:
         self.settings = settings
         self.session = session
+        self.lines = lines
         self.writer = writer
         self.done = done
         self.headers = {
@@ -871,34 +956,42 @@ class Processor:
 
     # -- reading -----------------------------------------------------------------------------------
 
-    def jobs_from_file(self) -> Iterator[Job]:
-        """Valid lines become jobs; bad lines are written to the errors file on the spot."""
-        for line_number, raw in read_lines(self.settings.requests_filepath):
+    def read_jobs(self) -> Iterator[Job]:
+        """Valid lines become jobs, lines done by an earlier run are skipped, and bad lines are
+        written to the errors file on the spot."""
+        for line_number, raw in self.lines:
             try:
-                body, metadata = parse_request_line(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                self.reject_line(line_number, raw, "not valid UTF-8")
-                continue
+                body, metadata = parse_request(raw)
+                payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
             except BadLine as problem:
                 self.reject_line(line_number, raw, str(problem))
+                continue
+            except (TypeError, ValueError) as problem:  # only from a list's items: files hold JSON already
+                self.reject_line(line_number, raw, f"cannot be sent as JSON ({problem})")
                 continue
             if self.done.claim(request_fingerprint(body, metadata)):
                 self.stats.already_done += 1
                 continue
-            payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
             self.unsettled += 1
             yield Job(line_number, body, payload, metadata, self.estimator.estimate(body))
 
-    def reject_line(self, line_number: int, raw: bytes, problem: str) -> None:
+    def reject_line(self, line_number: int, raw: bytes | Any, problem: str) -> None:
         message = f"line {line_number}: {problem}; not sent"
         log.warning("{}", message)
-        self.writer.write_error(raw.decode("utf-8", errors="replace").rstrip("\r\n"), [message], None)
+        if isinstance(raw, bytes):
+            raw = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        else:
+            try:
+                json.dumps(raw)
+            except (TypeError, ValueError):
+                raw = repr(raw)
+        self.writer.write_error(line_number, raw, [message], None)
         self.stats.bad_lines += 1
 
     # -- dispatching -------------------------------------------------------------------------------
 
     async def run(self) -> RunStats:
-        jobs = self.jobs_from_file()
+        jobs = self.read_jobs()
         self.dispatcher = asyncio.create_task(self.dispatch_all(jobs))
         try:
             await self.dispatcher
@@ -1026,8 +1119,8 @@ class Processor:
 
     def fail(self, job: Job, reason: str) -> None:
         log.error("line {}: failed ({}): {}", job.line_number, reason, job.errors[-1] if job.errors else "")
-        self.writer.write_error(job.body, [f"line {job.line_number}, {message}" for message in job.errors],
-                                job.metadata)
+        self.writer.write_error(job.line_number, job.body,
+                                [f"line {job.line_number}, {message}" for message in job.errors], job.metadata)
         self.stats.failed += 1
         self.settle(job, None)
 
@@ -1162,10 +1255,11 @@ def log_summary(stats: RunStats, settings: Settings) -> None:
     log.info("{} after {:.1f} s: {}", verb, stats.elapsed, status_line(stats))
     log.info("Tokens: {:,} input, {:,} output, {:,} cache write, {:,} cache read.", stats.input_tokens,
              stats.output_tokens, stats.cache_write_tokens, stats.cache_read_tokens)
-    log.info("Results saved to {}", settings.save_filepath)
+    if settings.save_filepath:
+        log.info("Results saved to {}", settings.save_filepath)
     if stats.failed or stats.bad_lines:
-        log.warning("{:,} request(s) failed and {:,} line(s) were bad: see {}", stats.failed, stats.bad_lines,
-                    settings.errors_filepath)
+        where = settings.errors_filepath if settings.save_filepath else "the errors of each result"
+        log.warning("{:,} request(s) failed and {:,} line(s) were bad: see {}", stats.failed, stats.bad_lines, where)
     if stats.rate_limited:
         log.warning("{:,} rate limit (429) responses: consider lower --max_*_per_minute figures.", stats.rate_limited)
     if stats.interrupted_by:
@@ -1225,35 +1319,64 @@ async def process_api_requests_from_file(requests_filepath: str, **settings: Any
     that already have a result in the results file are skipped. Returns the run's counters; raises
     ConfigError for a missing key or file, a bad setting, or a results file another run is using."""
     config = Settings(requests_filepath=requests_filepath, **settings)
+    if not Path(requests_filepath).is_file():
+        raise ConfigError(f"requests file not found (or not a file): {requests_filepath}")
+    return await run(config, read_lines(requests_filepath), lambda: count_request_lines(requests_filepath))
+
+
+async def process_requests(requests: Iterable[dict[str, Any]], **settings: Any) -> list[RequestResult]:
+    """Send a list (or any iterable) of request dicts, in the input format, and return one
+    RequestResult per request, in the same order. No files unless `save_filepath` is given: then
+    every record is also appended there, and requests already answered in it are not sent again.
+
+    Keyword arguments take the command-line flags' names and defaults."""
+    items = list(requests)
+    config = Settings(**settings)
+    collector = ResultCollector(items)
+    stats = await run(config, enumerate(items, start=1), lambda: len(items), collector)
+    return collector.finish(config.save_filepath, stats)
+
+
+async def run(config: Settings, lines: Iterable[tuple[int, Any]], count_total: Callable[[], int],
+              collector: ResultCollector | None = None) -> RunStats:
+    """A whole run: the key, the results file (locked, repaired, indexed for resuming), the
+    processor, and the summary."""
     config.api_key = resolve_api_key(config.api_key)
-    if not Path(config.requests_filepath).is_file():
-        raise ConfigError(f"requests file not found (or not a file): {config.requests_filepath}")
     log.threshold = config.logging_level
     log.info("Processing {} -> {} at up to {:g} requests/min and {:g} input tokens/min ({} attempts per request)",
-             config.requests_filepath, config.save_filepath, config.max_requests_per_minute,
-             config.max_tokens_per_minute, config.max_attempts)
-    try:
-        with run_lock(config.save_filepath):
-            done = prepare_results_file(config)
-            writer = ResultWriter(config.save_filepath, config.errors_filepath)
-            try:
-                stats = await run_processor(config, writer, done)
-            finally:
-                writer.close()
-    except OSError as error:
-        raise ConfigError(f"cannot write results to {config.save_filepath}: {error.strerror}") from None
+             config.requests_filepath or "a list of requests", config.save_filepath or "memory",
+             config.max_requests_per_minute, config.max_tokens_per_minute, config.max_attempts)
+    if config.save_filepath is None:
+        assert collector is not None, "a run without a results file must collect its results"
+        stats = await run_processor(config, lines, count_total, collector, DoneIndex([]))
+    else:
+        try:
+            with run_lock(config.save_filepath):
+                done = prepare_results_file(config)
+                files = ResultWriter(config.save_filepath, config.errors_filepath)
+                sink: ResultSink = files
+                if collector is not None:
+                    collector.files = files
+                    sink = collector
+                try:
+                    stats = await run_processor(config, lines, count_total, sink, done)
+                finally:
+                    sink.close()
+        except OSError as error:
+            raise ConfigError(f"cannot write results to {config.save_filepath}: {error.strerror}") from None
     log_summary(stats, config)
     return stats
 
 
-async def run_processor(config: Settings, writer: ResultWriter, done: DoneIndex) -> RunStats:
+async def run_processor(config: Settings, lines: Iterable[tuple[int, Any]], count_total: Callable[[], int],
+                        sink: ResultSink, done: DoneIndex) -> RunStats:
     """One session, one processor, with its progress reporter, line counter and signal handlers."""
     connector = aiohttp.TCPConnector(limit=config.max_concurrent_requests)
     timeout = aiohttp.ClientTimeout(total=config.request_timeout)
     live = sys.stderr.isatty()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        processor = Processor(config, session, writer, done)
-        counter = asyncio.create_task(asyncio.to_thread(count_request_lines, config.requests_filepath))
+        processor = Processor(config, session, lines, sink, done)
+        counter = asyncio.create_task(asyncio.to_thread(count_total))
         counter.add_done_callback(lambda task: setattr(processor.stats, "total", task.result()))
         reporter = asyncio.create_task(report_progress(processor.stats, config.status_interval, live))
         restore_signals = install_signal_handlers(processor.interrupt)

@@ -1,12 +1,10 @@
-"""The cookbook's caching check, and the file used as a library."""
+"""The cookbook's caching check: the first request alone, then the cache read or a warning."""
 
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 
-from conftest import API_KEY, MODEL, ROOT, outputs, request, write_jsonl
+from conftest import API_KEY, outputs, request, write_jsonl
 
 import api_request_parallel_processor as app
 
@@ -60,34 +58,3 @@ def test_the_caching_probe_is_retried_like_any_request(tmp_path, fake_server):
         max_requests_per_minute=60000, max_tokens_per_minute=10_000_000))
     assert stats.succeeded == 4 and stats.retries == 2
     assert len(outputs(requests_path)[0]) == 4
-
-
-def test_importing_runs_nothing_and_leaves_loguru_alone():
-    code = (
-        "from loguru import logger\n"
-        "before = dict(logger._core.handlers)\n"
-        "import api_request_parallel_processor as app\n"
-        "assert dict(logger._core.handlers) == before, 'handlers changed'\n"
-        "assert app._encoder is None, 'the tokenizer was loaded at import'\n"
-        "print('imported')\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=ROOT,
-                            timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == "imported\n" and result.stderr == ""
-
-
-def test_the_coroutine_can_be_awaited_inside_a_running_loop(tmp_path, fake_server, captured_logs):
-    fake = fake_server()
-    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(5)])
-
-    async def notebook_cell() -> app.RunStats:
-        assert asyncio.get_running_loop().is_running()
-        return await app.process_api_requests_from_file(str(requests_path), request_url=fake.url,
-                                                        api_key=API_KEY, max_requests_per_minute=60000)
-
-    stats = asyncio.run(notebook_cell())
-    assert stats.succeeded == 5 and stats.exit_code == 0
-    assert any(line.startswith("INFO Finished") for line in captured_logs)
-    assert not any(line.startswith(("DEBUG", "TRACE")) for line in captured_logs)  # INFO by default
-    assert {record[0]["model"] for record in outputs(requests_path)[0]} == {MODEL}
