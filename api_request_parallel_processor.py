@@ -485,6 +485,9 @@ class TokenEstimator:
         for message in body.get("messages", []):
             total += TOKENS_PER_MESSAGE
             content = message.get("content")
+            if isinstance(content, str):  # the common case, kept fast
+                total += self.text(content)
+                continue
             for block in content if isinstance(content, list) else [content]:
                 total += self.value(block)
                 if isinstance(block, dict) and "cache_control" in block:
@@ -607,7 +610,8 @@ MAX_HONOURED_RETRY_AFTER = 300.0  # seconds; a longer or missing retry-after fal
 class Attempt:
     """What one HTTP attempt came to."""
 
-    response: dict[str, Any] | None = None  # the parsed body of a success
+    response: dict[str, Any] | None = None  # the parsed body of a success...
+    raw: bytes = b""  # ...and the bytes it was parsed from
     error: str = ""  # what went wrong, for the errors record and the log
     retryable: bool = False
     retry_after: float | None = None  # seconds, when the server said
@@ -651,7 +655,7 @@ def interpret_response(status: int, headers: Any, raw: bytes) -> Attempt:
         body = None
     if status == 200:
         if isinstance(body, dict) and body.get("type") != "error":
-            return Attempt(response=body, status=status)
+            return Attempt(response=body, raw=raw, status=status)
         return Attempt(error=f"HTTP 200 with a body that is not a message (truncated?) {snippet(raw)}",
                        retryable=True, status=status)
 
@@ -702,7 +706,7 @@ async def send_attempt(session: aiohttp.ClientSession, url: str, headers: dict[s
 class ResultSink(Protocol):
     """Where each line's outcome goes: files (ResultWriter), memory (ResultCollector), or both."""
 
-    def write_result(self, job: Job, response: dict[str, Any]) -> None: ...
+    def write_result(self, job: Job, response: dict[str, Any], raw: bytes) -> None: ...
 
     def write_error(self, line_number: int, request: Any, messages: list[str], metadata: Any) -> None: ...
 
@@ -710,31 +714,37 @@ class ResultSink(Protocol):
 
 
 class ResultWriter:
-    """Appends result and error records. Each record is one write followed by a flush, so a run
-    killed at any moment leaves only whole lines behind. Files stay open for the whole run; the
-    errors file is created only when there is an error to write."""
+    """Appends result and error records. Files are unbuffered and each record is one write, so a
+    record is on disk as soon as it is written and a run killed at any moment leaves only whole
+    lines behind. Files stay open for the whole run; the errors file is created only when there is
+    an error to write."""
 
     def __init__(self, results_path: str, errors_path: str) -> None:
         Path(results_path).parent.mkdir(parents=True, exist_ok=True)
-        self.results = open(results_path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
+        self.results = open(results_path, "ab", buffering=0)  # noqa: SIM115 - open for the whole run
         self.errors_path = errors_path
         self.errors = None
 
-    def write_result(self, job: Job, response: dict[str, Any]) -> None:
-        parts = [job.payload.decode("utf-8"), json.dumps(response, ensure_ascii=False)]
+    def write_result(self, job: Job, response: dict[str, Any], raw: bytes) -> None:
+        """`[request, response(, metadata)]`, spliced from the bytes sent and received: the API's
+        compact JSON goes in as it came (re-encoded only if it spans lines), the request as sent."""
+        if b"\n" in raw or b"\r" in raw:
+            raw = json.dumps(response, ensure_ascii=False).encode("utf-8")
+        parts = [job.payload, raw]
         if job.metadata is not None:
-            parts.append(json.dumps(job.metadata, ensure_ascii=False))
-        self._write(self.results, "[" + ",".join(parts) + "]\n")
+            parts.append(json.dumps(job.metadata, ensure_ascii=False).encode("utf-8"))
+        self._write(self.results, b"[" + b",".join(parts) + b"]\n")
 
     def write_error(self, line_number: int, request: Any, messages: list[str], metadata: Any) -> None:
         if self.errors is None:
-            self.errors = open(self.errors_path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
-        self._write(self.errors, json.dumps([request, messages, metadata], ensure_ascii=False) + "\n")
+            self.errors = open(self.errors_path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
+        self._write(self.errors, json.dumps([request, messages, metadata], ensure_ascii=False).encode("utf-8") + b"\n")
 
     @staticmethod
-    def _write(file: Any, line: str) -> None:
-        file.write(line)
-        file.flush()
+    def _write(file: Any, line: bytes) -> None:
+        written = file.write(line)
+        while written < len(line):  # an unbuffered write may be partial (a full disk, a signal)
+            written += file.write(line[written:])
 
     def close(self) -> None:
         self.results.close()
@@ -771,10 +781,10 @@ class ResultCollector:
         self.results: list[RequestResult | None] = [None] * len(requests)
         self.files: ResultWriter | None = None
 
-    def write_result(self, job: Job, response: dict[str, Any]) -> None:
+    def write_result(self, job: Job, response: dict[str, Any], raw: bytes) -> None:
         self.results[job.line_number - 1] = RequestResult(job.body, response, list(job.errors), job.metadata)
         if self.files is not None:
-            self.files.write_result(job, response)
+            self.files.write_result(job, response, raw)
 
     def write_error(self, line_number: int, request: Any, messages: list[str], metadata: Any) -> None:
         self.results[line_number - 1] = RequestResult(request, None, messages, metadata)
@@ -969,7 +979,7 @@ class Processor:
             except (TypeError, ValueError) as problem:  # only from a list's items: files hold JSON already
                 self.reject_line(line_number, raw, f"cannot be sent as JSON ({problem})")
                 continue
-            if self.done.claim(request_fingerprint(body, metadata)):
+            if self.done and self.done.claim(request_fingerprint(body, metadata)):  # resuming
                 self.stats.already_done += 1
                 continue
             self.unsettled += 1
@@ -1071,20 +1081,20 @@ class Processor:
             self.slots.release()
             self.stats.in_flight -= 1
         if result.response is not None:
-            self.succeed(job, result.response)
+            self.succeed(job, result.response, result.raw)
         else:
             self.attempt_failed(job, result)
 
     # -- settling ----------------------------------------------------------------------------------
 
-    def succeed(self, job: Job, response: dict[str, Any]) -> None:
+    def succeed(self, job: Job, response: dict[str, Any], raw: bytes) -> None:
         usage = response.get("usage") if isinstance(response.get("usage"), dict) else {}
         actual = (usage.get("input_tokens") or 0) + (usage.get("cache_creation_input_tokens") or 0)
         if usage:
             self.calibration.record(job.estimated_input_tokens, actual)
             self.limiter.input_tokens.give_back(job.charged_input_tokens - actual)
         self.stats.add_usage(usage)
-        self.writer.write_result(job, response)
+        self.writer.write_result(job, response, raw)
         self.stats.succeeded += 1
         log.debug("line {}: done after {} attempt(s); usage {}", job.line_number, job.attempts, usage)
         self.settle(job, usage)

@@ -1,0 +1,78 @@
+"""Shared by the benchmarks: a fake Anthropic server in its own process, and request files."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from fake_anthropic import API_KEY
+
+__all__ = ["API_KEY", "cpu_seconds", "fake_server_process", "peak_rss_mb", "small_request", "wait_for",
+           "write_requests"]
+
+
+MODEL = "claude-sonnet-4-5"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def fake_server_process(*args: str) -> Iterator[str]:
+    """The tests' fake server in a separate process (so it does not share our GIL); yields its URL."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_anthropic.py"), "--port", str(port), *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        process.stdout.readline()  # "Fake Anthropic API at ..." once it listens
+        yield f"http://127.0.0.1:{port}/v1/messages"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def small_request(index: int) -> dict:
+    return {"model": MODEL, "max_tokens": 16, "messages": [{"role": "user", "content": f"How much is 8 * {index}?"}],
+            "metadata": {"row": index}}
+
+
+def write_requests(path: Path, count: int) -> Path:
+    with open(path, "w") as file:
+        file.writelines("".join(json.dumps(small_request(i)) + "\n" for i in range(start, min(count, start + 10_000))) for start in range(0, count, 10_000))
+    return path
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM: the peak resident set size of a live process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc status")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    import os
+
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for(condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        time.sleep(0.01)

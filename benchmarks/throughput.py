@@ -1,0 +1,98 @@
+"""Throughput against a zero-latency, unlimited fake: the processor versus a bare aiohttp loop.
+
+Both send the same 20,000 small requests to the same fake server (in its own process), in the same run,
+with the same number of requests in flight, in alternating rounds. Prints both rates (the best round of
+each, so a noisy moment on a small machine does not decide the ratio) and their ratio; the same ratio in
+CPU time of this process (the client is CPU-bound here, and CPU time is far less disturbed by neighbours);
+and whether every request was answered exactly once in every round of the processor.
+
+    python benchmarks/throughput.py [--requests 20000] [--concurrency 100] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import statistics
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from _common import API_KEY, fake_server_process, write_requests
+
+import api_request_parallel_processor as app
+
+
+def timed(coroutine: Coroutine[Any, Any, Any]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) to run a coroutine to completion."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu, started = usage.ru_utime + usage.ru_stime, time.perf_counter()
+    asyncio.run(coroutine)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter() - started, usage.ru_utime + usage.ru_stime - cpu
+
+
+async def bare_loop(url: str, bodies: list[dict], concurrency: int) -> None:
+    """The reference: a semaphore and session.post, nothing else."""
+    headers = {"x-api-key": API_KEY, "anthropic-version": "2023-06-01"}
+    semaphore = asyncio.Semaphore(concurrency)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+
+        async def send(body: dict) -> None:
+            async with semaphore, session.post(url, json=body, headers=headers) as response:
+                await response.read()
+
+        await asyncio.gather(*(send(body) for body in bodies))
+
+
+async def processor(url: str, requests_path: Path, concurrency: int) -> None:
+    Path(app.default_save_filepath(str(requests_path))).unlink(missing_ok=True)  # a fresh run, not a resume
+    stats = await app.process_api_requests_from_file(
+        str(requests_path), request_url=url, api_key=API_KEY, max_requests_per_minute=1e9,
+        max_tokens_per_minute=1e12, max_concurrent_requests=concurrency, logging_level="WARNING")
+    assert stats.succeeded == stats.total, stats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    bare_rounds: list[tuple[float, float]] = []
+    our_rounds: list[tuple[float, float]] = []
+    answered_once = True
+    with tempfile.TemporaryDirectory() as folder, fake_server_process() as url:
+        requests_path = write_requests(Path(folder) / "requests.jsonl", args.requests)
+        bodies = [{key: value for key, value in json.loads(line).items() if key != "metadata"}
+                  for line in requests_path.read_text().splitlines()]
+        asyncio.run(bare_loop(url, bodies[:500], args.concurrency))  # warm up the fake and the tokenizer
+        app.load_token_counter()
+        for _ in range(args.rounds):
+            bare_rounds.append(timed(bare_loop(url, bodies, args.concurrency)))
+            our_rounds.append(timed(processor(url, requests_path, args.concurrency)))
+            with open(Path(folder) / "requests_results.jsonl") as results:
+                rows = Counter(json.loads(line)[2]["row"] for line in results)
+            answered_once &= len(rows) == args.requests and set(rows.values()) == {1}
+    bare, ours = min(wall for wall, _ in bare_rounds), min(wall for wall, _ in our_rounds)
+    bare_cpu = statistics.median(cpu for _, cpu in bare_rounds)
+    our_cpu = statistics.median(cpu for _, cpu in our_rounds)
+    print(f"requests:            {args.requests:,} (concurrency {args.concurrency}, {args.rounds} rounds each)")
+    print(f"rounds, wall s:      bare {', '.join(f'{w:.2f}' for w, _ in bare_rounds)}; "
+          f"processor {', '.join(f'{w:.2f}' for w, _ in our_rounds)}")
+    print(f"bare aiohttp loop:   {args.requests / bare:,.0f} requests/s (best round {bare:.2f} s)")
+    print(f"processor:           {args.requests / ours:,.0f} requests/s (best round {ours:.2f} s)")
+    print(f"ratio, wall:         {bare / ours:.2f} of the bare loop's rate (target >= 0.8)")
+    print(f"ratio, CPU:          {bare_cpu / our_cpu:.2f} (median CPU per request: bare "
+          f"{bare_cpu / args.requests * 1e6:.0f} us, processor {our_cpu / args.requests * 1e6:.0f} us)")
+    print(f"every request answered exactly once: {answered_once}")
+
+
+if __name__ == "__main__":
+    main()
