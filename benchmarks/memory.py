@@ -1,0 +1,115 @@
+"""Memory, idle CPU and start-up on a 1,000,000-line file, with the command line as a user runs it.
+
+1. Streams a generated 1,000,000-line file under a rate limit for 20 s: prints the time from start to the
+   first request the fake received, and the peak RSS.
+2. The same file at 60 requests/min: prints the CPU used over 20 s of waiting on the limit, as a share of
+   one core.
+3. Builds a 1,000,000-record results file for the same requests and resumes over it (nothing is left to
+   send): prints the peak RSS and how long the resume took.
+
+    python benchmarks/memory.py [--lines 1000000] [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import API_KEY, ROOT, cpu_seconds, small_request, write_requests
+from fake_anthropic import FakeConfig, ServerThread
+
+SCRIPT = ROOT / "api_request_parallel_processor.py"
+
+
+def start(requests_path: Path, url: str, *flags: str) -> tuple[subprocess.Popen[bytes], float]:
+    started = time.monotonic()
+    process = subprocess.Popen([sys.executable, str(SCRIPT), "--requests_filepath", str(requests_path),
+                                "--request_url", url, "--api_key", API_KEY, "--logging_level", "WARNING", *flags],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return process, started
+
+
+def stop(process: subprocess.Popen[bytes]) -> float:
+    """SIGTERM (a graceful stop), then the child's peak RSS in MB from wait4."""
+    process.send_signal(signal.SIGTERM)
+    return finish(process)
+
+
+def finish(process: subprocess.Popen[bytes]) -> float:
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_maxrss / 1024
+
+
+def write_results(path: Path, count: int) -> None:
+    """Result records for the first `count` generated requests, as a finished run would have left them."""
+    with open(path, "w") as file:
+        for start_index in range(0, count, 10_000):
+            lines = []
+            for i in range(start_index, min(count, start_index + 10_000)):
+                body = small_request(i)
+                metadata = body.pop("metadata")
+                response = {"id": f"msg_{i:08d}", "type": "message", "role": "assistant", "model": body["model"],
+                            "content": [{"type": "text", "text": f"8 * {i} = {8 * i}"}], "stop_reason": "end_turn",
+                            "stop_sequence": None, "usage": {"input_tokens": 14, "output_tokens": 9,
+                                                             "cache_creation_input_tokens": 0,
+                                                             "cache_read_input_tokens": 0}}
+                lines.append(json.dumps([body, response, metadata]) + "\n")
+            file.write("".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lines", type=int, default=1_000_000)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder, ServerThread(FakeConfig(latency=(0.05, 0.1))) as fake:
+        requests_path = write_requests(Path(folder) / "requests.jsonl", args.lines)
+        size_mb = requests_path.stat().st_size / 1e6
+        print(f"input:                       {args.lines:,} lines, {size_mb:,.0f} MB")
+
+        process, started = start(requests_path, fake.url, "--max_requests_per_minute", "6000",
+                                 "--max_tokens_per_minute", "10000000",
+                                 "--save_filepath", str(Path(folder) / "streamed.jsonl"))
+        while not fake.stats.received_times:
+            time.sleep(0.005)
+        first_request = fake.stats.received_times[0] - started
+        time.sleep(args.seconds)
+        sent = fake.stats.received
+        streaming_rss = stop(process)
+        print(f"start to first request:      {first_request:.2f} s (target < 1 s)")
+        print(f"streaming {args.seconds:g} s at 6,000/min: {sent:,} requests sent, peak RSS {streaming_rss:.0f} MB "
+              "(target <= 100 MB)")
+
+        process, _ = start(requests_path, fake.url, "--max_requests_per_minute", "60",
+                           "--save_filepath", str(Path(folder) / "idle.jsonl"))
+        time.sleep(5)  # past start-up and the background line count
+        cpu_before, window_start = cpu_seconds(process.pid), time.monotonic()
+        time.sleep(args.seconds)
+        cpu_used = cpu_seconds(process.pid) - cpu_before
+        share = cpu_used / (time.monotonic() - window_start)
+        stop(process)
+        print(f"waiting at 60/min:           {cpu_used:.2f} CPU s in {args.seconds:g} s = {100 * share:.1f}% of a core "
+              "(target < 5%)")
+
+        results_path = Path(folder) / "resume.jsonl"
+        write_results(results_path, args.lines)
+        print(f"results file:                {args.lines:,} records, {results_path.stat().st_size / 1e6:,.0f} MB")
+        received_before = fake.stats.received
+        process, started = start(requests_path, fake.url, "--save_filepath", str(results_path))
+        resume_rss = finish(process)
+        elapsed = time.monotonic() - started
+        resent = fake.stats.received - received_before
+        print(f"resume over them:            peak RSS {resume_rss:.0f} MB (target <= 150 MB), {elapsed:.1f} s, "
+              f"{resent} requests sent, exit code {process.returncode}")
+
+
+if __name__ == "__main__":
+    main()
