@@ -66,6 +66,7 @@ except ImportError:  # pragma: no cover
 DEFAULT_REQUEST_URL = "https://api.anthropic.com/v1/messages"
 ANTHROPIC_VERSION = "2023-06-01"
 LOG_LEVELS = {"TRACE": 5, "DEBUG": 10, "INFO": 20, "SUCCESS": 25, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
+AUTO = "auto"
 CACHING_WARNING_PAUSE_SECONDS = 10.0  # the cookbook's grace period to stop a run whose caching fails
 
 
@@ -81,8 +82,9 @@ class Settings:
     save_filepath: str | None = None
     request_url: str = DEFAULT_REQUEST_URL
     api_key: str | None = field(default=None, repr=False)
-    max_requests_per_minute: float = 40
-    max_tokens_per_minute: float = 16_000
+    max_requests_per_minute: float | str = 40  # a number, or "auto": the limits the API reports
+    max_tokens_per_minute: float | str = 16_000  # input tokens
+    max_output_tokens_per_minute: float | str | None = None  # None: output is not paced
     max_attempts: int = 5
     logging_level: int | str = "INFO"
     use_caching: bool = False
@@ -94,8 +96,12 @@ class Settings:
 
     def __post_init__(self) -> None:
         self.logging_level = parse_logging_level(self.logging_level)
-        for name in ("max_requests_per_minute", "max_tokens_per_minute", "request_timeout", "status_interval",
-                     "grace_period"):
+        for name in ("max_requests_per_minute", "max_tokens_per_minute", "max_output_tokens_per_minute"):
+            value = getattr(self, name)
+            if not (value == AUTO or value is None and name == "max_output_tokens_per_minute"
+                    or isinstance(value, (int, float)) and value > 0):
+                raise ConfigError(f"{name} must be a positive number or 'auto', got {value!r}")
+        for name in ("request_timeout", "status_interval", "grace_period"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be a positive number, got {getattr(self, name)!r}")
         for name in ("max_attempts", "max_concurrent_requests"):
@@ -137,6 +143,11 @@ def parse_bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected True/False/yes/no/1/0, got {value!r}")
 
 
+def limit_value(value: str) -> float | str:
+    """A per-minute limit: a positive number, or 'auto' to run at the limits the API reports."""
+    return AUTO if value.strip().lower() == AUTO else positive_number(value)
+
+
 def positive_number(value: str) -> float:
     try:
         number = float(value)
@@ -173,8 +184,11 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save_filepath", default=None, help="results JSONL (default: <requests>_results.jsonl)")
     parser.add_argument("--request_url", default=DEFAULT_REQUEST_URL)
     parser.add_argument("--api_key", default=None, help="default: ANTHROPIC_API_KEY from the environment or .env")
-    parser.add_argument("--max_requests_per_minute", type=positive_number, default=40)
-    parser.add_argument("--max_tokens_per_minute", type=positive_number, default=16_000, help="input tokens/min")
+    parser.add_argument("--max_requests_per_minute", type=limit_value, default=40, help="a number or 'auto'")
+    parser.add_argument("--max_tokens_per_minute", type=limit_value, default=16_000,
+                        help="input tokens/min: a number or 'auto'")
+    parser.add_argument("--max_output_tokens_per_minute", type=limit_value, default=None,
+                        help="output tokens/min: a number or 'auto' (default: output is not paced)")
     parser.add_argument("--max_attempts", type=positive_int, default=5)
     parser.add_argument("--logging_level", default="INFO", help="TRACE, DEBUG, INFO, ... or a number (20 = INFO)")
     parser.add_argument(
@@ -258,6 +272,7 @@ class Job:
     errors: list[str] = field(default_factory=list)
     estimated_input_tokens: int = 0  # the latest attempt's estimate of what the input limit counts...
     charged_input_tokens: int = 0  # ...and what the bucket was charged: the estimate times the learned ratio
+    charged_output_tokens: int = 0  # the output-token bucket's charge: the output expected of it
 
 
 class BadLine(Exception):
@@ -501,7 +516,10 @@ NOT_COUNTED_KEYS = frozenset({"type", "cache_control", "id", "tool_use_id", "sig
 # Rate limiting
 # ==================================================================================================
 
-BURST_SECONDS = 1.0  # buckets hold one second's worth, so sends are paced evenly, never bunched
+BURST_SECONDS = 0.1  # buckets hold a tenth of a second's worth: sends are spaced evenly, never bunched
+AUTO_STARTING_LIMITS = {"requests": 40.0, "input-tokens": 24_000.0, "output-tokens": 6_400.0}  # 80% of Tier 1
+AUTO_SAFETY_MARGIN = 0.97  # with "auto", run this close to the limits the API reports
+TOKENS_REMAINING_ROUNDING = 500.0  # the API rounds token `remaining` figures to the nearest thousand
 
 
 class TokenBucket:
@@ -513,11 +531,20 @@ class TokenBucket:
     (empty by default): a run ramps up to its rate instead of opening with a burst."""
 
     def __init__(self, per_minute: float, initial: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.level = initial
+        self.updated = clock()
+        self._configure(per_minute)
+
+    def _configure(self, per_minute: float) -> None:
+        self.per_minute = per_minute
         self.rate = per_minute / 60.0
         self.capacity = max(self.rate * BURST_SECONDS, 1.0)
-        self.clock = clock
-        self.level = min(initial, self.capacity)
-        self.updated = clock()
+        self.level = min(self.level, self.capacity)
+
+    def set_rate(self, per_minute: float) -> None:
+        self._refill()
+        self._configure(per_minute)
 
     def _refill(self) -> None:
         now = self.clock()
@@ -538,39 +565,106 @@ class TokenBucket:
         self._refill()
         self.level = min(self.capacity, self.level + amount)
 
+    def lower_to(self, level: float) -> None:
+        """The API says less is left than we believe (other clients share the limit): believe it."""
+        self._refill()
+        self.level = min(self.level, level)
+
     def drain(self) -> None:
         """After a 429 the server's bucket is empty whatever ours believed: start again from zero."""
-        self._refill()
-        self.level = min(self.level, 0.0)
+        self.lower_to(0.0)
+
+
+def reported_limit(headers: Any, name: str) -> tuple[float | None, float | None]:
+    """(limit, remaining) from a response's `anthropic-ratelimit-<name>-*` headers; for input tokens
+    the older combined `tokens` headers stand in when the input ones are absent."""
+    for prefix in (name, "tokens") if name == "input-tokens" else (name,):
+        figures = []
+        for field_name in ("limit", "remaining"):
+            try:
+                figures.append(float(headers[f"anthropic-ratelimit-{prefix}-{field_name}"]))
+            except (KeyError, TypeError, ValueError):
+                figures.append(None)
+        if figures != [None, None]:
+            return figures[0], figures[1]
+    return None, None
+
+
+class Limit:
+    """One of the API's per-minute limits as the run enforces it: a bucket, the configured figure
+    (a number, or "auto"), and what the API's headers report. The headers are the truth: a reported
+    limit below the configured one replaces it, "auto" follows the reported limit less a small
+    margin, and a `remaining` below the bucket's level lowers the bucket."""
+
+    def __init__(self, name: str, configured: float | str, initial: float = 0.0) -> None:
+        self.name = name
+        self.auto = configured == AUTO
+        self.configured = AUTO_STARTING_LIMITS[name] if self.auto else float(configured)
+        self.bucket = TokenBucket(self.configured, initial)
+        self.reported: float | None = None
+
+    def observe(self, limit: float | None, remaining: float | None) -> bool:
+        """Apply a response's figures; True when the rate in force changed."""
+        changed = False
+        if limit is not None and limit > 0 and limit != self.reported:
+            self.reported = limit
+            rate = limit * AUTO_SAFETY_MARGIN if self.auto else min(self.configured, limit)
+            if rate != self.bucket.per_minute:
+                if self.auto:
+                    log.info("The API reports a {} limit of {:,.0f}/min: running at {:,.0f}/min.", self.name, limit, rate)
+                elif limit < self.configured:
+                    log.warning("The API reports a {} limit of {:,.0f}/min, below the configured {:,.0f}/min: using "
+                                "the reported limit.", self.name, limit, self.configured)
+                else:
+                    log.info("The API reports a {} limit of {:,.0f}/min: back to the configured {:,.0f}/min.",
+                             self.name, limit, self.configured)
+                self.bucket.set_rate(rate)
+                changed = True
+        if remaining is not None:
+            self.bucket.lower_to(remaining + (TOKENS_REMAINING_ROUNDING if self.name != "requests" else 0.0))
+        return changed
 
 
 class RateLimiter:
-    """Gates every attempt on the request and input-token buckets and on any 429 pause."""
+    """Gates every attempt on the request, input-token and (when set) output-token limits, and on
+    any 429 pause."""
 
-    def __init__(self, max_requests_per_minute: float, max_tokens_per_minute: float) -> None:
-        self.requests = TokenBucket(max_requests_per_minute, initial=1)  # the first request goes at once
-        self.input_tokens = TokenBucket(max_tokens_per_minute)
+    def __init__(self, settings: Settings) -> None:
+        self.requests = Limit("requests", settings.max_requests_per_minute, initial=1)  # the first goes at once
+        self.input_tokens = Limit("input-tokens", settings.max_tokens_per_minute)
+        self.output_tokens = (Limit("output-tokens", settings.max_output_tokens_per_minute)
+                              if settings.max_output_tokens_per_minute is not None else None)
+        self.limits = [limit for limit in (self.requests, self.input_tokens, self.output_tokens) if limit]
         self.paused_until = 0.0
 
-    async def acquire(self, input_tokens: int) -> None:
-        """Sleep until one request and `input_tokens` are available, then take them."""
+    async def acquire(self, input_tokens: int, output_tokens: int) -> None:
+        """Sleep until one request, `input_tokens` and `output_tokens` are available, then take them."""
+        amounts = (1, input_tokens, output_tokens)
         while True:
-            wait = max(
-                self.paused_until - time.monotonic(),
-                self.requests.seconds_until_available(1),
-                self.input_tokens.seconds_until_available(input_tokens),
-            )
+            wait = max(self.paused_until - time.monotonic(),
+                       *(limit.bucket.seconds_until_available(amount) for limit, amount in zip(self.limits, amounts)))
             if wait <= 0:
-                self.requests.take(1)
-                self.input_tokens.take(input_tokens)
+                for limit, amount in zip(self.limits, amounts):
+                    limit.bucket.take(amount)
                 return
             await asyncio.sleep(wait)
+
+    def observe(self, headers: Any) -> bool:
+        """Every response's rate-limit headers; True when a rate in force changed."""
+        changed = False
+        for limit in self.limits:
+            changed |= limit.observe(*reported_limit(headers, limit.name))
+        return changed
 
     def pause(self, seconds: float) -> None:
         """A 429: no attempt from any sender until `seconds` have passed."""
         self.paused_until = max(self.paused_until, time.monotonic() + seconds)
-        self.requests.drain()
-        self.input_tokens.drain()
+        for limit in self.limits:
+            limit.bucket.drain()
+
+    def describe(self) -> str:
+        units = {"requests": "requests/min", "input-tokens": "input tokens/min", "output-tokens": "output tokens/min"}
+        return ", ".join(f"{limit.bucket.per_minute:,.0f} {units[limit.name]}" for limit in self.limits)
 
 
 class InputCalibration:
@@ -598,6 +692,24 @@ class InputCalibration:
         return max(1, math.ceil(estimate * self.ratio))
 
 
+class OutputExpectation:
+    """The output a request is expected to produce: the mean `usage.output_tokens` so far, bounded by
+    its `max_tokens`; `max_tokens` itself until the first response says better."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.responses = 0
+
+    def record(self, output_tokens: int) -> None:
+        self.total += output_tokens
+        self.responses += 1
+
+    def expected(self, max_tokens: int) -> int:
+        if not self.responses:
+            return max_tokens
+        return max(1, min(max_tokens, math.ceil(self.total / self.responses)))
+
+
 # ==================================================================================================
 # The API call and retries
 # ==================================================================================================
@@ -617,6 +729,7 @@ class Attempt:
     retry_after: float | None = None  # seconds, when the server said
     status: int | None = None
     authentication_failed: bool = False
+    headers: Any = None  # the response's headers, for the rate-limit figures
 
     @property
     def rate_limited(self) -> bool:
@@ -655,9 +768,9 @@ def interpret_response(status: int, headers: Any, raw: bytes) -> Attempt:
         body = None
     if status == 200:
         if isinstance(body, dict) and body.get("type") != "error":
-            return Attempt(response=body, raw=raw, status=status)
+            return Attempt(response=body, raw=raw, status=status, headers=headers)
         return Attempt(error=f"HTTP 200 with a body that is not a message (truncated?) {snippet(raw)}",
-                       retryable=True, status=status)
+                       retryable=True, status=status, headers=headers)
 
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
@@ -677,7 +790,7 @@ def interpret_response(status: int, headers: Any, raw: bytes) -> Attempt:
         if isinstance(details, dict) and details.get("error_code") == "enforced_spend_limit_reached":
             retryable = False
     return Attempt(error=description, retryable=retryable, retry_after=parse_retry_after(headers),
-                   status=status, authentication_failed=status == 401)
+                   status=status, authentication_failed=status == 401, headers=headers)
 
 
 def snippet(raw: bytes, limit: int = 120) -> str:
@@ -906,6 +1019,8 @@ class RunStats:
     stopped_reason: str = ""
     key_rejected: bool = False
     interrupted_by: str = ""  # "SIGINT" or "SIGTERM"
+    limits_in_force: str = ""
+    input_ratio: float = 1.0  # the learned ratio of the API's input-token count to cl100k_base's
 
     @property
     def elapsed(self) -> float:
@@ -952,13 +1067,14 @@ class Processor:
         }
         self.estimator = TokenEstimator()
         self.calibration = InputCalibration()
-        self.limiter = RateLimiter(settings.max_requests_per_minute, settings.max_tokens_per_minute)
+        self.limiter = RateLimiter(settings)
+        self.outputs = OutputExpectation()
         self.slots = asyncio.Semaphore(settings.max_concurrent_requests)
         self.retry_queue: asyncio.Queue[Job | None] = asyncio.Queue()
         self.retry_timers: dict[Job, asyncio.TimerHandle] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.dispatcher: asyncio.Task[None] | None = None
-        self.stats = RunStats()
+        self.stats = RunStats(limits_in_force=self.limiter.describe())
         self.unsettled = 0  # jobs read but not yet written to either file
         self.caching_works = False
         self.caching_probe: asyncio.Future[dict[str, Any] | None] | None = None  # the first job's usage
@@ -1058,7 +1174,8 @@ class Processor:
         await self.slots.acquire()
         job.estimated_input_tokens = self.expected_input_tokens(job.estimate)
         job.charged_input_tokens = self.calibration.scale(job.estimated_input_tokens)
-        await self.limiter.acquire(job.charged_input_tokens)
+        job.charged_output_tokens = self.outputs.expected(job.body["max_tokens"]) if self.limiter.output_tokens else 0
+        await self.limiter.acquire(job.charged_input_tokens, job.charged_output_tokens)
         job.attempts += 1
         self.stats.in_flight += 1
         log.trace("line {}: attempt {} sent (estimated {} input tokens)",
@@ -1080,6 +1197,8 @@ class Processor:
         finally:
             self.slots.release()
             self.stats.in_flight -= 1
+        if result.headers is not None and self.limiter.observe(result.headers):
+            self.stats.limits_in_force = self.limiter.describe()
         if result.response is not None:
             self.succeed(job, result.response, result.raw)
         else:
@@ -1092,7 +1211,12 @@ class Processor:
         actual = (usage.get("input_tokens") or 0) + (usage.get("cache_creation_input_tokens") or 0)
         if usage:
             self.calibration.record(job.estimated_input_tokens, actual)
-            self.limiter.input_tokens.give_back(job.charged_input_tokens - actual)
+            self.stats.input_ratio = self.calibration.ratio
+            self.limiter.input_tokens.bucket.give_back(job.charged_input_tokens - actual)
+            produced = usage.get("output_tokens") or 0
+            self.outputs.record(produced)
+            if self.limiter.output_tokens:
+                self.limiter.output_tokens.bucket.give_back(job.charged_output_tokens - produced)
         self.stats.add_usage(usage)
         self.writer.write_result(job, response, raw)
         self.stats.succeeded += 1
@@ -1102,6 +1226,8 @@ class Processor:
     def attempt_failed(self, job: Job, result: Attempt) -> None:
         message = redact(f"attempt {job.attempts}: {result.error}", self.settings.api_key)
         job.errors.append(message)
+        if self.limiter.output_tokens:  # a failed attempt produced no output
+            self.limiter.output_tokens.bucket.give_back(job.charged_output_tokens)
         if result.rate_limited:
             self.stats.rate_limited += 1
         if self.stats.interrupted_by and result.retryable:
@@ -1244,8 +1370,8 @@ def status_line(stats: RunStats) -> str:
     return (f"{progress} | {stats.succeeded:,} succeeded, {stats.failed:,} failed, {stats.bad_lines:,} bad, "
             f"{stats.already_done:,} done before, {stats.in_flight:,} in flight | {sent / minutes:,.0f} requests/min, "
             f"{(stats.input_tokens + stats.cache_write_tokens) / minutes:,.0f} input tokens/min, "
-            f"{stats.output_tokens / minutes:,.0f} output tokens/min | {stats.retries:,} retries, "
-            f"{stats.rate_limited:,} rate-limited")
+            f"{stats.output_tokens / minutes:,.0f} output tokens/min (limits {stats.limits_in_force}; input tokens "
+            f"{stats.input_ratio:.2f}x cl100k_base) | {stats.retries:,} retries, {stats.rate_limited:,} rate-limited")
 
 
 async def report_progress(stats: RunStats, interval: float, live: bool) -> None:
@@ -1353,9 +1479,10 @@ async def run(config: Settings, lines: Iterable[tuple[int, Any]], count_total: C
     processor, and the summary."""
     config.api_key = resolve_api_key(config.api_key)
     log.threshold = config.logging_level
-    log.info("Processing {} -> {} at up to {:g} requests/min and {:g} input tokens/min ({} attempts per request)",
-             config.requests_filepath or "a list of requests", config.save_filepath or "memory",
-             config.max_requests_per_minute, config.max_tokens_per_minute, config.max_attempts)
+    log.info("Processing {} -> {} at up to {} requests/min, {} input tokens/min and {} output tokens/min "
+             "({} attempts per request)", config.requests_filepath or "a list of requests",
+             config.save_filepath or "memory", config.max_requests_per_minute, config.max_tokens_per_minute,
+             config.max_output_tokens_per_minute or "unpaced", config.max_attempts)
     if config.save_filepath is None:
         assert collector is not None, "a run without a results file must collect its results"
         stats = await run_processor(config, lines, count_total, collector, DoneIndex([]))

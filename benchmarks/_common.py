@@ -17,8 +17,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from fake_anthropic import API_KEY
 
-__all__ = ["API_KEY", "cpu_seconds", "fake_server_process", "peak_rss_mb", "small_request", "wait_for",
-           "write_requests"]
+__all__ = ["API_KEY", "MODEL", "cpu_seconds", "fake_server_process", "peak_rss_mb", "small_request", "wait_for",
+           "write_jsonl_rows", "write_requests"]
 
 
 MODEL = "claude-sonnet-4-5"
@@ -76,3 +76,9 @@ def wait_for(condition, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError
         time.sleep(0.01)
+
+
+def write_jsonl_rows(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w") as file:
+        file.writelines(json.dumps(row) + "\n" for row in rows)
+    return path

@@ -76,6 +76,7 @@ class FakeStats:
     received: int = 0
     received_times: list[float] = field(default_factory=list)  # monotonic arrival time of every POST
     answered_times: list[float] = field(default_factory=list)  # monotonic time of every 200 sent
+    admitted_usage: list[tuple[float, int, int]] = field(default_factory=list)  # (time, input counted, output)
     accepted_times: list[float] = field(default_factory=list)  # monotonic time of every admitted request
     rate_limited: int = 0
     rate_limited_times: list[float] = field(default_factory=list)  # monotonic time of every 429 sent
@@ -289,6 +290,7 @@ class FakeAnthropic:
         if refused is not None:
             return refused
         self.stats.accepted_times.append(now)
+        self.stats.admitted_usage.append((now, input_tokens + cache_write, produced))
 
         low, high = self.config.latency
         if high > 0:

@@ -189,3 +189,42 @@ def test_a_request_larger_than_the_bucket_still_goes_and_does_not_stall_the_run(
 
     assert stats.succeeded == 11 and fake.stats.rate_limited == 0
     assert stats.elapsed < 10
+
+
+def test_flags_above_the_reported_limit_are_clamped_to_it(tmp_path, fake_server, captured_logs):
+    fake = fake_server(requests_per_minute=1200, burst_seconds=5)
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(70)])
+
+    stats = run_in_process(requests_path, fake, max_requests_per_minute=2400)
+
+    assert stats.succeeded == 70 and fake.stats.rate_limited == 0
+    assert "1,200 requests/min" in stats.limits_in_force
+    times = fake.stats.accepted_times
+    assert (len(times) - 1) / (times[-1] - times[0]) * 60 <= 1200 * 1.05
+    assert sum("reports a requests limit of 1,200/min" in line for line in captured_logs) == 1
+
+
+def test_auto_runs_at_the_limits_the_api_reports(tmp_path, fake_server):
+    fake = fake_server(requests_per_minute=1200, input_tokens_per_minute=600_000, output_tokens_per_minute=300_000)
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(70)])
+
+    stats = run_in_process(requests_path, fake, max_requests_per_minute="auto", max_tokens_per_minute="auto",
+                           max_output_tokens_per_minute="auto")
+
+    assert stats.succeeded == 70 and fake.stats.rate_limited == 0
+    assert stats.limits_in_force == "1,164 requests/min, 582,000 input tokens/min, 291,000 output tokens/min"
+    times = fake.stats.accepted_times
+    assert (len(times) - 11) / (times[-1] - times[10]) * 60 >= 0.9 * 1200
+
+
+def test_output_is_budgeted_by_what_responses_produce_not_max_tokens(tmp_path, fake_server):
+    # 60,000 output tokens/min; each request may produce 1,000 but produces 50. Charged by max_tokens, 40
+    # requests would take 40 s; budgeted by what they produce, about 2 s.
+    fake = fake_server(output_tokens_per_minute=60_000, output_tokens=50, output_charging="max_tokens")
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i, max_tokens=1000) for i in range(40)])
+
+    stats = run_in_process(requests_path, fake, max_output_tokens_per_minute=60_000)
+
+    assert stats.succeeded == 40 and fake.stats.rate_limited == 0
+    assert stats.elapsed < 6
+    assert stats.output_tokens == 40 * 50

@@ -19,27 +19,28 @@ class Clock:
         return self.now
 
 
-def test_bucket_refills_continuously_and_holds_one_second():
+def test_bucket_refills_continuously_and_holds_a_tenth_of_a_second():
     clock = Clock()
-    bucket = app.TokenBucket(per_minute=600, clock=clock)  # 10 a second
-    assert bucket.capacity == 10 and bucket.seconds_until_available(1) == pytest.approx(0.1)
+    bucket = app.TokenBucket(per_minute=6000, clock=clock)  # 100 a second
+    assert bucket.capacity == 10 and bucket.seconds_until_available(1) == pytest.approx(0.01)
     clock.now += 5
-    assert bucket.seconds_until_available(10) == 0  # full after a second, and no fuller after five
+    assert bucket.seconds_until_available(10) == 0  # full after a tenth of a second, and no fuller after five
+    assert bucket.level == 10
     bucket.take(10)
-    assert bucket.seconds_until_available(1) == pytest.approx(0.1)
+    assert bucket.seconds_until_available(1) == pytest.approx(0.01)
 
 
 def test_a_request_larger_than_the_bucket_waits_for_a_full_bucket_then_leaves_a_debt():
     clock = Clock()
-    bucket = app.TokenBucket(per_minute=6000, initial=100, clock=clock)  # 100 a second, capacity 100
+    bucket = app.TokenBucket(per_minute=60_000, initial=100, clock=clock)  # 1,000 a second, capacity 100
     assert bucket.seconds_until_available(1000) == 0  # full: the big one may go now, alone
     bucket.take(1000)
-    assert bucket.seconds_until_available(1) == pytest.approx(9.01)  # the debt is waited out
+    assert bucket.seconds_until_available(1) == pytest.approx(0.901)  # the debt is waited out
 
 
 def test_usage_correction_gives_back_or_charges_more():
     clock = Clock()
-    bucket = app.TokenBucket(per_minute=6000, initial=100, clock=clock)
+    bucket = app.TokenBucket(per_minute=60_000, initial=100, clock=clock)
     bucket.take(100)
     bucket.give_back(60)  # the estimate was 100, the API counted 40
     assert bucket.level == pytest.approx(60)
@@ -99,3 +100,47 @@ def test_a_200_that_is_not_a_message_is_retried_not_saved():
     assert app.interpret_response(200, {}, b'{"id": "msg_1", "content": [').retryable is True
     assert app.interpret_response(200, {}, b"[1, 2]").response is None
     assert app.interpret_response(200, {}, b'{"type": "message"}').response == {"type": "message"}
+
+
+def test_output_expectation_learns_the_mean_bounded_by_max_tokens():
+    expectation = app.OutputExpectation()
+    assert expectation.expected(1024) == 1024  # nothing known yet: assume the worst
+    for produced in (80, 120, 100):
+        expectation.record(produced)
+    assert expectation.expected(1024) == 100 and expectation.expected(50) == 50
+
+
+def test_rate_limit_headers_are_read_with_the_tokens_fallback():
+    headers = {"anthropic-ratelimit-requests-limit": "50", "anthropic-ratelimit-requests-remaining": "49",
+               "anthropic-ratelimit-tokens-limit": "30000", "anthropic-ratelimit-tokens-remaining": "29000",
+               "anthropic-ratelimit-output-tokens-limit": "junk"}
+    assert app.reported_limit(headers, "requests") == (50, 49)
+    assert app.reported_limit(headers, "input-tokens") == (30000, 29000)
+    assert app.reported_limit(headers, "output-tokens") == (None, None)
+
+
+def test_a_reported_limit_below_the_flag_replaces_it_once(captured_logs):
+    limit = app.Limit("requests", 1200)
+    assert limit.observe(600, None) is True and limit.bucket.per_minute == 600
+    assert limit.observe(600, None) is False
+    assert limit.observe(5000, None) is True and limit.bucket.per_minute == 1200  # never above the flag
+    warnings = [line for line in captured_logs if line.startswith("WARNING") and "reports a requests limit" in line]
+    assert len(warnings) == 1 and "600/min, below the configured 1,200/min" in warnings[0]
+
+
+def test_auto_follows_the_reported_limits_with_a_margin():
+    limit = app.Limit("input-tokens", "auto")
+    assert limit.bucket.per_minute == app.AUTO_STARTING_LIMITS["input-tokens"]  # cautious until told
+    limit.observe(450_000, None)
+    assert limit.bucket.per_minute == pytest.approx(450_000 * app.AUTO_SAFETY_MARGIN)
+
+
+def test_remaining_lower_than_the_bucket_lowers_it_allowing_for_rounding():
+    requests = app.Limit("requests", 6000, initial=100)
+    requests.observe(None, 3)  # other clients spent the rest
+    assert requests.bucket.level <= 3
+    tokens = app.Limit("input-tokens", 600_000, initial=1000)
+    tokens.observe(None, 1000)  # "1000" may be anything up to 1,499: no change
+    assert tokens.bucket.level == pytest.approx(1000, abs=1)
+    tokens.observe(None, 0)
+    assert tokens.bucket.level <= app.TOKENS_REMAINING_ROUNDING

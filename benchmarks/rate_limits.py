@@ -1,0 +1,103 @@
+"""How close to its rate limits the processor runs, and how many 429s that costs.
+
+Starts the tests' fake server with the limits of each scenario (input tokens counted 1.3x what
+cl100k_base counts, a 5-second burst allowance, 0.2-0.4 s latency), runs the processor against it, and
+prints the steady rate of the binding limit as a fraction of that limit (the first 5 seconds, the ramp-up,
+left out) and the share of requests that drew a 429.
+
+    python benchmarks/rate_limits.py [--seconds 25] [--only NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from _common import API_KEY, MODEL, write_jsonl_rows
+from fake_anthropic import FakeConfig, ServerThread
+
+import api_request_parallel_processor as app
+
+RAMP_UP_SECONDS = 5.0
+PARAGRAPH = "The committee reviewed the quarterly figures and asked for a short summary of the main risks. "
+
+
+@dataclass
+class Scenario:
+    name: str
+    binding: str  # "requests", "input" or "output"
+    limit: float  # the fake's real per-minute limit of the binding kind
+    fake: dict[str, Any]
+    flags: dict[str, Any]
+    request_words: int = 1  # paragraphs per request
+    max_tokens: int = 64
+    per_second: float = 10.0  # expected requests per second at the limit, to size the file
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+SCENARIOS = [
+    Scenario("requests/min bound", "requests", 600, {"requests_per_minute": 600},
+             {"max_requests_per_minute": 600, "max_tokens_per_minute": 10_000_000}),
+    Scenario("input tokens/min bound", "input", 60_000, {"input_tokens_per_minute": 60_000},
+             {"max_requests_per_minute": 100_000, "max_tokens_per_minute": 60_000}, request_words=12, per_second=4),
+    Scenario("output tokens/min bound, charged as produced", "output", 30_000,
+             {"output_tokens_per_minute": 30_000, "output_tokens": 100, "output_charging": "produced"},
+             {"max_requests_per_minute": 100_000, "max_tokens_per_minute": 10_000_000,
+              "max_output_tokens_per_minute": 30_000}, max_tokens=1024, per_second=5),
+    Scenario("output tokens/min bound, max_tokens charged up front", "output", 30_000,
+             {"output_tokens_per_minute": 30_000, "output_tokens": 100, "output_charging": "max_tokens"},
+             {"max_requests_per_minute": 100_000, "max_tokens_per_minute": 10_000_000,
+              "max_output_tokens_per_minute": 30_000}, max_tokens=1024, per_second=5),
+    Scenario("flags at twice the real limits", "requests", 600,
+             {"requests_per_minute": 600, "input_tokens_per_minute": 200_000, "output_tokens_per_minute": 100_000},
+             {"max_requests_per_minute": 1200, "max_tokens_per_minute": 400_000,
+              "max_output_tokens_per_minute": 200_000}),
+    Scenario("auto: no limits given", "requests", 600,
+             {"requests_per_minute": 600, "input_tokens_per_minute": 200_000, "output_tokens_per_minute": 100_000},
+             {"max_requests_per_minute": "auto", "max_tokens_per_minute": "auto",
+              "max_output_tokens_per_minute": "auto"}),
+]
+
+
+def measure(scenario: Scenario, seconds: float, folder: Path) -> str:
+    count = int(scenario.per_second * seconds)
+    rows = [{"model": MODEL, "max_tokens": scenario.max_tokens,
+             "messages": [{"role": "user", "content": f"Request {i}. " + PARAGRAPH * scenario.request_words}]}
+            for i in range(count)]
+    requests_path = write_jsonl_rows(folder / f"{scenario.binding}-{len(scenario.name)}.jsonl", rows)
+    config = FakeConfig(burst_seconds=5, token_ratio=1.3, latency=(0.2, 0.4), **scenario.fake)
+    with ServerThread(config) as fake:
+        stats = asyncio.run(app.process_api_requests_from_file(
+            str(requests_path), request_url=fake.url, api_key=API_KEY, logging_level="ERROR", **scenario.flags))
+        admitted = fake.stats.admitted_usage
+        rate_limited = fake.stats.rate_limited
+    start = admitted[0][0] + RAMP_UP_SECONDS
+    steady = [entry for entry in admitted if entry[0] >= start]
+    duration = steady[-1][0] - start
+    index = {"requests": None, "input": 1, "output": 2}[scenario.binding]
+    amount = len(steady) if index is None else sum(entry[index] for entry in steady)
+    achieved = amount / duration * 60
+    sent = len(admitted) + rate_limited
+    return (f"{scenario.name:<55} steady {achieved:>9,.0f}/min of {scenario.limit:>7,.0f} = "
+            f"{achieved / scenario.limit:5.1%}   429s {rate_limited:>3} of {sent:>4} requests = "
+            f"{rate_limited / sent:5.1%}   ({stats.succeeded} succeeded, input ratio learned "
+            f"{stats.input_ratio:.2f})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=25.0, help="length of each scenario at its limit")
+    parser.add_argument("--only", help="run only the scenarios whose name contains this")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        for scenario in SCENARIOS:
+            if args.only is None or args.only in scenario.name:
+                print(measure(scenario, args.seconds, Path(folder)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
