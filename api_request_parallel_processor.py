@@ -15,16 +15,21 @@ Example:
 Design, in the order the file reads:
 - Configuration and CLI: the cookbook script's flags and defaults, plus a few new ones.
 - Reading and validating requests: the input is streamed line by line; a bad line becomes an error
-  record naming its line number and never stops the others.
+  record naming its line number and never stops the others. Lines that already have a result
+  (matched by content) are skipped, so rerunning the same command resumes.
 - Token estimation: Claude's tokenizer is not public, so input tokens are estimated with tiktoken's
   cl100k_base and the estimate is corrected from the `usage` of each response.
-- Rate limiting: continuously refilled token buckets for requests and input tokens. The dispatcher
-  sleeps until capacity is due (no polling), and a 429's `retry-after` pauses every sender.
+- Rate limiting: continuously refilled token buckets for requests, input tokens and output tokens.
+  The dispatcher sleeps until capacity is due (no polling); the API's rate-limit headers correct the
+  buckets, and a 429's `retry-after` pauses every sender.
 - The API call and retries: each attempt is classified as the API documents it (retry 408, 409, 429,
   5xx and network failures with backoff; fail 400, 403, 404, 413 at once; stop the run on 401).
-- Writing results: one write and flush per record, so a killed run leaves only whole lines.
-- The main loop, reporting, and entry points: `process_api_requests_from_file` is a coroutine you
-  can await (also in a notebook); `main()` is the command line.
+- Writing results: one unbuffered write per record, so a killed run leaves only whole lines; a lock
+  keeps two runs off the same results file.
+- The main loop: one dispatcher task sends, one task per attempt waits for its response; SIGINT and
+  SIGTERM stop it gracefully.
+- Reporting and entry points: `process_api_requests_from_file` and `process_requests` are coroutines
+  you can await (also in a notebook); `main()` is the command line.
 """
 
 from __future__ import annotations
@@ -267,6 +272,7 @@ class Job:
     body: dict[str, Any]  # exactly what is sent (the user's `metadata` removed)
     payload: bytes  # `body` encoded once, sent on every attempt and spliced into the result record
     metadata: Any
+    encoded_metadata: bytes | None  # encoded up front too: a result must never fail to be written
     estimate: TokenEstimate
     attempts: int = 0
     errors: list[str] = field(default_factory=list)
@@ -520,6 +526,7 @@ BURST_SECONDS = 0.1  # buckets hold a tenth of a second's worth: sends are space
 AUTO_STARTING_LIMITS = {"requests": 40.0, "input-tokens": 24_000.0, "output-tokens": 6_400.0}  # 80% of Tier 1
 AUTO_SAFETY_MARGIN = 0.97  # with "auto", run this close to the limits the API reports
 TOKENS_REMAINING_ROUNDING = 500.0  # the API rounds token `remaining` figures to the nearest thousand
+BLIND_429_SLOWDOWN = 0.9  # a 429 that reports no limits (a proxy, say) lowers every rate by 10%
 
 
 class TokenBucket:
@@ -656,11 +663,21 @@ class RateLimiter:
             changed |= limit.observe(*reported_limit(headers, limit.name))
         return changed
 
-    def pause(self, seconds: float) -> None:
-        """A 429: no attempt from any sender until `seconds` have passed."""
-        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+    def pause(self, seconds: float, headers: Any) -> bool:
+        """A 429: no attempt from any sender until `seconds` have passed. When the response reports
+        no limits to correct the rates with, slow every rate down instead, once per pause (the
+        429s of requests sent together count once). True when a rate in force changed."""
+        now = time.monotonic()
+        blind = headers is None or all(reported_limit(headers, limit.name)[0] is None for limit in self.limits)
+        slow_down = blind and now >= self.paused_until
+        self.paused_until = max(self.paused_until, now + seconds)
         for limit in self.limits:
             limit.bucket.drain()
+            if slow_down:
+                limit.bucket.set_rate(limit.bucket.per_minute * BLIND_429_SLOWDOWN)
+        if slow_down:
+            log.warning("A 429 without rate-limit headers: slowing to {}.", self.describe())
+        return slow_down
 
     def describe(self) -> str:
         units = {"requests": "requests/min", "input-tokens": "input tokens/min", "output-tokens": "output tokens/min"}
@@ -844,8 +861,8 @@ class ResultWriter:
         if b"\n" in raw or b"\r" in raw:
             raw = json.dumps(response, ensure_ascii=False).encode("utf-8")
         parts = [job.payload, raw]
-        if job.metadata is not None:
-            parts.append(json.dumps(job.metadata, ensure_ascii=False).encode("utf-8"))
+        if job.encoded_metadata is not None:
+            parts.append(job.encoded_metadata)
         self._write(self.results, b"[" + b",".join(parts) + b"]\n")
 
     def write_error(self, line_number: int, request: Any, messages: list[str], metadata: Any) -> None:
@@ -1089,6 +1106,7 @@ class Processor:
             try:
                 body, metadata = parse_request(raw)
                 payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+                encoded_metadata = None if metadata is None else json.dumps(metadata, ensure_ascii=False).encode()
             except BadLine as problem:
                 self.reject_line(line_number, raw, str(problem))
                 continue
@@ -1099,7 +1117,7 @@ class Processor:
                 self.stats.already_done += 1
                 continue
             self.unsettled += 1
-            yield Job(line_number, body, payload, metadata, self.estimator.estimate(body))
+            yield Job(line_number, body, payload, metadata, encoded_metadata, self.estimator.estimate(body))
 
     def reject_line(self, line_number: int, raw: bytes | Any, problem: str) -> None:
         message = f"line {line_number}: {problem}; not sent"
@@ -1238,8 +1256,8 @@ class Processor:
             self.stop("the API rejected the key (HTTP 401 authentication_error): check ANTHROPIC_API_KEY")
         if result.retryable and job.attempts < self.settings.max_attempts and not self.stats.stopped_reason:
             delay = result.retry_after if result.retry_after is not None else backoff_seconds(job.attempts)
-            if result.rate_limited:
-                self.limiter.pause(delay)
+            if result.rate_limited and self.limiter.pause(delay, result.headers):
+                self.stats.limits_in_force = self.limiter.describe()
             self.stats.retries += 1
             log.debug("line {}: {}; retrying in {:.1f} s", job.line_number, message, delay)
             self.retry_timers[job] = asyncio.get_running_loop().call_later(delay, self.requeue, job)

@@ -67,6 +67,7 @@ class FakeConfig:
     fault_rate: float = 0.0
     fault_kinds: tuple[str, ...] = RANDOM_FAULTS
     slow_seconds: float = 3.0
+    rate_limit_headers: bool = True  # False: like a proxy that strips the anthropic-ratelimit-* headers
     min_cacheable_tokens: int = 1024
     seed: int = 1234
 
@@ -196,6 +197,8 @@ class FakeAnthropic:
 
     def rate_limit_headers(self) -> dict[str, str]:
         headers: dict[str, str] = {}
+        if not self.config.rate_limit_headers:
+            return headers
         for name, bucket in (("requests", self.requests), ("input-tokens", self.input),
                              ("output-tokens", self.output)):
             if bucket is None:
@@ -361,7 +364,7 @@ class FakeAnthropic:
         if fault == "429":
             self.stats.rate_limited += 1
             self.stats.rate_limited_times.append(time.monotonic())
-            return self.error(429, "rate_limit_error", "rate limited", {"retry-after": "1"})
+            return self.error(429, "rate_limit_error", "rate limited", {"retry-after": "1", "retry-after-ms": "300"})
         if fault == "spend":
             return self.error(429, "rate_limit_error", "spend limit reached",
                               details={"error_code": "enforced_spend_limit_reached"})

@@ -60,6 +60,16 @@ def test_process_requests_reports_bad_items_in_place(fake_server):
     assert "line 4: cannot be sent as JSON (Object of type date is not JSON serializable)" in results[3].errors[0]
 
 
+def test_metadata_that_cannot_be_saved_is_a_bad_item_not_a_lost_result(tmp_path, fake_server):
+    fake = fake_server()
+    items = [{**request("fine"), "metadata": {"row": 0}}, {**request("dated"), "metadata": {"when": datetime.date.today()}}]
+    results = asyncio.run(app.process_requests(items, request_url=fake.url, api_key=API_KEY,
+                                               save_filepath=str(tmp_path / "out.jsonl"), **FAST))
+    assert [result.ok for result in results] == [True, False]
+    assert "cannot be sent as JSON" in results[1].errors[0] and fake.stats.received == 1
+    assert len(read_jsonl(tmp_path / "out.jsonl")) == 1
+
+
 def test_process_requests_with_a_save_file_appends_and_resumes(tmp_path, fake_server):
     fake = fake_server()
     save = tmp_path / "out.jsonl"

@@ -120,12 +120,13 @@ def test_a_429_pauses_every_sender_for_its_retry_after(tmp_path, fake_server):
     rows = [request("[[fault:429x1]] first", 0)] + [request(f"q{i}", i) for i in range(1, 15)]
     requests_path = write_jsonl(tmp_path / "r.jsonl", rows)
 
-    stats = run_in_process(requests_path, fake, max_requests_per_minute=600)  # 10/s, so most come after the 429
+    stats = run_in_process(requests_path, fake, max_requests_per_minute=1200)  # 20/s, so most come after the 429
 
     assert stats.succeeded == 15 and stats.rate_limited == 1
     (refused,) = fake.stats.rate_limited_times
-    during_pause = [t for t in fake.stats.received_times if refused + 0.05 < t < refused + 0.95]  # retry-after: 1
+    during_pause = [t for t in fake.stats.received_times if refused + 0.02 < t < refused + 0.28]  # retry-after-ms: 300
     assert during_pause == []
+    assert any(refused + 0.28 <= t < refused + 0.5 for t in fake.stats.received_times)  # and then it resumes
     assert len(fake.stats.received_times) == 16
 
 
@@ -149,11 +150,11 @@ def test_400_requests_under_20_percent_faults_end_exactly_once(tmp_path, fake_se
 
 def test_paced_evenly_at_the_configured_rate_without_429s(tmp_path, fake_server):
     fake = fake_server(requests_per_minute=1200, burst_seconds=5)
-    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(130)])
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(100)])
 
     stats = run_in_process(requests_path, fake, max_requests_per_minute=1200)
 
-    assert stats.succeeded == 130 and fake.stats.rate_limited == 0
+    assert stats.succeeded == 100 and fake.stats.rate_limited == 0
     times = fake.stats.accepted_times
     steady = [t for t in times if t >= times[0] + 1.0]
     rate_per_minute = (len(steady) - 1) / (steady[-1] - steady[0]) * 60
@@ -167,11 +168,11 @@ def test_usage_corrects_the_input_estimate_so_the_token_limit_holds(tmp_path, fa
     # The fake counts 1.5x what cl100k_base does; without correction the client would send 1.5x too much.
     fake = fake_server(input_tokens_per_minute=120_000, burst_seconds=2, token_ratio=1.5)
     text = "Explain the history of the printing press in several detailed paragraphs please. " * 12
-    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"{i} {text}", i) for i in range(60)])
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"{i} {text}", i) for i in range(40)])
 
     stats = run_in_process(requests_path, fake, max_tokens_per_minute=120_000)
 
-    assert stats.succeeded == 60
+    assert stats.succeeded == 40
     assert fake.stats.rate_limited <= 1
     times = fake.stats.accepted_times
     counted = stats.input_tokens / len(times)
@@ -206,12 +207,12 @@ def test_flags_above_the_reported_limit_are_clamped_to_it(tmp_path, fake_server,
 
 def test_auto_runs_at_the_limits_the_api_reports(tmp_path, fake_server):
     fake = fake_server(requests_per_minute=1200, input_tokens_per_minute=600_000, output_tokens_per_minute=300_000)
-    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(70)])
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(50)])
 
     stats = run_in_process(requests_path, fake, max_requests_per_minute="auto", max_tokens_per_minute="auto",
                            max_output_tokens_per_minute="auto")
 
-    assert stats.succeeded == 70 and fake.stats.rate_limited == 0
+    assert stats.succeeded == 50 and fake.stats.rate_limited == 0
     assert stats.limits_in_force == "1,164 requests/min, 582,000 input tokens/min, 291,000 output tokens/min"
     times = fake.stats.accepted_times
     assert (len(times) - 11) / (times[-1] - times[10]) * 60 >= 0.9 * 1200
@@ -228,3 +229,17 @@ def test_output_is_budgeted_by_what_responses_produce_not_max_tokens(tmp_path, f
     assert stats.succeeded == 40 and fake.stats.rate_limited == 0
     assert stats.elapsed < 6
     assert stats.output_tokens == 40 * 50
+
+
+def test_without_rate_limit_headers_429s_slow_the_run_down_until_they_stop(tmp_path, fake_server, captured_logs):
+    fake = fake_server(requests_per_minute=1200, burst_seconds=1, rate_limit_headers=False)
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(90)])
+
+    stats = run_in_process(requests_path, fake, max_requests_per_minute=2400)
+
+    assert stats.succeeded == 90 and 1 <= fake.stats.rate_limited <= 9
+    slowed_to = float(stats.limits_in_force.split(" requests/min")[0].replace(",", ""))
+    assert slowed_to < 2400
+    assert any("A 429 without rate-limit headers: slowing to" in line for line in captured_logs)
+    last_refusal = fake.stats.rate_limited_times[-1]
+    assert last_refusal < fake.stats.accepted_times[-1] - 1  # the 429s stopped well before the end
