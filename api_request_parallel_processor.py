@@ -274,6 +274,7 @@ class Job:
     metadata: Any
     encoded_metadata: bytes | None  # encoded up front too: a result must never fail to be written
     estimate: TokenEstimate
+    prefix: tuple[str, float] | None = None  # its cached prefix's identity and TTL, if it marks one
     attempts: int = 0
     errors: list[str] = field(default_factory=list)
     estimated_input_tokens: int = 0  # the latest attempt's estimate of what the input limit counts...
@@ -408,6 +409,29 @@ class TokenEstimate:
 
     total: int
     cached_prefix: int = 0
+
+
+CACHE_TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
+
+
+def cache_prefix(body: dict[str, Any]) -> tuple[str, float] | None:
+    """The identity of a request's cached prefix (its model, plus everything up to and including its
+    last `cache_control` block in the API's order: tools, system, messages) and that block's TTL in
+    seconds. Requests with the same identity share one cache entry. None when nothing is marked."""
+    system = body.get("system")
+    blocks: list[tuple[Any, Any]] = [("tool", tool) for tool in body.get("tools") or []]
+    blocks += [("system", block) for block in (system if isinstance(system, list) else [system] if system else [])]
+    for message in body.get("messages") or []:
+        content = message.get("content")
+        blocks += [(message.get("role"), block) for block in (content if isinstance(content, list) else [content])]
+    end, ttl = 0, CACHE_TTL_SECONDS["5m"]
+    for index, (_, block) in enumerate(blocks, start=1):
+        if isinstance(block, dict) and isinstance(block.get("cache_control"), dict):
+            end, ttl = index, CACHE_TTL_SECONDS.get(block["cache_control"].get("ttl"), CACHE_TTL_SECONDS["5m"])
+    if not end:
+        return None
+    identity = json.dumps([body.get("model"), blocks[:end]], sort_keys=True, ensure_ascii=False)
+    return hashlib.blake2b(identity.encode("utf-8"), digest_size=8).hexdigest(), ttl
 
 
 _encoder: Callable[[str], int] | None = None
@@ -670,7 +694,7 @@ class RateLimiter:
         now = time.monotonic()
         blind = headers is None or all(reported_limit(headers, limit.name)[0] is None for limit in self.limits)
         slow_down = blind and now >= self.paused_until
-        self.paused_until = max(self.paused_until, now + seconds)
+        self.hold(seconds)
         for limit in self.limits:
             limit.bucket.drain()
             if slow_down:
@@ -678,6 +702,10 @@ class RateLimiter:
         if slow_down:
             log.warning("A 429 without rate-limit headers: slowing to {}.", self.describe())
         return slow_down
+
+    def hold(self, seconds: float) -> None:
+        """No attempt from any sender until `seconds` have passed; the event loop keeps running."""
+        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
 
     def describe(self) -> str:
         units = {"requests": "requests/min", "input-tokens": "input tokens/min", "output-tokens": "output tokens/min"}
@@ -1037,6 +1065,8 @@ class RunStats:
     key_rejected: bool = False
     interrupted_by: str = ""  # "SIGINT" or "SIGTERM"
     limits_in_force: str = ""
+    prefixes_cached: int = 0  # cached prefixes warmed whose response wrote or read the cache...
+    prefixes_not_cached: int = 0  # ...and those whose response did neither
     input_ratio: float = 1.0  # the learned ratio of the API's input-token count to cl100k_base's
 
     @property
@@ -1064,11 +1094,22 @@ class RunStats:
         return 0 if self.failed == 0 and self.bad_lines == 0 and not self.stopped_reason else 1
 
 
+@dataclass
+class CachedPrefix:
+    """A cached prefix's state in this run: being written (by `warming`, with requests parked
+    behind it), or warm until `warm_until`, after which it counts as cold again."""
+
+    warming: Job | None = None
+    parked: list[Job] = field(default_factory=list)
+    warm_until: float = 0.0
+
+
 class Processor:
     """Schedules every line of one run: reads, paces, sends, retries, and settles each one.
 
     Scheduling is driven by events, never by polling: the dispatcher sleeps until capacity is due,
-    until a slot frees, or until a retry comes due (a timer puts it back in `retry_queue`)."""
+    until a slot frees, or until a job is ready again (a timer puts a retry back in `ready`, and so
+    does the response that writes a cached prefix for the requests parked behind it)."""
 
     def __init__(self, settings: Settings, session: aiohttp.ClientSession, lines: Iterable[tuple[int, Any]],
                  writer: ResultSink, done: DoneIndex) -> None:
@@ -1087,15 +1128,15 @@ class Processor:
         self.limiter = RateLimiter(settings)
         self.outputs = OutputExpectation()
         self.slots = asyncio.Semaphore(settings.max_concurrent_requests)
-        self.retry_queue: asyncio.Queue[Job | None] = asyncio.Queue()
+        self.ready: asyncio.Queue[Job | None] = asyncio.Queue()  # retries come due, requests whose prefix is warm
         self.retry_timers: dict[Job, asyncio.TimerHandle] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.dispatcher: asyncio.Task[None] | None = None
         self.stats = RunStats(limits_in_force=self.limiter.describe())
         self.unsettled = 0  # jobs read but not yet written to either file
-        self.caching_works = False
-        self.caching_probe: asyncio.Future[dict[str, Any] | None] | None = None  # the first job's usage
-        self.caching_probe_job: Job | None = None
+        self.prefixes: dict[str, CachedPrefix] = {}
+        self.parked = 0  # requests waiting for their cached prefix to be written
+        self.caching_reported = False
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -1117,7 +1158,8 @@ class Processor:
                 self.stats.already_done += 1
                 continue
             self.unsettled += 1
-            yield Job(line_number, body, payload, metadata, encoded_metadata, self.estimator.estimate(body))
+            prefix = cache_prefix(body) if b'"cache_control"' in payload else None
+            yield Job(line_number, body, payload, metadata, encoded_metadata, self.estimator.estimate(body), prefix)
 
     def reject_line(self, line_number: int, raw: bytes | Any, problem: str) -> None:
         message = f"line {line_number}: {problem}; not sent"
@@ -1150,19 +1192,21 @@ class Processor:
     async def dispatch_all(self, jobs: Iterator[Job]) -> None:
         file_done = False
         while not self.stats.stopped_reason:
-            job = self.next_retry()
-            if job is None and not file_done:
-                job = next(jobs, None)
+            job = self.next_ready()
+            if job is None and not file_done and self.parked < self.settings.max_concurrent_requests:
+                job = next(jobs, None)  # parked requests are bounded: past that, wait for them first
                 file_done = job is None
             if job is None:
                 if self.unsettled == 0:
                     break
-                job = await self.retry_queue.get()  # a retry, or None when the last job settles
+                job = await self.ready.get()  # a ready job, or None when the last job settles
                 if job is None:
                     continue
-            if self.settings.use_caching and self.caching_probe is None:
-                await self.check_caching(job)
-            else:
+            if self.settings.use_caching and not self.caching_reported and job.prefix is None:
+                self.caching_reported = True
+                log.warning("--use_caching is on, but line {} marks no cache_control block: nothing to cache.",
+                            job.line_number)
+            if job.prefix is None or self.may_send(job):
                 await self.dispatch(job)
 
     async def finish_in_flight(self) -> None:
@@ -1180,17 +1224,36 @@ class Processor:
             await asyncio.wait(cut_off)
             log.warning("{} request(s) still in flight were abandoned; the next run sends them again.", len(cut_off))
 
-    def next_retry(self) -> Job | None:
-        while not self.retry_queue.empty():
-            job = self.retry_queue.get_nowait()
+    def next_ready(self) -> Job | None:
+        while not self.ready.empty():
+            job = self.ready.get_nowait()
             if job is not None:
                 return job
         return None
 
+    def may_send(self, job: Job) -> bool:
+        """Warm each cached prefix once, then fan out. The API creates a cache entry only once the
+        response that writes it has begun, so requests sent alongside it would each pay for writing
+        their own. The first request of a cold prefix goes alone; later ones with the same prefix are
+        parked until its response, while requests with other prefixes keep flowing."""
+        key, ttl = job.prefix
+        state = self.prefixes.get(key)
+        now = time.monotonic()
+        if state is None or (state.warming is None and now >= state.warm_until):
+            self.prefixes[key] = CachedPrefix(warming=job)
+            return True
+        if state.warming is not None and state.warming is not job:
+            state.parked.append(job)
+            self.parked += 1
+            return False
+        if state.warming is None:
+            state.warm_until = now + ttl  # each read refreshes the entry
+        return True
+
     async def dispatch(self, job: Job) -> None:
         """Wait for a slot and for capacity, then send the job's next attempt in its own task."""
         await self.slots.acquire()
-        job.estimated_input_tokens = self.expected_input_tokens(job.estimate)
+        job.estimated_input_tokens = self.expected_input_tokens(job)
         job.charged_input_tokens = self.calibration.scale(job.estimated_input_tokens)
         job.charged_output_tokens = self.outputs.expected(job.body["max_tokens"]) if self.limiter.output_tokens else 0
         await self.limiter.acquire(job.charged_input_tokens, job.charged_output_tokens)
@@ -1202,9 +1265,12 @@ class Processor:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def expected_input_tokens(self, estimate: TokenEstimate) -> int:
-        """Estimated tokens the input-token limit will count: cache reads do not, once caching works."""
-        return max(1, estimate.total - estimate.cached_prefix if self.caching_works else estimate.total)
+    def expected_input_tokens(self, job: Job) -> int:
+        """Estimated tokens the input-token limit will count: cache reads do not, so a request whose
+        prefix is warm counts only what follows it."""
+        state = self.prefixes.get(job.prefix[0]) if job.prefix else None
+        warm = state is not None and state.warming is None
+        return max(1, job.estimate.total - job.estimate.cached_prefix if warm else job.estimate.total)
 
     async def attempt(self, job: Job) -> None:
         try:
@@ -1269,7 +1335,7 @@ class Processor:
 
     def requeue(self, job: Job) -> None:
         del self.retry_timers[job]
-        self.retry_queue.put_nowait(job)
+        self.ready.put_nowait(job)
 
     def fail(self, job: Job, reason: str) -> None:
         log.error("line {}: failed ({}): {}", job.line_number, reason, job.errors[-1] if job.errors else "")
@@ -1280,21 +1346,32 @@ class Processor:
 
     def settle(self, job: Job, usage: dict[str, Any] | None) -> None:
         self.unsettled -= 1
-        if job is self.caching_probe_job:
-            self.caching_probe.set_result(usage)
+        if job.prefix is not None:
+            self.prefix_settled(job, usage)
         if self.unsettled == 0:
-            self.retry_queue.put_nowait(None)  # wake the dispatcher if it waits for retries
+            self.ready.put_nowait(None)  # wake the dispatcher if it waits
 
-    async def dispatch_retries_until(self, future: asyncio.Future[Any]) -> Any:
-        """Wait for `future` while still sending the retries that come due (the probe's own among them)."""
-        while not future.done():
-            next_retry = asyncio.ensure_future(self.retry_queue.get())
-            await asyncio.wait({future, next_retry}, return_when=asyncio.FIRST_COMPLETED)
-            if not next_retry.done():
-                next_retry.cancel()
-            elif (job := next_retry.result()) is not None:
-                await self.dispatch(job)
-        return future.result()
+    def prefix_settled(self, job: Job, usage: dict[str, Any] | None) -> None:
+        """The request warming a prefix is done: release the requests parked behind it, or, if it
+        failed for good, let the next of them warm the prefix instead."""
+        key, ttl = job.prefix
+        state = self.prefixes.get(key)
+        if state is None or state.warming is not job:
+            return
+        if usage is None:
+            state.warming = state.parked.pop(0) if state.parked else None
+            if state.warming is None:
+                del self.prefixes[key]
+            else:
+                self.parked -= 1
+                self.ready.put_nowait(state.warming)
+            return
+        state.warming, state.warm_until = None, time.monotonic() + ttl
+        self.parked -= len(state.parked)
+        for parked in state.parked:
+            self.ready.put_nowait(parked)
+        state.parked = []
+        self.report_caching(job, usage)
 
     # -- stopping ----------------------------------------------------------------------------------
 
@@ -1327,38 +1404,39 @@ class Processor:
             timer.cancel()
             del self.retry_timers[job]
             self.fail(job, "run stopped")
-        while (job := self.next_retry()) is not None:
+        while (job := self.next_ready()) is not None:
             self.fail(job, "run stopped")
+        for state in self.prefixes.values():
+            parked, state.parked = state.parked, []
+            for job in parked:
+                self.fail(job, "run stopped")
         for job in jobs:
             job.errors.append(f"not sent: {self.stats.stopped_reason}")
             self.fail(job, "run stopped")
 
-    # -- the caching check (the cookbook's behaviour) --------------------------------------------
+    # -- the caching check ----------------------------------------------------------------------
 
-    async def check_caching(self, job: Job) -> None:
-        """Send the first request alone and see whether its usage shows a cache write or read.
-        If not, warn and give the user time to stop the run; otherwise leave cached blocks out of
-        the input-token estimates from now on."""
-        self.caching_probe = asyncio.get_running_loop().create_future()
-        self.caching_probe_job = job
-        await self.dispatch(job)
-        usage = await self.dispatch_retries_until(self.caching_probe)
-        if usage is None:
-            log.warning("The first request failed, so whether caching works is unknown; going on.")
-            return
+    def report_caching(self, job: Job, usage: dict[str, Any]) -> None:
+        """Say whether a newly warmed prefix was cached. The first time one was not, warn with the
+        likely reason and, with --use_caching (the cookbook's behaviour), hold new sends for a few
+        seconds so the user can stop the run."""
         written = usage.get("cache_creation_input_tokens") or 0
         read = usage.get("cache_read_input_tokens") or 0
         if written or read:
-            self.caching_works = True
-            log.info("Prompt caching works: the first response wrote {} and read {} cached tokens.", written, read)
+            self.stats.prefixes_cached += 1
+            level = "DEBUG" if self.stats.prefixes_cached > 1 else "INFO"
+            log.log(level, "Prompt caching works: line {} wrote {:,} and read {:,} cached tokens.", job.line_number,
+                    written, read)
             return
-        prefix = job.estimate.cached_prefix
-        hint = (f"its cached prefix is about {prefix} tokens by our estimate; the minimum is 1,024 tokens for most "
-                "Sonnet and Opus models and 2,048 or 4,096 for Haiku models" if prefix
-                else "the request has no cache_control breakpoint")
-        log.warning("Caching is on but the first response shows no cache write or read: {}. Going on in {:g} s "
-                    "(press Ctrl+C to stop).", hint, CACHING_WARNING_PAUSE_SECONDS)
-        await asyncio.sleep(CACHING_WARNING_PAUSE_SECONDS)
+        self.stats.prefixes_not_cached += 1
+        if self.stats.prefixes_not_cached > 1:
+            return
+        hint = (f"its cached prefix is about {job.estimate.cached_prefix:,} tokens by our estimate; the minimum is "
+                "1,024 tokens for most Sonnet and Opus models and 2,048 or 4,096 for Haiku models")
+        pause = CACHING_WARNING_PAUSE_SECONDS if self.settings.use_caching else 0.0
+        log.warning("Line {} marks a cached prefix but its response shows no cache write or read: {}.{}",
+                    job.line_number, hint, f" Going on in {pause:g} s (press Ctrl+C to stop)." if pause else "")
+        self.limiter.hold(pause)
 
 
 # ==================================================================================================

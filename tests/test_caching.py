@@ -58,3 +58,64 @@ def test_the_caching_probe_is_retried_like_any_request(tmp_path, fake_server):
         max_requests_per_minute=60000, max_tokens_per_minute=10_000_000))
     assert stats.succeeded == 4 and stats.retries == 2
     assert len(outputs(requests_path)[0]) == 4
+
+
+def test_cache_prefix_identity_follows_the_api_order_model_and_ttl():
+    cached = {"cache_control": {"type": "ephemeral"}}
+    tool = {"name": "t", "input_schema": {}}
+    base = {"model": "m1", "max_tokens": 5, "tools": [{**tool, **cached}], "messages": [{"role": "user", "content": "q1"}]}
+    other_question = {**base, "messages": [{"role": "user", "content": "q2"}]}
+    assert app.cache_prefix(base) == app.cache_prefix(other_question)  # tools breakpoint: questions do not matter
+    assert app.cache_prefix({**base, "model": "m2"}) != app.cache_prefix(base)
+    assert app.cache_prefix({"model": "m1", "messages": [{"role": "user", "content": "q"}]}) is None
+
+    def with_document(document: str, question: str, ttl: str | None = None) -> dict:
+        control = {"type": "ephemeral", **({"ttl": ttl} if ttl else {})}
+        return {"model": "m1", "max_tokens": 5, "system": "Be brief.", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": document, "cache_control": control}, {"type": "text", "text": question}]}]}
+
+    assert app.cache_prefix(with_document("doc A", "x")) == app.cache_prefix(with_document("doc A", "y"))
+    assert app.cache_prefix(with_document("doc A", "x")) != app.cache_prefix(with_document("doc B", "x"))
+    assert app.cache_prefix(with_document("doc A", "x"))[1] == 300
+    assert app.cache_prefix(with_document("doc A", "x", "1h"))[1] == 3600
+
+
+def interleaved_requests(documents: list[str], per_document: int) -> list[dict]:
+    return [cached_request(f"question {i} about document {d}", d * per_document + i, document)
+            for i in range(per_document) for d, document in enumerate(documents)]
+
+
+def test_each_cached_prefix_is_written_once_while_other_prefixes_keep_flowing(tmp_path, fake_server):
+    fake = fake_server(latency=(0.3, 0.6))
+    documents = [f"Document {d}. " + LONG_DOCUMENT for d in range(3)]
+    requests_path = write_jsonl(tmp_path / "r.jsonl", interleaved_requests(documents, 8))
+
+    stats = asyncio.run(app.process_api_requests_from_file(
+        str(requests_path), request_url=fake.url, api_key=API_KEY, max_requests_per_minute=60000,
+        max_tokens_per_minute=10_000_000))
+
+    assert stats.succeeded == 24 and stats.prefixes_cached == 3
+    assert fake.stats.cache_read_tokens == 7 * fake.stats.cache_write_tokens  # 3 writes, 21 reads
+    assert sum(1 for t in fake.stats.received_times if t < fake.stats.answered_times[0]) == 3  # no head-of-line wait
+
+
+def test_a_prefix_unused_for_longer_than_its_ttl_is_warmed_again(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(app.time, "monotonic", lambda: clock[0])
+    processor = app.Processor(app.Settings(api_key="k"), None, [], app.ResultCollector([]), app.DoneIndex([]))
+    body = cached_request("q", 0)
+    body.pop("metadata")
+    prefix = app.cache_prefix(body)
+
+    def job(n: int) -> app.Job:
+        return app.Job(n, body, b"{}", None, None, app.TokenEstimate(2000, 1900), prefix)
+
+    first, second, third = job(1), job(2), job(3)
+    assert processor.may_send(first) is True  # cold: it writes the entry
+    assert processor.may_send(second) is False and processor.parked == 1  # parked behind it
+    processor.unsettled = 2
+    processor.prefix_settled(first, {"cache_creation_input_tokens": 1900})
+    assert processor.parked == 0 and processor.next_ready() is second
+    assert processor.may_send(second) is True and processor.expected_input_tokens(second) == 100  # warm
+    clock[0] += 301  # past the 5-minute TTL
+    assert processor.may_send(third) is True and processor.expected_input_tokens(third) == 2000  # cold again
