@@ -98,6 +98,7 @@ class Settings:
     status_interval: float = 30.0
     grace_period: float = 30.0
     start_over: bool = False
+    prices: str | None = None  # a JSON file of prices that add to or replace the built-in table
 
     def __post_init__(self) -> None:
         self.logging_level = parse_logging_level(self.logging_level)
@@ -208,6 +209,10 @@ def build_argument_parser() -> argparse.ArgumentParser:
                         help="on Ctrl+C or SIGTERM, seconds to let requests in flight finish")
     parser.add_argument("--start_over", action="store_true",
                         help="move earlier results aside and send every line again (default: resume)")
+    parser.add_argument("--prices", default=None,
+                        help='JSON file of USD per million tokens, e.g. {"claude-sonnet-4-5": {"input": 3, "output": 15}}')
+    parser.add_argument("--dry_run", action="store_true",
+                        help="validate the file and estimate tokens, duration and cost; no key, no network")
     return parser
 
 
@@ -274,7 +279,7 @@ class Job:
     metadata: Any
     encoded_metadata: bytes | None  # encoded up front too: a result must never fail to be written
     estimate: TokenEstimate
-    prefix: tuple[str, float] | None = None  # its cached prefix's identity and TTL, if it marks one
+    prefix: tuple[int, float] | None = None  # its cached prefix's identity and TTL, if it marks one
     attempts: int = 0
     errors: list[str] = field(default_factory=list)
     estimated_input_tokens: int = 0  # the latest attempt's estimate of what the input limit counts...
@@ -387,7 +392,7 @@ def read_lines(path: str) -> Iterator[tuple[int, bytes]]:
     with its size. Bytes, so that one line that is not UTF-8 is a bad line, not a crash."""
     with open(path, "rb") as file:
         for line_number, raw in enumerate(file, start=1):
-            if raw.strip():
+            if not raw.isspace():
                 yield line_number, raw
 
 
@@ -414,10 +419,22 @@ class TokenEstimate:
 CACHE_TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
 
 
-def cache_prefix(body: dict[str, Any]) -> tuple[str, float] | None:
+def frozen(value: Any) -> Any:
+    """A hashable, order-insensitive (for object keys) copy of a JSON value."""
+    if isinstance(value, dict):
+        return tuple(sorted((key, frozen(item)) for key, item in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(frozen(item) for item in value)
+    return value
+
+
+def cache_prefix(body: dict[str, Any]) -> tuple[int, float] | None:
     """The identity of a request's cached prefix (its model, plus everything up to and including its
     last `cache_control` block in the API's order: tools, system, messages) and that block's TTL in
-    seconds. Requests with the same identity share one cache entry. None when nothing is marked."""
+    seconds. Requests with the same identity share one cache entry. None when nothing is marked.
+
+    The identity is a 64-bit hash, valid within one run: hashing reuses the hash each string caches,
+    so a long document shared by many requests costs next to nothing after its first time."""
     system = body.get("system")
     blocks: list[tuple[Any, Any]] = [("tool", tool) for tool in body.get("tools") or []]
     blocks += [("system", block) for block in (system if isinstance(system, list) else [system] if system else [])]
@@ -430,8 +447,7 @@ def cache_prefix(body: dict[str, Any]) -> tuple[str, float] | None:
             end, ttl = index, CACHE_TTL_SECONDS.get(block["cache_control"].get("ttl"), CACHE_TTL_SECONDS["5m"])
     if not end:
         return None
-    identity = json.dumps([body.get("model"), blocks[:end]], sort_keys=True, ensure_ascii=False)
-    return hashlib.blake2b(identity.encode("utf-8"), digest_size=8).hexdigest(), ttl
+    return hash((body.get("model"), frozen(blocks[:end]))), ttl
 
 
 _encoder: Callable[[str], int] | None = None
@@ -1045,6 +1061,33 @@ def run_lock(results_path: str) -> Iterator[None]:
 
 
 @dataclass
+class ModelUsage:
+    """What one model's responses reported in `usage`, split as the API bills it."""
+
+    requests: int = 0
+    input_tokens: int = 0
+    cache_write_5m_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    cache_read_tokens: int = 0
+    output_tokens: int = 0
+
+    def add(self, usage: dict[str, Any]) -> None:
+        self.requests += 1
+        self.input_tokens += usage.get("input_tokens") or 0
+        self.output_tokens += usage.get("output_tokens") or 0
+        self.cache_read_tokens += usage.get("cache_read_input_tokens") or 0
+        written = usage.get("cache_creation_input_tokens") or 0
+        split = usage.get("cache_creation") if isinstance(usage.get("cache_creation"), dict) else {}
+        one_hour = min(written, split.get("ephemeral_1h_input_tokens") or 0)
+        self.cache_write_1h_tokens += one_hour
+        self.cache_write_5m_tokens += written - one_hour
+
+    @property
+    def cache_write_tokens(self) -> int:
+        return self.cache_write_5m_tokens + self.cache_write_1h_tokens
+
+
+@dataclass
 class RunStats:
     """Counters for the status line and the final summary."""
 
@@ -1054,10 +1097,7 @@ class RunStats:
     in_flight: int = 0
     retries: int = 0
     rate_limited: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_write_tokens: int = 0
-    cache_read_tokens: int = 0
+    by_model: dict[str, ModelUsage] = field(default_factory=dict)
     already_done: int = 0  # lines skipped because an earlier run saved their result
     total: int | None = None  # non-blank input lines, once counted
     started: float = field(default_factory=time.monotonic)
@@ -1073,11 +1113,24 @@ class RunStats:
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
-    def add_usage(self, usage: dict[str, Any]) -> None:
-        self.input_tokens += usage.get("input_tokens") or 0
-        self.output_tokens += usage.get("output_tokens") or 0
-        self.cache_write_tokens += usage.get("cache_creation_input_tokens") or 0
-        self.cache_read_tokens += usage.get("cache_read_input_tokens") or 0
+    def add_usage(self, model: str, usage: dict[str, Any]) -> None:
+        self.by_model.setdefault(model, ModelUsage()).add(usage)
+
+    @property
+    def input_tokens(self) -> int:
+        return sum(usage.input_tokens for usage in self.by_model.values())
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(usage.output_tokens for usage in self.by_model.values())
+
+    @property
+    def cache_write_tokens(self) -> int:
+        return sum(usage.cache_write_tokens for usage in self.by_model.values())
+
+    @property
+    def cache_read_tokens(self) -> int:
+        return sum(usage.cache_read_tokens for usage in self.by_model.values())
 
     @property
     def finished(self) -> int:
@@ -1134,7 +1187,7 @@ class Processor:
         self.dispatcher: asyncio.Task[None] | None = None
         self.stats = RunStats(limits_in_force=self.limiter.describe())
         self.unsettled = 0  # jobs read but not yet written to either file
-        self.prefixes: dict[str, CachedPrefix] = {}
+        self.prefixes: dict[int, CachedPrefix] = {}
         self.parked = 0  # requests waiting for their cached prefix to be written
         self.caching_reported = False
 
@@ -1301,7 +1354,7 @@ class Processor:
             self.outputs.record(produced)
             if self.limiter.output_tokens:
                 self.limiter.output_tokens.bucket.give_back(job.charged_output_tokens - produced)
-        self.stats.add_usage(usage)
+        self.stats.add_usage(job.body["model"], usage)
         self.writer.write_result(job, response, raw)
         self.stats.succeeded += 1
         log.debug("line {}: done after {} attempt(s); usage {}", job.line_number, job.attempts, usage)
@@ -1482,11 +1535,183 @@ async def report_progress(stats: RunStats, interval: float, live: bool) -> None:
             log.info("Status: {}", status_line(stats))
 
 
-def log_summary(stats: RunStats, settings: Settings) -> None:
+PRICES_AS_OF = "2026-11"  # Anthropic's list prices at that date; --prices adds to or replaces them
+CACHE_WRITE_5M_MULTIPLIER, CACHE_WRITE_1H_MULTIPLIER, CACHE_READ_MULTIPLIER = 1.25, 2.0, 0.1
+
+
+@dataclass(frozen=True)
+class Price:
+    """USD per million tokens."""
+
+    input: float
+    output: float
+
+
+DEFAULT_PRICES = {  # by model-id prefix; the longest prefix that matches a model wins
+    "claude-opus-4-5": Price(5, 25), "claude-opus-4-6": Price(5, 25), "claude-opus-5": Price(5, 25),
+    "claude-opus-4-0": Price(15, 75), "claude-opus-4-1": Price(15, 75), "claude-opus-4-2025": Price(15, 75),
+    "claude-sonnet-4-5": Price(3, 15), "claude-sonnet-4-6": Price(3, 15), "claude-sonnet-5": Price(2, 10),
+    "claude-haiku-4-5": Price(1, 5), "claude-3-5-haiku": Price(0.8, 4),
+}
+
+
+def load_prices(path: str | None) -> dict[str, Price]:
+    """The built-in table, plus or overridden by a JSON file of {"model prefix": {"input": x, "output": y}}."""
+    prices = dict(DEFAULT_PRICES)
+    if path is None:
+        return prices
+    try:
+        with open(path, encoding="utf-8") as file:
+            given = json.load(file)
+        prices.update({model: Price(float(price["input"]), float(price["output"])) for model, price in given.items()})
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+        raise ConfigError(f"--prices {path}: expected {{\"model\": {{\"input\": 3, \"output\": 15}}}} in USD per "
+                          f"million tokens ({type(error).__name__}: {error})") from None
+    return prices
+
+
+def price_for(model: str, prices: dict[str, Price]) -> Price | None:
+    matches = [prefix for prefix in prices if model.startswith(prefix)]
+    return prices[max(matches, key=len)] if matches else None
+
+
+def usage_cost(usage: ModelUsage, price: Price) -> float:
+    """USD, with cache writes at 1.25x (5 minutes) or 2x (1 hour) the input price and reads at 0.1x."""
+    return (usage.input_tokens * price.input
+            + usage.cache_write_5m_tokens * price.input * CACHE_WRITE_5M_MULTIPLIER
+            + usage.cache_write_1h_tokens * price.input * CACHE_WRITE_1H_MULTIPLIER
+            + usage.cache_read_tokens * price.input * CACHE_READ_MULTIPLIER
+            + usage.output_tokens * price.output) / 1e6
+
+
+def uncached_cost(usage: ModelUsage, price: Price) -> float:
+    """What the same tokens would have cost sent without prompt caching."""
+    all_input = usage.input_tokens + usage.cache_write_tokens + usage.cache_read_tokens
+    return (all_input * price.input + usage.output_tokens * price.output) / 1e6
+
+
+def log_costs(stats: RunStats, prices: dict[str, Price]) -> None:
+    """Per model: requests, tokens as billed, cost in USD and what caching saved."""
+    for model, usage in sorted(stats.by_model.items()):
+        price = price_for(model, prices)
+        if price is None:
+            cost = f"no price known for {model}: give one with --prices to see its cost"
+        else:
+            cost = f"${usage_cost(usage, price):,.4f}"
+            if usage.cache_write_tokens or usage.cache_read_tokens:
+                cost += f" (caching saved ${uncached_cost(usage, price) - usage_cost(usage, price):,.4f})"
+        log.info("{}: {:,} requests | tokens: {:,} input, {:,} cache write (5 min), {:,} cache write (1 h), {:,} cache "
+                 "read, {:,} output | {}", model, usage.requests, usage.input_tokens, usage.cache_write_5m_tokens,
+                 usage.cache_write_1h_tokens, usage.cache_read_tokens, usage.output_tokens, cost)
+    priced = [(usage, price_for(model, prices)) for model, usage in stats.by_model.items()]
+    if len(priced) > 1 and all(price for _, price in priced):
+        log.info("Cost: ${:,.4f} in all, at list prices of {}.", sum(usage_cost(u, p) for u, p in priced),
+                 PRICES_AS_OF)
+
+
+TYPICAL_OUTPUT_SHARE = 0.25  # of max_tokens: the low end of a dry run's cost range (the high end is all of it)
+CLAUDE_TOKENS_PER_CL100K = 1.3  # Claude's tokenizer counts about 1.15-1.45x what cl100k_base does
+
+
+@dataclass
+class ModelPlan:
+    """A dry run's estimate for one model's requests."""
+
+    requests: int = 0
+    input_tokens: int = 0  # not in a cached prefix, by cl100k_base
+    cache_write_tokens: int = 0  # the first request of each distinct cached prefix writes it...
+    cache_read_tokens: int = 0  # ...and the others read it
+    max_output_tokens: int = 0
+    prefixes: set[int] = field(default_factory=set)
+
+    def add(self, estimate: TokenEstimate, prefix: tuple[int, float] | None, max_tokens: int) -> None:
+        self.requests += 1
+        self.max_output_tokens += max_tokens
+        self.input_tokens += estimate.total - (estimate.cached_prefix if prefix else 0)
+        if prefix is None:
+            return
+        if prefix[0] in self.prefixes:
+            self.cache_read_tokens += estimate.cached_prefix
+        else:
+            self.prefixes.add(prefix[0])
+            self.cache_write_tokens += estimate.cached_prefix
+
+    def expected_usage(self, output_share: float) -> ModelUsage:
+        """The usage the API would report, with Claude's token count and a share of max_tokens produced."""
+        scale = CLAUDE_TOKENS_PER_CL100K
+        return ModelUsage(self.requests, round(self.input_tokens * scale), round(self.cache_write_tokens * scale), 0,
+                          round(self.cache_read_tokens * scale), round(self.max_output_tokens * output_share))
+
+
+def dry_run(config: Settings) -> int:
+    """Read and validate the whole file, with no key and no network, and print per model the requests,
+    estimated tokens, distinct cached prefixes and cost range, and the expected duration under the
+    configured limits. Writes nothing. Returns the exit code: 0 when every line is valid, else 1."""
+    started = time.perf_counter()
+    prices = load_prices(config.prices)
+    estimator = TokenEstimator()
+    plans: dict[str, ModelPlan] = {}
+    bad: list[str] = []
+    for line_number, raw in read_lines(config.requests_filepath):
+        try:
+            body, _ = parse_request(raw)
+        except BadLine as problem:
+            bad.append(f"line {line_number}: {problem}")
+            continue
+        prefix = cache_prefix(body) if b'"cache_control"' in raw else None
+        plans.setdefault(body["model"], ModelPlan()).add(estimator.estimate(body), prefix, body["max_tokens"])
+    valid = sum(plan.requests for plan in plans.values())
+    print(f"Dry run of {config.requests_filepath}: {valid:,} valid lines, {len(bad):,} bad "
+          f"(read in {time.perf_counter() - started:.2f} s). Nothing was sent.")
+    low_total = high_total = 0.0
+    for model, plan in sorted(plans.items()):
+        price = price_for(model, prices)
+        if price is None:
+            cost = "no price known: give one with --prices"
+            low_total = high_total = math.nan
+        else:
+            low = usage_cost(plan.expected_usage(TYPICAL_OUTPUT_SHARE), price)
+            high = usage_cost(plan.expected_usage(1.0), price)
+            low_total, high_total = low_total + low, high_total + high
+            cost = f"${low:,.2f} to ${high:,.2f}"
+        print(f"  {model}: {plan.requests:,} requests, ~{plan.input_tokens:,} input tokens + {plan.cache_write_tokens:,}"
+              f" cache write + {plan.cache_read_tokens:,} cache read (cl100k_base), up to {plan.max_output_tokens:,} "
+              f"output tokens, {len(plan.prefixes):,} distinct cached prefixes; cost {cost}")
+    if plans:
+        print(f"Estimated cost: ${low_total:,.2f} to ${high_total:,.2f} at list prices of {PRICES_AS_OF} (input counted "
+              f"{CLAUDE_TOKENS_PER_CL100K}x cl100k_base; output from {TYPICAL_OUTPUT_SHARE:.0%} to all of max_tokens)."
+              if not math.isnan(low_total) else "Estimated cost: unknown for the models without a price.")
+        print(expected_duration(config, plans))
+    for problem in bad[:20]:
+        print(f"  bad {problem}")
+    if len(bad) > 20:
+        print(f"  ... and {len(bad) - 20:,} more bad lines")
+    return 1 if bad else 0
+
+
+def expected_duration(config: Settings, plans: dict[str, ModelPlan]) -> str:
+    """How long the run should take under the configured limits, and which limit binds."""
+    def per_minute(value: float | str | None, name: str) -> float:
+        return AUTO_STARTING_LIMITS[name] if value == AUTO else float(value)
+
+    needs = [("requests/min", sum(p.requests for p in plans.values()),
+              per_minute(config.max_requests_per_minute, "requests")),
+             ("input tokens/min", sum(p.input_tokens + p.cache_write_tokens for p in plans.values())
+              * CLAUDE_TOKENS_PER_CL100K, per_minute(config.max_tokens_per_minute, "input-tokens"))]
+    if config.max_output_tokens_per_minute is not None:
+        needs.append(("output tokens/min", sum(p.max_output_tokens for p in plans.values()) * TYPICAL_OUTPUT_SHARE,
+                      per_minute(config.max_output_tokens_per_minute, "output-tokens")))
+    name, amount, limit = max(needs, key=lambda need: need[1] / need[2])
+    auto = AUTO in (config.max_requests_per_minute, config.max_tokens_per_minute, config.max_output_tokens_per_minute)
+    return (f"Expected duration: about {format_duration(amount / limit * 60)}, bound by {name} ({limit:,.0f}/min)"
+            + (" at the cautious starting figures of 'auto'; the limits the API reports will be faster." if auto
+               else "."))
+
+
+def log_summary(stats: RunStats, settings: Settings, prices: dict[str, Price]) -> None:
     verb = f"Interrupted by {stats.interrupted_by}" if stats.interrupted_by else "Finished"
     log.info("{} after {:.1f} s: {}", verb, stats.elapsed, status_line(stats))
-    log.info("Tokens: {:,} input, {:,} output, {:,} cache write, {:,} cache read.", stats.input_tokens,
-             stats.output_tokens, stats.cache_write_tokens, stats.cache_read_tokens)
+    log_costs(stats, prices)
     if settings.save_filepath:
         log.info("Results saved to {}", settings.save_filepath)
     if stats.failed or stats.bad_lines:
@@ -1574,6 +1799,7 @@ async def run(config: Settings, lines: Iterable[tuple[int, Any]], count_total: C
     """A whole run: the key, the results file (locked, repaired, indexed for resuming), the
     processor, and the summary."""
     config.api_key = resolve_api_key(config.api_key)
+    prices = load_prices(config.prices)
     log.threshold = config.logging_level
     log.info("Processing {} -> {} at up to {} requests/min, {} input tokens/min and {} output tokens/min "
              "({} attempts per request)", config.requests_filepath or "a list of requests",
@@ -1597,7 +1823,7 @@ async def run(config: Settings, lines: Iterable[tuple[int, Any]], count_total: C
                     sink.close()
         except OSError as error:
             raise ConfigError(f"cannot write results to {config.save_filepath}: {error.strerror}") from None
-    log_summary(stats, config)
+    log_summary(stats, config, prices)
     return stats
 
 
@@ -1626,6 +1852,15 @@ def main(argv: list[str] | None = None) -> int:
     """The command line. Returns the exit code: 0 all succeeded, 1 some failed, 2 usage or
     configuration error, 130/143 interrupted."""
     arguments = vars(build_argument_parser().parse_args(argv))
+    if arguments.pop("dry_run"):
+        try:
+            config = Settings(**arguments)
+            if not Path(config.requests_filepath).is_file():
+                raise ConfigError(f"requests file not found (or not a file): {config.requests_filepath}")
+            return dry_run(config)
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     try:
         level = parse_logging_level(arguments["logging_level"])
     except ConfigError as error:
