@@ -49,7 +49,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -1117,20 +1117,10 @@ class RunStats:
         self.by_model.setdefault(model, ModelUsage()).add(usage)
 
     @property
-    def input_tokens(self) -> int:
-        return sum(usage.input_tokens for usage in self.by_model.values())
-
-    @property
-    def output_tokens(self) -> int:
-        return sum(usage.output_tokens for usage in self.by_model.values())
-
-    @property
-    def cache_write_tokens(self) -> int:
-        return sum(usage.cache_write_tokens for usage in self.by_model.values())
-
-    @property
-    def cache_read_tokens(self) -> int:
-        return sum(usage.cache_read_tokens for usage in self.by_model.values())
+    def totals(self) -> ModelUsage:
+        """Every model's usage added up."""
+        return ModelUsage(*(sum(getattr(usage, counter.name) for usage in self.by_model.values())
+                            for counter in fields(ModelUsage)))
 
     @property
     def finished(self) -> int:
@@ -1509,6 +1499,7 @@ def status_line(stats: RunStats) -> str:
     """Done/total with ETA once the input is counted, then rates over this run, then trouble."""
     minutes = max(stats.elapsed, 1e-9) / 60
     sent = stats.succeeded + stats.failed
+    totals = stats.totals
     progress = f"{stats.finished:,}"
     if stats.total:
         progress += f"/{stats.total:,} lines ({100 * stats.finished / stats.total:.1f}%)"
@@ -1518,8 +1509,8 @@ def status_line(stats: RunStats) -> str:
         progress += " lines"
     return (f"{progress} | {stats.succeeded:,} succeeded, {stats.failed:,} failed, {stats.bad_lines:,} bad, "
             f"{stats.already_done:,} done before, {stats.in_flight:,} in flight | {sent / minutes:,.0f} requests/min, "
-            f"{(stats.input_tokens + stats.cache_write_tokens) / minutes:,.0f} input tokens/min, "
-            f"{stats.output_tokens / minutes:,.0f} output tokens/min (limits {stats.limits_in_force}; input tokens "
+            f"{(totals.input_tokens + totals.cache_write_tokens) / minutes:,.0f} input tokens/min, "
+            f"{totals.output_tokens / minutes:,.0f} output tokens/min (limits {stats.limits_in_force}; input tokens "
             f"{stats.input_ratio:.2f}x cl100k_base) | {stats.retries:,} retries, {stats.rate_limited:,} rate-limited")
 
 

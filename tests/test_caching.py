@@ -28,7 +28,8 @@ def test_use_caching_sends_the_first_request_alone_then_reads_the_cache(tmp_path
     assert stats.succeeded == 8
     first_answer = fake.stats.answered_times[0]
     assert all(t >= first_answer for t in fake.stats.received_times[1:])  # the rest waited for it
-    assert stats.cache_write_tokens > 0 and stats.cache_read_tokens == 7 * stats.cache_write_tokens
+    assert stats.totals.cache_write_tokens > 0
+    assert stats.totals.cache_read_tokens == 7 * stats.totals.cache_write_tokens
     assert any("Prompt caching works" in line for line in captured_logs)
 
 

@@ -175,7 +175,7 @@ def test_usage_corrects_the_input_estimate_so_the_token_limit_holds(tmp_path, fa
     assert stats.succeeded == 40
     assert fake.stats.rate_limited <= 1
     times = fake.stats.accepted_times
-    counted = stats.input_tokens / len(times)
+    counted = stats.totals.input_tokens / len(times)
     achieved = (len(times) - 1) * counted / (times[-1] - times[0]) * 60
     assert 0.8 * 120_000 <= achieved <= 1.05 * 120_000
 
@@ -228,7 +228,7 @@ def test_output_is_budgeted_by_what_responses_produce_not_max_tokens(tmp_path, f
 
     assert stats.succeeded == 40 and fake.stats.rate_limited == 0
     assert stats.elapsed < 6
-    assert stats.output_tokens == 40 * 50
+    assert stats.totals.output_tokens == 40 * 50
 
 
 def test_without_rate_limit_headers_429s_slow_the_run_down_until_they_stop(tmp_path, fake_server, captured_logs):
