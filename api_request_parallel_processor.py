@@ -626,15 +626,20 @@ def reported_limit(headers: Any, name: str) -> tuple[float | None, float | None]
     """(limit, remaining) from a response's `anthropic-ratelimit-<name>-*` headers; for input tokens
     the older combined `tokens` headers stand in when the input ones are absent."""
     for prefix in (name, "tokens") if name == "input-tokens" else (name,):
-        figures = []
-        for field_name in ("limit", "remaining"):
-            try:
-                figures.append(float(headers[f"anthropic-ratelimit-{prefix}-{field_name}"]))
-            except (KeyError, TypeError, ValueError):
-                figures.append(None)
-        if figures != [None, None]:
-            return figures[0], figures[1]
+        limit = as_number(headers.get(f"anthropic-ratelimit-{prefix}-limit"))
+        remaining = as_number(headers.get(f"anthropic-ratelimit-{prefix}-remaining"))
+        if limit is not None or remaining is not None:
+            return limit, remaining
     return None, None
+
+
+def as_number(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 class Limit:
@@ -686,12 +691,13 @@ class RateLimiter:
 
     async def acquire(self, input_tokens: int, output_tokens: int) -> None:
         """Sleep until one request, `input_tokens` and `output_tokens` are available, then take them."""
-        amounts = (1, input_tokens, output_tokens)
+        charges = list(zip(self.limits, (1, input_tokens, output_tokens)))
         while True:
-            wait = max(self.paused_until - time.monotonic(),
-                       *(limit.bucket.seconds_until_available(amount) for limit, amount in zip(self.limits, amounts)))
+            wait = self.paused_until - time.monotonic()
+            for limit, amount in charges:
+                wait = max(wait, limit.bucket.seconds_until_available(amount))
             if wait <= 0:
-                for limit, amount in zip(self.limits, amounts):
+                for limit, amount in charges:
                     limit.bucket.take(amount)
                 return
             await asyncio.sleep(wait)
