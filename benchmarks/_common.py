@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,8 +17,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from fake_anthropic import API_KEY
 
-__all__ = ["API_KEY", "MODEL", "cpu_seconds", "fake_server_process", "peak_rss_mb", "small_request", "wait_for",
-           "write_jsonl_rows", "write_requests"]
+__all__ = ["API_KEY", "MODEL", "cpu_seconds", "fake_server_process", "small_request", "write_jsonl_rows",
+           "write_requests"]
 
 
 MODEL = "claude-sonnet-4-5"
@@ -55,27 +55,10 @@ def write_requests(path: Path, count: int) -> Path:
     return path
 
 
-def peak_rss_mb(pid: int) -> float:
-    """VmHWM: the peak resident set size of a live process, from /proc."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc status")
-
-
 def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds a live process has used, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    import os
-
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_for(condition, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError
-        time.sleep(0.01)
 
 
 def write_jsonl_rows(path: Path, rows: list[dict]) -> Path:
