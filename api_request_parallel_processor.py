@@ -55,9 +55,16 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-import aiohttp
-from dotenv import find_dotenv, load_dotenv
-from loguru import logger
+try:
+    import aiohttp
+    from dotenv import find_dotenv, load_dotenv
+    from loguru import logger
+except ImportError as missing:  # the command line says what to do; an importer gets the ImportError
+    if __name__ != "__main__":
+        raise
+    print(f"error: the package {missing.name!r} is not installed: run  pip install -r requirements.txt",
+          file=sys.stderr)
+    sys.exit(2)
 
 try:
     import fcntl  # the run lock; where it is missing (Windows), runs are simply not locked
@@ -199,7 +206,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--logging_level", default="INFO", help="TRACE, DEBUG, INFO, ... or a number (20 = INFO)")
     parser.add_argument(
         "--use_caching", type=parse_bool, nargs="?", const=True, default=False,
-        help="check that prompt caching works on the first request (True/False; bare flag = True)",
+        help="if a cached prefix turns out not to be cached, hold new requests 10 s so you can stop the run "
+             "(True/False; bare flag = True)",
     )
     parser.add_argument("--max_concurrent_requests", type=positive_int, default=500, help="requests in flight")
     parser.add_argument("--request_timeout", type=positive_number, default=600.0, help="seconds per attempt")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 from conftest import API_KEY, ROOT, cli_args, outputs, read_jsonl, request, run_cli, write_jsonl
@@ -140,3 +142,12 @@ def test_api_key_never_appears_in_logs_or_files_even_at_trace(tmp_path, fake_ser
 def test_redact_hides_the_key_in_any_message():
     assert app.redact(f"echoed {API_KEY} back", API_KEY) == "echoed [redacted] back"
     assert repr(app.Settings(requests_filepath="x.jsonl", api_key=API_KEY)).count(API_KEY) == 0
+
+
+def test_a_missing_dependency_is_one_line_not_a_traceback(tmp_path):
+    hide_aiohttp = ("import runpy, sys; sys.modules['aiohttp'] = None; sys.argv = ['x', '--help']; "
+                    f"runpy.run_path({str(ROOT / 'api_request_parallel_processor.py')!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", hide_aiohttp], check=False, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: the package 'aiohttp' is not installed: run  pip install -r requirements.txt"
