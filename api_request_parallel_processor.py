@@ -1377,10 +1377,10 @@ class Processor:
         if result.authentication_failed:
             self.stats.key_rejected = True
             self.stop("the API rejected the key (HTTP 401 authentication_error): check ANTHROPIC_API_KEY")
+        delay = result.retry_after if result.retry_after is not None else backoff_seconds(job.attempts)
+        if result.rate_limited and self.limiter.pause(delay, result.headers):  # whether or not this one retries
+            self.stats.limits_in_force = self.limiter.describe()
         if result.retryable and job.attempts < self.settings.max_attempts and not self.stats.stopped_reason:
-            delay = result.retry_after if result.retry_after is not None else backoff_seconds(job.attempts)
-            if result.rate_limited and self.limiter.pause(delay, result.headers):
-                self.stats.limits_in_force = self.limiter.describe()
             self.stats.retries += 1
             log.debug("line {}: {}; retrying in {:.1f} s", job.line_number, message, delay)
             self.retry_timers[job] = asyncio.get_running_loop().call_later(delay, self.requeue, job)

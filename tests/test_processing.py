@@ -243,3 +243,15 @@ def test_without_rate_limit_headers_429s_slow_the_run_down_until_they_stop(tmp_p
     assert any("A 429 without rate-limit headers: slowing to" in line for line in captured_logs)
     last_refusal = fake.stats.rate_limited_times[-1]
     assert last_refusal < fake.stats.accepted_times[-1] - 1  # the 429s stopped well before the end
+
+
+def test_a_429_on_a_last_attempt_still_pauses_the_other_senders(tmp_path, fake_server):
+    fake = fake_server()
+    rows = [request("[[always:429]] first", 0)] + [request(f"q{i}", i) for i in range(1, 15)]
+    requests_path = write_jsonl(tmp_path / "r.jsonl", rows)
+
+    stats = run_in_process(requests_path, fake, max_requests_per_minute=1200, max_attempts=1)
+
+    assert stats.failed == 1 and stats.succeeded == 14
+    (refused,) = fake.stats.rate_limited_times
+    assert [t for t in fake.stats.received_times if refused + 0.02 < t < refused + 0.28] == []
