@@ -364,20 +364,7 @@ class DoneIndex:
 
     @classmethod
     def from_results_file(cls, path: str) -> DoneIndex:
-        fingerprints: list[int] = []
-        unreadable = 0
-        if Path(path).exists():
-            with open(path, "rb") as file:
-                for line in file:
-                    try:
-                        record = json.loads(line)
-                        fingerprints.append(request_fingerprint(record[0], record[2] if len(record) > 2 else None))
-                    except (ValueError, TypeError, IndexError, KeyError):
-                        unreadable += 1
-        if unreadable:
-            log.warning("{} line(s) of {} are not result records; their requests count as not done.", unreadable,
-                        path)
-        return cls(fingerprints)
+        return cls([fingerprint for fingerprint, _ in read_result_records(path)])
 
     def claim(self, fingerprint: int) -> bool:
         """True (and the result is used up) if an unclaimed result exists for this request."""
@@ -387,6 +374,24 @@ class DoneIndex:
                 self.claimed[index] = 1
                 return True
         return False
+
+
+def read_result_records(path: str | None) -> Iterator[tuple[int, list[Any]]]:
+    """(request fingerprint, record) for each result record of a results file, one at a time; lines
+    that are not result records (another tool's, a damaged disk's) are skipped with a warning, so
+    their requests count as not done."""
+    if not path or not Path(path).exists():
+        return
+    unreadable = 0
+    with open(path, "rb") as file:
+        for line in file:
+            try:
+                record = json.loads(line)
+                yield request_fingerprint(record[0], record[2] if len(record) > 2 else None), record
+            except (ValueError, TypeError, IndexError, KeyError):
+                unreadable += 1
+    if unreadable:
+        log.warning("{} line(s) of {} are not result records; their requests count as not done.", unreadable, path)
 
 
 def count_request_lines(path: str) -> int:
@@ -443,19 +448,37 @@ def cache_prefix(body: dict[str, Any]) -> tuple[int, float] | None:
 
     The identity is a 64-bit hash, valid within one run: hashing reuses the hash each string caches,
     so a long document shared by many requests costs next to nothing after its first time."""
-    system = body.get("system")
-    blocks: list[tuple[Any, Any]] = [("tool", tool) for tool in body.get("tools") or []]
-    blocks += [("system", block) for block in (system if isinstance(system, list) else [system] if system else [])]
-    for message in body.get("messages") or []:
-        content = message.get("content")
-        blocks += [(message.get("role"), block) for block in (content if isinstance(content, list) else [content])]
-    end, ttl = 0, CACHE_TTL_SECONDS["5m"]
+    blocks = list(prompt_blocks(body))
+    end, ttl = 0, 0.0
     for index, (_, block) in enumerate(blocks, start=1):
-        if isinstance(block, dict) and isinstance(block.get("cache_control"), dict):
-            end, ttl = index, CACHE_TTL_SECONDS.get(block["cache_control"].get("ttl"), CACHE_TTL_SECONDS["5m"])
+        block_ttl = breakpoint_ttl(block)
+        if block_ttl:
+            end, ttl = index, block_ttl
     if not end:
         return None
     return hash((body.get("model"), frozen(blocks[:end]))), ttl
+
+
+def prompt_blocks(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """Everything the API reads as input, block by block, in its order: tools, system, messages.
+    Yields (where, block): "tool", "system", or the message's role; string content is one block."""
+    for tool in body.get("tools") or []:
+        yield "tool", tool
+    system = body.get("system")
+    for block in system if isinstance(system, list) else [system] if system else []:
+        yield "system", block
+    for message in body.get("messages") or []:
+        content = message.get("content")
+        for block in content if isinstance(content, list) else [content]:
+            yield message.get("role"), block
+
+
+def breakpoint_ttl(block: Any) -> float:
+    """The TTL in seconds of a block marked with `cache_control`, or 0 for an unmarked block."""
+    control = block.get("cache_control") if isinstance(block, dict) else None
+    if not isinstance(control, dict):
+        return 0.0
+    return CACHE_TTL_SECONDS.get(control.get("ttl"), CACHE_TTL_SECONDS["5m"])
 
 
 _encoder: Callable[[str], int] | None = None
@@ -542,25 +565,11 @@ class TokenEstimator:
     def estimate(self, body: dict[str, Any]) -> TokenEstimate:
         total = 0
         cached_prefix = 0
-        for tool in body.get("tools") or []:
-            total += self.text(json.dumps(tool))
-            if isinstance(tool, dict) and "cache_control" in tool:
+        for where, block in prompt_blocks(body):
+            total += self.text(json.dumps(block)) if where == "tool" else self.value(block)  # a schema's keys count
+            if breakpoint_ttl(block):
                 cached_prefix = total
-        system = body.get("system")
-        for block in system if isinstance(system, list) else [system] if system else []:
-            total += self.value(block)
-            if isinstance(block, dict) and "cache_control" in block:
-                cached_prefix = total
-        for message in body.get("messages", []):
-            total += TOKENS_PER_MESSAGE
-            content = message.get("content")
-            if isinstance(content, str):  # the common case, kept fast
-                total += self.text(content)
-                continue
-            for block in content if isinstance(content, list) else [content]:
-                total += self.value(block)
-                if isinstance(block, dict) and "cache_control" in block:
-                    cached_prefix = total
+        total += TOKENS_PER_MESSAGE * len(body.get("messages") or [])
         return TokenEstimate(total=max(total, 1), cached_prefix=cached_prefix)
 
 
@@ -986,26 +995,18 @@ class ResultCollector:
     def finish(self, results_path: str | None, stats: RunStats) -> list[RequestResult]:
         """Fill in the requests skipped as done by an earlier run (from the results file), and mark
         any left unsent by an interruption or a stop."""
+        unsent = {index: parse_request(self.requests[index]) for index, result in enumerate(self.results)
+                  if result is None}  # each (body, metadata); items that fail to parse were settled as bad
         waiting: dict[int, list[int]] = {}
-        for index, result in enumerate(self.results):
-            if result is None:
-                body = dict(self.requests[index])
-                waiting.setdefault(request_fingerprint(body, body.pop("metadata", None)), []).append(index)
-        if waiting and results_path and Path(results_path).exists():
-            with open(results_path, "rb") as file:
-                for line in file:
-                    record = json.loads(line)
-                    indexes = waiting.get(request_fingerprint(record[0], record[2] if len(record) > 2 else None))
-                    if indexes:
-                        index = indexes.pop()
-                        self.results[index] = RequestResult(record[0], record[1], [], self.requests[index].get(
-                            "metadata"))
+        for index, (body, metadata) in unsent.items():
+            waiting.setdefault(request_fingerprint(body, metadata), []).append(index)
+        for fingerprint, record in read_result_records(results_path) if waiting else ():
+            if waiting.get(fingerprint):
+                index = waiting[fingerprint].pop()
+                self.results[index] = RequestResult(record[0], record[1], [], unsent.pop(index)[1])
         reason = f"not sent: {stats.stopped_reason or 'the run was interrupted by ' + stats.interrupted_by}"
-        for index, result in enumerate(self.results):
-            if result is None:
-                body = dict(self.requests[index])
-                metadata = body.pop("metadata", None)
-                self.results[index] = RequestResult(body, None, [reason], metadata)
+        for index, (body, metadata) in unsent.items():
+            self.results[index] = RequestResult(body, None, [reason], metadata)
         return self.results  # type: ignore[return-value]
 
 
@@ -1481,9 +1482,8 @@ class Processor:
         read = usage.get("cache_read_input_tokens") or 0
         if written or read:
             self.stats.prefixes_cached += 1
-            level = "DEBUG" if self.stats.prefixes_cached > 1 else "INFO"
-            log.log(level, "Prompt caching works: line {} wrote {:,} and read {:,} cached tokens.", job.line_number,
-                    written, read)
+            say = log.info if self.stats.prefixes_cached == 1 else log.debug  # the first one, then quietly
+            say("Prompt caching works: line {} wrote {:,} and read {:,} cached tokens.", job.line_number, written, read)
             return
         self.stats.prefixes_not_cached += 1
         if self.stats.prefixes_not_cached > 1:
@@ -1652,8 +1652,8 @@ def dry_run(config: Settings) -> int:
     """Read and validate the whole file, with no key and no network, and print per model the requests,
     estimated tokens, distinct cached prefixes and cost range, and the expected duration under the
     configured limits. Writes nothing. Returns the exit code: 0 when every line is valid, else 1."""
-    started = time.perf_counter()
     prices = load_prices(config.prices)
+    started = time.perf_counter()
     estimator = TokenEstimator()
     plans: dict[str, ModelPlan] = {}
     bad: list[str] = []
@@ -1774,6 +1774,11 @@ def install_signal_handlers(on_signal: Callable[[str], None]) -> Callable[[], No
     return restore
 
 
+def require_file(path: str) -> None:
+    if not Path(path).is_file():
+        raise ConfigError(f"requests file not found (or not a file): {path}")
+
+
 async def process_api_requests_from_file(requests_filepath: str, **settings: Any) -> RunStats:
     """Process a JSONL file of requests; awaitable from any running event loop (e.g. a notebook).
 
@@ -1781,8 +1786,7 @@ async def process_api_requests_from_file(requests_filepath: str, **settings: Any
     that already have a result in the results file are skipped. Returns the run's counters; raises
     ConfigError for a missing key or file, a bad setting, or a results file another run is using."""
     config = Settings(requests_filepath=requests_filepath, **settings)
-    if not Path(requests_filepath).is_file():
-        raise ConfigError(f"requests file not found (or not a file): {requests_filepath}")
+    require_file(requests_filepath)
     return await run(config, read_lines(requests_filepath), lambda: count_request_lines(requests_filepath))
 
 
@@ -1857,29 +1861,19 @@ def main(argv: list[str] | None = None) -> int:
     """The command line. Returns the exit code: 0 all succeeded, 1 some failed, 2 usage or
     configuration error, 130/143 interrupted."""
     arguments = vars(build_argument_parser().parse_args(argv))
-    if arguments.pop("dry_run"):
-        try:
-            config = Settings(**arguments)
-            if not Path(config.requests_filepath).is_file():
-                raise ConfigError(f"requests file not found (or not a file): {config.requests_filepath}")
+    dry = arguments.pop("dry_run")
+    try:
+        config = Settings(**arguments)  # every setting checked before anything is logged or read
+        require_file(config.requests_filepath)
+        if dry:
             return dry_run(config)
-        except ConfigError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-    try:
-        level = parse_logging_level(arguments["logging_level"])
+        logger.remove()
+        sink = (lambda message: sys.stderr.write(CLEAR_LINE + message)) if sys.stderr.isatty() else sys.stderr
+        logger.add(sink, level=config.logging_level, format="{time:YYYY-MM-DD HH:mm:ss} | {level: <8} | {message}")
+        return asyncio.run(process_api_requests_from_file(**arguments)).exit_code
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    logger.remove()
-    sink = (lambda message: sys.stderr.write(CLEAR_LINE + message)) if sys.stderr.isatty() else sys.stderr
-    logger.add(sink, level=level, format="{time:YYYY-MM-DD HH:mm:ss} | {level: <8} | {message}")
-    try:
-        stats = asyncio.run(process_api_requests_from_file(**arguments))
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return stats.exit_code
 
 
 if __name__ == "__main__":

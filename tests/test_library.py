@@ -128,3 +128,18 @@ def test_importing_runs_nothing_and_leaves_loguru_alone():
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "imported\n" and result.stderr == ""
+
+
+def test_a_save_file_with_a_foreign_line_still_returns_every_result(tmp_path, fake_server, captured_logs):
+    fake = fake_server()
+    save = tmp_path / "out.jsonl"
+    asyncio.run(app.process_requests([request("q0", 0)], request_url=fake.url, api_key=API_KEY,
+                                     save_filepath=str(save), **FAST))
+    with open(save, "a") as file:
+        file.write("not a result record\n")
+
+    results = asyncio.run(app.process_requests([request("q0", 0), request("q1", 1)], request_url=fake.url,
+                                               api_key=API_KEY, save_filepath=str(save), **FAST))
+
+    assert [result.text for result in results] == ["Echo: q0", "Echo: q1"] and fake.stats.received == 2
+    assert sum("1 line(s) of" in line and "not result records" in line for line in captured_logs) == 2
