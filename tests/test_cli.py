@@ -144,10 +144,11 @@ def test_redact_hides_the_key_in_any_message():
     assert repr(app.Settings(requests_filepath="x.jsonl", api_key=API_KEY)).count(API_KEY) == 0
 
 
-def test_a_missing_dependency_is_one_line_not_a_traceback(tmp_path):
-    hide_aiohttp = ("import runpy, sys; sys.modules['aiohttp'] = None; sys.argv = ['x', '--help']; "
+@pytest.mark.parametrize("package", ["aiohttp", "tiktoken", "loguru", "dotenv"])
+def test_a_missing_dependency_is_one_line_not_a_traceback(package):
+    hide_package = (f"import runpy, sys; sys.modules[{package!r}] = None; sys.argv = ['x', '--help']; "
                     f"runpy.run_path({str(ROOT / 'api_request_parallel_processor.py')!r}, run_name='__main__')")
-    result = subprocess.run([sys.executable, "-c", hide_aiohttp], check=False, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", hide_package], check=False, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == "error: the package 'aiohttp' is not installed: run  pip install -r requirements.txt"
+    assert result.stderr.strip() == f"error: the package {package!r} is not installed: run  pip install -r requirements.txt"
