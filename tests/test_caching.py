@@ -61,24 +61,46 @@ def test_the_caching_probe_is_retried_like_any_request(tmp_path, fake_server):
     assert len(outputs(requests_path)[0]) == 4
 
 
+def cache_prefix(body: dict) -> tuple[int, float] | None:
+    return app.TokenEstimator(len).estimate(body).prefix
+
+
 def test_cache_prefix_identity_follows_the_api_order_model_and_ttl():
     cached = {"cache_control": {"type": "ephemeral"}}
     tool = {"name": "t", "input_schema": {}}
     base = {"model": "m1", "max_tokens": 5, "tools": [{**tool, **cached}], "messages": [{"role": "user", "content": "q1"}]}
     other_question = {**base, "messages": [{"role": "user", "content": "q2"}]}
-    assert app.cache_prefix(base) == app.cache_prefix(other_question)  # tools breakpoint: questions do not matter
-    assert app.cache_prefix({**base, "model": "m2"}) != app.cache_prefix(base)
-    assert app.cache_prefix({"model": "m1", "messages": [{"role": "user", "content": "q"}]}) is None
+    assert cache_prefix(base) == cache_prefix(other_question)  # tools breakpoint: questions do not matter
+    assert cache_prefix({**base, "model": "m2"}) != cache_prefix(base)
+    assert cache_prefix({"model": "m1", "messages": [{"role": "user", "content": "q"}]}) is None
 
     def with_document(document: str, question: str, ttl: str | None = None) -> dict:
         control = {"type": "ephemeral", **({"ttl": ttl} if ttl else {})}
         return {"model": "m1", "max_tokens": 5, "system": "Be brief.", "messages": [{"role": "user", "content": [
             {"type": "text", "text": document, "cache_control": control}, {"type": "text", "text": question}]}]}
 
-    assert app.cache_prefix(with_document("doc A", "x")) == app.cache_prefix(with_document("doc A", "y"))
-    assert app.cache_prefix(with_document("doc A", "x")) != app.cache_prefix(with_document("doc B", "x"))
-    assert app.cache_prefix(with_document("doc A", "x"))[1] == 300
-    assert app.cache_prefix(with_document("doc A", "x", "1h"))[1] == 3600
+    assert cache_prefix(with_document("doc A", "x")) == cache_prefix(with_document("doc A", "y"))
+    assert cache_prefix(with_document("doc A", "x")) != cache_prefix(with_document("doc B", "x"))
+    assert cache_prefix(with_document("doc A", "x"))[1] == 300
+    assert cache_prefix(with_document("doc A", "x", "1h"))[1] == 3600
+
+
+def test_recently_seen_prefixes_keep_their_keys_and_estimates_however_many_documents_interleave():
+    """One estimator recognises recent prefixes by comparison and estimates the others afresh: both
+    ways must give what a new estimator gives, and never give two documents one key."""
+    estimator = app.TokenEstimator(len)
+    documents = [f"Document {d}. " + LONG_DOCUMENT[: 1000 * (d + 1)] for d in range(app.RECENT_PREFIXES * 2)]
+    order = [d % 3 for d in range(12)] + list(range(len(documents))) * 2  # a few hot ones, then a wide sweep
+    keys: dict[int, set] = {}
+    for step, d in enumerate(order):
+        body = cached_request(f"question {step}", step, documents[d])
+        if step % 3 == 0:  # the same prefix written with its keys in another order is the same prefix
+            body["system"][1] = dict(reversed(list(body["system"][1].items())))
+        estimate = estimator.estimate(body)
+        assert estimate == app.TokenEstimator(len).estimate(body)
+        keys.setdefault(d, set()).add(estimate.prefix)
+    assert all(len(found) == 1 for found in keys.values())
+    assert len({found.pop() for found in keys.values()}) == len(documents)
 
 
 def interleaved_requests(documents: list[str], per_document: int) -> list[dict]:
@@ -106,10 +128,10 @@ def test_a_prefix_unused_for_longer_than_its_ttl_is_warmed_again(monkeypatch):
     processor = app.Processor(app.Settings(api_key="k"), None, [], app.ResultCollector([]), app.DoneIndex([]))
     body = cached_request("q", 0)
     body.pop("metadata")
-    prefix = app.cache_prefix(body)
+    prefix = cache_prefix(body)
 
     def job(n: int) -> app.Job:
-        return app.Job(n, body, b"{}", None, None, app.TokenEstimate(2000, 1900), prefix)
+        return app.Job(n, body, b"{}", None, None, app.TokenEstimate(2000, 1900, prefix))
 
     first, second, third = job(1), job(2), job(3)
     assert processor.may_send(first) is True  # cold: it writes the entry
