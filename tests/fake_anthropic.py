@@ -364,7 +364,8 @@ class FakeAnthropic:
         if fault == "429":
             self.stats.rate_limited += 1
             self.stats.rate_limited_times.append(time.monotonic())
-            return self.error(429, "rate_limit_error", "rate limited", {"retry-after": "1", "retry-after-ms": "300"})
+            return self.error(429, "rate_limit_error", "rate limited",
+                              {"retry-after": "1", "retry-after-ms": "300", **self.rate_limit_headers()})
         if fault == "spend":
             return self.error(429, "rate_limit_error", "spend limit reached",
                               details={"error_code": "enforced_spend_limit_reached"})
