@@ -614,7 +614,8 @@ BURST_SECONDS = 0.1  # buckets hold a tenth of a second's worth: sends are space
 AUTO_STARTING_LIMITS = {"requests": 40.0, "input-tokens": 24_000.0, "output-tokens": 6_400.0}  # 80% of Tier 1
 AUTO_SAFETY_MARGIN = 0.97  # with "auto", run this close to the limits the API reports
 TOKENS_REMAINING_ROUNDING = 500.0  # the API rounds token `remaining` figures to the nearest thousand
-BLIND_429_SLOWDOWN = 0.9  # a 429 that reports no limits (a proxy, say) lowers every rate by 10%
+BLIND_429_SLOWDOWN = 0.9  # a 429 that reports no limits (a proxy, say) lowers every rate by 10%...
+BLIND_429_RECOVERY_SECONDS = 30.0  # ...and each 30 s without one wins a step back
 
 
 class TokenBucket:
@@ -708,7 +709,7 @@ class Limit:
         changed = False
         if limit is not None and limit > 0 and limit != self.reported:
             self.reported = limit
-            rate = limit * AUTO_SAFETY_MARGIN if self.auto else min(self.configured, limit)
+            rate = self.allowed_rate()
             if rate != self.bucket.per_minute:
                 if self.auto:
                     log.info("The API reports a {} limit of {:,.0f}/min: running at {:,.0f}/min.", self.name, limit, rate)
@@ -724,6 +725,12 @@ class Limit:
             self.bucket.lower_to(remaining + (TOKENS_REMAINING_ROUNDING if self.name != "requests" else 0.0))
         return changed
 
+    def allowed_rate(self) -> float:
+        """The rate the settings and the reported limit allow: the most the run may go at."""
+        if self.reported is None:
+            return self.configured
+        return self.reported * AUTO_SAFETY_MARGIN if self.auto else min(self.configured, self.reported)
+
 
 class RateLimiter:
     """Gates every attempt on the request, input-token and (when set) output-token limits, and on
@@ -736,6 +743,7 @@ class RateLimiter:
                               if settings.max_output_tokens_per_minute is not None else None)
         self.limits = [limit for limit in (self.requests, self.input_tokens, self.output_tokens) if limit]
         self.paused_until = 0.0
+        self.last_blind_429: float | None = None  # while set, some rate is below what is allowed
 
     async def acquire(self, input_tokens: int, output_tokens: int) -> None:
         """Sleep until one request, `input_tokens` and `output_tokens` are available, then take them."""
@@ -764,6 +772,8 @@ class RateLimiter:
         now = time.monotonic()
         blind = headers is None or all(reported_limit(headers, limit.name)[0] is None for limit in self.limits)
         slow_down = blind and now >= self.paused_until
+        if blind:
+            self.last_blind_429 = now
         self.hold(seconds)
         for limit in self.limits:
             limit.bucket.drain()
@@ -772,6 +782,21 @@ class RateLimiter:
         if slow_down:
             log.warning("A 429 without rate-limit headers: slowing to {}.", self.describe())
         return slow_down
+
+    def recover(self) -> bool:
+        """After header-less 429s slowed the run, each `BLIND_429_RECOVERY_SECONDS` without one wins
+        back a step, up to the allowed rates: a proxy's bad minute must not slow a long run for good.
+        Called on each success; True when a rate changed."""
+        now = time.monotonic()
+        if self.last_blind_429 is None or now - self.last_blind_429 < BLIND_429_RECOVERY_SECONDS:
+            return False
+        slowed = [limit for limit in self.limits if limit.bucket.per_minute < limit.allowed_rate()]
+        for limit in slowed:
+            limit.bucket.set_rate(min(limit.allowed_rate(), limit.bucket.per_minute / BLIND_429_SLOWDOWN))
+        self.last_blind_429 = now if slowed else None
+        if slowed:
+            log.info("No 429 for {:.0f} s: speeding back up to {}.", BLIND_429_RECOVERY_SECONDS, self.describe())
+        return bool(slowed)
 
     def hold(self, seconds: float) -> None:
         """No attempt from any sender until `seconds` have passed; the event loop keeps running."""
@@ -1389,6 +1414,8 @@ class Processor:
             self.outputs.record(produced)
             if self.limiter.output_tokens:
                 self.limiter.output_tokens.bucket.give_back(job.charged_output_tokens - produced)
+        if self.limiter.recover():
+            self.stats.limits_in_force = self.limiter.describe()
         self.stats.add_usage(job.body["model"], usage)
         self.writer.write_result(job, response, raw)
         self.stats.succeeded += 1

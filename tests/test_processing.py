@@ -8,6 +8,8 @@ from collections import Counter
 import pytest
 from conftest import outputs, request, run_in_process, write_jsonl
 
+import api_request_parallel_processor as app
+
 
 @pytest.mark.parametrize("fault", ["529", "500", "502", "drop", "truncated", "slow", "429", "408", "409"])
 def test_each_retryable_fault_is_retried_until_it_succeeds(tmp_path, fake_server, fault):
@@ -245,6 +247,20 @@ def test_without_rate_limit_headers_429s_slow_the_run_down_until_they_stop(tmp_p
     assert any("A 429 without rate-limit headers: slowing to" in line for line in captured_logs)
     last_refusal = fake.stats.rate_limited_times[-1]
     assert last_refusal < fake.stats.accepted_times[-1] - 1  # the 429s stopped well before the end
+
+
+def test_after_header_less_429s_stop_the_run_speeds_back_up(tmp_path, fake_server, captured_logs, monkeypatch):
+    monkeypatch.setattr(app, "BLIND_429_RECOVERY_SECONDS", 0.3)  # 30 s in a real run
+    fake = fake_server()  # enforces no limit, so its 429s carry no rate-limit headers, like a proxy's
+    rows = [request(f"[[fault:429x1]] q{i}" if i in (0, 16, 32) else f"q{i}", i) for i in range(80)]  # then none
+    requests_path = write_jsonl(tmp_path / "r.jsonl", rows)
+
+    stats = run_in_process(requests_path, fake, max_requests_per_minute=2400)
+
+    assert stats.succeeded == 80 and fake.stats.rate_limited == 3
+    assert sum("A 429 without rate-limit headers: slowing to" in line for line in captured_logs) == 3
+    assert any("speeding back up to 2,400 requests/min" in line for line in captured_logs)
+    assert stats.limits_in_force.startswith("2,400 requests/min")
 
 
 def test_a_429_on_a_last_attempt_still_pauses_the_other_senders(tmp_path, fake_server):
