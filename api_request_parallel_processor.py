@@ -23,7 +23,8 @@ Design, in the order the file reads:
   The dispatcher sleeps until capacity is due (no polling); the API's rate-limit headers correct the
   buckets, and a 429's `retry-after` pauses every sender.
 - The API call and retries: each attempt is classified as the API documents it (retry 408, 409, 429,
-  5xx and network failures with backoff; fail 400, 403, 404, 413 at once; stop the run on 401).
+  5xx and network failures with backoff; fail 400, 403, 404, 413 at once; stop the run on 401), and
+  an outage holds every sender instead of failing every line.
 - Writing results: one unbuffered write per record, so a killed run leaves only whole lines; a lock
   keeps two runs off the same results file.
 - The main loop: one dispatcher task sends, one task per attempt waits for its response; SIGINT and
@@ -856,6 +857,10 @@ class OutputExpectation:
 
 RETRYABLE_STATUSES = frozenset({408, 409, 429})  # and every status >= 500
 MAX_HONOURED_RETRY_AFTER = 300.0  # seconds; a longer or missing retry-after falls back to backoff
+OUTAGE_LINES = 3  # different lines failing in a row with no answer or a 5xx...
+OUTAGE_MIN_SECONDS = 3.0  # ...and no answer for this long: an outage, not bad luck...
+OUTAGE_MAX_SECONDS = 900.0  # ...which the run waits out for 15 minutes at most
+OUTAGE = "an outage"  # what interrupts a run when the API stays down longer than that
 
 
 @dataclass
@@ -874,6 +879,11 @@ class Attempt:
     @property
     def rate_limited(self) -> bool:
         return self.status == 429
+
+    @property
+    def server_side(self) -> bool:
+        """No answer at all, or the server's own failure (5xx, 529 overloaded): nothing wrong with the request."""
+        return self.retryable and (self.status is None or self.status >= 500)
 
 
 def parse_retry_after(headers: Any) -> float | None:
@@ -897,6 +907,51 @@ def parse_retry_after(headers: Any) -> float | None:
 def backoff_seconds(attempt_number: int) -> float:
     """The SDK's exponential backoff with jitter: 0.5 s, 1 s, 2 s, ... capped at 8 s."""
     return min(0.5 * 2 ** (attempt_number - 1), 8.0) * (1 - 0.25 * random.random())
+
+
+class OutageWatch:
+    """Tells an outage (the API or the network down) from bad luck: `OUTAGE_LINES` different lines
+    failing in a row with no answer or a 5xx, and nothing else heard for `OUTAGE_MIN_SECONDS`. In
+    an outage every line's retries would run out within a minute, filling the errors file with
+    lines that were never at fault; the processor holds every sender instead and does not count
+    the attempts against the lines."""
+
+    def __init__(self) -> None:
+        self.failing_lines: set[int] = set()  # the lines that failed since the API last answered...
+        self.since = 0.0  # ...since when...
+        self.ongoing = False  # ...whether that makes an outage...
+        self.holds = 0  # ...how often every sender was held for it...
+        self.held_until = 0.0  # ...and until when
+
+    def record(self, line_number: int, attempt: Attempt) -> bool:
+        """Every attempt's outcome; True when it makes an outage begin."""
+        if not attempt.server_side:  # the API answered: whatever it said, it is up
+            if self.ongoing:
+                log.info("The API answers again after {}.", format_duration(self.seconds))
+            self.failing_lines.clear()
+            self.ongoing, self.holds = False, 0
+            return False
+        if not self.failing_lines:
+            self.since = time.monotonic()
+        self.failing_lines.add(line_number)
+        if self.ongoing or len(self.failing_lines) < OUTAGE_LINES or self.seconds < OUTAGE_MIN_SECONDS:
+            return False
+        self.ongoing = True
+        return True
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.since
+
+    def hold_seconds(self) -> float:
+        """How long every sender waits after a failure in an outage. Each request sent after a hold
+        that fails too makes the next hold longer, up to 8 s, so the run probes a dead API about once
+        every 8 s; requests that were in flight when a hold began do not lengthen it."""
+        now = time.monotonic()
+        if now >= self.held_until:
+            self.holds += 1
+            self.held_until = now + backoff_seconds(self.holds)
+        return self.held_until - now
 
 
 def interpret_response(status: int, headers: Any, raw: bytes) -> Attempt:
@@ -1174,7 +1229,7 @@ class RunStats:
     started: float = field(default_factory=time.monotonic)
     stopped_reason: str = ""
     key_rejected: bool = False
-    interrupted_by: str = ""  # "SIGINT" or "SIGTERM"
+    interrupted_by: str = ""  # "SIGINT", "SIGTERM" or OUTAGE
     limits_in_force: str = ""
     prefixes_cached: int = 0  # cached prefixes warmed whose response wrote or read the cache...
     prefixes_not_cached: int = 0  # ...and those whose response did neither
@@ -1199,8 +1254,10 @@ class RunStats:
 
     @property
     def exit_code(self) -> int:
-        """0 every line succeeded, 1 some failed, 2 the key was rejected (a configuration error),
-        130 or 143 interrupted by SIGINT or SIGTERM (rerun to continue)."""
+        """0 every line succeeded, 1 some failed, 2 the key was rejected (a configuration error), 3
+        stopped by an outage, 130 or 143 interrupted by SIGINT or SIGTERM (3 and up: rerun to continue)."""
+        if self.interrupted_by == OUTAGE:
+            return 3
         if self.interrupted_by:
             return 128 + signal.Signals[self.interrupted_by].value
         if self.key_rejected:
@@ -1251,6 +1308,7 @@ class Processor:
         self.prefixes: dict[int, CachedPrefix] = {}
         self.parked = 0  # requests waiting for their cached prefix to be written
         self.caching_reported = False
+        self.outage = OutageWatch()
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -1396,6 +1454,10 @@ class Processor:
             self.stats.in_flight -= 1
         if result.headers is not None and self.limiter.observe(result.headers):
             self.stats.limits_in_force = self.limiter.describe()
+        if self.outage.record(job.line_number, result):
+            log.warning("{} lines in a row got no answer or a 5xx (the last: {}): the API or the network is down. "
+                        "Holding every request and retrying without using up their attempts, for up to {}.",
+                        OUTAGE_LINES, redact(result.error, self.settings.api_key), format_duration(OUTAGE_MAX_SECONDS))
         if result.response is not None:
             self.succeed(job, result.response, result.raw)
         else:
@@ -1438,6 +1500,13 @@ class Processor:
         delay = result.retry_after if result.retry_after is not None else backoff_seconds(job.attempts)
         if result.rate_limited and self.limiter.pause(delay, result.headers):  # whether or not this one retries
             self.stats.limits_in_force = self.limiter.describe()
+        if result.server_side and self.outage.ongoing and not self.stats.stopped_reason:
+            if self.outage.seconds > OUTAGE_MAX_SECONDS:
+                self.interrupt(OUTAGE)  # the line stays unsent, like every other, for the next run
+                return
+            job.attempts -= 1  # the outage's attempt, not the line's
+            delay = self.outage.hold_seconds()
+            self.limiter.hold(delay)
         if result.retryable and job.attempts < self.settings.max_attempts and not self.stats.stopped_reason:
             self.stats.retries += 1
             log.debug("line {}: {}; retrying in {:.1f} s", job.line_number, message, delay)
@@ -1490,18 +1559,23 @@ class Processor:
 
     # -- stopping ----------------------------------------------------------------------------------
 
-    def interrupt(self, signal_name: str) -> None:
-        """SIGINT or SIGTERM: stop sending, let requests in flight finish within the grace period,
-        and leave everything unsent for the next run. A second signal abandons them at once."""
+    def interrupt(self, cause: str) -> None:
+        """SIGINT, SIGTERM or an outage too long to wait out: stop sending, let requests in flight
+        finish within the grace period, and leave everything unsent for the next run. A second
+        signal abandons them at once."""
         if self.stats.interrupted_by:
             log.warning("{} again: stopping now; {} request(s) in flight are abandoned, and the next run sends "
-                        "them again.", signal_name, len(self.tasks))
+                        "them again.", cause, len(self.tasks))
             for task in self.tasks:
                 task.cancel()
             return
-        self.stats.interrupted_by = signal_name
-        log.warning("{}: sending no new requests; waiting up to {:g} s for the {} in flight (again to stop now).",
-                    signal_name, self.settings.grace_period, self.stats.in_flight)
+        self.stats.interrupted_by = cause
+        if cause == OUTAGE:
+            log.error("No answer from the API for {}: stopping. The lines without a result are left for the next "
+                      "run: run the same command again once the API is back.", format_duration(self.outage.seconds))
+        else:
+            log.warning("{}: sending no new requests; waiting up to {:g} s for the {} in flight (again to stop now).",
+                        cause, self.settings.grace_period, self.stats.in_flight)
         for timer in self.retry_timers.values():
             timer.cancel()
         self.retry_timers.clear()
@@ -1916,7 +1990,7 @@ async def run_processor(config: Settings, lines: Iterable[tuple[int, Any]], coun
 
 def main(argv: list[str] | None = None) -> int:
     """The command line. Returns the exit code: 0 all succeeded, 1 some failed, 2 usage or
-    configuration error, 130/143 interrupted."""
+    configuration error, 3 stopped by an outage, 130/143 interrupted."""
     arguments = vars(build_argument_parser().parse_args(argv))
     dry = arguments.pop("dry_run")
     try:

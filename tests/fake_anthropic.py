@@ -9,7 +9,8 @@
   written on a miss and read on a hit; an entry exists only once the writing response is sent.
 - Faults, at random (`fault_rate`) or scripted inside a message's text: `[[fault:529x2]]` fails the
   first two attempts of that request with 529; `[[always:404]]` fails every attempt.
-  Kinds: 400 401 403 404 413 429 500 502 (HTML body) 529 spend drop truncated slow.
+  Kinds: 400 401 403 404 413 429 500 502 (HTML body) 529 spend drop truncated slow. An outage
+  (`outage_seconds`) drops every connection for a while from the first request.
 
 Run it alone with `python tests/fake_anthropic.py --port 8765` to try the processor by hand.
 """
@@ -67,6 +68,7 @@ class FakeConfig:
     fault_rate: float = 0.0
     fault_kinds: tuple[str, ...] = RANDOM_FAULTS
     slow_seconds: float = 3.0
+    outage_seconds: float = 0.0  # every request this soon after the first is dropped, as in a network outage
     rate_limit_headers: bool = True  # False: like a proxy that strips the anthropic-ratelimit-* headers
     min_cacheable_tokens: int = 1024
     seed: int = 1234
@@ -232,6 +234,8 @@ class FakeAnthropic:
         return None
 
     def choose_fault(self, body: dict[str, Any], key: str) -> str | None:
+        if time.monotonic() < self.stats.received_times[0] + self.config.outage_seconds:
+            return "drop"
         attempt = self.attempts[key]
         match = SCRIPTED_FAULT.search(json.dumps(body.get("messages")))
         if match:

@@ -152,6 +152,35 @@ def test_400_requests_under_20_percent_faults_end_exactly_once(tmp_path, fake_se
         assert len(errors) == stats.failed == sum(fake.stats.faults.values()) > 40
 
 
+def test_an_outage_is_waited_out_without_failing_lines_or_hammering_the_api(tmp_path, fake_server, captured_logs,
+                                                                           monkeypatch):
+    monkeypatch.setattr(app, "OUTAGE_MIN_SECONDS", 0.3)  # 3 s in a real run
+    fake = fake_server(outage_seconds=2.5)  # every connection dropped for 2.5 s from the first request
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(30)])
+
+    stats = run_in_process(requests_path, fake, max_attempts=3, max_requests_per_minute=1200)
+
+    results, errors = outputs(requests_path)
+    assert stats.succeeded == 30 and errors == [] and sorted(r[2]["row"] for r in results) == list(range(30))
+    during_outage = [t for t in fake.stats.received_times if t < fake.stats.received_times[0] + 2.5]
+    assert len(during_outage) <= 15  # held once noticed: unheld, 20 a second for 2.5 s would be 50 and more
+    assert any("the API or the network is down" in line for line in captured_logs)
+    assert any("The API answers again after" in line for line in captured_logs)
+
+
+def test_an_outage_longer_than_the_limit_stops_the_run_for_a_rerun(tmp_path, fake_server, monkeypatch):
+    monkeypatch.setattr(app, "OUTAGE_MIN_SECONDS", 0.3)  # 3 s in a real run
+    monkeypatch.setattr(app, "OUTAGE_MAX_SECONDS", 1.0)  # 15 minutes
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(20)])
+
+    stats = run_in_process(requests_path, fake_server(outage_seconds=600), max_requests_per_minute=1200)
+
+    assert stats.exit_code == 3 and stats.failed == 0 and outputs(requests_path) == ([], [])
+    stats = run_in_process(requests_path, fake_server(), max_requests_per_minute=1200)  # the API is back
+    results, errors = outputs(requests_path)
+    assert stats.exit_code == 0 and errors == [] and sorted(r[2]["row"] for r in results) == list(range(20))
+
+
 def test_paced_evenly_at_the_configured_rate_without_429s(tmp_path, fake_server):
     fake = fake_server(requests_per_minute=1200, burst_seconds=5)
     requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(100)])
