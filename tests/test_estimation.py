@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import api_request_parallel_processor as app
 
 
@@ -84,6 +86,16 @@ def test_without_an_encoding_it_warns_once_and_counts_characters(monkeypatch, ca
     assert first is second and first("12345678") == 2
     warnings = [line for line in captured_logs if line.startswith("WARNING") and "tiktoken" in line]
     assert len(warnings) == 1
+
+
+def test_a_tokenizer_download_that_hangs_is_given_up_on(monkeypatch, captured_logs):
+    monkeypatch.setattr(app, "_encoder", None)
+    monkeypatch.setattr(app, "TOKENIZER_LOAD_SECONDS", 0.2)
+    monkeypatch.setattr(app.tiktoken, "get_encoding", lambda name: time.sleep(5))  # a download that never ends
+    started = time.monotonic()
+    count = app.load_token_counter()
+    assert time.monotonic() - started < 1.5 and count("12345678") == 2
+    assert any("could not load its cl100k_base encoding within 0.2 s" in line for line in captured_logs)
 
 
 def test_an_encoding_that_cannot_load_is_skipped():
