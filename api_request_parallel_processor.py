@@ -1825,7 +1825,8 @@ def dry_run(config: Settings) -> int:
             cost = f"${low:,.2f} to ${high:,.2f}"
         print(f"  {model}: {plan.requests:,} requests, ~{plan.input_tokens:,} input tokens + {plan.cache_write_tokens:,}"
               f" cache write + {plan.cache_read_tokens:,} cache read (cl100k_base), up to {plan.max_output_tokens:,} "
-              f"output tokens, {len(plan.prefixes):,} distinct cached prefixes; cost {cost}")
+              f"output tokens, {len(plan.prefixes):,} distinct cached prefix{'' if len(plan.prefixes) == 1 else 'es'}; "
+              f"cost {cost}")
     if plans:
         print(f"Estimated cost: ${low_total:,.2f} to ${high_total:,.2f} at list prices of {PRICES_AS_OF} (input counted "
               f"{CLAUDE_TOKENS_PER_CL100K}x cl100k_base; output from {TYPICAL_OUTPUT_SHARE:.0%} to all of max_tokens)."

@@ -7,9 +7,10 @@ line: one long handbook in a cached system block, then a question):
 - "unique questions": each line asks its own question, as a real dataset would.
 
 Each is dry-run from the command line, as a user runs it, several times. Printed per file: the dry run's
-own figure for reading the file (best and median), the whole command's wall time (which adds start-up
-and loading the tokenizer), and the floor measured in the same run: reading the same file and
-json.loads of every line, in this process. The ratio to the floor is what a noisy machine does not move.
+own figure for reading the file (best and median; loading the tokenizer, about 0.2 s, is part of it),
+the whole command's wall time (which adds Python's start-up and imports), and the floor measured in the
+same run: reading the same file and json.loads of every line, in this process. The ratio to the floor
+is what a noisy machine moves least.
 
     python benchmarks/dry_run.py [--lines 10000] [--rounds 5]
 """

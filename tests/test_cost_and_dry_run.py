@@ -59,7 +59,7 @@ def test_dry_run_reports_per_model_without_key_or_network_and_writes_nothing(tmp
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "11 valid lines, 0 bad" in out and "Nothing was sent" in out
-    assert "claude-sonnet-4-5: 10 requests" in out and "1 distinct cached prefixes" in out
+    assert "claude-sonnet-4-5: 10 requests" in out and "1 distinct cached prefix;" in out
     assert "claude-haiku-4-5: 1 requests" in out
     assert "Estimated cost: $" in out and "Expected duration: about 0m16s, bound by requests/min (40/min)" in out
     assert sorted(path.name for path in tmp_path.iterdir()) == ["r.jsonl"]
