@@ -521,8 +521,8 @@ def load_token_counter() -> Callable[[str], int]:
             _encoder = lambda text: len(encoding.encode_ordinary(text))
         else:
             log.warning(
-                "tiktoken could not load its cl100k_base encoding within {:g} s (no internet?): estimating 4 "
-                "characters per token instead. The usage in each response keeps the run on target.",
+                "tiktoken could not load its cl100k_base encoding (no internet, or no answer within {:g} s): "
+                "estimating 4 characters per token instead. The usage in each response keeps the run on target.",
                 TOKENIZER_LOAD_SECONDS,
             )
             _encoder = lambda text: (len(text) + 3) // 4
