@@ -606,9 +606,10 @@ class TokenEstimator:
         marked, ttl = last_breakpoint(blocks)
         cached_prefix, prefix = 0, None
         if marked:
-            cached = (body.get("model"), blocks[:marked])
+            prefix_blocks = blocks[:marked]
+            cached = (body.get("model"), prefix_blocks)
             key, cached_prefix = (self.known_prefixes.recall(cached)
-                                  or self.known_prefixes.remember(cached, self.tokens_in(blocks[:marked])))
+                                  or self.known_prefixes.remember(cached, self.tokens_in(prefix_blocks)))
             prefix = key, ttl
         total = cached_prefix + self.tokens_in(blocks[marked:]) + TOKENS_PER_MESSAGE * len(body.get("messages") or [])
         return TokenEstimate(max(total, 1), cached_prefix, prefix)
