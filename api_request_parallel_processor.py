@@ -18,7 +18,7 @@ Design, in the order the file reads:
   record naming its line number and never stops the others. Lines that already have a result
   (matched by content) are skipped, so rerunning the same command resumes.
 - Token estimation: Claude's tokenizer is not public, so input tokens are estimated with tiktoken's
-  cl100k_base and the estimate is corrected from the `usage` of each response.
+  cl100k_base, scaled per model family, and the estimate is corrected from the `usage` of each response.
 - Rate limiting: continuously refilled token buckets for requests, input tokens and output tokens.
   The dispatcher sleeps until capacity is due (no polling); the API's rate-limit headers correct the
   buckets, and a 429's `retry-after` pauses every sender.
@@ -29,8 +29,10 @@ Design, in the order the file reads:
   keeps two runs off the same results file.
 - The main loop: one dispatcher task sends, one task per attempt waits for its response; SIGINT and
   SIGTERM stop it gracefully.
-- Reporting and entry points: `process_api_requests_from_file` and `process_requests` are coroutines
-  you can await (also in a notebook); `main()` is the command line.
+- Reporting: the status line, the dated price table (a row of prices per model, with long-prompt
+  tiers), the cost summary and the dry run.
+- Entry points: `process_api_requests_from_file` and `process_requests` are coroutines you can await
+  (also in a notebook); `main()` is the command line.
 """
 
 from __future__ import annotations
@@ -221,7 +223,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--start_over", action="store_true",
                         help="move earlier results aside and send every line again (default: resume)")
     parser.add_argument("--prices", default=None,
-                        help='JSON file of USD per million tokens, e.g. {"claude-sonnet-4-5": {"input": 3, "output": 15}}')
+                        help='JSON file of price rows in USD per million tokens, e.g. {"claude-sonnet-5-5": '
+                             '{"input": 2, "output": 10}} (see the README for cache and long-prompt prices)')
     parser.add_argument("--dry_run", action="store_true",
                         help="validate the file and estimate tokens, duration and cost; no key, no network")
     return parser
@@ -499,7 +502,8 @@ def last_breakpoint(blocks: list[tuple[str, Any]]) -> tuple[int, float]:
 
 
 def breakpoint_ttl(block: Any) -> float:
-    """The TTL in seconds of a block marked with `cache_control`, or 0 for an unmarked block."""
+    """The TTL in seconds of a block marked with `cache_control`, or 0 for an unmarked block. A request
+    body with a top-level `cache_control` (automatic caching) is read the same way."""
     control = block.get("cache_control") if isinstance(block, dict) else None
     if not isinstance(control, dict):
         return 0.0
@@ -604,6 +608,9 @@ class TokenEstimator:
     def estimate(self, body: dict[str, Any]) -> TokenEstimate:
         blocks = list(prompt_blocks(body))
         marked, ttl = last_breakpoint(blocks)
+        automatic = breakpoint_ttl(body)  # automatic caching: the API puts the breakpoint on the last block
+        if automatic and blocks:
+            marked, ttl = len(blocks), automatic
         cached_prefix, prefix = 0, None
         if marked:
             prefix_blocks = blocks[:marked]
@@ -620,6 +627,41 @@ class TokenEstimator:
 
 
 NOT_COUNTED_KEYS = frozenset({"type", "cache_control", "id", "tool_use_id", "signature", "citations"})
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the tool assumes of a model where no response has said better: Claude's tokens per cl100k_base
+    token (the starting point of a run's learned ratio, and the dry run's count), and the shortest prefix
+    the model caches (None: not published)."""
+
+    tokens_per_cl100k: float
+    min_cacheable_tokens: int | None
+
+
+DEFAULT_MODEL_FACTS = ModelFacts(1.3, None)  # Claude's tokenizer counts ~1.15-1.3x cl100k_base on English
+MODEL_FACTS = {  # by model-id prefix, the longest match wins; as of PRICES_AS_OF
+    "claude-sonnet-5": ModelFacts(1.4, 1024),  # Sonnet 5 and 5.5: the new tokenizer, ~1.35-1.45x
+    "claude-sonnet-4": ModelFacts(1.3, 1024),
+    "claude-opus-4-0": ModelFacts(1.3, 1024),
+    "claude-opus-4-1": ModelFacts(1.3, 1024),
+    "claude-opus-4-5": ModelFacts(1.3, 4096),
+    "claude-opus-4-6": ModelFacts(1.3, 4096),
+    "claude-opus-4-7": ModelFacts(1.3, 4096),
+    "claude-opus-4-8": ModelFacts(1.3, 1024),  # Opus 4.8 lowered the minimum from 4,096
+    "claude-haiku-4-5": ModelFacts(1.3, 4096),
+    "claude-3-5-haiku": ModelFacts(1.3, 2048),
+}
+
+
+def by_model_prefix(model: str, table: dict[str, Any]) -> Any:
+    """The entry of a table keyed by model-id prefix whose longest prefix matches `model`, or None."""
+    matches = [prefix for prefix in table if model.startswith(prefix)]
+    return table[max(matches, key=len)] if matches else None
+
+
+def model_facts(model: str) -> ModelFacts:
+    return by_model_prefix(model, MODEL_FACTS) or DEFAULT_MODEL_FACTS
 
 # ==================================================================================================
 # Rate limiting
@@ -823,19 +865,20 @@ class RateLimiter:
 
 
 class InputCalibration:
-    """The running ratio of input tokens the API counted to what we estimated.
+    """The running ratio of input tokens the API counted to what we estimated, for one model.
 
-    cl100k_base undercounts Claude's tokens by 15-45%; applying the learned ratio to new estimates
-    keeps the input-token bucket honest after the first few responses."""
+    cl100k_base undercounts Claude's tokens by 15-45%, by model family; applying the learned ratio to new
+    estimates keeps the input-token bucket honest. Until the first response, `prior` stands in."""
 
-    def __init__(self) -> None:
+    def __init__(self, prior: float = 1.0) -> None:
+        self.prior = prior
         self.estimated = 0
         self.actual = 0
 
     @property
     def ratio(self) -> float:
         if self.estimated < 1:
-            return 1.0
+            return self.prior
         return min(4.0, max(0.25, self.actual / self.estimated))
 
     def record(self, estimated: int, actual: int) -> None:
@@ -1202,7 +1245,7 @@ def run_lock(results_path: str) -> Iterator[None]:
 
 @dataclass
 class ModelUsage:
-    """What one model's responses reported in `usage`, split as the API bills it."""
+    """What one model's responses reported in `usage`, split as the API bills it, and what it cost."""
 
     requests: int = 0
     input_tokens: int = 0
@@ -1210,17 +1253,25 @@ class ModelUsage:
     cache_write_1h_tokens: int = 0
     cache_read_tokens: int = 0
     output_tokens: int = 0
+    cost: float = 0.0  # USD, each request at its own price (its prompt's tier, US-only, batch); 0 with no price
+    uncached_cost: float = 0.0  # what the same requests would have cost without prompt caching
 
-    def add(self, usage: dict[str, Any]) -> None:
-        self.requests += 1
-        self.input_tokens += usage.get("input_tokens") or 0
-        self.output_tokens += usage.get("output_tokens") or 0
-        self.cache_read_tokens += usage.get("cache_read_input_tokens") or 0
+    def add(self, usage: dict[str, Any], price: Price | None = None, us_only: bool = False,
+            batch: bool = False) -> None:
         written = usage.get("cache_creation_input_tokens") or 0
         split = usage.get("cache_creation") if isinstance(usage.get("cache_creation"), dict) else {}
         one_hour = min(written, split.get("ephemeral_1h_input_tokens") or 0)
-        self.cache_write_1h_tokens += one_hour
-        self.cache_write_5m_tokens += written - one_hour
+        tokens = (usage.get("input_tokens") or 0, written - one_hour, one_hour,
+                  usage.get("cache_read_input_tokens") or 0, usage.get("output_tokens") or 0)
+        self.requests += 1
+        self.input_tokens += tokens[0]
+        self.cache_write_5m_tokens += tokens[1]
+        self.cache_write_1h_tokens += tokens[2]
+        self.cache_read_tokens += tokens[3]
+        self.output_tokens += tokens[4]
+        if price is not None:
+            self.cost += price.cost(*tokens, us_only=us_only, batch=batch)
+            self.uncached_cost += price.cost(sum(tokens[:4]), 0, 0, 0, tokens[4], us_only=us_only, batch=batch)
 
     @property
     def cache_write_tokens(self) -> int:
@@ -1247,14 +1298,18 @@ class RunStats:
     limits_in_force: str = ""
     prefixes_cached: int = 0  # cached prefixes warmed whose response wrote or read the cache...
     prefixes_not_cached: int = 0  # ...and those whose response did neither
-    input_ratio: float = 1.0  # the learned ratio of the API's input-token count to cl100k_base's
+    input_ratios: dict[str, float] = field(default_factory=dict)  # per model: the API's input-token count
+    # to cl100k_base's, as learned from usage
+    prices: dict[str, Price] = field(default_factory=dict)
 
     @property
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
-    def add_usage(self, model: str, usage: dict[str, Any]) -> None:
-        self.by_model.setdefault(model, ModelUsage()).add(usage)
+    def add_usage(self, model: str, usage: dict[str, Any], us_only: bool = False) -> None:
+        if model not in self.by_model:
+            self.by_model[model] = ModelUsage()
+        self.by_model[model].add(usage, price_for(model, self.prices), us_only)
 
     @property
     def totals(self) -> ModelUsage:
@@ -1297,7 +1352,7 @@ class Processor:
     does the response that writes a cached prefix for the requests parked behind it)."""
 
     def __init__(self, settings: Settings, session: aiohttp.ClientSession, lines: Iterable[tuple[int, Any]],
-                 writer: ResultSink, done: DoneIndex) -> None:
+                 writer: ResultSink, done: DoneIndex, prices: dict[str, Price]) -> None:
         self.settings = settings
         self.session = session
         self.lines = lines
@@ -1309,7 +1364,7 @@ class Processor:
             "content-type": "application/json",
         }
         self.estimator = TokenEstimator()
-        self.calibration = InputCalibration()
+        self.calibrations: dict[str, InputCalibration] = {}  # by model
         self.limiter = RateLimiter(settings)
         self.outputs = OutputExpectation()
         self.slots = asyncio.Semaphore(settings.max_concurrent_requests)
@@ -1317,7 +1372,7 @@ class Processor:
         self.retry_timers: dict[Job, asyncio.TimerHandle] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.dispatcher: asyncio.Task[None] | None = None
-        self.stats = RunStats(limits_in_force=self.limiter.describe())
+        self.stats = RunStats(limits_in_force=self.limiter.describe(), prices=prices)
         self.unsettled = 0  # jobs read but not yet written to either file
         self.prefixes: dict[int, CachedPrefix] = {}
         self.parked = 0  # requests waiting for their cached prefix to be written
@@ -1439,7 +1494,7 @@ class Processor:
         """Wait for a slot and for capacity, then send the job's next attempt in its own task."""
         await self.slots.acquire()
         job.estimated_input_tokens = self.expected_input_tokens(job)
-        job.charged_input_tokens = self.calibration.scale(job.estimated_input_tokens)
+        job.charged_input_tokens = self.calibration(job.body["model"]).scale(job.estimated_input_tokens)
         job.charged_output_tokens = self.outputs.expected(job.body["max_tokens"]) if self.limiter.output_tokens else 0
         await self.limiter.acquire(job.charged_input_tokens, job.charged_output_tokens)
         job.attempts += 1
@@ -1449,6 +1504,11 @@ class Processor:
         task = asyncio.create_task(self.attempt(job))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    def calibration(self, model: str) -> InputCalibration:
+        if model not in self.calibrations:
+            self.calibrations[model] = InputCalibration(model_facts(model).tokens_per_cl100k)
+        return self.calibrations[model]
 
     def expected_input_tokens(self, job: Job) -> int:
         """Estimated tokens the input-token limit will count: cache reads do not, so a request whose
@@ -1483,8 +1543,9 @@ class Processor:
         usage = response.get("usage") if isinstance(response.get("usage"), dict) else {}
         actual = (usage.get("input_tokens") or 0) + (usage.get("cache_creation_input_tokens") or 0)
         if usage:
-            self.calibration.record(job.estimated_input_tokens, actual)
-            self.stats.input_ratio = self.calibration.ratio
+            calibration = self.calibration(job.body["model"])
+            calibration.record(job.estimated_input_tokens, actual)
+            self.stats.input_ratios[job.body["model"]] = calibration.ratio
             self.limiter.input_tokens.bucket.give_back(job.charged_input_tokens - actual)
             produced = usage.get("output_tokens") or 0
             self.outputs.record(produced)
@@ -1492,7 +1553,7 @@ class Processor:
                 self.limiter.output_tokens.bucket.give_back(job.charged_output_tokens - produced)
         if self.limiter.recover():
             self.stats.limits_in_force = self.limiter.describe()
-        self.stats.add_usage(job.body["model"], usage)
+        self.stats.add_usage(job.body["model"], usage, us_only=job.body.get("inference_geo") == "us")
         self.writer.write_result(job, response, raw)
         self.stats.succeeded += 1
         log.debug("line {}: done after {} attempt(s); usage {}", job.line_number, job.attempts, usage)
@@ -1633,8 +1694,11 @@ class Processor:
         self.stats.prefixes_not_cached += 1
         if self.stats.prefixes_not_cached > 1:
             return
-        hint = (f"its cached prefix is about {job.estimate.cached_prefix:,} tokens by our estimate; the minimum is "
-                "1,024 tokens for most Sonnet and Opus models and 2,048 or 4,096 for Haiku models")
+        model = job.body["model"]
+        tokens = self.calibration(model).scale(job.estimate.cached_prefix)
+        minimum = model_facts(model).min_cacheable_tokens
+        hint = (f"its cached prefix is about {tokens:,} tokens by our estimate; the minimum "
+                + (f"for {model} is {minimum:,} tokens" if minimum else "is 1,024 to 4,096 tokens, by model"))
         pause = CACHING_WARNING_PAUSE_SECONDS if self.settings.use_caching else 0.0
         log.warning("Line {} marks a cached prefix but its response shows no cache write or read: {}.{}",
                     job.line_number, hint, f" Going on in {pause:g} s (press Ctrl+C to stop)." if pause else "")
@@ -1666,11 +1730,14 @@ def status_line(stats: RunStats) -> str:
             progress += f", ETA {format_duration((stats.total - stats.finished) / (sent / minutes) * 60)}"
     else:
         progress += " lines"
+    ratios = "; input tokens " + ", ".join(
+        f"{ratio:.2f}x" if len(stats.input_ratios) == 1 else f"{ratio:.2f}x ({model})"
+        for model, ratio in sorted(stats.input_ratios.items())) + " cl100k_base" if stats.input_ratios else ""
     return (f"{progress} | {stats.succeeded:,} succeeded, {stats.failed:,} failed, {stats.bad_lines:,} bad, "
             f"{stats.already_done:,} done before, {stats.in_flight:,} in flight | {sent / minutes:,.0f} requests/min, "
             f"{(totals.input_tokens + totals.cache_write_tokens) / minutes:,.0f} input tokens/min, "
-            f"{totals.output_tokens / minutes:,.0f} output tokens/min (limits {stats.limits_in_force}; input tokens "
-            f"{stats.input_ratio:.2f}x cl100k_base) | {stats.retries:,} retries, {stats.rate_limited:,} rate-limited")
+            f"{totals.output_tokens / minutes:,.0f} output tokens/min (limits {stats.limits_in_force}{ratios}) | "
+            f"{stats.retries:,} retries, {stats.rate_limited:,} rate-limited")
 
 
 async def report_progress(stats: RunStats, interval: float, live: bool) -> None:
@@ -1685,112 +1752,164 @@ async def report_progress(stats: RunStats, interval: float, live: bool) -> None:
             log.info("Status: {}", status_line(stats))
 
 
-PRICES_AS_OF = "2026-11"  # Anthropic's list prices at that date; --prices adds to or replaces them
-CACHE_WRITE_5M_MULTIPLIER, CACHE_WRITE_1H_MULTIPLIER, CACHE_READ_MULTIPLIER = 1.25, 2.0, 0.1
+PRICES_AS_OF = "2026-11-25"  # the date of the table below; --prices adds to it or corrects it
+CACHE_MULTIPLIERS = {"cache_write_5m": 1.25, "cache_write_1h": 2.0, "cache_read": 0.1}  # of the input price
+US_ONLY_MULTIPLIER = 1.1  # `"inference_geo": "us"` (US-only inference), on every kind of token
+BATCH_MULTIPLIER = 0.5  # the Message Batches API, on every kind of token
 
 
 @dataclass(frozen=True)
 class Price:
-    """USD per million tokens."""
+    """One row of the price table: USD per million tokens. A model billed by the prompt's length has a
+    second row, `long_prompt`, for requests whose prompt (input, cache writes and cache reads together)
+    is over `long_prompt_over` tokens: the whole request is billed at it, output included."""
 
     input: float
     output: float
+    cache_write_5m: float
+    cache_write_1h: float
+    cache_read: float
+    long_prompt_over: int = 0
+    long_prompt: Price | None = None
+
+    def cost(self, input_tokens: int, write_5m: int, write_1h: int, read: int, output: int, *,
+             us_only: bool = False, batch: bool = False) -> float:
+        """USD for one request's tokens."""
+        prompt = input_tokens + write_5m + write_1h + read
+        row = self.long_prompt if self.long_prompt is not None and prompt > self.long_prompt_over else self
+        factor = (US_ONLY_MULTIPLIER if us_only else 1.0) * (BATCH_MULTIPLIER if batch else 1.0)
+        return factor * (input_tokens * row.input + write_5m * row.cache_write_5m + write_1h * row.cache_write_1h
+                         + read * row.cache_read + output * row.output) / 1e6
 
 
-DEFAULT_PRICES = {  # by model-id prefix; the longest prefix that matches a model wins
-    "claude-opus-4-5": Price(5, 25), "claude-opus-4-6": Price(5, 25), "claude-opus-5": Price(5, 25),
-    "claude-opus-4-0": Price(15, 75), "claude-opus-4-1": Price(15, 75), "claude-opus-4-2025": Price(15, 75),
-    "claude-sonnet-4-5": Price(3, 15), "claude-sonnet-4-6": Price(3, 15), "claude-sonnet-5": Price(2, 10),
-    "claude-haiku-4-5": Price(1, 5), "claude-3-5-haiku": Price(0.8, 4),
+def price_row(input: float, output: float, cache_write_5m: float | None = None, cache_write_1h: float | None = None,
+              cache_read: float | None = None, long_prompt: tuple[int, Price] | None = None) -> Price:
+    """A row of the table; cache prices left out follow from the input price by the standard multipliers."""
+    given = {"cache_write_5m": cache_write_5m, "cache_write_1h": cache_write_1h, "cache_read": cache_read}
+    cache = {name: input * CACHE_MULTIPLIERS[name] if value is None else value for name, value in given.items()}
+    over, long_row = long_prompt or (0, None)
+    return Price(input, output, **cache, long_prompt_over=over, long_prompt=long_row)
+
+
+SONNET_4_LONG_PROMPT = (200_000, price_row(6, 22.50))  # Sonnet 4 and 4.5 over 200K input tokens (the 1M context)
+# Anthropic's list prices on PRICES_AS_OF, by model-id prefix (the longest prefix that matches a model wins):
+#                                input output  write 5m  write 1h  read
+PRICE_TABLE: dict[str, Price] = {
+    "claude-fable-5-1": price_row(10.00, 50.00, 12.50, 20.00, 0.25),
+    "claude-mythos-5-1": price_row(10.00, 50.00, 12.50, 20.00, 0.25),
+    "claude-fable-5": price_row(10.00, 50.00, 12.50, 20.00, 1.00),
+    "claude-mythos-5": price_row(10.00, 50.00, 12.50, 20.00, 1.00),
+    "claude-opus-5-5": price_row(4.00, 20.00, 5.00, 8.00, 0.20),
+    "claude-opus-5": price_row(5.00, 25.00, 6.25, 10.00, 0.50),
+    "claude-opus-4-8": price_row(5.00, 25.00, 6.25, 10.00, 0.50),
+    "claude-opus-4-7": price_row(5.00, 25.00, 6.25, 10.00, 0.50),
+    "claude-opus-4-6": price_row(5.00, 25.00, 6.25, 10.00, 0.50),
+    "claude-opus-4-5": price_row(5.00, 25.00, 6.25, 10.00, 0.50),
+    "claude-opus-4-1": price_row(15.00, 75.00, 18.75, 30.00, 1.50),  # retired on the Claude API
+    "claude-opus-4-0": price_row(15.00, 75.00, 18.75, 30.00, 1.50),  # retired on the Claude API
+    "claude-opus-4-2025": price_row(15.00, 75.00, 18.75, 30.00, 1.50),  # Opus 4 by its dated id; retired
+    "claude-sonnet-5": price_row(2.00, 10.00, 2.50, 4.00, 0.20),  # Sonnet 5 and Sonnet 5.5
+    "claude-sonnet-4-6": price_row(3.00, 15.00, 3.75, 6.00, 0.30),
+    "claude-sonnet-4-5": price_row(3.00, 15.00, 3.75, 6.00, 0.30, SONNET_4_LONG_PROMPT),  # retires 2026-11-30
+    "claude-sonnet-4-0": price_row(3.00, 15.00, 3.75, 6.00, 0.30, SONNET_4_LONG_PROMPT),
+    "claude-sonnet-4-2025": price_row(3.00, 15.00, 3.75, 6.00, 0.30, SONNET_4_LONG_PROMPT),  # Sonnet 4, dated id
+    "claude-haiku-5-5": price_row(0.10, 0.50, long_prompt=(100_000, price_row(0.50, 2.50))),
+    "claude-haiku-4-5": price_row(1.00, 5.00, 1.25, 2.00, 0.10),
+    "claude-3-5-haiku": price_row(0.80, 4.00, 1.00, 1.60, 0.08),
 }
+PRICE_FIELDS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
+PRICES_EXAMPLE = ('{"claude-sonnet-5-5": {"input": 2, "output": 10, "cache_read": 0.2}, '
+                  '"my-model": {"input": 1, "output": 5, "long_prompt": {"over": 100000, "input": 2, "output": 10}}}')
 
 
 def load_prices(path: str | None) -> dict[str, Price]:
-    """The built-in table, plus or overridden by a JSON file of {"model prefix": {"input": x, "output": y}}."""
-    prices = dict(DEFAULT_PRICES)
+    """The built-in table, plus or corrected by a JSON file of rows by model-id prefix, in USD per million
+    tokens: {"prefix": {"input": x, "output": y}} at least; any of "cache_write_5m", "cache_write_1h",
+    "cache_read" and a "long_prompt" row (with "over", its token threshold) may be added."""
+    prices = dict(PRICE_TABLE)
     if path is None:
         return prices
     try:
         with open(path, encoding="utf-8") as file:
             given = json.load(file)
-        prices.update({model: Price(float(price["input"]), float(price["output"])) for model, price in given.items()})
+        prices.update({prefix: parse_price_row(row) for prefix, row in given.items()})
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
-        raise ConfigError(f"--prices {path}: expected {{\"model\": {{\"input\": 3, \"output\": 15}}}} in USD per "
-                          f"million tokens ({type(error).__name__}: {error})") from None
+        raise ConfigError(f"--prices {path}: expected rows like {PRICES_EXAMPLE}, in USD per million tokens "
+                          f"({type(error).__name__}: {error})") from None
     return prices
 
 
+def parse_price_row(row: dict[str, Any], tier: bool = False) -> Price:
+    """A row of a --prices file (`tier`: the long-prompt row inside one, which names its threshold)."""
+    unknown = set(row) - {*PRICE_FIELDS, "over" if tier else "long_prompt"}
+    if unknown:
+        raise KeyError(f"unknown field(s) {', '.join(sorted(unknown))}")
+    long_prompt = row.get("long_prompt")
+    long_tier = (int(long_prompt["over"]), parse_price_row(long_prompt, tier=True)) if long_prompt else None
+    cache = (None if row.get(name) is None else float(row[name]) for name in PRICE_FIELDS[2:])
+    return price_row(float(row["input"]), float(row["output"]), *cache, long_prompt=long_tier)
+
+
 def price_for(model: str, prices: dict[str, Price]) -> Price | None:
-    matches = [prefix for prefix in prices if model.startswith(prefix)]
-    return prices[max(matches, key=len)] if matches else None
+    return by_model_prefix(model, prices)
 
 
-def usage_cost(usage: ModelUsage, price: Price) -> float:
-    """USD, with cache writes at 1.25x (5 minutes) or 2x (1 hour) the input price and reads at 0.1x."""
-    return (usage.input_tokens * price.input
-            + usage.cache_write_5m_tokens * price.input * CACHE_WRITE_5M_MULTIPLIER
-            + usage.cache_write_1h_tokens * price.input * CACHE_WRITE_1H_MULTIPLIER
-            + usage.cache_read_tokens * price.input * CACHE_READ_MULTIPLIER
-            + usage.output_tokens * price.output) / 1e6
-
-
-def uncached_cost(usage: ModelUsage, price: Price) -> float:
-    """What the same tokens would have cost sent without prompt caching."""
-    all_input = usage.input_tokens + usage.cache_write_tokens + usage.cache_read_tokens
-    return (all_input * price.input + usage.output_tokens * price.output) / 1e6
-
-
-def log_costs(stats: RunStats, prices: dict[str, Price]) -> None:
-    """Per model: requests, tokens as billed, cost in USD and what caching saved."""
+def log_costs(stats: RunStats) -> None:
+    """Per model: requests, tokens as billed, cost in USD and what caching saved; then the total."""
     for model, usage in sorted(stats.by_model.items()):
-        price = price_for(model, prices)
-        if price is None:
+        if price_for(model, stats.prices) is None:
             cost = f"no price known for {model}: give one with --prices to see its cost"
         else:
-            cost = f"${usage_cost(usage, price):,.4f}"
+            cost = f"${usage.cost:,.4f}"
             if usage.cache_write_tokens or usage.cache_read_tokens:
-                cost += f" (caching saved ${uncached_cost(usage, price) - usage_cost(usage, price):,.4f})"
+                cost += f" (caching saved ${usage.uncached_cost - usage.cost:,.4f})"
         log.info("{}: {:,} requests | tokens: {:,} input, {:,} cache write (5 min), {:,} cache write (1 h), {:,} cache "
                  "read, {:,} output | {}", model, usage.requests, usage.input_tokens, usage.cache_write_5m_tokens,
                  usage.cache_write_1h_tokens, usage.cache_read_tokens, usage.output_tokens, cost)
-    priced = [(usage, price_for(model, prices)) for model, usage in stats.by_model.items()]
-    if len(priced) > 1 and all(price for _, price in priced):
-        log.info("Cost: ${:,.4f} in all, at list prices of {}.", sum(usage_cost(u, p) for u, p in priced),
-                 PRICES_AS_OF)
+    if len(stats.by_model) > 1 and all(price_for(model, stats.prices) for model in stats.by_model):
+        log.info("Cost: ${:,.4f} in all, at the list prices of {}.", stats.totals.cost, PRICES_AS_OF)
 
 
 TYPICAL_OUTPUT_SHARE = 0.25  # of max_tokens: the low end of a dry run's cost range (the high end is all of it)
-CLAUDE_TOKENS_PER_CL100K = 1.3  # Claude's tokenizer counts about 1.15-1.45x what cl100k_base does
 
 
 @dataclass
 class ModelPlan:
-    """A dry run's estimate for one model's requests."""
+    """A dry run's estimate for one model's requests: the tokens by cl100k_base, and the usage (and so the
+    cost) the API would report, with Claude's count, from a typical share of max_tokens produced (`low`)
+    to all of it (`high`). Each request is priced on its own, as the API bills it."""
 
+    tokens_per_cl100k: float = DEFAULT_MODEL_FACTS.tokens_per_cl100k
+    price: Price | None = None
     requests: int = 0
     input_tokens: int = 0  # not in a cached prefix, by cl100k_base
     cache_write_tokens: int = 0  # the first request of each distinct cached prefix writes it...
     cache_read_tokens: int = 0  # ...and the others read it
     max_output_tokens: int = 0
     prefixes: set[int] = field(default_factory=set)
+    low: ModelUsage = field(default_factory=ModelUsage)
+    high: ModelUsage = field(default_factory=ModelUsage)
 
-    def add(self, estimate: TokenEstimate, max_tokens: int) -> None:
-        self.requests += 1
-        self.max_output_tokens += max_tokens
-        self.input_tokens += estimate.total - estimate.cached_prefix
-        if estimate.prefix is None:
-            return
-        if estimate.prefix[0] in self.prefixes:
-            self.cache_read_tokens += estimate.cached_prefix
-        else:
+    def add(self, estimate: TokenEstimate, body: dict[str, Any]) -> None:
+        uncached, written, read = estimate.total - estimate.cached_prefix, 0, 0
+        if estimate.prefix is not None and estimate.prefix[0] in self.prefixes:
+            read = estimate.cached_prefix
+        elif estimate.prefix is not None:
             self.prefixes.add(estimate.prefix[0])
-            self.cache_write_tokens += estimate.cached_prefix
-
-    def expected_usage(self, output_share: float) -> ModelUsage:
-        """The usage the API would report, with Claude's token count and a share of max_tokens produced."""
-        scale = CLAUDE_TOKENS_PER_CL100K
-        return ModelUsage(self.requests, round(self.input_tokens * scale), round(self.cache_write_tokens * scale), 0,
-                          round(self.cache_read_tokens * scale), round(self.max_output_tokens * output_share))
+            written = estimate.cached_prefix
+        self.requests += 1
+        self.input_tokens += uncached
+        self.cache_write_tokens += written
+        self.cache_read_tokens += read
+        self.max_output_tokens += body["max_tokens"]
+        scale = self.tokens_per_cl100k
+        one_hour = written if estimate.prefix is not None and estimate.prefix[1] >= CACHE_TTL_SECONDS["1h"] else 0
+        usage = {"input_tokens": round(uncached * scale), "cache_creation_input_tokens": round(written * scale),
+                 "cache_creation": {"ephemeral_1h_input_tokens": round(one_hour * scale)},
+                 "cache_read_input_tokens": round(read * scale)}
+        us_only = body.get("inference_geo") == "us"
+        for expected, share in ((self.low, TYPICAL_OUTPUT_SHARE), (self.high, 1.0)):
+            expected.add({**usage, "output_tokens": round(body["max_tokens"] * share)}, self.price, us_only)
 
 
 def dry_run(config: Settings) -> int:
@@ -1808,30 +1927,25 @@ def dry_run(config: Settings) -> int:
         except BadLine as problem:
             bad.append(f"line {line_number}: {problem}")
             continue
-        plan = plans.get(body["model"]) or plans.setdefault(body["model"], ModelPlan())
-        plan.add(estimator.estimate(body), body["max_tokens"])
+        model = body["model"]
+        plan = plans.get(model) or plans.setdefault(
+            model, ModelPlan(model_facts(model).tokens_per_cl100k, price_for(model, prices)))
+        plan.add(estimator.estimate(body), body)
     valid = sum(plan.requests for plan in plans.values())
     print(f"Dry run of {config.requests_filepath}: {valid:,} valid lines, {len(bad):,} bad "
           f"(read in {time.perf_counter() - started:.2f} s). Nothing was sent.")
-    low_total = high_total = 0.0
     for model, plan in sorted(plans.items()):
-        price = price_for(model, prices)
-        if price is None:
-            cost = "no price known: give one with --prices"
-            low_total = high_total = math.nan
-        else:
-            low = usage_cost(plan.expected_usage(TYPICAL_OUTPUT_SHARE), price)
-            high = usage_cost(plan.expected_usage(1.0), price)
-            low_total, high_total = low_total + low, high_total + high
-            cost = f"${low:,.2f} to ${high:,.2f}"
+        cost = (f"${plan.low.cost:,.2f} to ${plan.high.cost:,.2f}" if plan.price is not None
+                else "no price known: give one with --prices")
         print(f"  {model}: {plan.requests:,} requests, ~{plan.input_tokens:,} input tokens + {plan.cache_write_tokens:,}"
-              f" cache write + {plan.cache_read_tokens:,} cache read (cl100k_base), up to {plan.max_output_tokens:,} "
-              f"output tokens, {len(plan.prefixes):,} distinct cached prefix{'' if len(plan.prefixes) == 1 else 'es'}; "
-              f"cost {cost}")
+              f" cache write + {plan.cache_read_tokens:,} cache read (cl100k_base; Claude counts about "
+              f"{plan.tokens_per_cl100k:.2f}x), up to {plan.max_output_tokens:,} output tokens, {len(plan.prefixes):,} "
+              f"distinct cached prefix{'' if len(plan.prefixes) == 1 else 'es'}; cost {cost}")
     if plans:
-        print(f"Estimated cost: ${low_total:,.2f} to ${high_total:,.2f} at list prices of {PRICES_AS_OF} (input counted "
-              f"{CLAUDE_TOKENS_PER_CL100K}x cl100k_base; output from {TYPICAL_OUTPUT_SHARE:.0%} to all of max_tokens)."
-              if not math.isnan(low_total) else "Estimated cost: unknown for the models without a price.")
+        print(f"Estimated cost: ${sum(p.low.cost for p in plans.values()):,.2f} to "
+              f"${sum(p.high.cost for p in plans.values()):,.2f} at the list prices of {PRICES_AS_OF} (output from "
+              f"{TYPICAL_OUTPUT_SHARE:.0%} to all of max_tokens)." if all(p.price for p in plans.values())
+              else "Estimated cost: unknown for the models without a price.")
         print(expected_duration(config, plans))
     for problem in bad[:20]:
         print(f"  bad {problem}")
@@ -1847,10 +1961,10 @@ def expected_duration(config: Settings, plans: dict[str, ModelPlan]) -> str:
 
     needs = [("requests/min", sum(p.requests for p in plans.values()),
               per_minute(config.max_requests_per_minute, "requests")),
-             ("input tokens/min", sum(p.input_tokens + p.cache_write_tokens for p in plans.values())
-              * CLAUDE_TOKENS_PER_CL100K, per_minute(config.max_tokens_per_minute, "input-tokens"))]
+             ("input tokens/min", sum(p.high.input_tokens + p.high.cache_write_tokens for p in plans.values()),
+              per_minute(config.max_tokens_per_minute, "input-tokens"))]
     if config.max_output_tokens_per_minute is not None:
-        needs.append(("output tokens/min", sum(p.max_output_tokens for p in plans.values()) * TYPICAL_OUTPUT_SHARE,
+        needs.append(("output tokens/min", sum(p.low.output_tokens for p in plans.values()),
                       per_minute(config.max_output_tokens_per_minute, "output-tokens")))
     name, amount, limit = max(needs, key=lambda need: need[1] / need[2])
     auto = AUTO in (config.max_requests_per_minute, config.max_tokens_per_minute, config.max_output_tokens_per_minute)
@@ -1859,10 +1973,10 @@ def expected_duration(config: Settings, plans: dict[str, ModelPlan]) -> str:
                else "."))
 
 
-def log_summary(stats: RunStats, settings: Settings, prices: dict[str, Price]) -> None:
+def log_summary(stats: RunStats, settings: Settings) -> None:
     verb = f"Interrupted by {stats.interrupted_by}" if stats.interrupted_by else "Finished"
     log.info("{} after {:.1f} s: {}", verb, stats.elapsed, status_line(stats))
-    log_costs(stats, prices)
+    log_costs(stats)
     if settings.save_filepath:
         log.info("Results saved to {}", settings.save_filepath)
     if stats.failed or stats.bad_lines:
@@ -1962,7 +2076,7 @@ async def run(config: Settings, lines: Iterable[tuple[int, Any]], count_total: C
              config.max_output_tokens_per_minute or "unpaced", config.max_attempts)
     if config.save_filepath is None:
         assert collector is not None, "a run without a results file must collect its results"
-        stats = await run_processor(config, lines, count_total, collector, DoneIndex([]))
+        stats = await run_processor(config, lines, count_total, collector, DoneIndex([]), prices)
     else:
         try:
             with run_lock(config.save_filepath):
@@ -1973,23 +2087,23 @@ async def run(config: Settings, lines: Iterable[tuple[int, Any]], count_total: C
                     collector.files = files
                     sink = collector
                 try:
-                    stats = await run_processor(config, lines, count_total, sink, done)
+                    stats = await run_processor(config, lines, count_total, sink, done, prices)
                 finally:
                     sink.close()
         except OSError as error:
             raise ConfigError(f"cannot write results to {config.save_filepath}: {error.strerror}") from None
-    log_summary(stats, config, prices)
+    log_summary(stats, config)
     return stats
 
 
 async def run_processor(config: Settings, lines: Iterable[tuple[int, Any]], count_total: Callable[[], int],
-                        sink: ResultSink, done: DoneIndex) -> RunStats:
+                        sink: ResultSink, done: DoneIndex, prices: dict[str, Price]) -> RunStats:
     """One session, one processor, with its progress reporter, line counter and signal handlers."""
     connector = aiohttp.TCPConnector(limit=config.max_concurrent_requests)
     timeout = aiohttp.ClientTimeout(total=config.request_timeout)
     live = sys.stderr.isatty()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        processor = Processor(config, session, lines, sink, done)
+        processor = Processor(config, session, lines, sink, done, prices)
         counter = asyncio.create_task(asyncio.to_thread(count_total))
         counter.add_done_callback(lambda task: setattr(processor.stats, "total", task.result()))
         reporter = asyncio.create_task(report_progress(processor.stats, config.status_interval, live))

@@ -21,7 +21,7 @@ __all__ = ["API_KEY", "MODEL", "cpu_seconds", "fake_server_process", "small_requ
            "write_requests"]
 
 
-MODEL = "claude-sonnet-4-5"
+MODEL = "claude-sonnet-5-5"
 
 
 def free_port() -> int:

@@ -90,7 +90,7 @@ def measure(scenario: Scenario, seconds: float, folder: Path) -> str:
     return (f"{scenario.name:<55} steady {achieved:>9,.0f}/min of {scenario.limit:>7,.0f} = "
             f"{achieved / scenario.limit:5.1%}   429s {rate_limited:>3} of {sent:>4} requests = "
             f"{rate_limited / sent:5.1%}   ({stats.succeeded} succeeded, input ratio learned "
-            f"{stats.input_ratio:.2f})")
+            f"{', '.join(f'{ratio:.2f}' for ratio in stats.input_ratios.values())})")
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ is about 2,000 tokens by cl100k_base, and more by Claude's count.
 import json
 from pathlib import Path
 
-MODEL = "claude-sonnet-4-5"
+MODEL = "claude-sonnet-5-5"  # Sonnet 5 and later reject non-default temperature, top_p and top_k
 
 TOPICS = ["onboarding", "expenses", "travel", "security", "remote work", "hardware", "leave", "training",
           "code review", "incident response", "on-call", "hiring", "performance reviews", "procurement",

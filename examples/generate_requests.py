@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-MODEL = "claude-sonnet-4-5"
+MODEL = "claude-sonnet-5-5"  # Sonnet 5 and later reject non-default temperature, top_p and top_k
 N_REQUESTS = 10
 
 filename = Path(__file__).parent / "test_requests_to_parallel_process.jsonl"
@@ -11,7 +11,6 @@ jobs = [
     {
         "model": MODEL,
         "max_tokens": 1024,
-        "temperature": 0,
         "messages": [{"role": "user", "content": f"How much is 8 * {x}?"}],
         "metadata": {"row_id": x},
     }

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fake_anthropic import API_KEY, FakeAnthropic, FakeConfig, ServerThread
 
-MODEL = "claude-sonnet-4-5"
+MODEL = "claude-sonnet-5-5"
 
 
 @pytest.fixture

@@ -1,12 +1,14 @@
 """A fake Anthropic Messages API on 127.0.0.1, faithful where the processor's behaviour depends on it.
 
 - Checks `x-api-key` (401) and `anthropic-version` (400); validates bodies the way the API does,
-  rejecting unknown top-level keys and unknown `metadata` keys with 400 "Extra inputs are not permitted".
+  rejecting unknown top-level keys and unknown `metadata` keys with 400 "Extra inputs are not permitted",
+  and, for Sonnet 5 and later, non-default `temperature`, `top_p`, `top_k` and manual extended thinking.
 - Enforces continuous token buckets for requests, input tokens and output tokens, each holding
   `burst_seconds` of capacity, answering 429 with `retry-after` and `anthropic-ratelimit-*` headers.
   Input tokens are counted as `token_ratio` times cl100k_base, as Claude's tokenizer counts more.
-- Prompt caching: the prefix up to the last `cache_control` block (tools, system, messages) is
-  written on a miss and read on a hit; an entry exists only once the writing response is sent.
+- Prompt caching: the prefix up to the last `cache_control` block (tools, system, messages), or up to
+  the last block with a top-level `cache_control` (automatic caching), is written on a miss and read on
+  a hit; an entry exists only once the writing response is sent.
 - Faults, at random (`fault_rate`) or scripted inside a message's text: `[[fault:529x2]]` fails the
   first two attempts of that request with 529; `[[always:404]]` fails every attempt.
   Kinds: 400 401 403 404 413 429 500 502 (HTML body) 529 spend drop truncated slow. An outage
@@ -37,8 +39,11 @@ RANDOM_FAULTS = ("529", "500", "502", "drop", "truncated", "slow", "429")
 SCRIPTED_FAULT = re.compile(r"\[\[(fault|always):(\w+?)(?:x(\d+))?\]\]")
 TOP_LEVEL_KEYS = frozenset({
     "model", "max_tokens", "messages", "system", "tools", "tool_choice", "thinking", "temperature", "top_p",
-    "top_k", "stop_sequences", "stream", "service_tier", "metadata", "container", "mcp_servers",
+    "top_k", "stop_sequences", "stream", "service_tier", "metadata", "container", "mcp_servers", "cache_control",
+    "output_config", "inference_geo", "speed", "context_management",
 })
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0}  # top_k has no default value: any is non-default
+STRICT_SAMPLING_MODELS = ("claude-sonnet-5",)  # Sonnet 5 and later: non-default sampling and manual thinking are 400s
 
 
 def _load_counter() -> Any:
@@ -135,18 +140,26 @@ def text_of(value: Any) -> str:
     return ""
 
 
-def segments(body: dict[str, Any]) -> list[tuple[Any, bool]]:
-    """The request's cacheable parts in the API's order, each with whether it carries cache_control."""
-    parts: list[tuple[Any, bool]] = []
+def breakpoint_ttl(holder: Any) -> str | None:
+    """"5m" or "1h" for a block (or, automatic caching, a body) carrying cache_control, else None."""
+    control = holder.get("cache_control") if isinstance(holder, dict) else None
+    return control.get("ttl", "5m") if isinstance(control, dict) else None
+
+
+def segments(body: dict[str, Any]) -> list[tuple[Any, str | None]]:
+    """The request's cacheable parts in the API's order, each with the TTL of its cache_control, if any."""
+    parts: list[tuple[Any, str | None]] = []
     for tool in body.get("tools") or []:
-        parts.append((json.dumps(tool), "cache_control" in tool))
+        parts.append((json.dumps(tool), breakpoint_ttl(tool)))
     system = body.get("system")
     for block in system if isinstance(system, list) else [system] if system else []:
-        parts.append((block, isinstance(block, dict) and "cache_control" in block))
+        parts.append((block, breakpoint_ttl(block)))
     for message in body["messages"]:
         content = message["content"]
         for block in content if isinstance(content, list) else [content]:
-            parts.append(({"role": message["role"], "block": block}, isinstance(block, dict) and "cache_control" in block))
+            parts.append(({"role": message["role"], "block": block}, breakpoint_ttl(block)))
+    if breakpoint_ttl(body) and parts:  # automatic caching: the API puts the breakpoint on the last block
+        parts[-1] = (parts[-1][0], breakpoint_ttl(body))
     return parts
 
 
@@ -231,6 +244,12 @@ class FakeAnthropic:
             return "max_tokens: Field required"
         if not isinstance(body.get("messages"), list) or not body["messages"]:
             return "messages: Field required"
+        if body["model"].startswith(STRICT_SAMPLING_MODELS):
+            for name in ("temperature", "top_p", "top_k"):
+                if name in body and body[name] != SAMPLING_DEFAULTS.get(name):
+                    return f"{name}: this model does not support setting {name}; remove it"
+            if isinstance(body.get("thinking"), dict) and body["thinking"].get("type") == "enabled":
+                return "thinking.type: 'enabled' is not supported for this model; thinking is adaptive"
         return None
 
     def choose_fault(self, body: dict[str, Any], key: str) -> str | None:
@@ -281,7 +300,7 @@ class FakeAnthropic:
         parts = segments(body)
         tokens = [self.count_tokens(part) for part, _ in parts]
         total = sum(tokens)
-        last_breakpoint = max((i for i, (_, marked) in enumerate(parts) if marked), default=-1)
+        last_breakpoint = max((i for i, (_, ttl) in enumerate(parts) if ttl), default=-1)
         prefix_tokens = sum(tokens[: last_breakpoint + 1])
         prefix_key = ""
         if last_breakpoint >= 0 and prefix_tokens >= self.config.min_cacheable_tokens:
@@ -302,8 +321,9 @@ class FakeAnthropic:
         low, high = self.config.latency
         if high > 0:
             await asyncio.sleep(self.random.uniform(low, high))
-        if prefix_key:
-            self.cache[prefix_key] = time.monotonic() + 300  # written (or refreshed) as the response is sent
+        ttl = parts[last_breakpoint][1] if last_breakpoint >= 0 else None
+        if prefix_key:  # written (or refreshed) as the response is sent
+            self.cache[prefix_key] = time.monotonic() + (3600 if ttl == "1h" else 300)
         if self.output is not None:  # refund what was charged up front, or charge what was produced
             self.output.refill()
             charged = body["max_tokens"] if self.config.output_charging == "max_tokens" else 0
@@ -319,7 +339,9 @@ class FakeAnthropic:
             "content": [{"type": "text", "text": f"Echo: {last_text[:60]}"}],
             "stop_reason": "end_turn", "stop_sequence": None,
             "usage": {"input_tokens": input_tokens, "output_tokens": produced,
-                      "cache_creation_input_tokens": cache_write, "cache_read_input_tokens": cache_read},
+                      "cache_creation_input_tokens": cache_write, "cache_read_input_tokens": cache_read,
+                      "cache_creation": {"ephemeral_5m_input_tokens": cache_write if ttl != "1h" else 0,
+                                         "ephemeral_1h_input_tokens": cache_write if ttl == "1h" else 0}},
         }
         data = json.dumps(message).encode()
         headers = {"request-id": self.next_id("req"), **self.rate_limit_headers()}

@@ -46,7 +46,7 @@ def test_use_caching_warns_about_a_too_short_prefix_and_gives_time_to_stop(tmp_p
 
     assert stats.succeeded == 4
     (warning,) = [line for line in captured_logs if "no cache write or read" in line]
-    assert warning.startswith("WARNING") and "minimum is 1,024 tokens" in warning and "Ctrl+C" in warning
+    assert warning.startswith("WARNING") and "the minimum for claude-sonnet-5-5 is 1,024 tokens" in warning and "Ctrl+C" in warning
     assert fake.stats.received_times[1] - fake.stats.answered_times[0] >= 0.55
 
 
@@ -125,7 +125,7 @@ def test_each_cached_prefix_is_written_once_while_other_prefixes_keep_flowing(tm
 def test_a_prefix_unused_for_longer_than_its_ttl_is_warmed_again(monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr(app.time, "monotonic", lambda: clock[0])
-    processor = app.Processor(app.Settings(api_key="k"), None, [], app.ResultCollector([]), app.DoneIndex([]))
+    processor = app.Processor(app.Settings(api_key="k"), None, [], app.ResultCollector([]), app.DoneIndex([]), {})
     body = cached_request("q", 0)
     body.pop("metadata")
     prefix = cache_prefix(body)
@@ -142,3 +142,35 @@ def test_a_prefix_unused_for_longer_than_its_ttl_is_warmed_again(monkeypatch):
     assert processor.may_send(second) is True and processor.expected_input_tokens(second) == 100  # warm
     clock[0] += 301  # past the 5-minute TTL
     assert processor.may_send(third) is True and processor.expected_input_tokens(third) == 2000  # cold again
+
+
+def test_automatic_caching_puts_the_breakpoint_on_the_last_block():
+    estimator = app.TokenEstimator(len)
+    conversation = [{"role": "user", "content": "A long question"}, {"role": "assistant", "content": "An answer"},
+                    {"role": "user", "content": [{"type": "text", "text": "Go on"}]}]
+    body = {"model": "m", "max_tokens": 5, "system": "Be brief.", "messages": conversation,
+            "cache_control": {"type": "ephemeral", "ttl": "1h"}}
+    estimate = estimator.estimate(body)
+    assert estimate.prefix is not None and estimate.prefix[1] == 3600
+    assert estimate.cached_prefix == estimate.total - 3 * app.TOKENS_PER_MESSAGE  # everything is in the prefix
+    assert estimator.estimate(dict(body)).prefix == estimate.prefix
+    longer = {**body, "messages": [*conversation, {"role": "assistant", "content": "More"}]}
+    assert estimator.estimate(longer).prefix != estimate.prefix
+    marked_by_hand = {**body, "cache_control": None, "messages": [*conversation[:2], {"role": "user", "content": [
+        {"type": "text", "text": "Go on", "cache_control": {"type": "ephemeral", "ttl": "1h"}}]}]}
+    assert estimator.estimate(marked_by_hand).cached_prefix == estimate.cached_prefix
+
+
+def test_automatic_caching_is_warmed_once_like_a_marked_block(tmp_path, fake_server, captured_logs):
+    fake = fake_server(latency=(0.2, 0.2))
+    body = request(LONG_DOCUMENT, cache_control={"type": "ephemeral"})
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [{**body, "metadata": {"row": i}} for i in range(6)])
+
+    stats = asyncio.run(app.process_api_requests_from_file(
+        str(requests_path), request_url=fake.url, api_key=API_KEY, use_caching=True,
+        max_requests_per_minute=60000, max_tokens_per_minute=10_000_000))
+
+    assert stats.succeeded == 6 and stats.prefixes_cached == 1
+    assert fake.stats.cache_write_tokens > 0 and fake.stats.cache_read_tokens == 5 * fake.stats.cache_write_tokens
+    assert all(t >= fake.stats.answered_times[0] for t in fake.stats.received_times[1:])
+    assert not any("marks no cache_control" in line for line in captured_logs)

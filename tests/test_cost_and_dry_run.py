@@ -5,47 +5,148 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ROOT, request, run_cli, run_in_process, write_jsonl
+from conftest import ROOT, outputs, request, run_cli, run_in_process, write_jsonl
 
 import api_request_parallel_processor as app
 
+DOCUMENT = "The committee reviewed the annual report line by line and took careful notes. " * 150
 
-def test_cost_applies_the_cache_multipliers():
+# Anthropic's pricing page of late 2026, typed in by hand (USD per million tokens): input, 5-minute cache write,
+# 1-hour cache write, cache read, output. One model id per row of the built-in table.
+HAND_PRICES = {
+    "claude-fable-5-1": (10, 12.50, 20, 0.25, 50),
+    "claude-mythos-5-1-20261020": (10, 12.50, 20, 0.25, 50),
+    "claude-fable-5-20260601": (10, 12.50, 20, 1, 50),
+    "claude-mythos-5": (10, 12.50, 20, 1, 50),
+    "claude-opus-5-5": (4, 5, 8, 0.20, 20),
+    "claude-opus-5-20260301": (5, 6.25, 10, 0.50, 25),
+    "claude-opus-4-8": (5, 6.25, 10, 0.50, 25),
+    "claude-opus-4-7": (5, 6.25, 10, 0.50, 25),
+    "claude-opus-4-6": (5, 6.25, 10, 0.50, 25),
+    "claude-opus-4-5-20251101": (5, 6.25, 10, 0.50, 25),
+    "claude-opus-4-1-20250805": (15, 18.75, 30, 1.50, 75),
+    "claude-opus-4-0": (15, 18.75, 30, 1.50, 75),
+    "claude-opus-4-20250514": (15, 18.75, 30, 1.50, 75),
+    "claude-sonnet-5-5": (2, 2.50, 4, 0.20, 10),
+    "claude-sonnet-5": (2, 2.50, 4, 0.20, 10),
+    "claude-sonnet-4-6": (3, 3.75, 6, 0.30, 15),
+    "claude-sonnet-4-5-20250929": (3, 3.75, 6, 0.30, 15),
+    "claude-sonnet-4-0": (3, 3.75, 6, 0.30, 15),
+    "claude-sonnet-4-20250514": (3, 3.75, 6, 0.30, 15),
+    "claude-haiku-5-5": (0.10, 0.125, 0.20, 0.01, 0.50),
+    "claude-haiku-4-5-20251001": (1, 1.25, 2, 0.10, 5),
+    "claude-3-5-haiku-20241022": (0.80, 1, 1.60, 0.08, 4),
+}
+# The whole request at another row when its prompt (input + cache writes + cache reads) is over the threshold.
+HAND_LONG_PROMPT = {
+    "claude-haiku-5-5": (100_000, (0.50, 0.625, 1.0, 0.05, 2.50)),
+    "claude-sonnet-4-5-20250929": (200_000, (6, 7.50, 12, 0.60, 22.50)),
+    "claude-sonnet-4-0": (200_000, (6, 7.50, 12, 0.60, 22.50)),
+    "claude-sonnet-4-20250514": (200_000, (6, 7.50, 12, 0.60, 22.50)),
+}
+
+
+def hand_cost(model: str, usage: dict, us_only: bool) -> float:
+    written, read = usage["cache_creation_input_tokens"], usage["cache_read_input_tokens"]
+    one_hour = usage["cache_creation"]["ephemeral_1h_input_tokens"]
+    row = HAND_PRICES[model]
+    over, long_row = HAND_LONG_PROMPT.get(model, (None, None))
+    if over is not None and usage["input_tokens"] + written + read > over:
+        row = long_row
+    cost = (usage["input_tokens"] * row[0] + (written - one_hour) * row[1] + one_hour * row[2] + read * row[3]
+            + usage["output_tokens"] * row[4]) / 1e6
+    return cost * 1.1 if us_only else cost
+
+
+def cached(question: str, ttl: str | None = None, **extra) -> dict:
+    control = {"type": "ephemeral", **({"ttl": ttl} if ttl else {})}
+    system = [{"type": "text", "text": DOCUMENT, "cache_control": control}]
+    return request(question, system=system, **extra)
+
+
+def test_every_models_cost_matches_a_hand_computation(tmp_path, fake_server, captured_logs):
+    fake = fake_server(output_tokens=300)
+    rows = []
+    for model in HAND_PRICES:  # a 5-minute write, reads of it, a 1-hour write and a US-only request
+        rows += [cached("first", model=model), cached("second", model=model), cached("third", model=model),
+                 cached("hourly", "1h", model=model, messages=[{"role": "user", "content": "other"}]),
+                 request("plain", model=model, inference_geo="us")]
+    rows += [request("word " * 80_000, model="claude-haiku-5-5"),  # ~104,000 tokens by the fake's count
+             request("word " * 160_000, model="claude-sonnet-4-5-20250929")]  # ~208,000 tokens
+    requests_path = write_jsonl(tmp_path / "r.jsonl", rows)
+
+    stats = run_in_process(requests_path, fake)
+
+    results, errors = outputs(requests_path)
+    assert stats.succeeded == len(rows) and not errors
+    expected: dict[str, float] = {}
+    for body, response in results:
+        cost = hand_cost(body["model"], response["usage"], body.get("inference_geo") == "us")
+        expected[body["model"]] = expected.get(body["model"], 0.0) + cost
+    assert set(stats.by_model) == set(HAND_PRICES)
+    for model, usage in stats.by_model.items():
+        assert usage.cost == pytest.approx(expected[model], rel=1e-9, abs=1e-12), model
+        (line,) = [line for line in captured_logs if line.startswith(f"INFO {model}:")]
+        assert f"| ${expected[model]:,.4f}" in line, line
+    assert stats.totals.cache_write_1h_tokens and stats.totals.cache_write_5m_tokens and stats.totals.cache_read_tokens
+    total = next(line for line in captured_logs if line.startswith("INFO Cost: $"))
+    assert f"${sum(expected.values()):,.4f} in all" in total
+    long_haiku = next(response["usage"] for body, response in results
+                      if body["model"] == "claude-haiku-5-5" and len(body["messages"][0]["content"]) > 100_000)
+    assert long_haiku["input_tokens"] > 100_000  # the long-prompt tier was exercised
+
+
+def test_a_price_row_bills_each_kind_of_token_and_the_long_prompt_tier():
+    row = app.price_row(3, 15, long_prompt=(200_000, app.price_row(6, 22.5)))
+    assert (row.cache_write_5m, row.cache_write_1h, row.cache_read) == (3.75, 6.0, pytest.approx(0.3))
+    # 1,000 x 3 + 2,000 x 3.75 + 1,000 x 6 + 10,000 x 0.3 + 2,000 x 15, per million
+    assert row.cost(1000, 2000, 1000, 10_000, 2000) == pytest.approx((3000 + 7500 + 6000 + 3000 + 30_000) / 1e6)
+    assert row.cost(200_000, 0, 0, 0, 1000) == pytest.approx((200_000 * 3 + 1000 * 15) / 1e6)  # not over
+    assert row.cost(150_000, 0, 0, 60_000, 1000) == pytest.approx((150_000 * 6 + 60_000 * 0.6 + 1000 * 22.5) / 1e6)
+    assert row.cost(1000, 0, 0, 0, 0, us_only=True) == pytest.approx(0.0033)
+    assert row.cost(1000, 0, 0, 0, 1000, batch=True) == pytest.approx((3000 + 15_000) / 2 / 1e6)
+
     usage = app.ModelUsage()
     usage.add({"input_tokens": 1000, "output_tokens": 2000, "cache_creation_input_tokens": 3000,
-               "cache_read_input_tokens": 10_000, "cache_creation": {"ephemeral_1h_input_tokens": 1000}})
+               "cache_read_input_tokens": 10_000, "cache_creation": {"ephemeral_1h_input_tokens": 1000}}, row)
     assert (usage.cache_write_5m_tokens, usage.cache_write_1h_tokens) == (2000, 1000)
-    price = app.Price(input=3, output=15)
-    # 1,000 x 3 + 2,000 x 3 x 1.25 + 1,000 x 3 x 2 + 10,000 x 3 x 0.1 + 2,000 x 15, per million
-    assert app.usage_cost(usage, price) == pytest.approx((3000 + 7500 + 6000 + 3000 + 30_000) / 1e6)
-    assert app.uncached_cost(usage, price) == pytest.approx((14_000 * 3 + 2000 * 15) / 1e6)
+    assert usage.cost == pytest.approx((3000 + 7500 + 6000 + 3000 + 30_000) / 1e6)
+    assert usage.uncached_cost == pytest.approx((14_000 * 3 + 2000 * 15) / 1e6)
 
 
-def test_prices_match_the_longest_prefix_and_a_file_overrides_them(tmp_path):
+def test_prices_match_the_longest_prefix_and_a_file_overrides_them_in_either_form(tmp_path):
     prices = app.load_prices(None)
-    assert app.price_for("claude-sonnet-4-5-20250929", prices) == app.Price(3, 15)
-    assert app.price_for("claude-opus-4-1-20250805", prices) == app.Price(15, 75)
-    assert app.price_for("claude-opus-4-5", prices) == app.Price(5, 25)
+    assert app.price_for("claude-opus-5-5-20261101", prices).input == 4
+    assert app.price_for("claude-opus-5-20260301", prices).input == 5
+    assert app.price_for("claude-fable-5-1", prices).cache_read == 0.25
+    assert app.price_for("claude-fable-5", prices).cache_read == 1
     assert app.price_for("my-fine-tune", prices) is None
     override = tmp_path / "prices.json"
-    override.write_text(json.dumps({"claude-sonnet-4-5": {"input": 1.5, "output": 7.5}, "my-fine": {"input": 1,
-                                                                                                   "output": 2}}))
+    override.write_text(json.dumps({
+        "claude-sonnet-5-5": {"input": 1.5, "output": 7.5},  # the old two-field form
+        "my-fine": {"input": 1, "output": 2, "cache_read": 0.05, "cache_write_1h": 1.5,
+                    "long_prompt": {"over": 50_000, "input": 2, "output": 4}},
+    }))
     prices = app.load_prices(str(override))
-    assert app.price_for("claude-sonnet-4-5", prices) == app.Price(1.5, 7.5)
-    assert app.price_for("my-fine-tune", prices) == app.Price(1, 2)
-    (tmp_path / "bad.json").write_text('{"x": {"input": 1}}')
-    with pytest.raises(app.ConfigError, match="--prices"):
-        app.load_prices(str(tmp_path / "bad.json"))
+    assert app.price_for("claude-sonnet-5-5", prices) == app.price_row(1.5, 7.5)
+    assert app.price_for("claude-sonnet-5-5", prices).cache_write_5m == 1.875
+    assert app.price_for("my-fine-tune", prices) == app.price_row(1, 2, None, 1.5, 0.05, (50_000, app.price_row(2, 4)))
+    assert app.price_for("claude-haiku-4-5", prices).input == 1  # the rest of the table stays
+    for bad in ('{"x": {"input": 1}}', '{"x": {"input": 1, "output": 2, "cache_reads": 1}}', '[1]'):
+        (tmp_path / "bad.json").write_text(bad)
+        with pytest.raises(app.ConfigError, match="--prices .*claude-sonnet-5-5"):
+            app.load_prices(str(tmp_path / "bad.json"))
 
 
 def test_the_summary_gives_tokens_and_cost_per_model(tmp_path, fake_server, captured_logs):
     fake = fake_server()
     rows = [request("a", 0), request("b", 1), request("c", 2, model="my-own-model")]
     run_in_process(write_jsonl(tmp_path / "r.jsonl", rows), fake)
-    sonnet = next(line for line in captured_logs if line.startswith("INFO claude-sonnet-4-5:"))
+    sonnet = next(line for line in captured_logs if line.startswith("INFO claude-sonnet-5-5:"))
     assert "2 requests" in sonnet and "40 output" in sonnet and "$0.000" in sonnet
     own = next(line for line in captured_logs if line.startswith("INFO my-own-model:"))
     assert "1 requests" in own and "no price known for my-own-model: give one with --prices" in own
+    assert not any(line.startswith("INFO Cost:") for line in captured_logs)  # no total when one model has no price
 
 
 def test_dry_run_reports_per_model_without_key_or_network_and_writes_nothing(tmp_path):
@@ -59,10 +160,21 @@ def test_dry_run_reports_per_model_without_key_or_network_and_writes_nothing(tmp
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "11 valid lines, 0 bad" in out and "Nothing was sent" in out
-    assert "claude-sonnet-4-5: 10 requests" in out and "1 distinct cached prefix;" in out
+    assert "claude-sonnet-5-5: 10 requests" in out and "1 distinct cached prefix;" in out
+    assert "Claude counts about 1.40x" in out and "Claude counts about 1.30x" in out  # per model family
     assert "claude-haiku-4-5: 1 requests" in out
     assert "Estimated cost: $" in out and "Expected duration: about 0m16s, bound by requests/min (40/min)" in out
     assert sorted(path.name for path in tmp_path.iterdir()) == ["r.jsonl"]
+
+
+def test_dry_run_prices_each_request_at_its_own_tier():
+    tokens = app.TokenEstimate(total=90_000)  # 1.4x for Sonnet 5.5, 1.3x here: 117,000 tokens, over Haiku 5.5's 100K
+    plan = app.ModelPlan(1.3, app.price_for("claude-haiku-5-5", app.load_prices(None)))
+    plan.add(tokens, {"max_tokens": 1000})
+    plan.add(app.TokenEstimate(total=1000), {"max_tokens": 1000, "inference_geo": "us"})
+    long_cost = (117_000 * 0.5 + 1000 * 2.5) / 1e6
+    short_cost = (1300 * 0.1 + 1000 * 0.5) / 1e6 * 1.1
+    assert plan.high.cost == pytest.approx(long_cost + short_cost)
 
 
 def test_dry_run_lists_bad_lines_and_exits_1(tmp_path):
@@ -75,8 +187,9 @@ def test_dry_run_lists_bad_lines_and_exits_1(tmp_path):
 
 
 def test_dry_run_names_the_binding_limit():
-    plans = {"m": app.ModelPlan(requests=100, input_tokens=1_000_000, max_output_tokens=100_000)}
+    plan = app.ModelPlan(requests=100)
+    plan.high.input_tokens, plan.low.output_tokens = 1_000_000, 25_000
     config = app.Settings(requests_filepath="x.jsonl", max_requests_per_minute=1000, max_tokens_per_minute=100_000)
-    assert "bound by input tokens/min (100,000/min)" in app.expected_duration(config, plans)
+    assert "bound by input tokens/min (100,000/min)" in app.expected_duration(config, {"m": plan})
     config.max_output_tokens_per_minute = 1000
-    assert "bound by output tokens/min (1,000/min)" in app.expected_duration(config, plans)
+    assert "bound by output tokens/min (1,000/min)" in app.expected_duration(config, {"m": plan})

@@ -302,3 +302,19 @@ def test_a_429_on_a_last_attempt_still_pauses_the_other_senders(tmp_path, fake_s
     assert stats.failed == 1 and stats.succeeded == 14
     (refused,) = fake.stats.rate_limited_times
     assert [t for t in fake.stats.received_times if refused + 0.02 < t < refused + 0.28] == []
+
+
+def test_new_top_level_fields_pass_through_and_sampling_rules_are_the_apis(tmp_path, fake_server):
+    fake = fake_server()
+    rows = [request("new fields", 0, output_config={"effort": "low"}, inference_geo="us", speed="fast"),
+            request("sampling on an older model", 1, model="claude-sonnet-4-5", temperature=0),
+            request("sampling on Sonnet 5.5", 2, temperature=0)]
+    requests_path = write_jsonl(tmp_path / "r.jsonl", rows)
+
+    run_in_process(requests_path, fake)
+
+    results, errors = outputs(requests_path)
+    assert sorted(record[2]["row"] for record in results) == [0, 1]
+    assert results[[r[2]["row"] for r in results].index(0)][0]["output_config"] == {"effort": "low"}
+    (error,) = errors
+    assert error[2] == {"row": 2} and "HTTP 400 invalid_request_error: temperature" in error[1][0]
