@@ -41,11 +41,13 @@ import argparse
 import asyncio
 import bisect
 import hashlib
+import ipaddress
 import json
 import math
 import os
 import random
 import signal
+import socket
 import sys
 import threading
 import time
@@ -58,6 +60,12 @@ from datetime import datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+# Run as a command (`python api_request_parallel_processor.py ...`, or `%run` in IPython), or pasted into a
+# notebook cell: a kernel runs a cell as `__main__` too, but a cell has no `__file__`. There this file is a
+# library: it defines everything and runs nothing, and the next cell can `await process_requests(...)`.
+RUN_AS_COMMAND = __name__ == "__main__" and "__file__" in globals()
 
 try:
     import aiohttp
@@ -65,7 +73,7 @@ try:
     from dotenv import find_dotenv, load_dotenv
     from loguru import logger
 except ImportError as missing:  # the command line says what to do; an importer gets the ImportError
-    if __name__ != "__main__":
+    if not RUN_AS_COMMAND:
         raise
     print(f"error: the package {missing.name!r} is not installed: run  pip install -r requirements.txt",
           file=sys.stderr)
@@ -125,12 +133,40 @@ class Settings:
         for name in ("max_attempts", "max_concurrent_requests"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ConfigError(f"{name} must be a whole number of at least 1, got {getattr(self, name)!r}")
+        problem = url_problem(self.request_url)
+        if problem:
+            raise ConfigError(f"request_url {self.request_url!r} cannot be used: {problem}")
         if self.save_filepath is None and self.requests_filepath is not None:
             self.save_filepath = default_save_filepath(self.requests_filepath)
 
     @property
     def errors_filepath(self) -> str:
         return str(Path(self.save_filepath).with_suffix("")) + "_errors.jsonl"
+
+
+def url_problem(url: str) -> str | None:
+    """Why a request URL cannot be used at all, or None."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as error:
+        return str(error)
+    if parts.scheme not in ("https", "http"):
+        return "it must start with https://"
+    if not parts.hostname:
+        return "it names no host"
+    return None
+
+
+def unencrypted_host(url: str) -> str | None:
+    """The host of a plain http:// URL that leaves this machine (the key would travel in the clear), else None."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or parts.hostname == "localhost":
+        return None
+    try:
+        return None if ipaddress.ip_address(parts.hostname).is_loopback else parts.hostname
+    except ValueError:  # a host name, not an address
+        return parts.hostname
 
 
 def default_save_filepath(requests_filepath: str) -> str:
@@ -918,6 +954,7 @@ OUTAGE_LINES = 3  # different lines failing in a row with no answer or a 5xx...
 OUTAGE_MIN_SECONDS = 3.0  # ...and no answer for this long: an outage, not bad luck...
 OUTAGE_MAX_SECONDS = 900.0  # ...which the run waits out for 15 minutes at most
 OUTAGE = "an outage"  # what interrupts a run when the API stays down longer than that
+UNUSABLE_ADDRESS = "an address that cannot be used"  # what interrupts a run whose first attempts cannot connect
 
 
 @dataclass
@@ -932,6 +969,7 @@ class Attempt:
     status: int | None = None
     authentication_failed: bool = False
     headers: Any = None  # the response's headers, for the rate-limit figures
+    unusable_address: str = ""  # why the host cannot be used (no such name, no TLS), a typo more than a fault
 
     @property
     def rate_limited(self) -> bool:
@@ -1060,7 +1098,20 @@ async def send_attempt(session: aiohttp.ClientSession, url: str, headers: dict[s
     except TimeoutError:
         return Attempt(error=f"no complete response within {timeout:g} s", retryable=True)
     except aiohttp.ClientError as error:
-        return Attempt(error=f"network error: {type(error).__name__}: {error}", retryable=True)
+        return Attempt(error=f"network error: {type(error).__name__}: {error}", retryable=True,
+                       unusable_address=address_problem(error))
+
+
+def address_problem(error: aiohttp.ClientError) -> str:
+    """What makes the address unusable, for the network errors that say so: a host name that does not
+    resolve, or a host that TLS cannot be set up with. Empty for the others (refused, reset: an outage)."""
+    if isinstance(error, (aiohttp.ClientSSLError, aiohttp.ClientConnectorCertificateError)):
+        return f"no secure connection can be made ({error})"
+    if isinstance(error, aiohttp.ClientConnectorError) and isinstance(error.os_error, socket.gaierror):
+        return f"the host name does not resolve ({error.os_error.strerror})"
+    if isinstance(error, aiohttp.InvalidURL):
+        return f"the URL is not valid ({error})"
+    return ""
 
 
 # ==================================================================================================
@@ -1294,7 +1345,7 @@ class RunStats:
     started: float = field(default_factory=time.monotonic)
     stopped_reason: str = ""
     key_rejected: bool = False
-    interrupted_by: str = ""  # "SIGINT", "SIGTERM" or OUTAGE
+    interrupted_by: str = ""  # "SIGINT", "SIGTERM", OUTAGE or UNUSABLE_ADDRESS
     limits_in_force: str = ""
     prefixes_cached: int = 0  # cached prefixes warmed whose response wrote or read the cache...
     prefixes_not_cached: int = 0  # ...and those whose response did neither
@@ -1323,10 +1374,13 @@ class RunStats:
 
     @property
     def exit_code(self) -> int:
-        """0 every line succeeded, 1 some failed, 2 the key was rejected (a configuration error), 3
-        stopped by an outage, 130 or 143 interrupted by SIGINT or SIGTERM (3 and up: rerun to continue)."""
+        """0 every line succeeded, 1 some failed, 2 the key was rejected or the address cannot be used (a
+        configuration error), 3 stopped by an outage, 130 or 143 interrupted by SIGINT or SIGTERM (3 and up:
+        rerun to continue)."""
         if self.interrupted_by == OUTAGE:
             return 3
+        if self.interrupted_by == UNUSABLE_ADDRESS:
+            return 2
         if self.interrupted_by:
             return 128 + signal.Signals[self.interrupted_by].value
         if self.key_rejected:
@@ -1378,6 +1432,7 @@ class Processor:
         self.parked = 0  # requests waiting for their cached prefix to be written
         self.caching_reported = False
         self.outage = OutageWatch()
+        self.answered = False  # whether any HTTP response came back in this run
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -1526,6 +1581,12 @@ class Processor:
         finally:
             self.slots.release()
             self.stats.in_flight -= 1
+        self.answered |= result.status is not None
+        if result.unusable_address and not self.answered and not self.stats.interrupted_by:
+            log.error("Cannot use {}: {}. Nothing was ever answered there: check --request_url and the network. "
+                      "Stopping; every line is left for the next run.", urlsplit(self.settings.request_url).hostname,
+                      result.unusable_address)
+            self.interrupt(UNUSABLE_ADDRESS)
         if result.headers is not None and self.limiter.observe(result.headers):
             self.stats.limits_in_force = self.limiter.describe()
         if self.outage.record(job.line_number, result):
@@ -1635,9 +1696,9 @@ class Processor:
     # -- stopping ----------------------------------------------------------------------------------
 
     def interrupt(self, cause: str) -> None:
-        """SIGINT, SIGTERM or an outage too long to wait out: stop sending, let requests in flight
-        finish within the grace period, and leave everything unsent for the next run. A second
-        signal abandons them at once."""
+        """SIGINT, SIGTERM, an outage too long to wait out or an address that cannot be used: stop sending,
+        let requests in flight finish within the grace period, and leave everything unsent for the next run.
+        A second signal abandons them at once."""
         if self.stats.interrupted_by:
             log.warning("{} again: stopping now; {} request(s) in flight are abandoned, and the next run sends "
                         "them again.", cause, len(self.tasks))
@@ -1648,7 +1709,7 @@ class Processor:
         if cause == OUTAGE:
             log.error("No answer from the API for {}: stopping. The lines without a result are left for the next "
                       "run: run the same command again once the API is back.", format_duration(self.outage.seconds))
-        else:
+        elif cause != UNUSABLE_ADDRESS:  # which the caller has explained
             log.warning("{}: sending no new requests; waiting up to {:g} s for the {} in flight (again to stop now).",
                         cause, self.settings.grace_period, self.stats.in_flight)
         for timer in self.retry_timers.values():
@@ -1985,7 +2046,8 @@ def log_summary(stats: RunStats, settings: Settings) -> None:
     if stats.rate_limited:
         log.warning("{:,} rate limit (429) responses: consider lower --max_*_per_minute figures.", stats.rate_limited)
     if stats.interrupted_by:
-        log.warning("Run the same command again to send the lines that have no result yet.")
+        log.warning("Run the same command again{} to send the lines that have no result yet.",
+                    " once --request_url is right" if stats.interrupted_by == UNUSABLE_ADDRESS else "")
 
 
 # ==================================================================================================
@@ -2070,6 +2132,9 @@ async def run(config: Settings, lines: Iterable[tuple[int, Any]], count_total: C
     config.api_key = resolve_api_key(config.api_key)
     prices = load_prices(config.prices)
     log.threshold = config.logging_level
+    if unencrypted_host(config.request_url):
+        log.warning("--request_url is plain http:// to {}: the API key would cross the network unencrypted. Use "
+                    "https://.", unencrypted_host(config.request_url))
     log.info("Processing {} -> {} at up to {} requests/min, {} input tokens/min and {} output tokens/min "
              "({} attempts per request)", config.requests_filepath or "a list of requests",
              config.save_filepath or "memory", config.max_requests_per_minute, config.max_tokens_per_minute,
@@ -2136,5 +2201,5 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
+if RUN_AS_COMMAND:
     sys.exit(main())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import API_KEY, ROOT, cli_args, outputs, read_jsonl, request, run_cli, write_jsonl
@@ -59,6 +60,9 @@ def test_key_is_read_from_a_dotenv_file(tmp_path, fake_server):
     (["--requests_filepath", "r.jsonl", "--api_key", "k", "--logging_level", "LOUD"], "logging_level"),
     (["--requests_filepath", "r.jsonl", "--api_key", "k", "--use_caching", "maybe"], "--use_caching"),
     (["--requests_filepath", "r.jsonl", "--api_key", "k", "--no_such_flag", "1"], "unrecognized"),
+    (["--requests_filepath", "r.jsonl", "--api_key", "k", "--request_url", "api.anthropic.com/v1"], "https://"),
+    (["--requests_filepath", "r.jsonl", "--api_key", "k", "--request_url", "https:///v1/messages"], "no host"),
+    (["--requests_filepath", "r.jsonl", "--api_key", "k", "--request_url", "https://x:port/v1"], "cannot be used"),
 ])
 def test_usage_errors_give_one_line_and_exit_2(tmp_path, args, expected):
     write_jsonl(tmp_path / "r.jsonl", [request("hi")])
@@ -152,3 +156,34 @@ def test_a_missing_dependency_is_one_line_not_a_traceback(package):
                             timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"error: the package {package!r} is not installed: run  pip install -r requirements.txt"
+
+
+def test_an_unresolvable_host_stops_the_run_at_once_with_exit_2_and_leaves_every_line(tmp_path, fake_server):
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(5)])
+    started = time.monotonic()
+    result = run_cli("--requests_filepath", str(requests_path), "--api_key", API_KEY,
+                     "--request_url", "https://api.anthropic.invalid/v1/messages")
+    assert result.returncode == 2 and time.monotonic() - started < 10
+    (line,) = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert "Cannot use api.anthropic.invalid: the host name does not resolve" in line
+    assert "unencrypted" not in result.stderr and "Traceback" not in result.stderr
+    assert outputs(requests_path) == ([], [])  # nothing failed: every line is left for the next run
+
+    fake = fake_server()
+    assert run_cli(*cli_args(fake, requests_path)).returncode == 0
+    assert len(outputs(requests_path)[0]) == 5
+
+
+def test_plain_http_to_another_host_draws_one_warning_before_anything_is_sent(tmp_path, fake_server):
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request("hi")])
+    result = run_cli("--requests_filepath", str(requests_path), "--api_key", API_KEY,
+                     "--request_url", "http://api.anthropic.invalid/v1/messages")
+    warnings = [line for line in result.stderr.splitlines() if "unencrypted" in line]
+    assert len(warnings) == 1 and "plain http:// to api.anthropic.invalid" in warnings[0]
+    assert result.stderr.index("unencrypted") < result.stderr.index("Cannot use")
+    for url, host in (("http://localhost:8080/v1", None), ("http://127.0.0.5/v1", None), ("http://[::1]:80/v1", None),
+                      ("https://proxy.example/v1", None), ("http://10.0.0.8/v1", "10.0.0.8"),
+                      ("http://proxy.internal/v1", "proxy.internal")):
+        assert app.unencrypted_host(url) == host, url
+    fake = fake_server()
+    assert "unencrypted" not in run_cli(*cli_args(fake, requests_path)).stderr
