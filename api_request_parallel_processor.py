@@ -16,15 +16,17 @@ Design, in the order the file reads:
 - Configuration and CLI: the cookbook script's flags and defaults, plus a few new ones.
 - Reading and validating requests: the input is streamed line by line; a bad line becomes an error
   record naming its line number and never stops the others. Lines that already have a result
-  (matched by content) are skipped, so rerunning the same command resumes.
+  (matched by content) are skipped, so rerunning the same command resumes; a resume index beside the
+  results file, checked against it, lets a rerun skip a million answered lines in seconds.
 - Token estimation: Claude's tokenizer is not public, so input tokens are estimated with tiktoken's
   cl100k_base, scaled per model family, and the estimate is corrected from the `usage` of each response.
 - Rate limiting: continuously refilled token buckets for requests, input tokens and output tokens.
   The dispatcher sleeps until capacity is due (no polling); the API's rate-limit headers correct the
   buckets, and a 429's `retry-after` pauses every sender.
 - The API call and retries: each attempt is classified as the API documents it (retry 408, 409, 429,
-  5xx and network failures with backoff; fail 400, 403, 404, 413 at once; stop the run on 401), and
-  an outage holds every sender instead of failing every line.
+  5xx and network failures with backoff; fail 400, 403, 404, 413 at once; stop the run on 401), an
+  outage holds every sender instead of failing every line, and an address that never answered and
+  cannot (no such host) stops the run at once.
 - Writing results: one unbuffered write per record, so a killed run leaves only whole lines; a lock
   keeps two runs off the same results file.
 - The main loop: one dispatcher task sends, one task per attempt waits for its response; SIGINT and
@@ -41,6 +43,7 @@ import argparse
 import asyncio
 import bisect
 import hashlib
+import heapq
 import ipaddress
 import json
 import math
@@ -51,6 +54,7 @@ import socket
 import sys
 import threading
 import time
+import zlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -334,6 +338,8 @@ class Job:
     estimated_input_tokens: int = 0  # the latest attempt's estimate of what the input limit counts...
     charged_input_tokens: int = 0  # ...and what the bucket was charged: the estimate times the learned ratio
     charged_output_tokens: int = 0  # the output-token bucket's charge: the output expected of it
+    fingerprint: int = 0  # the request's content fingerprint, for the resume index...
+    line: int | None = None  # ...and its line's (None for an item of a list)
 
 
 class BadLine(Exception):
@@ -390,41 +396,265 @@ def request_fingerprint(body: Any, metadata: Any) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
 
 
-class DoneIndex:
-    """The requests that already have a result, for resuming: a sorted array of 8-byte fingerprints
-    (one per result record, so a request that appears three times needs three results) and a flag
-    per entry once an input line has claimed it. About 9 bytes a result: a million fit in 9 MB."""
+def line_fingerprint(raw: bytes | Any) -> int | None:
+    """Identifies an input line by its bytes (None for an item of a list): cheap, no parsing. 63 bits and
+    never 0: in the resume index, 0 marks a result with no known line and the 64th bit a claimed one."""
+    if not isinstance(raw, bytes):
+        return None
+    return int.from_bytes(hashlib.blake2b(raw.strip(), digest_size=8).digest(), "big") >> 1 or 1
 
-    def __init__(self, fingerprints: list[int]) -> None:
-        fingerprints.sort()
-        self.fingerprints = array("Q", fingerprints)
-        self.claimed = bytearray(len(fingerprints))
+
+INDEX_FORMAT = "api_request_parallel_processor resume index 2"
+INDEX_HEADER_BYTES = 4096  # the header line, padded: written last, once the sections' CRC-32 is known
+INDEX_CHUNK = 65_536  # entries sorted or written at a time: no transient copy of a million entries
+CLAIMED = 1 << 63  # in ResumeIndex.lines, beside a line's 63-bit fingerprint: the result is claimed in this run
+LINE_BITS = CLAIMED - 1
+
+
+def zeros(typecode: str, count: int) -> array:
+    """A zero-filled array, allocated once (no temporary bytes object of the same size)."""
+    return array(typecode, [0]) * count
+
+
+def slot_count(entries: int) -> int:
+    """The size of an open-addressing table at most three quarters full."""
+    return max(1024, entries * 4 // 3 + 1)
+
+
+class ResumeIndex:
+    """The results already saved, for resuming, and the input lines that match them.
+
+    For each result record, sorted by the request's content fingerprint: the fingerprint (`contents`), and
+    the fingerprint of an input line known to be that request (`lines`, 0 if none) with, in its top bit,
+    whether an input line of this run has claimed the result (a request that appears three times needs
+    three results). `slots`, an open-addressing hash table from line fingerprint to position, lets a rerun
+    recognise an answered line by its bytes, without parsing it. 21 bytes a result: 21 MB for a million.
+
+    Saved beside the results file (`<results>.index`) at the end of a run, with the length and CRC-32 of the
+    results file it describes and a CRC-32 of its own; on loading both are checked, and the records past
+    what it covers (a killed run's, a line appended by hand) are read into `extra`. An index that is
+    missing, damaged or does not match is rebuilt from the results file, which stays the truth. The index
+    also carries each model's learned ratio of Claude's input tokens to cl100k_base's."""
+
+    def __init__(self, contents: array | None = None, lines: array | None = None, slots: array | None = None,
+                 covered: int = 0, crc: int = 0, token_ratios: dict[str, float] | None = None) -> None:
+        self.contents = contents if contents is not None else array("Q")
+        self.lines = lines if lines is not None else zeros("Q", len(self.contents))
+        self.slots = slots if slots is not None else zeros("I", slot_count(0))
+        self.extra = SortedResults(array("Q"))  # results past what the saved index covered
+        self.added = array("Q")  # (content, line) pairs of the results written since loading
+        self.covered = covered  # bytes of the results file described (contents, extra and added)...
+        self.crc = crc  # ...and their CRC-32
+        self.token_ratios = dict(token_ratios or {})
+        self.changed = False
 
     def __len__(self) -> int:
-        return len(self.fingerprints)
+        return len(self.contents) + len(self.extra.contents)
 
-    @classmethod
-    def from_results_file(cls, path: str) -> DoneIndex:
-        return cls([fingerprint for fingerprint, _ in read_result_records(path)])
+    # -- resuming ------------------------------------------------------------------------------------
 
-    def claim(self, fingerprint: int) -> bool:
-        """True (and the result is used up) if an unclaimed result exists for this request."""
-        start = bisect.bisect_left(self.fingerprints, fingerprint)
-        for index in range(start, bisect.bisect_right(self.fingerprints, fingerprint, lo=start)):
-            if not self.claimed[index]:
-                self.claimed[index] = 1
-                return True
+    def claim_line(self, line: int) -> bool:
+        """True (and a result is used up) if this line was seen before and its request has an unclaimed result."""
+        slots, lines, size, marked = self.slots, self.lines, len(self.slots), line | CLAIMED
+        slot = line % size
+        while position := slots[slot]:
+            if lines[position - 1] | CLAIMED == marked:
+                return claim_in_run(self.contents, lines, position - 1) >= 0
+            slot = slot + 1 if slot + 1 < size else 0
         return False
 
+    def claim(self, fingerprint: int, line: int | None) -> bool:
+        """True (and a result is used up) if an unclaimed result exists for this request; the line, if
+        given, is remembered as that request for the next run."""
+        for results in (self, self.extra):
+            position = bisect.bisect_left(results.contents, fingerprint)
+            if position < len(results.contents) and results.contents[position] == fingerprint:
+                claimed = claim_in_run(results.contents, results.lines, position)
+                if claimed >= 0 and line is not None and not results.lines[claimed] & LINE_BITS:
+                    results.lines[claimed] = line | CLAIMED
+                    self.changed = True
+                if claimed >= 0:
+                    return True
+        return False
 
-def read_result_records(path: str | None) -> Iterator[tuple[int, list[Any]]]:
-    """(request fingerprint, record) for each result record of a results file, one at a time; lines
-    that are not result records (another tool's, a damaged disk's) are skipped with a warning, so
-    their requests count as not done."""
+    def result_written(self, content: int, line: int | None, record: bytes) -> None:
+        self.added.extend((content, line or 0))
+        self.covered += len(record)
+        self.crc = zlib.crc32(record, self.crc)
+        self.changed = True
+
+    # -- on disk -------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, results_path: str) -> ResumeIndex:
+        """The index of a results file: `<results>.index` where it matches, plus the records it does not cover."""
+        size = Path(results_path).stat().st_size if Path(results_path).exists() else 0
+        index = cls.read(index_path(results_path))
+        if index is None or index.covered > size or crc_of_file(results_path, index.covered) != index.crc:
+            if index is not None and index.covered and size:
+                log.warning("The resume index {} does not match {}: rebuilding it from the results (this run "
+                            "reads every record; the next ones will not).", index_path(results_path), results_path)
+            index = cls(token_ratios=index.token_ratios if index else None)
+        if size > index.covered:
+            tail = (fingerprint for fingerprint, _ in read_result_records(results_path, index.covered))
+            index.extra = SortedResults(array("Q", sorted(tail)))
+            index.crc = crc_of_file(results_path, size, start=index.covered, crc=index.crc)
+            index.covered, index.changed = size, True
+        return index
+
+    @classmethod
+    def read(cls, path: str) -> ResumeIndex | None:
+        """What an index file holds, if it is whole and of this format; None otherwise."""
+        try:
+            with open(path, "rb") as file:
+                header = json.loads(file.read(INDEX_HEADER_BYTES))
+                if header.get("format") != INDEX_FORMAT or header.get("byteorder") != sys.byteorder:
+                    return None
+                results, slot_total = header["results"], header["slots"]
+                expected_size = INDEX_HEADER_BYTES + 16 * results + 4 * slot_total
+                if slot_total != slot_count(results) or os.fstat(file.fileno()).st_size != expected_size:
+                    return None
+                sections = zeros("Q", results), zeros("Q", results), zeros("I", slot_total)
+                for section in sections:
+                    wanted = len(section) * section.itemsize
+                    if file.readinto(memoryview(section).cast("B")) != wanted:
+                        return None
+                if file.read(1) or crc_of_arrays(*sections) != header["crc32"]:
+                    return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return cls(*sections, header["results_bytes"], header["results_crc32"], header.get("token_ratios"))
+
+    def save(self, results_path: str, token_ratios: dict[str, float]) -> None:
+        """Write the index of the results file as it now is, atomically (a new file renamed over the old).
+        Everything is merged and written a chunk at a time, so saving needs no second copy in memory."""
+        ratios = {**self.token_ratios, **token_ratios}
+        if not self.changed and ratios == self.token_ratios:
+            return
+        self.sort_added()
+        self.slots = None  # the run is over: make room for the new table
+        total = len(self) + len(self.added) // 2
+        slots = zeros("I", slot_count(total))
+        crc = 0
+        path = index_path(results_path)
+        with open(path + ".tmp", "wb") as file:
+            file.write(b" " * INDEX_HEADER_BYTES)
+            for section in (0, 1):  # the contents, then the lines, from two passes of the same merge
+                chunk = array("Q")
+                for position, pair in enumerate(self.merged_pairs()):
+                    chunk.append(pair[section] & LINE_BITS if section else pair[0])
+                    if section and pair[1] & LINE_BITS:
+                        insert_slot(slots, pair[1] & LINE_BITS, position)
+                    if len(chunk) == INDEX_CHUNK or position == total - 1:
+                        crc = zlib.crc32(memoryview(chunk).cast("B"), crc)
+                        chunk.tofile(file)
+                        chunk = array("Q")
+            crc = zlib.crc32(memoryview(slots).cast("B"), crc)
+            slots.tofile(file)
+            header = json.dumps({"format": INDEX_FORMAT, "byteorder": sys.byteorder, "results": total,
+                                 "slots": len(slots), "results_bytes": self.covered, "results_crc32": self.crc,
+                                 "crc32": crc, "token_ratios": ratios}).encode()
+            if len(header) >= INDEX_HEADER_BYTES:  # only if thousands of models' ratios were learned
+                header = header.replace(json.dumps(ratios).encode(), b"{}")
+            file.seek(0)
+            file.write(header.ljust(INDEX_HEADER_BYTES - 1) + b"\n")
+        os.replace(path + ".tmp", path)
+
+    def sort_added(self) -> None:
+        """Sort the new results by content a chunk at a time, in place (see merged_pairs)."""
+        for start in range(0, len(self.added), 2 * INDEX_CHUNK):
+            chunk = self.added[start:start + 2 * INDEX_CHUNK]
+            pairs = sorted(zip(chunk[::2], chunk[1::2]))
+            self.added[start:start + len(chunk)] = array("Q", (value for pair in pairs for value in pair))
+
+    def merged_pairs(self) -> Iterator[tuple[int, int]]:
+        """(content, line) of every result, in content order: the saved ones, the extra ones and the new ones
+        (sorted by sort_added, one chunk at a time)."""
+        chunks = (self.added[start:start + 2 * INDEX_CHUNK] for start in range(0, len(self.added), 2 * INDEX_CHUNK))
+        added = [zip(chunk[::2], chunk[1::2]) for chunk in chunks]
+        return heapq.merge(zip(self.contents, self.lines), zip(self.extra.contents, self.extra.lines), *added)
+
+
+@dataclass
+class SortedResults:
+    """Result fingerprints, sorted, each with a line fingerprint and claimed flag (see ResumeIndex)."""
+
+    contents: array
+    lines: array = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lines = zeros("Q", len(self.contents))
+
+
+def claim_in_run(contents: array, lines: array, position: int) -> int:
+    """Claim the first unclaimed result among those with the same fingerprint as `position`: its
+    position, or -1 when all are claimed."""
+    fingerprint = contents[position]
+    while position and contents[position - 1] == fingerprint:
+        position -= 1
+    while position < len(contents) and contents[position] == fingerprint:
+        if not lines[position] & CLAIMED:
+            lines[position] |= CLAIMED
+            return position
+        position += 1
+    return -1
+
+
+def insert_slot(slots: array, line: int, position: int) -> None:
+    slot = line % len(slots)
+    while slots[slot]:
+        slot = slot + 1 if slot + 1 < len(slots) else 0
+    slots[slot] = position + 1
+
+
+def index_path(results_path: str) -> str:
+    return results_path + ".index"
+
+
+def saved_token_ratios(results_path: str) -> dict[str, float]:
+    """The ratios of Claude's input tokens to cl100k_base's that earlier runs learned, per model, from the
+    index's header line alone (for the dry run); empty when there is none."""
+    try:
+        with open(index_path(results_path), "rb") as file:
+            ratios = json.loads(file.readline()).get("token_ratios")
+        return {model: float(ratio) for model, ratio in ratios.items() if 0.25 <= float(ratio) <= 4.0}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+
+
+def crc_of_arrays(*arrays: array) -> int:
+    crc = 0
+    for part in arrays:
+        crc = zlib.crc32(memoryview(part).cast("B"), crc)
+    return crc
+
+
+def crc_of_file(path: str, end: int, start: int = 0, crc: int = 0) -> int:
+    """The CRC-32 of bytes [start, end) of a file, continuing `crc`: about 4 GB/s, so a results file of a
+    million records is checked in a fraction of a second."""
+    if end <= start:
+        return crc
+    buffer = memoryview(bytearray(256 * 1024))
+    with open(path, "rb", buffering=0) as file:
+        file.seek(start)
+        left = end - start
+        while left > 0:
+            read = file.readinto(buffer[:min(left, len(buffer))])
+            if not read:
+                break
+            crc, left = zlib.crc32(buffer[:read], crc), left - read
+    return crc
+
+
+def read_result_records(path: str | None, start: int = 0) -> Iterator[tuple[int, list[Any]]]:
+    """(request fingerprint, record) for each result record of a results file from byte `start`, one at a
+    time; lines that are not result records (another tool's, a damaged disk's) are skipped with a warning,
+    so their requests count as not done."""
     if not path or not Path(path).exists():
         return
     unreadable = 0
-    with open(path, "rb") as file:
+    with open(path, "rb", buffering=READ_BUFFER_BYTES) as file:
+        file.seek(start)
         for line in file:
             try:
                 record = json.loads(line)
@@ -1135,11 +1365,12 @@ class ResultWriter:
     lines behind. Files stay open for the whole run; the errors file is created only when there is
     an error to write."""
 
-    def __init__(self, results_path: str, errors_path: str) -> None:
+    def __init__(self, results_path: str, errors_path: str, index: ResumeIndex | None = None) -> None:
         Path(results_path).parent.mkdir(parents=True, exist_ok=True)
         self.results = open(results_path, "ab", buffering=0)  # noqa: SIM115 - open for the whole run
         self.errors_path = errors_path
         self.errors = None
+        self.index = index  # told of every result written
 
     def write_result(self, job: Job, response: dict[str, Any], raw: bytes) -> None:
         """`[request, response(, metadata)]`, spliced from the bytes sent and received: the API's
@@ -1149,7 +1380,10 @@ class ResultWriter:
         parts = [job.payload, raw]
         if job.encoded_metadata is not None:
             parts.append(job.encoded_metadata)
-        self._write(self.results, b"[" + b",".join(parts) + b"]\n")
+        record = b"[" + b",".join(parts) + b"]\n"
+        self._write(self.results, record)
+        if self.index is not None:
+            self.index.result_written(job.fingerprint, job.line, record)
 
     def write_error(self, line_number: int, request: Any, messages: list[str], metadata: Any) -> None:
         if self.errors is None:
@@ -1406,7 +1640,7 @@ class Processor:
     does the response that writes a cached prefix for the requests parked behind it)."""
 
     def __init__(self, settings: Settings, session: aiohttp.ClientSession, lines: Iterable[tuple[int, Any]],
-                 writer: ResultSink, done: DoneIndex, prices: dict[str, Price]) -> None:
+                 writer: ResultSink, done: ResumeIndex, prices: dict[str, Price]) -> None:
         self.settings = settings
         self.session = session
         self.lines = lines
@@ -1437,9 +1671,13 @@ class Processor:
     # -- reading -----------------------------------------------------------------------------------
 
     def read_jobs(self) -> Iterator[Job]:
-        """Valid lines become jobs, lines done by an earlier run are skipped, and bad lines are
-        written to the errors file on the spot."""
+        """Valid lines become jobs, lines done by an earlier run are skipped (a line seen before without
+        even parsing it), and bad lines are written to the errors file on the spot."""
         for line_number, raw in self.lines:
+            line = line_fingerprint(raw)
+            if line is not None and self.done.claim_line(line):  # resuming
+                self.stats.already_done += 1
+                continue
             try:
                 body, metadata = parse_request(raw)
                 payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
@@ -1450,11 +1688,13 @@ class Processor:
             except (TypeError, ValueError) as problem:  # only from a list's items: files hold JSON already
                 self.reject_line(line_number, raw, f"cannot be sent as JSON ({problem})")
                 continue
-            if self.done and self.done.claim(request_fingerprint(body, metadata)):  # resuming
+            fingerprint = request_fingerprint(body, metadata)
+            if self.done.claim(fingerprint, line):  # resuming
                 self.stats.already_done += 1
                 continue
             self.unsettled += 1
-            yield Job(line_number, body, payload, metadata, encoded_metadata, self.estimator.estimate(body))
+            yield Job(line_number, body, payload, metadata, encoded_metadata, self.estimator.estimate(body),
+                      fingerprint=fingerprint, line=line)
 
     def reject_line(self, line_number: int, raw: bytes | Any, problem: str) -> None:
         message = f"line {line_number}: {problem}; not sent"
@@ -1562,7 +1802,8 @@ class Processor:
 
     def calibration(self, model: str) -> InputCalibration:
         if model not in self.calibrations:
-            self.calibrations[model] = InputCalibration(model_facts(model).tokens_per_cl100k)
+            prior = self.done.token_ratios.get(model) or model_facts(model).tokens_per_cl100k
+            self.calibrations[model] = InputCalibration(prior)
         return self.calibrations[model]
 
     def expected_input_tokens(self, job: Job) -> int:
@@ -1942,6 +2183,7 @@ class ModelPlan:
 
     tokens_per_cl100k: float = DEFAULT_MODEL_FACTS.tokens_per_cl100k
     price: Price | None = None
+    ratio_learned: bool = False  # tokens_per_cl100k from an earlier run's responses, not the family's figure
     requests: int = 0
     input_tokens: int = 0  # not in a cached prefix, by cl100k_base
     cache_write_tokens: int = 0  # the first request of each distinct cached prefix writes it...
@@ -1978,6 +2220,7 @@ def dry_run(config: Settings) -> int:
     estimated tokens, distinct cached prefixes and cost range, and the expected duration under the
     configured limits. Writes nothing. Returns the exit code: 0 when every line is valid, else 1."""
     prices = load_prices(config.prices)
+    learned = saved_token_ratios(config.save_filepath)
     started = time.perf_counter()
     estimator = TokenEstimator()
     plans: dict[str, ModelPlan] = {}
@@ -1989,8 +2232,8 @@ def dry_run(config: Settings) -> int:
             bad.append(f"line {line_number}: {problem}")
             continue
         model = body["model"]
-        plan = plans.get(model) or plans.setdefault(
-            model, ModelPlan(model_facts(model).tokens_per_cl100k, price_for(model, prices)))
+        plan = plans.get(model) or plans.setdefault(model, ModelPlan(
+            learned.get(model, model_facts(model).tokens_per_cl100k), price_for(model, prices), model in learned))
         plan.add(estimator.estimate(body), body)
     valid = sum(plan.requests for plan in plans.values())
     print(f"Dry run of {config.requests_filepath}: {valid:,} valid lines, {len(bad):,} bad "
@@ -2000,7 +2243,7 @@ def dry_run(config: Settings) -> int:
                 else "no price known: give one with --prices")
         print(f"  {model}: {plan.requests:,} requests, ~{plan.input_tokens:,} input tokens + {plan.cache_write_tokens:,}"
               f" cache write + {plan.cache_read_tokens:,} cache read (cl100k_base; Claude counts about "
-              f"{plan.tokens_per_cl100k:.2f}x), up to {plan.max_output_tokens:,} output tokens, {len(plan.prefixes):,} "
+              f"{plan.tokens_per_cl100k:.2f}x{', as learned by earlier runs' if plan.ratio_learned else ''}), up to {plan.max_output_tokens:,} output tokens, {len(plan.prefixes):,} "
               f"distinct cached prefix{'' if len(plan.prefixes) == 1 else 'es'}; cost {cost}")
     if plans:
         print(f"Estimated cost: ${sum(p.low.cost for p in plans.values()):,.2f} to "
@@ -2055,7 +2298,7 @@ def log_summary(stats: RunStats, settings: Settings) -> None:
 # ==================================================================================================
 
 
-def prepare_results_file(config: Settings) -> DoneIndex:
+def prepare_results_file(config: Settings) -> ResumeIndex:
     """Before a run: set earlier results aside (--start_over) or repair them and index them for
     resuming; the errors file is started afresh, since its lines are sent again."""
     if config.start_over:
@@ -2067,12 +2310,22 @@ def prepare_results_file(config: Settings) -> DoneIndex:
     if removed:
         log.warning("Removed a torn last line ({} bytes) left by an interrupted run; its request is sent again.",
                     removed)
-    done = DoneIndex.from_results_file(config.save_filepath)
+    done = ResumeIndex.load(config.save_filepath)
     if len(done):
         log.info("Resuming: {} holds {:,} results from earlier runs; lines that match them are skipped.",
                  config.save_filepath, len(done))
     Path(config.errors_filepath).unlink(missing_ok=True)
     return done
+
+
+def save_index(index: ResumeIndex, results_path: str, token_ratios: dict[str, float]) -> None:
+    """After a run, however it ended: the index of the results for the next run. Losing it costs that
+    run a rebuild, never a result, so a failure to write it is only a warning."""
+    try:
+        index.save(results_path, token_ratios)
+    except OSError as error:
+        log.warning("Could not save the resume index {}: {}; the next run rebuilds it.", index_path(results_path),
+                    error.strerror)
 
 
 def install_signal_handlers(on_signal: Callable[[str], None]) -> Callable[[], None]:
@@ -2141,20 +2394,23 @@ async def run(config: Settings, lines: Iterable[tuple[int, Any]], count_total: C
              config.max_output_tokens_per_minute or "unpaced", config.max_attempts)
     if config.save_filepath is None:
         assert collector is not None, "a run without a results file must collect its results"
-        stats = await run_processor(config, lines, count_total, collector, DoneIndex([]), prices)
+        stats = await run_processor(config, lines, count_total, collector, ResumeIndex(), prices)
     else:
         try:
             with run_lock(config.save_filepath):
                 done = prepare_results_file(config)
-                files = ResultWriter(config.save_filepath, config.errors_filepath)
+                files = ResultWriter(config.save_filepath, config.errors_filepath, done)
                 sink: ResultSink = files
                 if collector is not None:
                     collector.files = files
                     sink = collector
+                learned: dict[str, float] = {}
                 try:
                     stats = await run_processor(config, lines, count_total, sink, done, prices)
+                    learned = stats.input_ratios
                 finally:
                     sink.close()
+                    save_index(done, config.save_filepath, learned)
         except OSError as error:
             raise ConfigError(f"cannot write results to {config.save_filepath}: {error.strerror}") from None
     log_summary(stats, config)
@@ -2162,7 +2418,7 @@ async def run(config: Settings, lines: Iterable[tuple[int, Any]], count_total: C
 
 
 async def run_processor(config: Settings, lines: Iterable[tuple[int, Any]], count_total: Callable[[], int],
-                        sink: ResultSink, done: DoneIndex, prices: dict[str, Price]) -> RunStats:
+                        sink: ResultSink, done: ResumeIndex, prices: dict[str, Price]) -> RunStats:
     """One session, one processor, with its progress reporter, line counter and signal handlers."""
     connector = aiohttp.TCPConnector(limit=config.max_concurrent_requests)
     timeout = aiohttp.ClientTimeout(total=config.request_timeout)
@@ -2170,7 +2426,7 @@ async def run_processor(config: Settings, lines: Iterable[tuple[int, Any]], coun
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         processor = Processor(config, session, lines, sink, done, prices)
         counter = asyncio.create_task(asyncio.to_thread(count_total))
-        counter.add_done_callback(lambda task: setattr(processor.stats, "total", task.result()))
+        counter.add_done_callback(lambda task: task.cancelled() or setattr(processor.stats, "total", task.result()))
         reporter = asyncio.create_task(report_progress(processor.stats, config.status_interval, live))
         restore_signals = install_signal_handlers(processor.interrupt)
         try:

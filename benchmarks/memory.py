@@ -4,10 +4,13 @@
    first request the fake received, and the peak RSS.
 2. The same file at 60 requests/min: prints the CPU used over 20 s of waiting on the limit, as a share of
    one core.
-3. Builds a 1,000,000-record results file for the same requests and resumes over it (nothing is left to
-   send): prints the peak RSS and how long the resume took.
+3. Builds a results file for all but the last of those requests, as an older version would have left it (no
+   resume index), and resumes over it: prints the time to the first new request (the last line), the whole
+   run and its peak RSS. That run rebuilds the index. Then one line is appended and the run resumes again,
+   now with the index: the same figures. `--script` measures another copy of the script (an older commit,
+   say) on the same files.
 
-    python benchmarks/memory.py [--lines 1000000] [--seconds 20]
+    python benchmarks/memory.py [--lines 1000000] [--seconds 20] [--script path/to/script.py] [--only resume]
 """
 
 from __future__ import annotations
@@ -65,50 +68,69 @@ def write_results(path: Path, count: int) -> None:
             file.write("".join(lines))
 
 
+def resume(requests_path: Path, results_path: Path, fake, label: str) -> None:
+    """One resuming run: the time to the first new request, the whole run, its peak RSS."""
+    received_before = fake.stats.received
+    process, started = start(requests_path, fake.url, "--save_filepath", str(results_path))
+    while fake.stats.received == received_before and process.poll() is None:
+        time.sleep(0.005)
+    first = fake.stats.received_times[-1] - started if fake.stats.received > received_before else float("nan")
+    rss = finish(process)
+    elapsed = time.monotonic() - started
+    print(f"resume, {label + ':':<34} first new request {first:5.2f} s (target < 5 s), whole run {elapsed:5.1f} s, "
+          f"peak RSS {rss:.0f} MB, {fake.stats.received - received_before} sent, exit code {process.returncode}")
+
+
 def main() -> None:
+    global SCRIPT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--script", type=Path, default=SCRIPT, help="the script to measure")
+    parser.add_argument("--only", choices=["streaming", "resume"], help="run one part only")
     args = parser.parse_args()
+    SCRIPT = args.script
     with tempfile.TemporaryDirectory() as folder, ServerThread(FakeConfig(latency=(0.05, 0.1))) as fake:
         requests_path = write_requests(Path(folder) / "requests.jsonl", args.lines)
         size_mb = requests_path.stat().st_size / 1e6
         print(f"input:                       {args.lines:,} lines, {size_mb:,.0f} MB")
+        if args.only != "resume":
+            measure_streaming(requests_path, fake, Path(folder), args.seconds)
 
-        process, started = start(requests_path, fake.url, "--max_requests_per_minute", "6000",
-                                 "--max_tokens_per_minute", "10000000",
-                                 "--save_filepath", str(Path(folder) / "streamed.jsonl"))
-        while not fake.stats.received_times:
-            time.sleep(0.005)
-        first_request = fake.stats.received_times[0] - started
-        time.sleep(args.seconds)
-        sent = fake.stats.received
-        streaming_rss = stop(process)
-        print(f"start to first request:      {first_request:.2f} s (target < 1 s)")
-        print(f"streaming {args.seconds:g} s at 6,000/min: {sent:,} requests sent, peak RSS {streaming_rss:.0f} MB "
-              "(target <= 100 MB)")
+        if args.only != "streaming":
+            results_path = Path(folder) / "resume.jsonl"
+            write_results(results_path, args.lines - 1)
+            print(f"results file:                {args.lines - 1:,} records, "
+                  f"{results_path.stat().st_size / 1e6:,.0f} MB")
+            resume(requests_path, results_path, fake, "no index (an older version's)")
+            with open(requests_path, "a") as file:
+                file.write(json.dumps(small_request(args.lines)) + "\n")
+            resume(requests_path, results_path, fake, "with the index")
 
-        process, _ = start(requests_path, fake.url, "--max_requests_per_minute", "60",
-                           "--save_filepath", str(Path(folder) / "idle.jsonl"))
-        time.sleep(5)  # past start-up and the background line count
-        cpu_before, window_start = cpu_seconds(process.pid), time.monotonic()
-        time.sleep(args.seconds)
-        cpu_used = cpu_seconds(process.pid) - cpu_before
-        share = cpu_used / (time.monotonic() - window_start)
-        stop(process)
-        print(f"waiting at 60/min:           {cpu_used:.2f} CPU s in {args.seconds:g} s = {100 * share:.1f}% of a core "
-              "(target < 5%)")
 
-        results_path = Path(folder) / "resume.jsonl"
-        write_results(results_path, args.lines)
-        print(f"results file:                {args.lines:,} records, {results_path.stat().st_size / 1e6:,.0f} MB")
-        received_before = fake.stats.received
-        process, started = start(requests_path, fake.url, "--save_filepath", str(results_path))
-        resume_rss = finish(process)
-        elapsed = time.monotonic() - started
-        resent = fake.stats.received - received_before
-        print(f"resume over them:            peak RSS {resume_rss:.0f} MB (target <= 150 MB), {elapsed:.1f} s, "
-              f"{resent} requests sent, exit code {process.returncode}")
+def measure_streaming(requests_path: Path, fake, folder: Path, seconds: float) -> None:
+    process, started = start(requests_path, fake.url, "--max_requests_per_minute", "6000",
+                             "--max_tokens_per_minute", "10000000", "--save_filepath", str(folder / "streamed.jsonl"))
+    while not fake.stats.received_times:
+        time.sleep(0.005)
+    first_request = fake.stats.received_times[0] - started
+    time.sleep(seconds)
+    sent = fake.stats.received
+    streaming_rss = stop(process)
+    print(f"start to first request:      {first_request:.2f} s (target < 1 s)")
+    print(f"streaming {seconds:g} s at 6,000/min: {sent:,} requests sent, peak RSS {streaming_rss:.0f} MB "
+          "(target <= 100 MB)")
+
+    process, _ = start(requests_path, fake.url, "--max_requests_per_minute", "60",
+                       "--save_filepath", str(folder / "idle.jsonl"))
+    time.sleep(5)  # past start-up and the background line count
+    cpu_before, window_start = cpu_seconds(process.pid), time.monotonic()
+    time.sleep(seconds)
+    cpu_used = cpu_seconds(process.pid) - cpu_before
+    share = cpu_used / (time.monotonic() - window_start)
+    stop(process)
+    print(f"waiting at 60/min:           {cpu_used:.2f} CPU s in {seconds:g} s = {100 * share:.1f}% of a core "
+          "(target < 5%)")
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ def test_each_cached_prefix_is_written_once_while_other_prefixes_keep_flowing(tm
 def test_a_prefix_unused_for_longer_than_its_ttl_is_warmed_again(monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr(app.time, "monotonic", lambda: clock[0])
-    processor = app.Processor(app.Settings(api_key="k"), None, [], app.ResultCollector([]), app.DoneIndex([]), {})
+    processor = app.Processor(app.Settings(api_key="k"), None, [], app.ResultCollector([]), app.ResumeIndex(), {})
     body = cached_request("q", 0)
     body.pop("metadata")
     prefix = cache_prefix(body)
