@@ -1555,8 +1555,10 @@ class ModelUsage:
         self.cache_read_tokens += tokens[3]
         self.output_tokens += tokens[4]
         if price is not None:
-            self.cost += price.cost(*tokens, us_only=us_only, batch=batch)
-            self.uncached_cost += price.cost(sum(tokens[:4]), 0, 0, 0, tokens[4], us_only=us_only, batch=batch)
+            cost = price.cost(*tokens, us_only, batch)
+            cached = tokens[1] or tokens[2] or tokens[3]
+            self.cost += cost
+            self.uncached_cost += price.cost(sum(tokens[:4]), 0, 0, 0, tokens[4], us_only, batch) if cached else cost
 
     @property
     def cache_write_tokens(self) -> int:
@@ -1586,6 +1588,7 @@ class RunStats:
     input_ratios: dict[str, float] = field(default_factory=dict)  # per model: the API's input-token count
     # to cl100k_base's, as learned from usage
     prices: dict[str, Price] = field(default_factory=dict)
+    model_prices: dict[str, Price | None] = field(default_factory=dict)  # price_for each model seen, once
 
     @property
     def elapsed(self) -> float:
@@ -1594,7 +1597,8 @@ class RunStats:
     def add_usage(self, model: str, usage: dict[str, Any], us_only: bool = False) -> None:
         if model not in self.by_model:
             self.by_model[model] = ModelUsage()
-        self.by_model[model].add(usage, price_for(model, self.prices), us_only)
+            self.model_prices[model] = price_for(model, self.prices)
+        self.by_model[model].add(usage, self.model_prices[model], us_only)
 
     @property
     def totals(self) -> ModelUsage:
@@ -1675,7 +1679,8 @@ class Processor:
         even parsing it), and bad lines are written to the errors file on the spot."""
         for line_number, raw in self.lines:
             line = line_fingerprint(raw)
-            if line is not None and self.done.claim_line(line):  # resuming
+            resuming = len(self.done) > 0
+            if resuming and line is not None and self.done.claim_line(line):
                 self.stats.already_done += 1
                 continue
             try:
@@ -1689,7 +1694,7 @@ class Processor:
                 self.reject_line(line_number, raw, f"cannot be sent as JSON ({problem})")
                 continue
             fingerprint = request_fingerprint(body, metadata)
-            if self.done.claim(fingerprint, line):  # resuming
+            if resuming and self.done.claim(fingerprint, line):
                 self.stats.already_done += 1
                 continue
             self.unsettled += 1
@@ -2074,8 +2079,8 @@ class Price:
     long_prompt_over: int = 0
     long_prompt: Price | None = None
 
-    def cost(self, input_tokens: int, write_5m: int, write_1h: int, read: int, output: int, *,
-             us_only: bool = False, batch: bool = False) -> float:
+    def cost(self, input_tokens: int, write_5m: int, write_1h: int, read: int, output: int, us_only: bool = False,
+             batch: bool = False) -> float:
         """USD for one request's tokens."""
         prompt = input_tokens + write_5m + write_1h + read
         row = self.long_prompt if self.long_prompt is not None and prompt > self.long_prompt_over else self

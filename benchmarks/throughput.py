@@ -52,7 +52,9 @@ async def bare_loop(url: str, bodies: list[dict], concurrency: int) -> None:
 
 
 async def processor(url: str, requests_path: Path, concurrency: int) -> None:
-    Path(app.default_save_filepath(str(requests_path))).unlink(missing_ok=True)  # a fresh run, not a resume
+    results_path = app.default_save_filepath(str(requests_path))
+    for path in (results_path, app.index_path(results_path)):
+        Path(path).unlink(missing_ok=True)  # a fresh run, not a resume
     stats = await app.process_api_requests_from_file(
         str(requests_path), request_url=url, api_key=API_KEY, max_requests_per_minute=1e9,
         max_tokens_per_minute=1e12, max_concurrent_requests=concurrency, logging_level="WARNING")
