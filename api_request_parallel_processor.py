@@ -23,10 +23,11 @@ Design, in the order the file reads:
 - Rate limiting: continuously refilled token buckets for requests, input tokens and output tokens.
   The dispatcher sleeps until capacity is due (no polling); the API's rate-limit headers correct the
   buckets, and a 429's `retry-after` pauses every sender.
-- The API call and retries: each attempt is classified as the API documents it (retry 408, 409, 429,
-  5xx and network failures with backoff; fail 400, 403, 404, 413 at once; stop the run on 401), an
-  outage holds every sender instead of failing every line, and an address that never answered and
-  cannot (no such host) stops the run at once.
+- The API call and retries (streaming included): a request whose answer may outlast the timeout is
+  streamed, and its events rebuilt into the message a plain request returns; each attempt is classified
+  as the API documents it (retry 408, 409, 429, 5xx, network failures, broken streams and timeouts with
+  backoff; fail 400, 403, 404, 413 at once; stop the run on 401), an outage holds every sender instead
+  of failing every line, and an address that never answered and cannot (no such host) stops the run.
 - Writing results: one unbuffered write per record, so a killed run leaves only whole lines; a lock
   keeps two runs off the same results file.
 - The main loop: one dispatcher task sends, one task per attempt waits for its response; SIGINT and
@@ -255,7 +256,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
              "(True/False; bare flag = True)",
     )
     parser.add_argument("--max_concurrent_requests", type=positive_int, default=500, help="requests in flight")
-    parser.add_argument("--request_timeout", type=positive_number, default=600.0, help="seconds per attempt")
+    parser.add_argument("--request_timeout", type=positive_number, default=600.0,
+                        help="seconds a plain request may take, or a streamed one may stay silent")
     parser.add_argument("--status_interval", type=positive_number, default=30.0,
                         help="seconds between status lines when stderr is not a terminal")
     parser.add_argument("--grace_period", type=positive_number, default=30.0,
@@ -340,6 +342,8 @@ class Job:
     charged_output_tokens: int = 0  # the output-token bucket's charge: the output expected of it
     fingerprint: int = 0  # the request's content fingerprint, for the resume index...
     line: int | None = None  # ...and its line's (None for an item of a list)
+    streamed: bool = False  # sent as a stream (see streams()), as `sent`, which differs from `payload`...
+    sent: bytes = b""  # ...when the stream is this tool's choice, not the user's: the record keeps `payload`
 
 
 class BadLine(Exception):
@@ -385,8 +389,8 @@ def find_body_problem(body: dict[str, Any]) -> str | None:
             return f"messages[{index}] must be an object with role 'user' or 'assistant'"
         if not isinstance(message.get("content"), (str, list)):
             return f"messages[{index}].content must be a string or a list of blocks"
-    if body.get("stream"):
-        return "'stream': true is not supported: this tool saves whole responses"
+    if "stream" in body and not isinstance(body["stream"], bool):
+        return "'stream' must be true or false"
     return None
 
 
@@ -1200,6 +1204,7 @@ class Attempt:
     authentication_failed: bool = False
     headers: Any = None  # the response's headers, for the rate-limit figures
     unusable_address: str = ""  # why the host cannot be used (no such name, no TLS), a typo more than a fault
+    timed_out: bool = False
 
     @property
     def rate_limited(self) -> bool:
@@ -1207,8 +1212,9 @@ class Attempt:
 
     @property
     def server_side(self) -> bool:
-        """No answer at all, or the server's own failure (5xx, 529 overloaded): nothing wrong with the request."""
-        return self.retryable and (self.status is None or self.status >= 500)
+        """No answer at all, or the server's own failure (5xx, 529 overloaded): nothing wrong with the request.
+        Not a timeout: a request that times out was received and is being worked on."""
+        return self.retryable and not self.timed_out and (self.status is None or self.status >= 500)
 
 
 def parse_retry_after(headers: Any) -> float | None:
@@ -1250,6 +1256,8 @@ class OutageWatch:
 
     def record(self, line_number: int, attempt: Attempt) -> bool:
         """Every attempt's outcome; True when it makes an outage begin."""
+        if attempt.timed_out:  # says nothing either way: the request reached a server that is still working
+            return False
         if not attempt.server_side:  # the API answered: whatever it said, it is up
             if self.ongoing:
                 log.info("The API answers again after {}.", format_duration(self.seconds))
@@ -1319,17 +1327,129 @@ def snippet(raw: bytes, limit: int = 120) -> str:
 
 
 async def send_attempt(session: aiohttp.ClientSession, url: str, headers: dict[str, str], payload: bytes,
-                       timeout: float) -> Attempt:
-    """POST once. Network failures, timeouts and torn bodies become retryable attempts, never a crash."""
+                       timeout: float, streamed: bool = False) -> Attempt:
+    """POST once. Network failures, timeouts, torn bodies and broken streams become retryable attempts,
+    never a crash. A plain request must be answered whole within `timeout`; a streamed one may take as
+    long as it needs, but no event (pings included) for `timeout` seconds is a timeout."""
     try:
-        async with session.post(url, data=payload, headers=headers) as response:
+        silence = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)}
+        async with session.post(url, data=payload, headers=headers, **(silence if streamed else {})) as response:
+            if streamed and response.status == 200 and response.content_type == "text/event-stream":
+                return await read_event_stream(response)
             raw = await response.read()
             return interpret_response(response.status, response.headers, raw)
     except TimeoutError:
-        return Attempt(error=f"no complete response within {timeout:g} s", retryable=True)
+        waited = f"no event for {timeout:g} s" if streamed else f"no complete response within {timeout:g} s"
+        return Attempt(error=f"{waited} (the request may still be worked on)", retryable=True, timed_out=True)
     except aiohttp.ClientError as error:
         return Attempt(error=f"network error: {type(error).__name__}: {error}", retryable=True,
                        unusable_address=address_problem(error))
+
+
+SECONDS_PER_MAX_TOKEN = 3600 / 128_000  # the SDK's bound on how long a request may take, per max_tokens...
+LONGEST_PLAIN_REQUEST_SECONDS = 600.0  # ...and the longest it sends without streaming (21,333 max_tokens)
+
+
+def streams(body: dict[str, Any], timeout: float) -> bool:
+    """Stream a request that asks for it, or whose answer may take longer than a plain request may wait:
+    the timeout, or the SDK's 10 minutes. A streamed answer costs more CPU per token (measured in the
+    README), so short answers stay plain POSTs."""
+    return body.get("stream") is True or body["max_tokens"] * SECONDS_PER_MAX_TOKEN > min(
+        timeout, LONGEST_PLAIN_REQUEST_SECONDS)
+
+
+# The status code that an `error` event in a stream stands for, to classify it like the same error before it.
+STREAM_ERROR_STATUSES = {"invalid_request_error": 400, "authentication_error": 401, "billing_error": 402,
+                         "permission_error": 403, "not_found_error": 404, "request_too_large": 413,
+                         "rate_limit_error": 429, "api_error": 500, "timeout_error": 504, "overloaded_error": 529}
+
+
+async def read_event_stream(response: aiohttp.ClientResponse) -> Attempt:
+    """Read a 200's server-sent events into the message a plain request would have returned. An `error`
+    event, or a stream that ends (or breaks) before `message_stop`, is a failed attempt: nothing partial
+    is ever returned as a result."""
+    message = StreamedMessage()
+    name, data, pending = "", [], b""
+    async for chunk in response.content.iter_any():
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            line = line.rstrip(b"\r")
+            if line.startswith(b"data:"):
+                data.append(line[5:].removeprefix(b" "))
+            elif line.startswith(b"event:"):
+                name = line[6:].strip().decode("utf-8", errors="replace")
+            elif not line and data:  # a blank line ends an event
+                try:
+                    message.apply(json.loads(b"\n".join(data)))
+                except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+                    return Attempt(error=f"a malformed {name or 'stream'} event ({type(error).__name__}: {error})",
+                                   retryable=True, headers=response.headers)
+                name, data = "", []
+        if message.error is not None or message.stopped:
+            break
+    if message.error is not None:
+        kind = message.error.get("type", "error")
+        status = STREAM_ERROR_STATUSES.get(kind, 500)
+        request_id = response.headers.get("request-id", "")
+        return Attempt(error=f"an error event mid-stream (after HTTP 200): {kind}: {message.error.get('message', '')}"
+                             + (f" (request-id {request_id})" if request_id else ""),
+                       retryable=status in RETRYABLE_STATUSES or status >= 500, status=status,
+                       authentication_failed=status == 401, headers=response.headers)
+    if not message.stopped or message.message is None:
+        return Attempt(error="the stream ended before message_stop", retryable=True, headers=response.headers)
+    raw = json.dumps(message.message, ensure_ascii=False).encode("utf-8")
+    return Attempt(response=message.message, raw=raw, status=200, headers=response.headers)
+
+
+class StreamedMessage:
+    """A message rebuilt from its stream's events, as the official SDK accumulates them: `message_start`
+    gives the message (usage: the input tokens), each block is started, extended by its deltas (text,
+    tool input as JSON pieces parsed when the block stops, thinking and its signature, citations) and
+    stopped, and `message_delta` adds the stop reason and the final output tokens. `ping` and unknown
+    events and delta types are ignored, so new ones never break a run."""
+
+    def __init__(self) -> None:
+        self.message: dict[str, Any] | None = None
+        self.tool_input: dict[int, str] = {}  # the JSON pieces of each block's input so far, by index
+        self.stopped = False
+        self.error: dict[str, Any] | None = None
+
+    def apply(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "message_start":
+            self.message = {**event["message"], "content": []}
+        elif kind == "error":
+            self.error = event.get("error") if isinstance(event.get("error"), dict) else {}
+        elif self.message is None:
+            return
+        elif kind == "content_block_start":
+            content, index = self.message["content"], event["index"]
+            content.extend([None] * (index + 1 - len(content)))
+            content[index] = dict(event["content_block"])
+        elif kind == "content_block_delta":
+            self.apply_delta(event["index"], event["delta"])
+        elif kind == "content_block_stop" and event["index"] in self.tool_input:
+            pieces = self.tool_input.pop(event["index"])
+            self.message["content"][event["index"]]["input"] = json.loads(pieces) if pieces else {}
+        elif kind == "message_delta":
+            self.message.update(event.get("delta") or {})
+            usage = {key: value for key, value in (event.get("usage") or {}).items() if value is not None}
+            self.message["usage"] = {**(self.message.get("usage") or {}), **usage}
+        elif kind == "message_stop":
+            self.stopped = True
+
+    def apply_delta(self, index: int, delta: dict[str, Any]) -> None:
+        block, kind = self.message["content"][index], delta.get("type")
+        if kind == "text_delta":
+            block["text"] = block.get("text", "") + delta["text"]
+        elif kind == "input_json_delta":
+            self.tool_input[index] = self.tool_input.get(index, "") + delta["partial_json"]
+        elif kind == "thinking_delta":
+            block["thinking"] = block.get("thinking", "") + delta["thinking"]
+        elif kind == "signature_delta":
+            block["signature"] = delta["signature"]
+        elif kind == "citations_delta":
+            block["citations"] = [*(block.get("citations") or []), delta["citation"]]
 
 
 def address_problem(error: aiohttp.ClientError) -> str:
@@ -1698,8 +1818,11 @@ class Processor:
                 self.stats.already_done += 1
                 continue
             self.unsettled += 1
+            streamed = streams(body, self.settings.request_timeout)
+            sent = json.dumps({**body, "stream": True}, ensure_ascii=False).encode("utf-8") if (
+                streamed and body.get("stream") is not True) else payload
             yield Job(line_number, body, payload, metadata, encoded_metadata, self.estimator.estimate(body),
-                      fingerprint=fingerprint, line=line)
+                      fingerprint=fingerprint, line=line, streamed=streamed, sent=sent)
 
     def reject_line(self, line_number: int, raw: bytes | Any, problem: str) -> None:
         message = f"line {line_number}: {problem}; not sent"
@@ -1820,8 +1943,8 @@ class Processor:
 
     async def attempt(self, job: Job) -> None:
         try:
-            result = await send_attempt(self.session, self.settings.request_url, self.headers, job.payload,
-                                        self.settings.request_timeout)
+            result = await send_attempt(self.session, self.settings.request_url, self.headers, job.sent,
+                                        self.settings.request_timeout, job.streamed)
         except Exception as error:  # noqa: BLE001 - even a bug of ours must leave the line in the errors file
             result = Attempt(error=f"unexpected error: {type(error).__name__}: {error}")
         finally:

@@ -11,8 +11,14 @@
   a hit; an entry exists only once the writing response is sent.
 - Faults, at random (`fault_rate`) or scripted inside a message's text: `[[fault:529x2]]` fails the
   first two attempts of that request with 529; `[[always:404]]` fails every attempt.
-  Kinds: 400 401 403 404 413 429 500 502 (HTML body) 529 spend drop truncated slow. An outage
-  (`outage_seconds`) drops every connection for a while from the first request.
+  Kinds: 400 401 403 404 413 429 500 502 (HTML body) 529 spend drop truncated slow, and for streams
+  stream_error (an `error` event halfway), stream_drop (the connection closed halfway) and stream_stall
+  (silence halfway, pings included, for `slow_seconds`). An outage (`outage_seconds`) drops every
+  connection for a while from the first request.
+- Streaming: a body with `"stream": true` gets server-sent events as the API sends them (message_start,
+  pings, a start, deltas and a stop per block: text, citations, thinking and signature, tool input as
+  JSON pieces; message_delta, message_stop), taking `seconds_per_token` per output token. A message with
+  `[[blocks:all]]` is answered with one block of each kind, streamed or not.
 
 Run it alone with `python tests/fake_anthropic.py --port 8765` to try the processor by hand.
 """
@@ -36,6 +42,8 @@ from aiohttp import web
 
 API_KEY = "sk-ant-fake-test-key-0123456789"
 RANDOM_FAULTS = ("529", "500", "502", "drop", "truncated", "slow", "429")
+STREAM_FAULTS = ("stream_error", "stream_drop", "stream_stall")  # mid-stream; a plain request ignores them
+RICH_CONTENT = "[[blocks:all]]"  # in a message: answer with thinking, a text block with citations and a tool_use
 SCRIPTED_FAULT = re.compile(r"\[\[(fault|always):(\w+?)(?:x(\d+))?\]\]")
 TOP_LEVEL_KEYS = frozenset({
     "model", "max_tokens", "messages", "system", "tools", "tool_choice", "thinking", "temperature", "top_p",
@@ -74,6 +82,8 @@ class FakeConfig:
     fault_kinds: tuple[str, ...] = RANDOM_FAULTS
     slow_seconds: float = 3.0
     outage_seconds: float = 0.0  # every request this soon after the first is dropped, as in a network outage
+    seconds_per_token: float = 0.0  # generation time: a stream spreads it over its deltas, a plain response waits
+    ping_seconds: float = 1.0  # a stream sends a ping after this long without another event
     rate_limit_headers: bool = True  # False: like a proxy that strips the anthropic-ratelimit-* headers
     min_cacheable_tokens: int = 1024
     seed: int = 1234
@@ -291,7 +301,7 @@ class FakeAnthropic:
         fault = self.choose_fault(body, key)
         if fault:
             self.stats.faults[fault] = self.stats.faults.get(fault, 0) + 1
-            response = await self.fault_response(fault, request)
+            response = None if fault in STREAM_FAULTS else await self.fault_response(fault, request)
             if response is not None:
                 return response
         if body["model"].startswith("claude-unknown"):
@@ -330,24 +340,61 @@ class FakeAnthropic:
             self.output.level = min(self.output.capacity, self.output.level + charged - produced)
         self.stats.cache_write_tokens += cache_write
         self.stats.cache_read_tokens += cache_read
-        self.stats.answered[key] = self.stats.answered.get(key, 0) + 1
-        self.stats.answered_times.append(time.monotonic())
 
         last_text = text_of(body["messages"][-1]["content"])
         message = {
             "id": self.next_id("msg"), "type": "message", "role": "assistant", "model": body["model"],
-            "content": [{"type": "text", "text": f"Echo: {last_text[:60]}"}],
-            "stop_reason": "end_turn", "stop_sequence": None,
+            "content": answer_blocks(fingerprint({**body, "stream": False}), last_text),  # the same streamed or not
+            "stop_reason": "tool_use" if RICH_CONTENT in last_text else "end_turn", "stop_sequence": None,
             "usage": {"input_tokens": input_tokens, "output_tokens": produced,
                       "cache_creation_input_tokens": cache_write, "cache_read_input_tokens": cache_read,
                       "cache_creation": {"ephemeral_5m_input_tokens": cache_write if ttl != "1h" else 0,
                                          "ephemeral_1h_input_tokens": cache_write if ttl == "1h" else 0}},
         }
-        data = json.dumps(message).encode()
         headers = {"request-id": self.next_id("req"), **self.rate_limit_headers()}
+        if body.get("stream"):
+            return await self.stream(request, message, headers, fault, key)
+        if self.config.seconds_per_token:
+            await asyncio.sleep(produced * self.config.seconds_per_token)
+        self.stats.answered[key] = self.stats.answered.get(key, 0) + 1
+        self.stats.answered_times.append(time.monotonic())
+        data = json.dumps(message).encode()
         if fault == "truncated":
             return await self.truncated(request, data, headers)
         return web.Response(body=data, content_type="application/json", headers=headers)
+
+    async def stream(self, request: web.Request, message: dict[str, Any], headers: dict[str, str], fault: str | None,
+                     key: str) -> web.StreamResponse:
+        """Server-sent events as the API sends them, the generation time spread over the deltas, with a ping
+        whenever the stream would otherwise stay silent for `ping_seconds`; a stream fault strikes halfway."""
+        response = web.StreamResponse(status=200, headers={"content-type": "text/event-stream", **headers})
+        await response.prepare(request)
+        events = list(stream_events(message))
+        deltas = sum(1 for name, _ in events if name == "content_block_delta")
+        pause = message["usage"]["output_tokens"] * self.config.seconds_per_token / max(1, deltas)
+        for index, (name, data) in enumerate(events):
+            if fault in STREAM_FAULTS and index == len(events) // 2:
+                if fault == "stream_error":
+                    error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+                    await response.write(sse("error", error))
+                    return response
+                if fault == "stream_drop":
+                    request.transport.close()  # type: ignore[union-attr]
+                    return response
+                await asyncio.sleep(self.config.slow_seconds)  # stream_stall: silence, not even a ping
+            await response.write(sse(name, data))
+            if name == "content_block_delta" and pause:
+                await self.wait_with_pings(response, pause)
+        self.stats.answered[key] = self.stats.answered.get(key, 0) + 1
+        self.stats.answered_times.append(time.monotonic())
+        return response
+
+    async def wait_with_pings(self, response: web.StreamResponse, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, self.config.ping_seconds))
+            if deadline - time.monotonic() > 0:
+                await response.write(sse("ping", {"type": "ping"}))
 
     def admit(self, input_tokens: int, max_tokens: int) -> web.Response | None:
         """Take capacity from every bucket, or answer 429 with the wait in `retry-after`."""
@@ -413,6 +460,64 @@ class FakeAnthropic:
         await response.write(data[: len(data) // 2])
         request.transport.close()  # type: ignore[union-attr]
         return response
+
+
+def answer_blocks(key: str, last_text: str) -> list[dict[str, Any]]:
+    """The answer's content: an echo of the question, or with RICH_CONTENT in it one block of each kind a
+    stream must reassemble: thinking with its signature, text with citations, and a tool call."""
+    echo = {"type": "text", "text": f"Echo: {last_text[:60]}"}
+    if RICH_CONTENT not in last_text:
+        return [echo]
+    citation = {"type": "char_location", "cited_text": "The sky is blue.", "document_index": 0,
+                "document_title": "Facts", "start_char_index": 0, "end_char_index": 16}
+    return [
+        {"type": "thinking", "thinking": "The user wants the sky's colour. Let me check the document first.",
+         "signature": "EqQBCkYIARgCIkB" + key[:24]},
+        {**echo, "text": echo["text"] + " The sky is blue, as the document says.", "citations": [citation, citation]},
+        {"type": "tool_use", "id": f"toolu_{key[:16]}", "name": "record_answer",
+         "input": {"colour": "blue", "sources": [0], "details": {"confidence": 0.9, "quote": "The sky is \"blue\"."}}},
+    ]
+
+
+def stream_events(message: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The events of a streamed answer, in the API's order, that add up to `message`."""
+    usage = message["usage"]
+    events: list[tuple[str, dict[str, Any]]] = [
+        ("message_start", {"type": "message_start", "message": {**message, "content": [], "stop_reason": None,
+                                                                 "usage": {**usage, "output_tokens": 1}}}),
+        ("ping", {"type": "ping"}),
+    ]
+    for index, block in enumerate(message["content"]):
+        kind, deltas = block["type"], []
+        if kind == "text":
+            start = {"type": "text", "text": ""}
+            deltas = [{"type": "text_delta", "text": piece} for piece in pieces(block["text"])]
+            deltas += [{"type": "citations_delta", "citation": citation} for citation in block.get("citations") or []]
+        elif kind == "thinking":
+            start = {"type": "thinking", "thinking": "", "signature": ""}
+            deltas = [{"type": "thinking_delta", "thinking": piece} for piece in pieces(block["thinking"])]
+            deltas.append({"type": "signature_delta", "signature": block["signature"]})
+        else:  # tool_use
+            start = {**block, "input": {}}
+            deltas = [{"type": "input_json_delta", "partial_json": piece} for piece in pieces(json.dumps(block["input"]))]
+        events.append(("content_block_start", {"type": "content_block_start", "index": index, "content_block": start}))
+        events += [("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+                   for delta in deltas]
+        events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
+    events.append(("message_delta", {"type": "message_delta", "delta": {"stop_reason": message["stop_reason"],
+                                                                       "stop_sequence": message["stop_sequence"]},
+                                     "usage": {"output_tokens": usage["output_tokens"]}}))
+    events.append(("message_stop", {"type": "message_stop"}))
+    return events
+
+
+def pieces(text: str, count: int = 4) -> list[str]:
+    size = max(1, math.ceil(len(text) / count))
+    return [text[start:start + size] for start in range(0, len(text), size)] or [""]
+
+
+def sse(name: str, data: dict[str, Any]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
 
 
 class ServerThread:

@@ -14,9 +14,9 @@ import api_request_parallel_processor as app
 @pytest.mark.parametrize("fault", ["529", "500", "502", "drop", "truncated", "slow", "429", "408", "409"])
 def test_each_retryable_fault_is_retried_until_it_succeeds(tmp_path, fake_server, fault):
     fake = fake_server(slow_seconds=1.0)
-    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"[[fault:{fault}x2]] please", 7)])
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"[[fault:{fault}x2]] please", 7, max_tokens=16)])
 
-    stats = run_in_process(requests_path, fake, request_timeout=0.5)
+    stats = run_in_process(requests_path, fake, request_timeout=0.5)  # 16 max_tokens: a plain request
 
     results, errors = outputs(requests_path)
     assert errors == []
@@ -70,7 +70,7 @@ def test_bad_lines_are_reported_by_line_number_and_do_not_stop_the_others(tmp_pa
         json.dumps(request("x", messages=[])),                                 # 8
         json.dumps(request("x", messages=[{"role": "system", "content": "x"}])),  # 9
         json.dumps({**request("x"), "metadata": "not an object"}),             # 10
-        json.dumps(request("x", stream=True)),                                 # 11
+        json.dumps(request("x", stream="yes")),                                # 11
         json.dumps(request("good two", 2)),                                    # 12
     ]
     requests_path = tmp_path / "r.jsonl"
@@ -137,7 +137,7 @@ def test_400_requests_under_20_percent_faults_end_exactly_once(tmp_path, fake_se
     # A limit far above the run's rate, so that the 429s among the faults carry rate-limit headers as the
     # API's do (header-less ones slow the whole run down: another test covers that).
     fake = fake_server(fault_rate=0.2, slow_seconds=1.5, seed=max_attempts, requests_per_minute=100_000)
-    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"question {i}", i) for i in range(400)])
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"question {i}", i, max_tokens=16) for i in range(400)])
 
     stats = run_in_process(requests_path, fake, max_attempts=max_attempts, request_timeout=1.0,
                            max_requests_per_minute=12_000)
