@@ -1187,7 +1187,8 @@ MAX_HONOURED_RETRY_AFTER = 300.0  # seconds; a longer or missing retry-after fal
 OUTAGE_LINES = 3  # different lines failing in a row with no answer or a 5xx...
 OUTAGE_MIN_SECONDS = 3.0  # ...and no answer for this long: an outage, not bad luck...
 OUTAGE_MAX_SECONDS = 900.0  # ...which the run waits out for 15 minutes at most
-OUTAGE = "an outage"  # what interrupts a run when the API stays down longer than that
+OUTAGE = "an outage"  # what interrupts a run when the API stays down longer than that...
+ONLY_429S = "nothing but 429s"  # ...or answers nothing but 429s for as long (the limit taken by another program)
 UNUSABLE_ADDRESS = "an address that cannot be used"  # what interrupts a run whose first attempts cannot connect
 
 
@@ -1701,7 +1702,7 @@ class RunStats:
     started: float = field(default_factory=time.monotonic)
     stopped_reason: str = ""
     key_rejected: bool = False
-    interrupted_by: str = ""  # "SIGINT", "SIGTERM", OUTAGE or UNUSABLE_ADDRESS
+    interrupted_by: str = ""  # "SIGINT", "SIGTERM", OUTAGE, ONLY_429S or UNUSABLE_ADDRESS
     limits_in_force: str = ""
     prefixes_cached: int = 0  # cached prefixes warmed whose response wrote or read the cache...
     prefixes_not_cached: int = 0  # ...and those whose response did neither
@@ -1733,9 +1734,9 @@ class RunStats:
     @property
     def exit_code(self) -> int:
         """0 every line succeeded, 1 some failed, 2 the key was rejected or the address cannot be used (a
-        configuration error), 3 stopped by an outage, 130 or 143 interrupted by SIGINT or SIGTERM (3 and up:
-        rerun to continue)."""
-        if self.interrupted_by == OUTAGE:
+        configuration error), 3 stopped by an outage or by 15 minutes of nothing but 429s, 130 or 143
+        interrupted by SIGINT or SIGTERM (3 and up: rerun to continue)."""
+        if self.interrupted_by in (OUTAGE, ONLY_429S):
             return 3
         if self.interrupted_by == UNUSABLE_ADDRESS:
             return 2
@@ -1791,6 +1792,7 @@ class Processor:
         self.caching_reported = False
         self.outage = OutageWatch()
         self.answered = False  # whether any HTTP response came back in this run
+        self.admitted_at = time.monotonic()  # when the API last answered anything but a 429
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -1951,6 +1953,8 @@ class Processor:
             self.slots.release()
             self.stats.in_flight -= 1
         self.answered |= result.status is not None
+        if result.status is not None and not result.rate_limited:
+            self.admitted_at = time.monotonic()
         if result.unusable_address and not self.answered and not self.stats.interrupted_by:
             log.error("Cannot use {}: {}. Nothing was ever answered there: check --request_url and the network. "
                       "Stopping; every line is left for the next run.", urlsplit(self.settings.request_url).hostname,
@@ -2005,6 +2009,11 @@ class Processor:
         delay = result.retry_after if result.retry_after is not None else backoff_seconds(job.attempts)
         if result.rate_limited and self.limiter.pause(delay, result.headers):  # whether or not this one retries
             self.stats.limits_in_force = self.limiter.describe()
+        if result.rate_limited and result.retryable and not self.stats.stopped_reason:
+            if time.monotonic() - self.admitted_at > OUTAGE_MAX_SECONDS:
+                self.interrupt(ONLY_429S)  # the line stays unsent, like every other, for the next run
+                return
+            job.attempts -= 1  # a 429 is the run's pacing problem, not the line's: it uses up no attempt
         if result.server_side and self.outage.ongoing and not self.stats.stopped_reason:
             if self.outage.seconds > OUTAGE_MAX_SECONDS:
                 self.interrupt(OUTAGE)  # the line stays unsent, like every other, for the next run
@@ -2078,6 +2087,10 @@ class Processor:
         if cause == OUTAGE:
             log.error("No answer from the API for {}: stopping. The lines without a result are left for the next "
                       "run: run the same command again once the API is back.", format_duration(self.outage.seconds))
+        elif cause == ONLY_429S:
+            log.error("Nothing but 429s (rate limited) for {}: another program may be using the whole limit. "
+                      "Stopping; the lines without a result are left for the next run.",
+                      format_duration(time.monotonic() - self.admitted_at))
         elif cause != UNUSABLE_ADDRESS:  # which the caller has explained
             log.warning("{}: sending no new requests; waiting up to {:g} s for the {} in flight (again to stop now).",
                         cause, self.settings.grace_period, self.stats.in_flight)

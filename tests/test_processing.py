@@ -149,7 +149,8 @@ def test_400_requests_under_20_percent_faults_end_exactly_once(tmp_path, fake_se
     if max_attempts == 8:
         assert errors == [] and stats.succeeded == 400
     else:
-        assert len(errors) == stats.failed == sum(fake.stats.faults.values()) > 40
+        failing = sum(count for kind, count in fake.stats.faults.items() if kind != "429")  # a 429 costs no attempt
+        assert len(errors) == stats.failed == failing > 40
 
 
 def test_an_outage_is_waited_out_without_failing_lines_or_hammering_the_api(tmp_path, fake_server, captured_logs,
@@ -292,16 +293,16 @@ def test_after_header_less_429s_stop_the_run_speeds_back_up(tmp_path, fake_serve
     assert stats.limits_in_force.startswith("2,400 requests/min")
 
 
-def test_a_429_on_a_last_attempt_still_pauses_the_other_senders(tmp_path, fake_server):
+def test_429s_beyond_a_lines_attempts_still_pause_the_other_senders_and_cost_no_line(tmp_path, fake_server):
     fake = fake_server()
-    rows = [request("[[always:429]] first", 0)] + [request(f"q{i}", i) for i in range(1, 15)]
+    rows = [request("[[fault:429x3]] first", 0)] + [request(f"q{i}", i) for i in range(1, 15)]
     requests_path = write_jsonl(tmp_path / "r.jsonl", rows)
 
     stats = run_in_process(requests_path, fake, max_requests_per_minute=1200, max_attempts=1)
 
-    assert stats.failed == 1 and stats.succeeded == 14
-    (refused,) = fake.stats.rate_limited_times
-    assert [t for t in fake.stats.received_times if refused + 0.02 < t < refused + 0.28] == []
+    assert stats.failed == 0 and stats.succeeded == 15 and stats.rate_limited == 3
+    for refused in fake.stats.rate_limited_times:  # retry-after-ms: 300
+        assert [t for t in fake.stats.received_times if refused + 0.02 < t < refused + 0.28] == []
 
 
 def test_new_top_level_fields_pass_through_and_sampling_rules_are_the_apis(tmp_path, fake_server):
@@ -318,3 +319,26 @@ def test_new_top_level_fields_pass_through_and_sampling_rules_are_the_apis(tmp_p
     assert results[[r[2]["row"] for r in results].index(0)][0]["output_config"] == {"effort": "low"}
     (error,) = errors
     assert error[2] == {"row": 2} and "HTTP 400 invalid_request_error: temperature" in error[1][0]
+
+
+def test_a_429_uses_up_no_attempt_so_a_throttled_stretch_costs_no_line(tmp_path, fake_server):
+    fake = fake_server(throttled_seconds=2.0)  # every request gets a 429 (retry-after 0.3 s) for 2 s
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q {i}", i) for i in range(20)])
+
+    stats = run_in_process(requests_path, fake, max_attempts=2)
+
+    results, errors = outputs(requests_path)
+    assert errors == [] and len(results) == 20 and stats.exit_code == 0
+    assert fake.stats.rate_limited >= 5 and stats.rate_limited == fake.stats.rate_limited
+
+
+def test_nothing_but_429s_for_too_long_stops_the_run_for_a_rerun(tmp_path, fake_server, monkeypatch, captured_logs):
+    monkeypatch.setattr(app, "OUTAGE_MAX_SECONDS", 1.0)
+    fake = fake_server()
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"[[always:429]] q {i}", i) for i in range(5)])
+
+    stats = run_in_process(requests_path, fake, max_attempts=2)
+
+    assert stats.exit_code == 3 and stats.failed == 0 and outputs(requests_path) == ([], [])
+    assert fake.stats.rate_limited > 5
+    assert any("Nothing but 429s" in line and line.startswith("ERROR") for line in captured_logs)
