@@ -938,6 +938,7 @@ def model_facts(model: str) -> ModelFacts:
 # ==================================================================================================
 
 BURST_SECONDS = 0.1  # buckets hold a tenth of a second's worth: sends are spaced evenly, never bunched
+FIRST_REQUEST_ALONE_SECONDS = 2.0  # the first request goes alone until it is answered, or this long
 AUTO_STARTING_LIMITS = {"requests": 40.0, "input-tokens": 24_000.0, "output-tokens": 6_400.0}  # 80% of Tier 1
 AUTO_SAFETY_MARGIN = 0.97  # with "auto", run this close to the limits the API reports
 TOKENS_REMAINING_ROUNDING = 500.0  # the API rounds token `remaining` figures to the nearest thousand
@@ -1060,8 +1061,11 @@ class Limit:
 
 
 class RateLimiter:
-    """Gates every attempt on the request, input-token and (when set) output-token limits, and on
-    any 429 pause."""
+    """Gates every attempt on the request, input-token and output-token limits, and on any 429 pause.
+
+    Output tokens are paced at the flag's figure when one is given; without one, at the limit the API
+    reports, from the first response that reports one (the limit exists whether the user knows it or
+    not). A proxy that reports none leaves output unpaced, as a limit nobody knows cannot be kept."""
 
     def __init__(self, settings: Settings) -> None:
         self.requests = Limit("requests", settings.max_requests_per_minute, initial=1)  # the first goes at once
@@ -1088,6 +1092,10 @@ class RateLimiter:
     def observe(self, headers: Any) -> bool:
         """Every response's rate-limit headers; True when a rate in force changed."""
         changed = False
+        if self.output_tokens is None and reported_limit(headers, "output-tokens")[0]:
+            self.output_tokens = Limit("output-tokens", AUTO)
+            self.limits.append(self.output_tokens)
+            changed = True
         for limit in self.limits:
             changed |= limit.observe(*reported_limit(headers, limit.name))
         return changed
@@ -1792,6 +1800,7 @@ class Processor:
         self.caching_reported = False
         self.outage = OutageWatch()
         self.answered = False  # whether any HTTP response came back in this run
+        self.first_outcome = asyncio.Event()  # set once the first attempt has come back, whatever it came to
         self.admitted_at = time.monotonic()  # when the API last answered anything but a 429
 
     # -- reading -----------------------------------------------------------------------------------
@@ -1916,7 +1925,15 @@ class Processor:
         return True
 
     async def dispatch(self, job: Job) -> None:
-        """Wait for a slot and for capacity, then send the job's next attempt in its own task."""
+        """Wait for a slot and for capacity, then send the job's next attempt in its own task. The first
+        request goes alone, for a few seconds at most: its response's headers tell the limits (output
+        tokens among them) before a burst could overrun them."""
+        if self.stats.in_flight and not self.first_outcome.is_set():
+            waiter = asyncio.ensure_future(self.first_outcome.wait())
+            try:  # not wait_for, which can swallow a cancellation that comes as the event is set (Python < 3.12)
+                await asyncio.wait({waiter}, timeout=FIRST_REQUEST_ALONE_SECONDS)
+            finally:
+                waiter.cancel()
         await self.slots.acquire()
         job.estimated_input_tokens = self.expected_input_tokens(job)
         job.charged_input_tokens = self.calibration(job.body["model"]).scale(job.estimated_input_tokens)
@@ -1953,6 +1970,7 @@ class Processor:
             self.slots.release()
             self.stats.in_flight -= 1
         self.answered |= result.status is not None
+        self.first_outcome.set()
         if result.status is not None and not result.rate_limited:
             self.admitted_at = time.monotonic()
         if result.unusable_address and not self.answered and not self.stats.interrupted_by:

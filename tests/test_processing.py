@@ -342,3 +342,18 @@ def test_nothing_but_429s_for_too_long_stops_the_run_for_a_rerun(tmp_path, fake_
     assert stats.exit_code == 3 and stats.failed == 0 and outputs(requests_path) == ([], [])
     assert fake.stats.rate_limited > 5
     assert any("Nothing but 429s" in line and line.startswith("ERROR") for line in captured_logs)
+
+
+@pytest.mark.parametrize("charging", ["produced", "max_tokens"])
+def test_output_tokens_are_paced_at_the_reported_limit_without_a_flag(tmp_path, fake_server, charging):
+    """The fake's bucket holds 5 s (1,000 tokens): a burst of 30 requests holding 256 each would overrun it,
+    and at 50 tokens each they need 7.5 s of the limit."""
+    fake = fake_server(output_tokens_per_minute=12_000, output_tokens=50, output_charging=charging,
+                       latency=(0.05, 0.1))
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q {i}", i, max_tokens=256) for i in range(30)])
+
+    stats = run_in_process(requests_path, fake)  # no max_output_tokens_per_minute
+
+    assert stats.succeeded == 30 and stats.failed == 0
+    assert fake.stats.rate_limited <= 1, fake.stats.rate_limited
+    assert "output tokens/min" in stats.limits_in_force and "11,640" in stats.limits_in_force  # 97% of 12,000
