@@ -114,7 +114,7 @@ class Settings:
     api_key: str | None = field(default=None, repr=False)
     max_requests_per_minute: float | str = 40  # a number, or "auto": the limits the API reports
     max_tokens_per_minute: float | str = 16_000  # input tokens
-    max_output_tokens_per_minute: float | str | None = None  # None: output is not paced
+    max_output_tokens_per_minute: float | str | None = None  # None: the limit the API reports, once it does
     max_attempts: int = 5
     logging_level: int | str = "INFO"
     use_caching: bool = False
@@ -247,7 +247,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_tokens_per_minute", type=limit_value, default=16_000,
                         help="input tokens/min: a number or 'auto'")
     parser.add_argument("--max_output_tokens_per_minute", type=limit_value, default=None,
-                        help="output tokens/min: a number or 'auto' (default: output is not paced)")
+                        help="output tokens/min: a number or 'auto' (default: the limit the API reports)")
     parser.add_argument("--max_attempts", type=positive_int, default=5)
     parser.add_argument("--logging_level", default="INFO", help="TRACE, DEBUG, INFO, ... or a number (20 = INFO)")
     parser.add_argument(
@@ -2550,7 +2550,7 @@ async def run(config: Settings, lines: Iterable[tuple[int, Any]], count_total: C
     log.info("Processing {} -> {} at up to {} requests/min, {} input tokens/min and {} output tokens/min "
              "({} attempts per request)", config.requests_filepath or "a list of requests",
              config.save_filepath or "memory", config.max_requests_per_minute, config.max_tokens_per_minute,
-             config.max_output_tokens_per_minute or "unpaced", config.max_attempts)
+             config.max_output_tokens_per_minute or "the reported", config.max_attempts)
     if config.save_filepath is None:
         assert collector is not None, "a run without a results file must collect its results"
         stats = await run_processor(config, lines, count_total, collector, ResumeIndex(), prices)
