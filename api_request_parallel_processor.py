@@ -1060,14 +1060,27 @@ class Limit:
         return self.reported * AUTO_SAFETY_MARGIN if self.auto else min(self.configured, self.reported)
 
 
+class Hold:
+    """A moment before which no model's limiter lets an attempt go: an outage's hold, the caching warning's
+    pause. (A 429 pauses only its own model's limiter: the API limits each model class on its own.)"""
+
+    def __init__(self) -> None:
+        self.until = 0.0
+
+    def extend(self, seconds: float) -> None:
+        self.until = max(self.until, time.monotonic() + seconds)
+
+
 class RateLimiter:
-    """Gates every attempt on the request, input-token and output-token limits, and on any 429 pause.
+    """Gates every attempt of one model on its request, input-token and output-token limits, on any 429
+    pause of its own and on the run's Hold. The flags give each model's limits.
 
     Output tokens are paced at the flag's figure when one is given; without one, at the limit the API
     reports, from the first response that reports one (the limit exists whether the user knows it or
     not). A proxy that reports none leaves output unpaced, as a limit nobody knows cannot be kept."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, hold: Hold | None = None) -> None:
+        self.hold_all = hold or Hold()
         self.requests = Limit("requests", settings.max_requests_per_minute, initial=1)  # the first goes at once
         self.input_tokens = Limit("input-tokens", settings.max_tokens_per_minute)
         self.output_tokens = (Limit("output-tokens", settings.max_output_tokens_per_minute)
@@ -1080,7 +1093,7 @@ class RateLimiter:
         """Sleep until one request, `input_tokens` and `output_tokens` are available, then take them."""
         charges = list(zip(self.limits, (1, input_tokens, output_tokens)))
         while True:
-            wait = self.paused_until - time.monotonic()
+            wait = max(self.paused_until, self.hold_all.until) - time.monotonic()
             for limit, amount in charges:
                 wait = max(wait, limit.bucket.seconds_until_available(amount))
             if wait <= 0:
@@ -1134,12 +1147,22 @@ class RateLimiter:
         return bool(slowed)
 
     def hold(self, seconds: float) -> None:
-        """No attempt from any sender until `seconds` have passed; the event loop keeps running."""
+        """No attempt of this model until `seconds` have passed; the event loop keeps running."""
         self.paused_until = max(self.paused_until, time.monotonic() + seconds)
 
     def describe(self) -> str:
         units = {"requests": "requests/min", "input-tokens": "input tokens/min", "output-tokens": "output tokens/min"}
         return ", ".join(f"{limit.bucket.per_minute:,.0f} {units[limit.name]}" for limit in self.limits)
+
+
+@dataclass
+class ModelLane:
+    """What a run keeps for each model, since the API limits each model class on its own and each model
+    counts tokens its own way: the limiter, the learned input-token ratio and the expected output."""
+
+    limiter: RateLimiter
+    calibration: InputCalibration
+    outputs: OutputExpectation = field(default_factory=lambda: OutputExpectation())
 
 
 class InputCalibration:
@@ -1785,15 +1808,14 @@ class Processor:
             "content-type": "application/json",
         }
         self.estimator = TokenEstimator()
-        self.calibrations: dict[str, InputCalibration] = {}  # by model
-        self.limiter = RateLimiter(settings)
-        self.outputs = OutputExpectation()
+        self.hold = Hold()
+        self.lanes: dict[str, ModelLane] = {}  # by model
         self.slots = asyncio.Semaphore(settings.max_concurrent_requests)
         self.ready: asyncio.Queue[Job | None] = asyncio.Queue()  # retries come due, requests whose prefix is warm
         self.retry_timers: dict[Job, asyncio.TimerHandle] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.dispatcher: asyncio.Task[None] | None = None
-        self.stats = RunStats(limits_in_force=self.limiter.describe(), prices=prices)
+        self.stats = RunStats(limits_in_force=RateLimiter(settings).describe(), prices=prices)
         self.unsettled = 0  # jobs read but not yet written to either file
         self.prefixes: dict[int, CachedPrefix] = {}
         self.parked = 0  # requests waiting for their cached prefix to be written
@@ -1936,9 +1958,10 @@ class Processor:
                 waiter.cancel()
         await self.slots.acquire()
         job.estimated_input_tokens = self.expected_input_tokens(job)
-        job.charged_input_tokens = self.calibration(job.body["model"]).scale(job.estimated_input_tokens)
-        job.charged_output_tokens = self.outputs.expected(job.body["max_tokens"]) if self.limiter.output_tokens else 0
-        await self.limiter.acquire(job.charged_input_tokens, job.charged_output_tokens)
+        lane = self.lane(job.body["model"])
+        job.charged_input_tokens = lane.calibration.scale(job.estimated_input_tokens)
+        job.charged_output_tokens = lane.outputs.expected(job.body["max_tokens"]) if lane.limiter.output_tokens else 0
+        await lane.limiter.acquire(job.charged_input_tokens, job.charged_output_tokens)
         job.attempts += 1
         self.stats.in_flight += 1
         log.trace("line {}: attempt {} sent (estimated {} input tokens)",
@@ -1947,11 +1970,18 @@ class Processor:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def calibration(self, model: str) -> InputCalibration:
-        if model not in self.calibrations:
+    def lane(self, model: str) -> ModelLane:
+        if model not in self.lanes:
             prior = self.done.token_ratios.get(model) or model_facts(model).tokens_per_cl100k
-            self.calibrations[model] = InputCalibration(prior)
-        return self.calibrations[model]
+            self.lanes[model] = ModelLane(RateLimiter(self.settings, self.hold), InputCalibration(prior))
+            self.stats.limits_in_force = self.describe_limits()
+        return self.lanes[model]
+
+    def describe_limits(self) -> str:
+        """The limits in force, per model when there is more than one."""
+        if len(self.lanes) == 1:
+            return next(iter(self.lanes.values())).limiter.describe()
+        return "; ".join(f"{model}: {lane.limiter.describe()}" for model, lane in sorted(self.lanes.items()))
 
     def expected_input_tokens(self, job: Job) -> int:
         """Estimated tokens the input-token limit will count: cache reads do not, so a request whose
@@ -1978,8 +2008,8 @@ class Processor:
                       "Stopping; every line is left for the next run.", urlsplit(self.settings.request_url).hostname,
                       result.unusable_address)
             self.interrupt(UNUSABLE_ADDRESS)
-        if result.headers is not None and self.limiter.observe(result.headers):
-            self.stats.limits_in_force = self.limiter.describe()
+        if result.headers is not None and self.lane(job.body["model"]).limiter.observe(result.headers):
+            self.stats.limits_in_force = self.describe_limits()
         if self.outage.record(job.line_number, result):
             log.warning("{} lines in a row got no answer or a 5xx (the last: {}): the API or the network is down. "
                         "Holding every request and retrying without using up their attempts, for up to {}.",
@@ -1994,17 +2024,17 @@ class Processor:
     def succeed(self, job: Job, response: dict[str, Any], raw: bytes) -> None:
         usage = response.get("usage") if isinstance(response.get("usage"), dict) else {}
         actual = (usage.get("input_tokens") or 0) + (usage.get("cache_creation_input_tokens") or 0)
+        lane = self.lane(job.body["model"])
         if usage:
-            calibration = self.calibration(job.body["model"])
-            calibration.record(job.estimated_input_tokens, actual)
-            self.stats.input_ratios[job.body["model"]] = calibration.ratio
-            self.limiter.input_tokens.bucket.give_back(job.charged_input_tokens - actual)
+            lane.calibration.record(job.estimated_input_tokens, actual)
+            self.stats.input_ratios[job.body["model"]] = lane.calibration.ratio
+            lane.limiter.input_tokens.bucket.give_back(job.charged_input_tokens - actual)
             produced = usage.get("output_tokens") or 0
-            self.outputs.record(produced)
-            if self.limiter.output_tokens:
-                self.limiter.output_tokens.bucket.give_back(job.charged_output_tokens - produced)
-        if self.limiter.recover():
-            self.stats.limits_in_force = self.limiter.describe()
+            lane.outputs.record(produced)
+            if lane.limiter.output_tokens:
+                lane.limiter.output_tokens.bucket.give_back(job.charged_output_tokens - produced)
+        if lane.limiter.recover():
+            self.stats.limits_in_force = self.describe_limits()
         self.stats.add_usage(job.body["model"], usage, us_only=job.body.get("inference_geo") == "us")
         self.writer.write_result(job, response, raw)
         self.stats.succeeded += 1
@@ -2014,8 +2044,9 @@ class Processor:
     def attempt_failed(self, job: Job, result: Attempt) -> None:
         message = redact(f"attempt {job.attempts}: {result.error}", self.settings.api_key)
         job.errors.append(message)
-        if self.limiter.output_tokens:  # a failed attempt produced no output
-            self.limiter.output_tokens.bucket.give_back(job.charged_output_tokens)
+        limiter = self.lane(job.body["model"]).limiter
+        if limiter.output_tokens:  # a failed attempt produced no output
+            limiter.output_tokens.bucket.give_back(job.charged_output_tokens)
         if result.rate_limited:
             self.stats.rate_limited += 1
         if self.stats.interrupted_by and result.retryable:
@@ -2025,8 +2056,8 @@ class Processor:
             self.stats.key_rejected = True
             self.stop("the API rejected the key (HTTP 401 authentication_error): check ANTHROPIC_API_KEY")
         delay = result.retry_after if result.retry_after is not None else backoff_seconds(job.attempts)
-        if result.rate_limited and self.limiter.pause(delay, result.headers):  # whether or not this one retries
-            self.stats.limits_in_force = self.limiter.describe()
+        if result.rate_limited and limiter.pause(delay, result.headers):  # whether or not this one retries
+            self.stats.limits_in_force = self.describe_limits()
         if result.rate_limited and result.retryable and not self.stats.stopped_reason:
             if time.monotonic() - self.admitted_at > OUTAGE_MAX_SECONDS:
                 self.interrupt(ONLY_429S)  # the line stays unsent, like every other, for the next run
@@ -2038,7 +2069,7 @@ class Processor:
                 return
             job.attempts -= 1  # the outage's attempt, not the line's
             delay = self.outage.hold_seconds()
-            self.limiter.hold(delay)
+            self.hold.extend(delay)
         if result.retryable and job.attempts < self.settings.max_attempts and not self.stats.stopped_reason:
             self.stats.retries += 1
             log.debug("line {}: {}; retrying in {:.1f} s", job.line_number, message, delay)
@@ -2156,14 +2187,14 @@ class Processor:
         if self.stats.prefixes_not_cached > 1:
             return
         model = job.body["model"]
-        tokens = self.calibration(model).scale(job.estimate.cached_prefix)
+        tokens = self.lane(model).calibration.scale(job.estimate.cached_prefix)
         minimum = model_facts(model).min_cacheable_tokens
         hint = (f"its cached prefix is about {tokens:,} tokens by our estimate; the minimum "
                 + (f"for {model} is {minimum:,} tokens" if minimum else "is 1,024 to 4,096 tokens, by model"))
         pause = CACHING_WARNING_PAUSE_SECONDS if self.settings.use_caching else 0.0
         log.warning("Line {} marks a cached prefix but its response shows no cache write or read: {}.{}",
                     job.line_number, hint, f" Going on in {pause:g} s (press Ctrl+C to stop)." if pause else "")
-        self.limiter.hold(pause)
+        self.hold.extend(pause)
 
 
 # ==================================================================================================
@@ -2191,6 +2222,9 @@ def status_line(stats: RunStats) -> str:
             progress += f", ETA {format_duration((stats.total - stats.finished) / (sent / minutes) * 60)}"
     else:
         progress += " lines"
+    per_model = "".join(f" | {model}: {usage.requests / minutes:,.0f} requests/min, "
+                        f"{usage.output_tokens / minutes:,.0f} output tokens/min" for model, usage in
+                        sorted(stats.by_model.items())) if len(stats.by_model) > 1 else ""
     ratios = "; input tokens " + ", ".join(
         f"{ratio:.2f}x" if len(stats.input_ratios) == 1 else f"{ratio:.2f}x ({model})"
         for model, ratio in sorted(stats.input_ratios.items())) + " cl100k_base" if stats.input_ratios else ""
@@ -2198,7 +2232,7 @@ def status_line(stats: RunStats) -> str:
             f"{stats.already_done:,} done before, {stats.in_flight:,} in flight | {sent / minutes:,.0f} requests/min, "
             f"{(totals.input_tokens + totals.cache_write_tokens) / minutes:,.0f} input tokens/min, "
             f"{totals.output_tokens / minutes:,.0f} output tokens/min (limits {stats.limits_in_force}{ratios}) | "
-            f"{stats.retries:,} retries, {stats.rate_limited:,} rate-limited")
+            f"{stats.retries:,} retries, {stats.rate_limited:,} rate-limited{per_model}")
 
 
 async def report_progress(stats: RunStats, interval: float, live: bool) -> None:

@@ -58,6 +58,19 @@ SCENARIOS = [
     Scenario("output bound, no output flag, max_tokens charged up front", "output", 30_000,
              {"output_tokens_per_minute": 30_000, "output_tokens": 100, "output_charging": "max_tokens"},
              {"max_requests_per_minute": 100_000, "max_tokens_per_minute": 10_000_000}, max_tokens=1024, per_second=5),
+    Scenario("two models, each its own limit, flags at it", "requests", 1200,
+             {"requests_per_minute": 600, "per_model_limits": True},
+             {"max_requests_per_minute": 600, "max_tokens_per_minute": 10_000_000}, per_second=20,
+             extra={"models": 2}),
+    Scenario("two models, each its own limit, auto", "requests", 1200,
+             {"requests_per_minute": 600, "input_tokens_per_minute": 200_000, "per_model_limits": True},
+             {"max_requests_per_minute": "auto", "max_tokens_per_minute": "auto"}, per_second=20,
+             extra={"models": 2}),
+    Scenario("two model names sharing one limit, flags at it", "requests", 600,
+             {"requests_per_minute": 600, "per_model_limits": True,
+              "model_classes": {"claude-sonnet-5-5": "sonnet-5", "claude-sonnet-5": "sonnet-5"}},
+             {"max_requests_per_minute": 600, "max_tokens_per_minute": 10_000_000},
+             extra={"models": 2, "names": ["claude-sonnet-5-5", "claude-sonnet-5"]}),
     Scenario("flags at twice the real limits", "requests", 600,
              {"requests_per_minute": 600, "input_tokens_per_minute": 200_000, "output_tokens_per_minute": 100_000},
              {"max_requests_per_minute": 1200, "max_tokens_per_minute": 400_000,
@@ -76,7 +89,8 @@ SCENARIOS = [
 
 def measure(scenario: Scenario, seconds: float, folder: Path) -> str:
     count = int(scenario.per_second * seconds)
-    rows = [{"model": MODEL, "max_tokens": scenario.max_tokens,
+    models = scenario.extra.get("names") or [MODEL, "claude-haiku-5-5"][: scenario.extra.get("models", 1)]
+    rows = [{"model": models[i % len(models)], "max_tokens": scenario.max_tokens,
              "messages": [{"role": "user", "content": f"Request {i}. " + PARAGRAPH * scenario.request_words}]}
             for i in range(count)]
     requests_path = write_jsonl_rows(folder / f"{scenario.binding}-{len(scenario.name)}.jsonl", rows)

@@ -87,6 +87,8 @@ class FakeConfig:
     seconds_per_token: float = 0.0  # generation time: a stream spreads it over its deltas, a plain response waits
     ping_seconds: float = 1.0  # a stream sends a ping after this long without another event
     rate_limit_headers: bool = True  # False: like a proxy that strips the anthropic-ratelimit-* headers
+    per_model_limits: bool = False  # True: each model class has its own buckets, with the figures above
+    model_classes: dict[str, str] = field(default_factory=dict)  # model -> class, for models sharing one limit
     min_cacheable_tokens: int = 1024
     seed: int = 1234
 
@@ -133,6 +135,15 @@ class Bucket:
         seconds = max(0.0, (self.capacity - self.refill()) / self.rate)
         moment = datetime.fromtimestamp(time.time() + seconds, tz=timezone.utc)
         return moment.isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class Limits:
+    """One model class's buckets (None: that limit is not enforced)."""
+
+    requests: Bucket | None
+    input: Bucket | None
+    output: Bucket | None
 
 
 def fingerprint(body: dict[str, Any]) -> str:
@@ -182,10 +193,7 @@ class FakeAnthropic:
         self.random = random.Random(self.config.seed)
         self.attempts: dict[str, int] = {}
         self.cache: dict[str, float] = {}  # prefix key -> expiry (monotonic)
-        c = self.config
-        self.requests = Bucket(c.requests_per_minute, c.burst_seconds) if c.requests_per_minute else None
-        self.input = Bucket(c.input_tokens_per_minute, c.burst_seconds) if c.input_tokens_per_minute else None
-        self.output = Bucket(c.output_tokens_per_minute, c.burst_seconds) if c.output_tokens_per_minute else None
+        self.classes: dict[str, Limits] = {}  # the buckets of each model class
         self.counter = 0
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -222,12 +230,23 @@ class FakeAnthropic:
         self.counter += 1
         return f"{prefix}_fake{self.counter:08d}"
 
-    def rate_limit_headers(self) -> dict[str, str]:
+    def limits_for(self, model: str) -> Limits:
+        """The buckets of the model's class: one set for every model, unless `per_model_limits`; then each
+        model has its own, except those `model_classes` puts in one class together."""
+        name = (self.config.model_classes.get(model, model) if self.config.per_model_limits else "") or model
+        if name not in self.classes:
+            c = self.config
+            self.classes[name] = Limits(*(Bucket(per_minute, c.burst_seconds) if per_minute else None for per_minute in
+                                          (c.requests_per_minute, c.input_tokens_per_minute,
+                                           c.output_tokens_per_minute)))
+        return self.classes[name]
+
+    def rate_limit_headers(self, limits: Limits) -> dict[str, str]:
         headers: dict[str, str] = {}
         if not self.config.rate_limit_headers:
             return headers
-        for name, bucket in (("requests", self.requests), ("input-tokens", self.input),
-                             ("output-tokens", self.output)):
+        for name, bucket in (("requests", limits.requests), ("input-tokens", limits.input),
+                             ("output-tokens", limits.output)):
             if bucket is None:
                 continue
             remaining = max(0, int(bucket.refill()))
@@ -305,7 +324,7 @@ class FakeAnthropic:
         fault = self.choose_fault(body, key)
         if fault:
             self.stats.faults[fault] = self.stats.faults.get(fault, 0) + 1
-            response = None if fault in STREAM_FAULTS else await self.fault_response(fault, request)
+            response = None if fault in STREAM_FAULTS else await self.fault_response(fault, request, body["model"])
             if response is not None:
                 return response
         if body["model"].startswith("claude-unknown"):
@@ -326,7 +345,8 @@ class FakeAnthropic:
         input_tokens = total - cache_write - cache_read
         produced = min(body["max_tokens"], self.config.output_tokens)
 
-        refused = self.admit(input_tokens + cache_write, body["max_tokens"])
+        limits = self.limits_for(body["model"])
+        refused = self.admit(limits, input_tokens + cache_write, body["max_tokens"])
         if refused is not None:
             return refused
         self.stats.accepted_times.append(now)
@@ -338,10 +358,10 @@ class FakeAnthropic:
         ttl = parts[last_breakpoint][1] if last_breakpoint >= 0 else None
         if prefix_key:  # written (or refreshed) as the response is sent
             self.cache[prefix_key] = time.monotonic() + (3600 if ttl == "1h" else 300)
-        if self.output is not None:  # refund what was charged up front, or charge what was produced
-            self.output.refill()
+        if limits.output is not None:  # refund what was charged up front, or charge what was produced
+            limits.output.refill()
             charged = body["max_tokens"] if self.config.output_charging == "max_tokens" else 0
-            self.output.level = min(self.output.capacity, self.output.level + charged - produced)
+            limits.output.level = min(limits.output.capacity, limits.output.level + charged - produced)
         self.stats.cache_write_tokens += cache_write
         self.stats.cache_read_tokens += cache_read
 
@@ -355,7 +375,7 @@ class FakeAnthropic:
                       "cache_creation": {"ephemeral_5m_input_tokens": cache_write if ttl != "1h" else 0,
                                          "ephemeral_1h_input_tokens": cache_write if ttl == "1h" else 0}},
         }
-        headers = {"request-id": self.next_id("req"), **self.rate_limit_headers()}
+        headers = {"request-id": self.next_id("req"), **self.rate_limit_headers(limits)}
         if body.get("stream"):
             return await self.stream(request, message, headers, fault, key)
         if self.config.seconds_per_token:
@@ -400,31 +420,31 @@ class FakeAnthropic:
             if deadline - time.monotonic() > 0:
                 await response.write(sse("ping", {"type": "ping"}))
 
-    def admit(self, input_tokens: int, max_tokens: int) -> web.Response | None:
-        """Take capacity from every bucket, or answer 429 with the wait in `retry-after`."""
+    def admit(self, limits: Limits, input_tokens: int, max_tokens: int) -> web.Response | None:
+        """Take capacity from every bucket of the class, or answer 429 with the wait in `retry-after`."""
         waits = []
-        if self.requests is not None:
-            waits.append(self.requests.wait_for(1))
-        if self.input is not None:
-            waits.append(self.input.wait_for(input_tokens))
-        if self.output is not None:
+        if limits.requests is not None:
+            waits.append(limits.requests.wait_for(1))
+        if limits.input is not None:
+            waits.append(limits.input.wait_for(input_tokens))
+        if limits.output is not None:
             needed = max_tokens if self.config.output_charging == "max_tokens" else 1
-            waits.append(self.output.wait_for(needed))
+            waits.append(limits.output.wait_for(needed))
         wait = max(waits, default=0.0)
         if wait > 0:
             self.stats.rate_limited += 1
             self.stats.rate_limited_times.append(time.monotonic())
-            headers = {"retry-after": str(max(1, math.ceil(wait))), **self.rate_limit_headers()}
+            headers = {"retry-after": str(max(1, math.ceil(wait))), **self.rate_limit_headers(limits)}
             return self.error(429, "rate_limit_error", "This request would exceed your rate limit.", headers)
-        if self.requests is not None:
-            self.requests.level -= 1
-        if self.input is not None:
-            self.input.level -= input_tokens
-        if self.output is not None and self.config.output_charging == "max_tokens":
-            self.output.level -= max_tokens  # the 2025 documentation: max_tokens charged up front
+        if limits.requests is not None:
+            limits.requests.level -= 1
+        if limits.input is not None:
+            limits.input.level -= input_tokens
+        if limits.output is not None and self.config.output_charging == "max_tokens":
+            limits.output.level -= max_tokens  # the 2025 documentation: max_tokens charged up front
         return None
 
-    async def fault_response(self, fault: str, request: web.Request) -> web.StreamResponse | None:
+    async def fault_response(self, fault: str, request: web.Request, model: str) -> web.StreamResponse | None:
         simple = {
             "400": (400, "invalid_request_error", "messages: something is wrong"),
             "403": (403, "permission_error", "not allowed"),
@@ -442,7 +462,8 @@ class FakeAnthropic:
             self.stats.rate_limited += 1
             self.stats.rate_limited_times.append(time.monotonic())
             return self.error(429, "rate_limit_error", "rate limited",
-                              {"retry-after": "1", "retry-after-ms": "300", **self.rate_limit_headers()})
+                              {"retry-after": "1", "retry-after-ms": "300",
+                               **self.rate_limit_headers(self.limits_for(model))})
         if fault == "spend":
             return self.error(429, "rate_limit_error", "spend limit reached",
                               details={"error_code": "enforced_spend_limit_reached"})

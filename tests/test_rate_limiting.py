@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 
 import pytest
+from conftest import request, run_in_process, write_jsonl
 
 import api_request_parallel_processor as app
 
@@ -144,3 +145,19 @@ def test_remaining_lower_than_the_bucket_lowers_it_allowing_for_rounding():
     assert tokens.bucket.level == pytest.approx(1000, abs=1)
     tokens.observe(None, 0)
     assert tokens.bucket.level <= app.TOKENS_REMAINING_ROUNDING
+
+
+def test_each_model_has_its_own_limits(tmp_path, fake_server):
+    fake = fake_server(per_model_limits=True, requests_per_minute=1200)  # 20/s for each model
+    rows = [request(f"q{i}", i, **({"model": "claude-haiku-5-5"} if i % 2 else {})) for i in range(60)]
+    requests_path = write_jsonl(tmp_path / "r.jsonl", rows)
+
+    stats = run_in_process(requests_path, fake, max_requests_per_minute=1200)
+
+    assert stats.succeeded == 60 and fake.stats.rate_limited == 0
+    second = fake.stats.received_times[0] + 0.2  # past the first request, which goes alone
+    in_a_second = [t for t in fake.stats.received_times if second <= t < second + 1.0]
+    assert len(in_a_second) >= 30  # both models at 20/s: 40 a second; one limiter for both would allow 20
+    assert stats.limits_in_force.count("1,200 requests/min") == 2  # each model its own limiter
+    assert "claude-haiku-5-5: " in stats.limits_in_force and "claude-sonnet-5-5: " in stats.limits_in_force
+    assert "| claude-haiku-5-5: " in app.status_line(stats)  # the status line gives each model's rates
