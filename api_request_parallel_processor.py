@@ -20,9 +20,10 @@ Design, in the order the file reads:
   results file, checked against it, lets a rerun skip a million answered lines in seconds.
 - Token estimation: Claude's tokenizer is not public, so input tokens are estimated with tiktoken's
   cl100k_base, scaled per model family, and the estimate is corrected from the `usage` of each response.
-- Rate limiting: continuously refilled token buckets for requests, input tokens and output tokens.
-  The dispatcher sleeps until capacity is due (no polling); the API's rate-limit headers correct the
-  buckets, and a 429's `retry-after` pauses every sender.
+- Rate limiting: continuously refilled token buckets for requests, input tokens and output tokens,
+  one set per model (the API limits each model class on its own). The dispatcher sleeps until
+  capacity is due (no polling); the API's rate-limit headers correct the buckets, and a 429's
+  `retry-after` pauses that model's senders without using up the line's attempts.
 - The API call and retries (streaming included): a request whose answer may outlast the timeout is
   streamed, and its events rebuilt into the message a plain request returns; each attempt is classified
   as the API documents it (retry 408, 409, 429, 5xx, network failures, broken streams and timeouts with

@@ -3,7 +3,8 @@
 Starts the tests' fake server with the limits of each scenario (input tokens counted 1.3x what
 cl100k_base counts, a 5-second burst allowance, 0.2-0.4 s latency), runs the processor against it, and
 prints the steady rate of the binding limit as a fraction of that limit (the first 5 seconds, the ramp-up,
-left out) and the share of requests that drew a 429.
+left out) and the share of requests that drew a 429. Last, 20 seconds in which the fake answers every
+request with a 429, then recovers: prints how many lines were answered and how many failed.
 
     python benchmarks/rate_limits.py [--seconds 25] [--only NAME]
 """
@@ -113,6 +114,23 @@ def measure(scenario: Scenario, seconds: float, folder: Path) -> str:
             f"{', '.join(f'{ratio:.2f}' for ratio in stats.input_ratios.values())})")
 
 
+def throttled(seconds: float, folder: Path) -> str:
+    """The API answers every request with a 429 for `seconds` (another program took the whole limit), then
+    recovers: every line must end with a result, none in the errors file, exit code 0."""
+    rows = [{"model": MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": f"Request {i}."}]}
+            for i in range(200)]
+    requests_path = write_jsonl_rows(folder / "throttled.jsonl", rows)
+    with ServerThread(FakeConfig(throttled_seconds=seconds, requests_per_minute=600, latency=(0.2, 0.4))) as fake:
+        stats = asyncio.run(app.process_api_requests_from_file(
+            str(requests_path), request_url=fake.url, api_key=API_KEY, logging_level="ERROR",
+            max_requests_per_minute=600))
+        rate_limited = fake.stats.rate_limited
+    errors = Path(app.default_save_filepath(str(requests_path))[: -len(".jsonl")] + "_errors.jsonl")
+    return (f"{f'{seconds:g} s of nothing but 429s, then recovery':<55} {stats.succeeded} of 200 answered, "
+            f"{0 if not errors.exists() else len(errors.read_text().splitlines())} in the errors file, "
+            f"{rate_limited} 429s, exit code {stats.exit_code}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=25.0, help="length of each scenario at its limit")
@@ -122,6 +140,8 @@ def main() -> None:
         for scenario in SCENARIOS:
             if args.only is None or args.only in scenario.name:
                 print(measure(scenario, args.seconds, Path(folder)), flush=True)
+        if args.only is None or args.only in "429s":
+            print(throttled(20.0, Path(folder)), flush=True)
 
 
 if __name__ == "__main__":
