@@ -1156,16 +1156,6 @@ class RateLimiter:
         return ", ".join(f"{limit.bucket.per_minute:,.0f} {units[limit.name]}" for limit in self.limits)
 
 
-@dataclass
-class ModelLane:
-    """What a run keeps for each model, since the API limits each model class on its own and each model
-    counts tokens its own way: the limiter, the learned input-token ratio and the expected output."""
-
-    limiter: RateLimiter
-    calibration: InputCalibration
-    outputs: OutputExpectation = field(default_factory=lambda: OutputExpectation())
-
-
 class InputCalibration:
     """The running ratio of input tokens the API counted to what we estimated, for one model.
 
@@ -1208,6 +1198,16 @@ class OutputExpectation:
         if not self.responses:
             return max_tokens
         return max(1, min(max_tokens, math.ceil(self.total / self.responses)))
+
+
+@dataclass
+class ModelLane:
+    """What a run keeps for each model, since the API limits each model class on its own and each model
+    counts tokens its own way: the limiter, the learned input-token ratio and the expected output."""
+
+    limiter: RateLimiter
+    calibration: InputCalibration
+    outputs: OutputExpectation = field(default_factory=OutputExpectation)
 
 
 # ==================================================================================================
