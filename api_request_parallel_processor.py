@@ -2453,20 +2453,23 @@ def dry_run(config: Settings) -> int:
 
 
 def expected_duration(config: Settings, plans: dict[str, ModelPlan]) -> str:
-    """How long the run should take under the configured limits, and which limit binds."""
+    """How long the run should take under the configured limits, which apply to each model on its own (so
+    the slowest model sets the duration), and which limit binds."""
     def per_minute(value: float | str | None, name: str) -> float:
         return AUTO_STARTING_LIMITS[name] if value == AUTO else float(value)
 
-    needs = [("requests/min", sum(p.requests for p in plans.values()),
-              per_minute(config.max_requests_per_minute, "requests")),
-             ("input tokens/min", sum(p.high.input_tokens + p.high.cache_write_tokens for p in plans.values()),
-              per_minute(config.max_tokens_per_minute, "input-tokens"))]
-    if config.max_output_tokens_per_minute is not None:
-        needs.append(("output tokens/min", sum(p.low.output_tokens for p in plans.values()),
-                      per_minute(config.max_output_tokens_per_minute, "output-tokens")))
-    name, amount, limit = max(needs, key=lambda need: need[1] / need[2])
+    needs = []
+    for model, plan in plans.items():
+        needs += [(model, "requests/min", plan.requests, per_minute(config.max_requests_per_minute, "requests")),
+                  (model, "input tokens/min", plan.high.input_tokens + plan.high.cache_write_tokens,
+                   per_minute(config.max_tokens_per_minute, "input-tokens"))]
+        if config.max_output_tokens_per_minute is not None:
+            needs.append((model, "output tokens/min", plan.low.output_tokens,
+                          per_minute(config.max_output_tokens_per_minute, "output-tokens")))
+    model, name, amount, limit = max(needs, key=lambda need: need[2] / need[3])
     auto = AUTO in (config.max_requests_per_minute, config.max_tokens_per_minute, config.max_output_tokens_per_minute)
-    return (f"Expected duration: about {format_duration(amount / limit * 60)}, bound by {name} ({limit:,.0f}/min)"
+    return (f"Expected duration: about {format_duration(amount / limit * 60)}, bound by {name} ({limit:,.0f}/min"
+            + (f" for {model})" if len(plans) > 1 else ")")
             + (" at the cautious starting figures of 'auto'; the limits the API reports will be faster." if auto
                else "."))
 
