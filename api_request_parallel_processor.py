@@ -943,8 +943,8 @@ FIRST_REQUEST_ALONE_SECONDS = 2.0  # the first request goes alone until it is an
 AUTO_STARTING_LIMITS = {"requests": 40.0, "input-tokens": 24_000.0, "output-tokens": 6_400.0}  # 80% of Tier 1
 AUTO_SAFETY_MARGIN = 0.97  # with "auto", run this close to the limits the API reports
 TOKENS_REMAINING_ROUNDING = 500.0  # the API rounds token `remaining` figures to the nearest thousand
-BLIND_429_SLOWDOWN = 0.9  # a 429 that reports no limits (a proxy, say) lowers every rate by 10%...
-BLIND_429_RECOVERY_SECONDS = 30.0  # ...and each 30 s without one wins a step back
+BLIND_429_SLOWDOWN = 0.9  # a 429 that shows no exhausted limit (a proxy's, an acceleration limit's) lowers...
+BLIND_429_RECOVERY_SECONDS = 30.0  # ...every rate by 10%, and each 30 s without one wins a step back
 
 
 class TokenBucket:
@@ -1115,11 +1115,12 @@ class RateLimiter:
         return changed
 
     def pause(self, seconds: float, headers: Any) -> bool:
-        """A 429: no attempt from any sender until `seconds` have passed. When the response reports
-        no limits to correct the rates with, slow every rate down instead, once per pause (the
-        429s of requests sent together count once). True when a rate in force changed."""
+        """A 429: no attempt of this model until `seconds` have passed. When the response shows no
+        exhausted limit to correct the rates with (no rate-limit headers, or capacity left in every limit
+        it reports: an acceleration limit, or one enforced over a shorter window), slow every rate down
+        too, once per pause (the 429s of requests sent together count once). True when a rate changed."""
         now = time.monotonic()
-        blind = headers is None or all(reported_limit(headers, limit.name)[0] is None for limit in self.limits)
+        blind = headers is None or not any(self.exhausted(headers, limit.name) for limit in self.limits)
         slow_down = blind and now >= self.paused_until
         if blind:
             self.last_blind_429 = now
@@ -1129,8 +1130,18 @@ class RateLimiter:
             if slow_down:
                 limit.bucket.set_rate(limit.bucket.per_minute * BLIND_429_SLOWDOWN)
         if slow_down:
-            log.warning("A 429 without rate-limit headers: slowing to {}.", self.describe())
+            log.warning("A 429 that shows no exhausted limit (no rate-limit headers, or capacity left: an "
+                        "acceleration limit): slowing to {}.", self.describe())
         return slow_down
+
+    @staticmethod
+    def exhausted(headers: Any, name: str) -> bool:
+        """Whether a response reports this limit as used up: no request left, or a thousand tokens or fewer
+        (the API rounds token figures to the nearest thousand)."""
+        limit, remaining = reported_limit(headers, name)
+        if limit is None:
+            return False
+        return remaining is None or (remaining < 1 if name == "requests" else remaining <= 2 * TOKENS_REMAINING_ROUNDING)
 
     def recover(self) -> bool:
         """After header-less 429s slowed the run, each `BLIND_429_RECOVERY_SECONDS` without one wins

@@ -11,7 +11,8 @@
   a hit; an entry exists only once the writing response is sent.
 - Faults, at random (`fault_rate`) or scripted inside a message's text: `[[fault:529x2]]` fails the
   first two attempts of that request with 529; `[[always:404]]` fails every attempt.
-  Kinds: 400 401 403 404 413 429 500 502 (HTML body) 529 spend drop truncated slow, and for streams
+  Kinds: 400 401 403 404 413 429 (its headers show the requests limit used up) accel (a 429 whose headers
+  show capacity left, as an acceleration limit's) 500 502 (HTML body) 529 spend drop truncated slow, and for streams
   stream_error (an `error` event halfway), stream_drop (the connection closed halfway) and stream_stall
   (silence halfway, pings included, for `slow_seconds`). An outage (`outage_seconds`) drops every
   connection for a while from the first request.
@@ -458,12 +459,14 @@ class FakeAnthropic:
         }
         if fault in simple:
             return self.error(*simple[fault])
-        if fault == "429":
+        if fault in ("429", "accel"):  # a limit used up (its headers say so), or an acceleration limit
             self.stats.rate_limited += 1
             self.stats.rate_limited_times.append(time.monotonic())
+            headers = self.rate_limit_headers(self.limits_for(model))
+            if fault == "429" and "anthropic-ratelimit-requests-remaining" in headers:
+                headers["anthropic-ratelimit-requests-remaining"] = "0"
             return self.error(429, "rate_limit_error", "rate limited",
-                              {"retry-after": "1", "retry-after-ms": "300",
-                               **self.rate_limit_headers(self.limits_for(model))})
+                              {"retry-after": "1", "retry-after-ms": "300", **headers})
         if fault == "spend":
             return self.error(429, "rate_limit_error", "spend limit reached",
                               details={"error_code": "enforced_spend_limit_reached"})

@@ -161,3 +161,33 @@ def test_each_model_has_its_own_limits(tmp_path, fake_server):
     assert stats.limits_in_force.count("1,200 requests/min") == 2  # each model its own limiter
     assert "claude-haiku-5-5: " in stats.limits_in_force and "claude-sonnet-5-5: " in stats.limits_in_force
     assert "| claude-haiku-5-5: " in app.status_line(stats)  # the status line gives each model's rates
+
+
+def test_a_429_with_capacity_left_slows_the_run_and_one_with_a_limit_used_up_does_not(tmp_path, fake_server,
+                                                                                       captured_logs):
+    fake = fake_server(requests_per_minute=100_000)  # the headers show plenty left...
+    rows = [request("[[fault:accelx1]] first", 0)] + [request(f"q{i}", i) for i in range(1, 5)]
+    stats = run_in_process(write_jsonl(tmp_path / "a.jsonl", rows), fake, max_requests_per_minute=1200)
+    assert stats.succeeded == 5 and stats.rate_limited == 1
+    assert "1,080 requests/min" in stats.limits_in_force  # ...so an acceleration limit: 10% slower
+    assert any("capacity left: an acceleration limit): slowing to" in line for line in captured_logs)
+
+    captured_logs.clear()
+    rows = [request("[[fault:429x1]] first", 0)] + [request(f"q{i}", i) for i in range(1, 5)]
+    stats = run_in_process(write_jsonl(tmp_path / "b.jsonl", rows), fake, max_requests_per_minute=1200)
+    assert stats.succeeded == 5 and stats.rate_limited == 1  # the requests limit reported used up
+    assert "1,200 requests/min" in stats.limits_in_force and not any("slowing" in line for line in captured_logs)
+
+
+def test_a_limit_is_exhausted_when_little_of_it_remains():
+    def headers(limit: str, remaining: str) -> dict:
+        return {"anthropic-ratelimit-requests-limit": limit, "anthropic-ratelimit-requests-remaining": remaining}
+
+    assert app.RateLimiter.exhausted(headers("600", "0"), "requests")
+    assert not app.RateLimiter.exhausted(headers("600", "1"), "requests")
+    assert not app.RateLimiter.exhausted({}, "requests")
+    tokens = {"anthropic-ratelimit-input-tokens-limit": "30000", "anthropic-ratelimit-input-tokens-remaining": "0"}
+    assert app.RateLimiter.exhausted(tokens, "input-tokens")
+    assert app.RateLimiter.exhausted({**tokens, "anthropic-ratelimit-input-tokens-remaining": "1000"}, "input-tokens")
+    assert not app.RateLimiter.exhausted({**tokens, "anthropic-ratelimit-input-tokens-remaining": "2000"},
+                                         "input-tokens")
