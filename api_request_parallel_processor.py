@@ -1353,7 +1353,7 @@ def interpret_response(status: int, headers: Any, raw: bytes) -> Attempt:
     if request_id:
         description += f" (request-id {request_id})"
 
-    retryable = status in RETRYABLE_STATUSES or status >= 500
+    retryable = retryable_status(status)
     should_retry = headers.get("x-should-retry")
     if should_retry in ("true", "false"):
         retryable = should_retry == "true"
@@ -1363,6 +1363,11 @@ def interpret_response(status: int, headers: Any, raw: bytes) -> Attempt:
             retryable = False
     return Attempt(error=description, retryable=retryable, retry_after=parse_retry_after(headers),
                    status=status, authentication_failed=status == 401, headers=headers)
+
+
+def retryable_status(status: int) -> bool:
+    """As the API documents it: 408, 409, 429 and every 5xx are worth another attempt."""
+    return status in RETRYABLE_STATUSES or status >= 500
 
 
 def snippet(raw: bytes, limit: int = 120) -> str:
@@ -1437,7 +1442,7 @@ async def read_event_stream(response: aiohttp.ClientResponse) -> Attempt:
         request_id = response.headers.get("request-id", "")
         return Attempt(error=f"an error event mid-stream (after HTTP 200): {kind}: {message.error.get('message', '')}"
                              + (f" (request-id {request_id})" if request_id else ""),
-                       retryable=status in RETRYABLE_STATUSES or status >= 500, status=status,
+                       retryable=retryable_status(status), status=status,
                        authentication_failed=status == 401, headers=response.headers)
     if not message.stopped or message.message is None:
         return Attempt(error="the stream ended before message_stop", retryable=True, headers=response.headers)
