@@ -688,6 +688,55 @@ def read_lines(path: str) -> Iterator[tuple[int, bytes]]:
                 yield line_number, raw
 
 
+class LineReader:
+    """Turns input lines into jobs, for either road: lines done by an earlier run are skipped (a line seen
+    before, without even parsing it), and bad lines are written to the errors file on the spot."""
+
+    def __init__(self, lines: Iterable[tuple[int, Any]], done: ResumeIndex, writer: ResultSink, stats: RunStats) -> None:
+        self.lines = lines
+        self.done = done
+        self.writer = writer
+        self.stats = stats
+
+    def jobs(self, estimate: Callable[[dict[str, Any]], TokenEstimate] | None = None) -> Iterator[Job]:
+        """The jobs still to do; `estimate` gives each its token estimate (the batch road needs none)."""
+        for line_number, raw in self.lines:
+            line = line_fingerprint(raw)
+            resuming = len(self.done) > 0
+            if resuming and line is not None and self.done.claim_line(line):
+                self.stats.already_done += 1
+                continue
+            try:
+                body, metadata = parse_request(raw)
+                payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+                encoded_metadata = None if metadata is None else json.dumps(metadata, ensure_ascii=False).encode()
+            except BadLine as problem:
+                self.reject(line_number, raw, str(problem))
+                continue
+            except (TypeError, ValueError) as problem:  # only from a list's items: files hold JSON already
+                self.reject(line_number, raw, f"cannot be sent as JSON ({problem})")
+                continue
+            fingerprint = request_fingerprint(body, metadata)
+            if resuming and self.done.claim(fingerprint, line):
+                self.stats.already_done += 1
+                continue
+            yield Job(line_number, body, payload, metadata, encoded_metadata,
+                      estimate(body) if estimate else NOT_ESTIMATED, fingerprint=fingerprint, line=line, sent=payload)
+
+    def reject(self, line_number: int, raw: bytes | Any, problem: str) -> None:
+        message = f"line {line_number}: {problem}; not sent"
+        log.warning("{}", message)
+        if isinstance(raw, bytes):
+            raw = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        else:
+            try:
+                json.dumps(raw)
+            except (TypeError, ValueError):
+                raw = repr(raw)
+        self.writer.write_error(line_number, raw, [message], None)
+        self.stats.bad_lines += 1
+
+
 # ==================================================================================================
 # Token estimation
 # ==================================================================================================
@@ -711,6 +760,7 @@ class TokenEstimate:
     prefix: tuple[int, float] | None = None
 
 
+NOT_ESTIMATED = TokenEstimate(0)  # the batch road's jobs: batches are not bound by the per-minute limits
 CACHE_TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
 
 
@@ -1833,6 +1883,7 @@ class Processor:
         self.tasks: set[asyncio.Task[None]] = set()
         self.dispatcher: asyncio.Task[None] | None = None
         self.stats = RunStats(limits_in_force=RateLimiter(settings).describe(), prices=prices)
+        self.reader = LineReader(lines, done, writer, self.stats)
         self.unsettled = 0  # jobs read but not yet written to either file
         self.prefixes: dict[int, CachedPrefix] = {}
         self.parked = 0  # requests waiting for their cached prefix to be written
@@ -1845,47 +1896,12 @@ class Processor:
     # -- reading -----------------------------------------------------------------------------------
 
     def read_jobs(self) -> Iterator[Job]:
-        """Valid lines become jobs, lines done by an earlier run are skipped (a line seen before without
-        even parsing it), and bad lines are written to the errors file on the spot."""
-        for line_number, raw in self.lines:
-            line = line_fingerprint(raw)
-            resuming = len(self.done) > 0
-            if resuming and line is not None and self.done.claim_line(line):
-                self.stats.already_done += 1
-                continue
-            try:
-                body, metadata = parse_request(raw)
-                payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
-                encoded_metadata = None if metadata is None else json.dumps(metadata, ensure_ascii=False).encode()
-            except BadLine as problem:
-                self.reject_line(line_number, raw, str(problem))
-                continue
-            except (TypeError, ValueError) as problem:  # only from a list's items: files hold JSON already
-                self.reject_line(line_number, raw, f"cannot be sent as JSON ({problem})")
-                continue
-            fingerprint = request_fingerprint(body, metadata)
-            if resuming and self.done.claim(fingerprint, line):
-                self.stats.already_done += 1
-                continue
+        for job in self.reader.jobs(self.estimator.estimate):
             self.unsettled += 1
-            streamed = streams(body, self.settings.request_timeout)
-            sent = json.dumps({**body, "stream": True}, ensure_ascii=False).encode("utf-8") if (
-                streamed and body.get("stream") is not True) else payload
-            yield Job(line_number, body, payload, metadata, encoded_metadata, self.estimator.estimate(body),
-                      fingerprint=fingerprint, line=line, streamed=streamed, sent=sent)
-
-    def reject_line(self, line_number: int, raw: bytes | Any, problem: str) -> None:
-        message = f"line {line_number}: {problem}; not sent"
-        log.warning("{}", message)
-        if isinstance(raw, bytes):
-            raw = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-        else:
-            try:
-                json.dumps(raw)
-            except (TypeError, ValueError):
-                raw = repr(raw)
-        self.writer.write_error(line_number, raw, [message], None)
-        self.stats.bad_lines += 1
+            job.streamed = streams(job.body, self.settings.request_timeout)
+            if job.streamed and job.body.get("stream") is not True:
+                job.sent = json.dumps({**job.body, "stream": True}, ensure_ascii=False).encode("utf-8")
+            yield job
 
     # -- dispatching -------------------------------------------------------------------------------
 

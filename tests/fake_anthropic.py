@@ -45,6 +45,7 @@ API_KEY = "sk-ant-fake-test-key-0123456789"
 RANDOM_FAULTS = ("529", "500", "502", "drop", "truncated", "slow", "429")
 STREAM_FAULTS = ("stream_error", "stream_drop", "stream_stall")  # mid-stream; a plain request ignores them
 RICH_CONTENT = "[[blocks:all]]"  # in a message: answer with thinking, a text block with citations and a tool_use
+CUSTOM_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 SCRIPTED_FAULT = re.compile(r"\[\[(fault|always):(\w+?)(?:x(\d+))?\]\]")
 TOP_LEVEL_KEYS = frozenset({
     "model", "max_tokens", "messages", "system", "tools", "tool_choice", "thinking", "temperature", "top_p",
@@ -91,6 +92,13 @@ class FakeConfig:
     per_model_limits: bool = False  # True: each model class has its own buckets, with the figures above
     model_classes: dict[str, str] = field(default_factory=dict)  # model -> class, for models sharing one limit
     min_cacheable_tokens: int = 1024
+    batch_seconds: float = 0.3  # how long a message batch stays in_progress
+    batch_errored_rate: float = 0.0  # results `errored` with a server-side error (api_error, overloaded_error)
+    batch_expired_rate: float = 0.0  # results `expired`
+    batch_fault_rate: float = 0.0  # calls to the batch endpoints answered with one of `batch_fault_kinds`
+    batch_fault_kinds: tuple[str, ...] = ("500", "529", "502", "429")
+    batch_cut_downloads: int = 0  # this many results downloads are cut off halfway
+    batch_lost_creates: int = 0  # this many creates make the batch but drop the connection before answering
     seed: int = 1234
 
 
@@ -109,10 +117,30 @@ class FakeStats:
     cache_read_tokens: int = 0
     headers_seen: list[dict[str, str]] = field(default_factory=list)
     bodies_seen: list[dict[str, Any]] = field(default_factory=list)
+    batch_submissions: dict[str, int] = field(default_factory=dict)  # request fingerprint -> times in a batch
+    batch_calls: int = 0  # calls to the batch endpoints...
+    batch_faults: int = 0  # ...and how many were answered with a fault
+    batch_downloads: int = 0
 
     @property
     def paid_twice(self) -> int:
         return sum(count - 1 for count in self.answered.values() if count > 1)
+
+    @property
+    def submitted_twice(self) -> int:
+        return sum(count - 1 for count in self.batch_submissions.values() if count > 1)
+
+
+@dataclass
+class FakeBatch:
+    """A message batch: its requests, and once it has ended, one result per request."""
+
+    id: str
+    created_at: float  # epoch seconds
+    ends_at: float  # monotonic
+    requests: list[tuple[str, dict[str, Any]]]  # (custom_id, params)
+    cancel_initiated_at: float | None = None
+    results: list[dict[str, Any]] | None = None
 
 
 class Bucket:
@@ -136,6 +164,17 @@ class Bucket:
         seconds = max(0.0, (self.capacity - self.refill()) / self.rate)
         moment = datetime.fromtimestamp(time.time() + seconds, tz=timezone.utc)
         return moment.isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class Prompt:
+    """A request's input tokens as the API counts them, and its cached prefix (`prefix_key` empty if none)."""
+
+    input_tokens: int
+    cache_write: int
+    cache_read: int
+    prefix_key: str
+    ttl: str | None
 
 
 @dataclass
@@ -195,6 +234,7 @@ class FakeAnthropic:
         self.attempts: dict[str, int] = {}
         self.cache: dict[str, float] = {}  # prefix key -> expiry (monotonic)
         self.classes: dict[str, Limits] = {}  # the buckets of each model class
+        self.batches: dict[str, FakeBatch] = {}  # in order of creation
         self.counter = 0
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -202,8 +242,13 @@ class FakeAnthropic:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self, port: int = 0) -> str:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=300 * 1024 * 1024)  # a batch may hold 256 MB
         app.router.add_post("/v1/messages", self.handle)
+        app.router.add_post("/v1/messages/batches", self.create_batch)
+        app.router.add_get("/v1/messages/batches", self.list_batches)
+        app.router.add_get("/v1/messages/batches/{id}", self.retrieve_batch)
+        app.router.add_get("/v1/messages/batches/{id}/results", self.batch_results)
+        app.router.add_post("/v1/messages/batches/{id}/cancel", self.cancel_batch)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)
@@ -300,6 +345,39 @@ class FakeAnthropic:
             return self.random.choice(self.config.fault_kinds)
         return None
 
+    def prompt_of(self, body: dict[str, Any]) -> Prompt:
+        """The request's input tokens as the API counts them, split by what the prompt cache does with them."""
+        parts = segments(body)
+        tokens = [self.count_tokens(part) for part, _ in parts]
+        last_breakpoint = max((i for i, (_, ttl) in enumerate(parts) if ttl), default=-1)
+        prefix_tokens = sum(tokens[: last_breakpoint + 1])
+        prefix_key = ""
+        if last_breakpoint >= 0 and prefix_tokens >= self.config.min_cacheable_tokens:
+            prefix_key = fingerprint({"model": body["model"], "prefix": [p for p, _ in parts[: last_breakpoint + 1]]})
+        hit = bool(prefix_key) and self.cache.get(prefix_key, 0) > time.monotonic()
+        cache_write = prefix_tokens if prefix_key and not hit else 0
+        cache_read = prefix_tokens if hit else 0
+        ttl = parts[last_breakpoint][1] if last_breakpoint >= 0 else None
+        return Prompt(sum(tokens) - cache_write - cache_read, cache_write, cache_read, prefix_key, ttl)
+
+    def answer(self, body: dict[str, Any], prompt: Prompt, produced: int) -> dict[str, Any]:
+        """The message answering `body`; writes (or refreshes) its cached prefix, as sending it would."""
+        if prompt.prefix_key:
+            self.cache[prompt.prefix_key] = time.monotonic() + (3600 if prompt.ttl == "1h" else 300)
+        self.stats.cache_write_tokens += prompt.cache_write
+        self.stats.cache_read_tokens += prompt.cache_read
+        last_text = text_of(body["messages"][-1]["content"])
+        one_hour = prompt.cache_write if prompt.ttl == "1h" else 0
+        return {
+            "id": self.next_id("msg"), "type": "message", "role": "assistant", "model": body["model"],
+            "content": answer_blocks(fingerprint({**body, "stream": False}), last_text),  # the same streamed or not
+            "stop_reason": "tool_use" if RICH_CONTENT in last_text else "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": prompt.input_tokens, "output_tokens": produced,
+                      "cache_creation_input_tokens": prompt.cache_write, "cache_read_input_tokens": prompt.cache_read,
+                      "cache_creation": {"ephemeral_5m_input_tokens": prompt.cache_write - one_hour,
+                                         "ephemeral_1h_input_tokens": one_hour}},
+        }
+
     # -- the endpoint ----------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -331,51 +409,24 @@ class FakeAnthropic:
         if body["model"].startswith("claude-unknown"):
             return self.error(404, "not_found_error", f"model: {body['model']}")
 
-        parts = segments(body)
-        tokens = [self.count_tokens(part) for part, _ in parts]
-        total = sum(tokens)
-        last_breakpoint = max((i for i, (_, ttl) in enumerate(parts) if ttl), default=-1)
-        prefix_tokens = sum(tokens[: last_breakpoint + 1])
-        prefix_key = ""
-        if last_breakpoint >= 0 and prefix_tokens >= self.config.min_cacheable_tokens:
-            prefix_key = fingerprint({"model": body["model"], "prefix": [p for p, _ in parts[: last_breakpoint + 1]]})
-        now = time.monotonic()
-        cache_hit = bool(prefix_key) and self.cache.get(prefix_key, 0) > now
-        cache_write = prefix_tokens if prefix_key and not cache_hit else 0
-        cache_read = prefix_tokens if cache_hit else 0
-        input_tokens = total - cache_write - cache_read
+        prompt = self.prompt_of(body)
         produced = min(body["max_tokens"], self.config.output_tokens)
-
         limits = self.limits_for(body["model"])
-        refused = self.admit(limits, input_tokens + cache_write, body["max_tokens"])
+        refused = self.admit(limits, prompt.input_tokens + prompt.cache_write, body["max_tokens"])
         if refused is not None:
             return refused
+        now = time.monotonic()
         self.stats.accepted_times.append(now)
-        self.stats.admitted_usage.append((now, input_tokens + cache_write, produced))
+        self.stats.admitted_usage.append((now, prompt.input_tokens + prompt.cache_write, produced))
 
         low, high = self.config.latency
         if high > 0:
             await asyncio.sleep(self.random.uniform(low, high))
-        ttl = parts[last_breakpoint][1] if last_breakpoint >= 0 else None
-        if prefix_key:  # written (or refreshed) as the response is sent
-            self.cache[prefix_key] = time.monotonic() + (3600 if ttl == "1h" else 300)
         if limits.output is not None:  # refund what was charged up front, or charge what was produced
             limits.output.refill()
             charged = body["max_tokens"] if self.config.output_charging == "max_tokens" else 0
             limits.output.level = min(limits.output.capacity, limits.output.level + charged - produced)
-        self.stats.cache_write_tokens += cache_write
-        self.stats.cache_read_tokens += cache_read
-
-        last_text = text_of(body["messages"][-1]["content"])
-        message = {
-            "id": self.next_id("msg"), "type": "message", "role": "assistant", "model": body["model"],
-            "content": answer_blocks(fingerprint({**body, "stream": False}), last_text),  # the same streamed or not
-            "stop_reason": "tool_use" if RICH_CONTENT in last_text else "end_turn", "stop_sequence": None,
-            "usage": {"input_tokens": input_tokens, "output_tokens": produced,
-                      "cache_creation_input_tokens": cache_write, "cache_read_input_tokens": cache_read,
-                      "cache_creation": {"ephemeral_5m_input_tokens": cache_write if ttl != "1h" else 0,
-                                         "ephemeral_1h_input_tokens": cache_write if ttl == "1h" else 0}},
-        }
+        message = self.answer(body, prompt, produced)
         headers = {"request-id": self.next_id("req"), **self.rate_limit_headers(limits)}
         if body.get("stream"):
             return await self.stream(request, message, headers, fault, key)
@@ -480,6 +531,159 @@ class FakeAnthropic:
             await asyncio.sleep(self.config.slow_seconds)
         return None  # "slow" and "truncated" go on to build a real response
 
+    # -- the Message Batches endpoints -------------------------------------------------------------
+
+    def batch_call_refused(self, request: web.Request) -> web.Response | None:
+        """What every batch endpoint checks first: the key, then a random fault (`batch_fault_rate`)."""
+        self.stats.batch_calls += 1
+        if request.headers.get("x-api-key") != self.config.api_key:
+            return self.error(401, "authentication_error", "invalid x-api-key")
+        if self.config.batch_fault_rate and self.random.random() < self.config.batch_fault_rate:
+            self.stats.batch_faults += 1
+            fault = self.random.choice(self.config.batch_fault_kinds)
+            if fault == "429":
+                return self.error(429, "rate_limit_error", "Too many batch requests.", {"retry-after": "1"})
+            if fault == "502":
+                return web.Response(status=502, text="<html><body>502 Bad Gateway</body></html>",
+                                    content_type="text/html")
+            return self.error(int(fault), "overloaded_error" if fault == "529" else "api_error", "try again")
+        return None
+
+    async def create_batch(self, request: web.Request) -> web.StreamResponse:
+        refused = self.batch_call_refused(request)
+        raw = await request.read()
+        if refused is not None:
+            return refused
+        try:
+            items = json.loads(raw)["requests"]
+        except (ValueError, KeyError, TypeError):
+            return self.error(400, "invalid_request_error", "requests: Field required")
+        if not isinstance(items, list) or not 1 <= len(items) <= 100_000 or len(raw) > 256 * 1024 * 1024:
+            return self.error(413 if len(raw) > 256 * 1024 * 1024 else 400, "invalid_request_error",
+                              "requests: a batch holds 1 to 100,000 requests and at most 256 MB")
+        seen: set[str] = set()
+        for item in items:
+            custom_id = item.get("custom_id") if isinstance(item, dict) else None
+            if not isinstance(custom_id, str) or not CUSTOM_ID.fullmatch(custom_id) or custom_id in seen:
+                return self.error(400, "invalid_request_error", f"custom_id {custom_id!r}: invalid or not unique")
+            if not isinstance(item.get("params"), dict) or set(item) != {"custom_id", "params"}:
+                return self.error(400, "invalid_request_error", f"requests[{custom_id}]: params required")
+            seen.add(custom_id)
+        batch = FakeBatch(self.next_id("msgbatch"), time.time(), time.monotonic() + self.config.batch_seconds,
+                          [(item["custom_id"], item["params"]) for item in items])
+        self.batches[batch.id] = batch
+        for _, params in batch.requests:
+            key = fingerprint(params)
+            self.stats.batch_submissions[key] = self.stats.batch_submissions.get(key, 0) + 1
+        if self.config.batch_lost_creates > 0:  # made, but the answer never reaches the client
+            self.config.batch_lost_creates -= 1
+            request.transport.close()  # type: ignore[union-attr]
+            return web.Response(status=500)
+        return web.json_response(self.batch_object(batch, request))
+
+    async def list_batches(self, request: web.Request) -> web.StreamResponse:
+        """Most recent first, `limit` at a time (default 20), continuing `after_id`."""
+        refused = self.batch_call_refused(request)
+        if refused is not None:
+            return refused
+        newest_first = list(reversed(self.batches.values()))
+        after = request.query.get("after_id")
+        start = next((i + 1 for i, batch in enumerate(newest_first) if batch.id == after), 0) if after else 0
+        page = newest_first[start:start + int(request.query.get("limit", "20"))]
+        return web.json_response({"data": [self.batch_object(batch, request) for batch in page],
+                                  "has_more": start + len(page) < len(newest_first),
+                                  "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None})
+
+    async def retrieve_batch(self, request: web.Request) -> web.StreamResponse:
+        refused = self.batch_call_refused(request)
+        if refused is not None:
+            return refused
+        batch = self.batches.get(request.match_info["id"])
+        if batch is None:
+            return self.error(404, "not_found_error", "batch not found")
+        return web.json_response(self.batch_object(batch, request))
+
+    async def cancel_batch(self, request: web.Request) -> web.StreamResponse:
+        refused = self.batch_call_refused(request)
+        if refused is not None:
+            return refused
+        batch = self.batches.get(request.match_info["id"])
+        if batch is None:
+            return self.error(404, "not_found_error", "batch not found")
+        if batch.results is None and batch.cancel_initiated_at is None:
+            batch.cancel_initiated_at = time.time()
+            batch.ends_at = min(batch.ends_at, time.monotonic() + 0.1)
+        return web.json_response(self.batch_object(batch, request))
+
+    async def batch_results(self, request: web.Request) -> web.StreamResponse:
+        """The results as JSONL, in no particular order; the first `batch_cut_downloads` are cut off halfway."""
+        refused = self.batch_call_refused(request)
+        if refused is not None:
+            return refused
+        batch = self.batches.get(request.match_info["id"])
+        if batch is None or self.ended(batch) is None:
+            return self.error(404, "not_found_error", "results are not available until the batch has ended")
+        self.stats.batch_downloads += 1
+        lines = [json.dumps(result) for result in self.ended(batch) or []]
+        self.random.shuffle(lines)
+        data = ("\n".join(lines) + "\n").encode()
+        response = web.StreamResponse(status=200, headers={"content-type": "application/binary"})
+        await response.prepare(request)
+        if self.config.batch_cut_downloads > 0:
+            self.config.batch_cut_downloads -= 1
+            await response.write(data[: len(data) // 2])
+            request.transport.close()  # type: ignore[union-attr]
+            return response
+        for start in range(0, len(data), 1 << 20):
+            await response.write(data[start:start + (1 << 20)])
+        await response.write_eof()
+        return response
+
+    def ended(self, batch: FakeBatch) -> list[dict[str, Any]] | None:
+        """The batch's results once it has ended (worked out then, once), else None."""
+        if batch.results is None and time.monotonic() >= batch.ends_at:
+            batch.results = [self.batch_result(custom_id, params, batch.cancel_initiated_at is not None)
+                             for custom_id, params in batch.requests]
+        return batch.results
+
+    def batch_result(self, custom_id: str, params: dict[str, Any], canceled: bool) -> dict[str, Any]:
+        problem = self.validate(params) or ("stream: streaming is not supported in a batch" if params.get("stream")
+                                            else None)
+        draw = self.random.random()
+        if canceled:
+            result: dict[str, Any] = {"type": "canceled"}
+        elif problem or params["model"].startswith("claude-unknown"):
+            kind = "not_found_error" if not problem else "invalid_request_error"
+            result = {"type": "errored", "error": {"type": "error", "error": {"type": kind,
+                                                                              "message": problem or "model: not found"}}}
+        elif draw < self.config.batch_errored_rate:
+            kind = self.random.choice(("api_error", "overloaded_error"))
+            result = {"type": "errored", "error": {"type": "error", "error": {"type": kind, "message": "try again"}}}
+        elif draw < self.config.batch_errored_rate + self.config.batch_expired_rate:
+            result = {"type": "expired"}
+        else:
+            produced = min(params["max_tokens"], self.config.output_tokens)
+            result = {"type": "succeeded", "message": self.answer(params, self.prompt_of(params), produced)}
+            key = fingerprint(params)
+            self.stats.answered[key] = self.stats.answered.get(key, 0) + 1
+        return {"custom_id": custom_id, "result": result}
+
+    def batch_object(self, batch: FakeBatch, request: web.Request) -> dict[str, Any]:
+        results = self.ended(batch)
+        counts = dict.fromkeys(("processing", "succeeded", "errored", "canceled", "expired"), 0)
+        if results is None:
+            counts["processing"] = len(batch.requests)
+        else:
+            for result in results:
+                counts[result["result"]["type"]] += 1
+        status = "ended" if results is not None else "canceling" if batch.cancel_initiated_at else "in_progress"
+        base = f"{request.scheme}://{request.host}/v1/messages/batches/{batch.id}"
+        return {"id": batch.id, "type": "message_batch", "processing_status": status, "request_counts": counts,
+                "created_at": rfc3339(batch.created_at), "expires_at": rfc3339(batch.created_at + 86_400),
+                "ended_at": rfc3339(time.time()) if results is not None else None,
+                "cancel_initiated_at": rfc3339(batch.cancel_initiated_at) if batch.cancel_initiated_at else None,
+                "archived_at": None, "results_url": f"{base}/results" if results is not None else None}
+
     @staticmethod
     async def truncated(request: web.Request, data: bytes, headers: dict[str, str]) -> web.StreamResponse:
         response = web.StreamResponse(status=200, headers={"content-type": "application/json", **headers})
@@ -542,6 +746,10 @@ def stream_events(message: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 def pieces(text: str, count: int = 4) -> list[str]:
     size = max(1, math.ceil(len(text) / count))
     return [text[start:start + size] for start in range(0, len(text), size)] or [""]
+
+
+def rfc3339(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def sse(name: str, data: dict[str, Any]) -> bytes:
