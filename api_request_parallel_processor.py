@@ -59,7 +59,7 @@ import time
 import zlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import datetime
@@ -99,6 +99,8 @@ ANTHROPIC_VERSION = "2023-06-01"
 LOG_LEVELS = {"TRACE": 5, "DEBUG": 10, "INFO": 20, "SUCCESS": 25, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
 AUTO = "auto"
 CACHING_WARNING_PAUSE_SECONDS = 10.0  # the cookbook's grace period to stop a run whose caching fails
+MAX_BATCH_REQUESTS = 100_000  # the Message Batches API's limits: requests per batch...
+MAX_BATCH_BYTES = 256 * 1024 * 1024 - 64 * 1024  # ...and bytes, less room for the envelope
 
 
 class ConfigError(ValueError):
@@ -125,6 +127,10 @@ class Settings:
     grace_period: float = 30.0
     start_over: bool = False
     prices: str | None = None  # a JSON file of prices that add to or replace the built-in table
+    batch: bool = False  # send through the Message Batches API: half price, results usually within the hour
+    batch_size: int = MAX_BATCH_REQUESTS  # requests per batch: smaller batches end, and so give results, sooner
+    no_wait: bool = False  # with batch: submit, collect the batches that have ended, and exit at once
+    batch_poll_seconds: float = 10.0  # the first wait between looks at the batches; it grows to a minute
 
     def __post_init__(self) -> None:
         self.logging_level = parse_logging_level(self.logging_level)
@@ -133,12 +139,16 @@ class Settings:
             if not (value == AUTO or value is None and name == "max_output_tokens_per_minute"
                     or isinstance(value, (int, float)) and value > 0):
                 raise ConfigError(f"{name} must be a positive number or 'auto', got {value!r}")
-        for name in ("request_timeout", "status_interval", "grace_period"):
+        for name in ("request_timeout", "status_interval", "grace_period", "batch_poll_seconds"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be a positive number, got {getattr(self, name)!r}")
         for name in ("max_attempts", "max_concurrent_requests"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ConfigError(f"{name} must be a whole number of at least 1, got {getattr(self, name)!r}")
+        if not (isinstance(self.batch_size, int) and 1 <= self.batch_size <= MAX_BATCH_REQUESTS):
+            raise ConfigError(f"batch_size must be a whole number from 1 to {MAX_BATCH_REQUESTS:,}, got {self.batch_size!r}")
+        if self.no_wait and not self.batch:
+            raise ConfigError("no_wait applies to batch runs only: add batch (--batch)")
         problem = url_problem(self.request_url)
         if problem:
             raise ConfigError(f"request_url {self.request_url!r} cannot be used: {problem}")
@@ -270,6 +280,16 @@ def build_argument_parser() -> argparse.ArgumentParser:
                              '{"input": 2, "output": 10}} (see the README for cache and long-prompt prices)')
     parser.add_argument("--dry_run", action="store_true",
                         help="validate the file and estimate tokens, duration and cost; no key, no network")
+    parser.add_argument("--batch", action="store_true",
+                        help="send through the Message Batches API: half price, results usually within the hour")
+    parser.add_argument("--batch_size", type=positive_int, default=MAX_BATCH_REQUESTS,
+                        help=f"with --batch: requests per batch, at most {MAX_BATCH_REQUESTS:,} (smaller batches give "
+                             "results sooner)")
+    parser.add_argument("--no_wait", action="store_true",
+                        help="with --batch: submit, collect the batches that have ended, and exit (exit code 4 while "
+                             "batches are still processing)")
+    parser.add_argument("--batch_poll_seconds", type=positive_number, default=10.0,
+                        help="with --batch: the first wait between looks at the batches (it grows to a minute)")
     return parser
 
 
@@ -472,14 +492,12 @@ class ResumeIndex:
         """True (and a result is used up) if an unclaimed result exists for this request; the line, if
         given, is remembered as that request for the next run."""
         for results in (self, self.extra):
-            position = bisect.bisect_left(results.contents, fingerprint)
-            if position < len(results.contents) and results.contents[position] == fingerprint:
-                claimed = claim_in_run(results.contents, results.lines, position)
-                if claimed >= 0 and line is not None and not results.lines[claimed] & LINE_BITS:
-                    results.lines[claimed] = line | CLAIMED
-                    self.changed = True
-                if claimed >= 0:
-                    return True
+            claimed = claim_result(results, fingerprint)
+            if claimed >= 0 and line is not None and not results.lines[claimed] & LINE_BITS:
+                results.lines[claimed] = line | CLAIMED
+                self.changed = True
+            if claimed >= 0:
+                return True
         return False
 
     def result_written(self, content: int, line: int | None, record: bytes) -> None:
@@ -589,6 +607,14 @@ class SortedResults:
 
     def __post_init__(self) -> None:
         self.lines = zeros("Q", len(self.contents))
+
+
+def claim_result(results: ResumeIndex | SortedResults, fingerprint: int) -> int:
+    """Claim an unclaimed result with this fingerprint: its position, or -1 when there is none left."""
+    position = bisect.bisect_left(results.contents, fingerprint)
+    if position < len(results.contents) and results.contents[position] == fingerprint:
+        return claim_in_run(results.contents, results.lines, position)
+    return -1
 
 
 def claim_in_run(contents: array, lines: array, position: int) -> int:
@@ -1381,6 +1407,11 @@ class OutageWatch:
         return self.held_until - now
 
 
+def api_headers(settings: Settings) -> dict[str, str]:
+    return {"x-api-key": settings.api_key or "", "anthropic-version": ANTHROPIC_VERSION,
+            "content-type": "application/json"}
+
+
 def interpret_response(status: int, headers: Any, raw: bytes) -> Attempt:
     """Classify a complete HTTP response as the API documents its statuses."""
     request_id = headers.get("request-id", "")
@@ -1425,14 +1456,17 @@ def snippet(raw: bytes, limit: int = 120) -> str:
     return repr(text[:limit] + ("..." if len(text) > limit else ""))
 
 
-async def send_attempt(session: aiohttp.ClientSession, url: str, headers: dict[str, str], payload: bytes,
-                       timeout: float, streamed: bool = False) -> Attempt:
-    """POST once. Network failures, timeouts, torn bodies and broken streams become retryable attempts,
-    never a crash. A plain request must be answered whole within `timeout`; a streamed one may take as
-    long as it needs, but no event (pings included) for `timeout` seconds is a timeout."""
+async def send_attempt(session: aiohttp.ClientSession, url: str, headers: dict[str, str],
+                       payload: bytes | AsyncIterator[bytes] | None, timeout: float, streamed: bool = False,
+                       method: str = "POST") -> Attempt:
+    """Call once (a POST of one request, or a call to the batch endpoints). Network failures, timeouts, torn
+    bodies and broken streams become retryable attempts, never a crash. A plain request must be answered
+    whole within `timeout`; a streamed one, or an upload streamed from disk (a batch), may take as long as
+    it needs, but no progress (no event, pings included) for `timeout` seconds is a timeout."""
     try:
         silence = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)}
-        async with session.post(url, data=payload, headers=headers, **(silence if streamed else {})) as response:
+        long = streamed or not isinstance(payload, (bytes, type(None)))
+        async with session.request(method, url, data=payload, headers=headers, **(silence if long else {})) as response:
             if streamed and response.status == 200 and response.content_type == "text/event-stream":
                 return await read_event_stream(response)
             raw = await response.read()
@@ -1651,12 +1685,14 @@ class ResultCollector:
         self.files: ResultWriter | None = None
 
     def write_result(self, job: Job, response: dict[str, Any], raw: bytes) -> None:
-        self.results[job.line_number - 1] = RequestResult(job.body, response, list(job.errors), job.metadata)
+        if job.line_number:  # 0: a request of an earlier run's batch that is no longer in the list
+            self.results[job.line_number - 1] = RequestResult(job.body, response, list(job.errors), job.metadata)
         if self.files is not None:
             self.files.write_result(job, response, raw)
 
     def write_error(self, line_number: int, request: Any, messages: list[str], metadata: Any) -> None:
-        self.results[line_number - 1] = RequestResult(request, None, messages, metadata)
+        if line_number:
+            self.results[line_number - 1] = RequestResult(request, None, messages, metadata)
         if self.files is not None:
             self.files.write_error(line_number, request, messages, metadata)
 
@@ -1676,7 +1712,7 @@ class ResultCollector:
             if waiting.get(fingerprint):
                 index = waiting[fingerprint].pop()
                 self.results[index] = RequestResult(record[0], record[1], [], unsent.pop(index)[1])
-        reason = f"not sent: {stats.stopped_reason or 'the run was interrupted by ' + stats.interrupted_by}"
+        reason = stats.unsent_reason
         for index, (body, metadata) in unsent.items():
             self.results[index] = RequestResult(body, None, [reason], metadata)
         return self.results  # type: ignore[return-value]
@@ -1759,6 +1795,7 @@ class ModelUsage:
     output_tokens: int = 0
     cost: float = 0.0  # USD, each request at its own price (its prompt's tier, US-only, batch); 0 with no price
     uncached_cost: float = 0.0  # what the same requests would have cost without prompt caching
+    batch_saving: float = 0.0  # what the batch price saved on them, against the list price
 
     def add(self, usage: dict[str, Any], price: Price | None = None, us_only: bool = False,
             batch: bool = False) -> None:
@@ -1778,6 +1815,8 @@ class ModelUsage:
             cached = tokens[1] or tokens[2] or tokens[3]
             self.cost += cost
             self.uncached_cost += price.cost(sum(tokens[:4]), 0, 0, 0, tokens[4], us_only, batch) if cached else cost
+            if batch:
+                self.batch_saving += price.cost(*tokens, us_only) - cost
 
     @property
     def cache_write_tokens(self) -> int:
@@ -1808,16 +1847,17 @@ class RunStats:
     # to cl100k_base's, as learned from usage
     prices: dict[str, Price] = field(default_factory=dict)
     model_prices: dict[str, Price | None] = field(default_factory=dict)  # price_for each model seen, once
+    batch: BatchProgress | None = None  # a batch run's own counters
 
     @property
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
-    def add_usage(self, model: str, usage: dict[str, Any], us_only: bool = False) -> None:
+    def add_usage(self, model: str, usage: dict[str, Any], us_only: bool = False, batch: bool = False) -> None:
         if model not in self.by_model:
             self.by_model[model] = ModelUsage()
             self.model_prices[model] = price_for(model, self.prices)
-        self.by_model[model].add(usage, self.model_prices[model], us_only)
+        self.by_model[model].add(usage, self.model_prices[model], us_only, batch)
 
     @property
     def totals(self) -> ModelUsage:
@@ -1833,7 +1873,9 @@ class RunStats:
     def exit_code(self) -> int:
         """0 every line succeeded, 1 some failed, 2 the key was rejected or the address cannot be used (a
         configuration error), 3 stopped by an outage or by 15 minutes of nothing but 429s, 130 or 143
-        interrupted by SIGINT or SIGTERM (3 and up: rerun to continue)."""
+        interrupted by SIGINT or SIGTERM (3 and up: rerun to continue). A batch run adds 4: batches are still
+        processing (--no_wait), and 3 for lines left for the next run (their batch was canceled, or it
+        expired or failed on the API's side more often than --max_attempts)."""
         if self.interrupted_by in (OUTAGE, ONLY_429S):
             return 3
         if self.interrupted_by == UNUSABLE_ADDRESS:
@@ -1842,7 +1884,18 @@ class RunStats:
             return 128 + signal.Signals[self.interrupted_by].value
         if self.key_rejected:
             return 2
+        if self.batch is not None and self.batch.open:
+            return 4
+        if self.batch is not None and self.batch.left_for_next_run:
+            return 3
         return 0 if self.failed == 0 and self.bad_lines == 0 and not self.stopped_reason else 1
+
+    @property
+    def unsent_reason(self) -> str:
+        """Why a line has neither a result nor an error record at the end of this run."""
+        if self.batch is not None and not self.stopped_reason and not self.interrupted_by:
+            return "no result yet: its message batch is still processing, or it was left for the next run"
+        return f"not sent: {self.stopped_reason or 'the run was interrupted by ' + self.interrupted_by}"
 
 
 @dataclass
@@ -1869,11 +1922,7 @@ class Processor:
         self.lines = lines
         self.writer = writer
         self.done = done
-        self.headers = {
-            "x-api-key": settings.api_key or "",
-            "anthropic-version": ANTHROPIC_VERSION,
-            "content-type": "application/json",
-        }
+        self.headers = api_headers(settings)
         self.estimator = TokenEstimator()
         self.hold = Hold()
         self.lanes: dict[str, ModelLane] = {}  # by model
@@ -2231,6 +2280,605 @@ class Processor:
 
 
 # ==================================================================================================
+# The Message Batches road
+# ==================================================================================================
+
+BATCH_POLL_MAX_SECONDS = 60.0  # the wait between looks at the open batches grows to this
+BATCH_POLL_GROWTH = 1.5
+BATCH_CLOCK_SKEW_SECONDS = 300.0  # a batch the API made this long before our record of the intent may be ours
+BATCH_DOWNLOAD_TRIES = 5  # a results download that keeps missing results is read again, this many times in all
+BATCH_RECORDS_KEPT_DAYS = 7  # the journal forgets finished batches after this long
+UPLOAD_CHUNK_BYTES = 1 << 20
+SERVER_SIDE_ERRORS = frozenset({"api_error", "overloaded_error"})  # errored results worth resubmitting
+
+
+class KeyRejected(Exception):
+    """The API answered 401: no call will succeed until the key is fixed."""
+
+
+class BatchRefused(Exception):
+    """A batch endpoint refused a call for good (a 4xx other than 401, 408, 409 and 429): the API's message."""
+
+
+class BatchUnavailable(Exception):
+    """The batch endpoints failed for OUTAGE_MAX_SECONDS in a row."""
+
+
+class DownloadCut(Exception):
+    """A results download broke off, or was refused in a way worth another try."""
+
+    def __init__(self, problem: str, retry_after: float | None = None) -> None:
+        super().__init__(problem)
+        self.retry_after = retry_after
+
+
+@dataclass
+class BatchProgress:
+    """A batch run's own counters, for the status line, the summary and the exit code."""
+
+    submitted: int = 0  # batches submitted by this run...
+    requests_submitted: int = 0  # ...and the requests in them
+    collected: int = 0  # batches whose results this run wrote
+    waiting: int = 0  # lines found in a batch an earlier run submitted
+    resubmitted: int = 0  # requests sent again in a follow-up batch (errored on the API's side, or expired)
+    left_for_next_run: int = 0  # canceled, or errored or expired more often than --max_attempts
+    open: dict[str, dict[str, int]] = field(default_factory=dict)  # batch id -> its request_counts, last seen
+
+    @property
+    def processing(self) -> int:
+        return sum(counts.get("processing", 0) for counts in self.open.values())
+
+
+class BatchSpool:
+    """One batch's requests on disk, beside the results (`<results>.batches/<key>.spool`), a line each:
+    `line_number,content,line,attempts,metadata_length,` then the metadata's JSON and the request's. It is
+    written and synced before the batch is created, the upload streams from it, and each result is written
+    with its request read back from it by its number n (the result's custom_id is `<key>-<n>`), so neither
+    the input file nor memory has to hold a batch. Deleted once the batch's results are written."""
+
+    def __init__(self, path: Path, offsets: array) -> None:
+        self.path = path
+        self.key = path.stem
+        self.offsets = offsets  # where each request's line starts
+        self.upload_bytes = len(b'{"requests":[]}')
+        self.writing: Any = None
+        self.reading: Any = None
+
+    @classmethod
+    def create(cls, folder: Path) -> BatchSpool:
+        folder.mkdir(parents=True, exist_ok=True)
+        spool = cls(folder / f"{os.urandom(6).hex()}.spool", array("Q"))
+        spool.writing = open(spool.path, "xb", buffering=READ_BUFFER_BYTES)  # noqa: SIM115 - closed by seal()
+        return spool
+
+    @classmethod
+    def open(cls, path: Path) -> BatchSpool:
+        offsets, position = array("Q"), 0
+        with open(path, "rb", buffering=READ_BUFFER_BYTES) as file:
+            for line in file:
+                offsets.append(position)
+                position += len(line)
+        return cls(path, offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def fits(self, job: Job, batch_size: int) -> bool:
+        return len(self) < batch_size and self.upload_bytes + len(job.payload) + 100 <= MAX_BATCH_BYTES
+
+    def add(self, job: Job) -> None:
+        metadata = job.encoded_metadata or b""
+        self.offsets.append(self.writing.tell())
+        self.writing.write(b"%d,%d,%d,%d,%d," % (job.line_number, job.fingerprint, job.line or 0, job.attempts,
+                                                 len(metadata)) + metadata + job.payload + b"\n")
+        self.upload_bytes += len(job.payload) + len(self.key) + 40  # its item in the upload, with the custom_id
+
+    def seal(self) -> None:
+        """Everything on disk before the intent to create the batch is recorded."""
+        self.writing.flush()
+        os.fsync(self.writing.fileno())
+        self.writing.close()
+
+    def job(self, n: int) -> Job:
+        if self.reading is None:
+            self.reading = open(self.path, "rb")  # noqa: SIM115 - closed by delete()
+        self.reading.seek(self.offsets[n])
+        return spooled_job(self.reading.readline())
+
+    def jobs(self) -> Iterator[Job]:
+        with open(self.path, "rb", buffering=READ_BUFFER_BYTES) as file:
+            yield from (spooled_job(line) for line in file)
+
+    def contents(self) -> Iterator[int]:
+        """Each request's content fingerprint, without parsing the requests."""
+        with open(self.path, "rb", buffering=READ_BUFFER_BYTES) as file:
+            yield from (int(line.split(b",", 2)[1]) for line in file)
+
+    async def upload(self) -> AsyncIterator[bytes]:
+        """The create call's body, `{"requests": [{"custom_id": ..., "params": ...}, ...]}`, a megabyte at a time.
+        A batch takes no streaming requests; their answers are the same message without it."""
+        chunk = bytearray(b'{"requests":[')
+        with open(self.path, "rb", buffering=READ_BUFFER_BYTES) as file:  # noqa: ASYNC230 - local disk outpaces the upload
+            for n, line in enumerate(file):
+                params = spooled_payload(line)
+                if b'"stream"' in params:
+                    params = json.dumps({k: v for k, v in json.loads(params).items() if k != "stream"},
+                                        ensure_ascii=False).encode("utf-8")
+                chunk += b'%s{"custom_id":"%s-%d","params":%s}' % (b"," if n else b"", self.key.encode(), n, params)
+                if len(chunk) >= UPLOAD_CHUNK_BYTES:
+                    yield bytes(chunk)
+                    chunk.clear()
+        yield bytes(chunk + b"]}")
+
+    def delete(self) -> None:
+        if self.reading is not None:
+            self.reading.close()
+        self.path.unlink(missing_ok=True)
+
+
+def spooled_payload(line: bytes) -> bytes:
+    *_, metadata_length, rest = line.split(b",", 5)
+    return rest[int(metadata_length):].rstrip(b"\n")
+
+
+def spooled_job(line: bytes) -> Job:
+    line_number, content, line_fingerprint, attempts, metadata_length, rest = line.split(b",", 5)
+    metadata, payload = rest[:int(metadata_length)], rest[int(metadata_length):].rstrip(b"\n")
+    return Job(int(line_number), json.loads(payload), payload, json.loads(metadata) if metadata else None,
+               metadata or None, NOT_ESTIMATED, attempts=int(attempts), fingerprint=int(content),
+               line=int(line_fingerprint) or None, sent=payload)
+
+
+@dataclass
+class BatchRecord:
+    """What the journal knows of one batch."""
+
+    key: str  # its spool's name, and its custom_ids' prefix
+    requests: int
+    at: float  # when the intent to create it was recorded (epoch seconds)
+    batch_id: str | None = None  # once the API accepted it
+    results_from: int | None = None  # the results file's length when writing its results began
+    done: bool = False  # its results are written, or it was never made
+
+
+class BatchJournal:
+    """Each batch's steps, appended and synced to disk as they happen (`<results>.batches/journal.jsonl`):
+    the intent to create it, recorded before the upload; its id, the moment the API accepts it; the start of
+    writing its results, with the results file's length then; and its end. A run killed at any step leaves
+    the next one enough to go on without sending a request twice or writing a result twice."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.path = folder / "journal.jsonl"
+        self.records: dict[str, BatchRecord] = {}
+        self.entries: list[dict[str, Any]] = []  # every step, as recorded
+        try:
+            with open(self.path, "rb") as file:
+                for line in file:
+                    try:
+                        self.apply(json.loads(line))
+                    except (ValueError, KeyError, TypeError):  # a line torn by a kill: that step never happened
+                        continue
+        except FileNotFoundError:
+            pass
+
+    def apply(self, entry: dict[str, Any]) -> None:
+        step, key = entry["step"], entry["key"]
+        if step == "intent":
+            self.records[key] = BatchRecord(key, int(entry["requests"]), float(entry["at"]))
+        elif step == "submitted":
+            self.records[key].batch_id = entry["batch_id"]
+        elif step == "collecting":
+            self.records[key].results_from = int(entry["results_from"])
+        elif step == "done":
+            self.records[key].done = True
+        self.entries.append(entry)
+
+    def append(self, **entry: Any) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "ab") as file:
+            file.write(json.dumps(entry).encode() + b"\n")
+            file.flush()
+            os.fsync(file.fileno())
+        self.apply(entry)
+
+    def open_records(self) -> list[BatchRecord]:
+        return [record for record in self.records.values() if not record.done]
+
+    def batch_ids(self) -> set[str]:
+        return {record.batch_id for record in self.records.values() if record.batch_id}
+
+    def compact(self) -> None:
+        """Rewrite the journal without the batches finished more than a few days ago (their ids are kept that
+        long so that no later intent can mistake one for its own), atomically; remove it when it is empty."""
+        cutoff = time.time() - BATCH_RECORDS_KEPT_DAYS * 86_400
+        kept = [record for record in self.records.values() if not record.done or record.at > cutoff]
+        if len(kept) == len(self.records):
+            return
+        if not kept:
+            self.path.unlink(missing_ok=True)
+            return
+        keys = {record.key for record in kept}
+        with open(self.path.with_suffix(".tmp"), "wb") as file:
+            file.writelines(json.dumps(entry).encode() + b"\n" for entry in self.entries if entry["key"] in keys)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(self.path.with_suffix(".tmp"), self.path)
+
+
+def epoch_of(text: Any) -> float | None:
+    """An RFC 3339 time from the API, as epoch seconds."""
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+class BatchClient:
+    """The Message Batches endpoints, at `--request_url` + `/batches` (so a proxy or the tests' fake serve them
+    too), each call retried as the API documents: a 429 after its `retry-after`, a 5xx or a network failure
+    with backoff, for up to OUTAGE_MAX_SECONDS; a 401 stops the run."""
+
+    def __init__(self, session: aiohttp.ClientSession, settings: Settings) -> None:
+        self.session = session
+        self.url = settings.request_url.rstrip("/") + "/batches"
+        self.headers = api_headers(settings)
+        self.timeout = settings.request_timeout
+        self.api_key = settings.api_key
+
+    async def call(self, method: str, url: str, upload: Callable[[], AsyncIterator[bytes]] | None = None,
+                   made: Callable[[], Awaitable[dict[str, Any] | None]] | None = None) -> dict[str, Any]:
+        """The call's JSON answer. A create (`upload`) whose answer never came may have made the batch all the
+        same: before each new try, `made` looks for it."""
+        started, tries = time.monotonic(), 0
+        while True:
+            attempt = await send_attempt(self.session, url, self.headers, upload() if upload else None, self.timeout,
+                                         method=method)
+            if attempt.response is not None:
+                return attempt.response
+            problem = redact(attempt.error, self.api_key)
+            if attempt.authentication_failed:
+                raise KeyRejected(problem)
+            if not attempt.retryable:
+                raise BatchRefused(problem)
+            if made is not None and not attempt.rate_limited:
+                found = await made()
+                if found is not None:
+                    log.info("The answer to creating batch {} was lost ({}), but the API made it: going on with it.",
+                             found.get("id"), problem)
+                    return found
+            if time.monotonic() - started > OUTAGE_MAX_SECONDS:
+                raise BatchUnavailable(problem)
+            tries += 1
+            delay = attempt.retry_after if attempt.retry_after is not None else backoff_seconds(min(tries, 5))
+            log.debug("{} {}: {}; trying again in {:.1f} s", method, url, problem, delay)
+            await asyncio.sleep(delay)
+
+    async def create(self, spool: BatchSpool, record: BatchRecord, known: set[str]) -> dict[str, Any]:
+        return await self.call("POST", self.url, spool.upload, made=lambda: self.find_made(record, known))
+
+    async def retrieve(self, batch_id: str) -> dict[str, Any]:
+        return await self.call("GET", f"{self.url}/{batch_id}")
+
+    async def find_made(self, record: BatchRecord, known: set[str]) -> dict[str, Any] | None:
+        """The batch the API made from this intent though its answer never reached us: made since the intent
+        (allowing for clock skew), with as many requests, and known to no record. The list is newest first."""
+        after = ""
+        while True:
+            page = await self.call("GET", f"{self.url}?limit=100{after}")
+            for batch in page.get("data") or []:
+                created = epoch_of(batch.get("created_at"))
+                if created is not None and created < record.at - BATCH_CLOCK_SKEW_SECONDS:
+                    return None
+                counts = batch.get("request_counts") or {}
+                if batch.get("id") not in known and sum(counts.values()) == record.requests:
+                    return batch
+            if not page.get("has_more") or not page.get("last_id"):
+                return None
+            after = f"&after_id={page['last_id']}"
+
+    async def result_lines(self, url: str) -> AsyncIterator[bytes]:
+        """The lines of a batch's results as they arrive: a results file can be hundreds of megabytes, and
+        one line can be larger than aiohttp's line limit, so lines are split here. Raises DownloadCut."""
+        silence = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=self.timeout)
+        try:
+            async with self.session.get(url, headers=self.headers, timeout=silence) as response:
+                if response.status != 200:
+                    attempt = interpret_response(response.status, response.headers, await response.read())
+                    problem = redact(attempt.error, self.api_key)
+                    if attempt.authentication_failed:
+                        raise KeyRejected(problem)
+                    if not attempt.retryable:
+                        raise BatchRefused(problem)
+                    raise DownloadCut(problem, attempt.retry_after)
+                pending = bytearray()
+                async for chunk in response.content.iter_any():
+                    pending += chunk
+                    *lines, rest = pending.split(b"\n")
+                    pending = bytearray(rest)
+                    for line in lines:
+                        yield bytes(line)
+                if pending.strip():
+                    yield bytes(pending)
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise DownloadCut(f"{type(error).__name__}: {error}") from None
+
+
+@dataclass
+class OpenBatch:
+    """A batch submitted and not yet collected, with its requests."""
+
+    record: BatchRecord
+    spool: BatchSpool
+    earlier_run: bool  # submitted by an earlier run: the input's line numbers may have changed since
+
+
+class BatchRun:
+    """A run through the Message Batches API, writing the same files, in the same records, as a direct run.
+
+    In order: settle the intents an earlier run left without an answer (adopt the batch if the API made it);
+    read the input, skipping lines with a result and lines already in an open batch, and spool the rest into
+    batches of at most --batch_size requests and 256 MB, each submitted as soon as it is full; then look at
+    the open batches, with a growing interval, and write each one's results as soon as it ends. Results
+    errored on the API's side, or expired, go into a follow-up batch, up to --max_attempts."""
+
+    def __init__(self, settings: Settings, session: aiohttp.ClientSession, lines: Iterable[tuple[int, Any]],
+                 writer: ResultSink, done: ResumeIndex, prices: dict[str, Price]) -> None:
+        self.settings = settings
+        self.writer = writer
+        self.results_path = settings.save_filepath or ""
+        self.folder = Path(self.results_path + ".batches")
+        self.journal = BatchJournal(self.folder)
+        self.client = BatchClient(session, settings)
+        self.stats = RunStats(prices=prices, batch=BatchProgress(), limits_in_force="the Message Batches API")
+        self.progress: BatchProgress = self.stats.batch  # type: ignore[assignment]
+        self.reader = LineReader(lines, done, writer, self.stats)
+        self.open: dict[str, OpenBatch] = {}  # by key
+        self.in_open_batches = SortedResults(array("Q"))  # the content of each request in an earlier run's batch
+        self.waiting_lines: dict[int, list[int]] = {}  # content -> this run's line numbers of those requests
+        self.task: asyncio.Task[None] | None = None
+
+    async def run(self) -> RunStats:
+        self.task = asyncio.create_task(self.steps())
+        try:
+            await self.task
+        except asyncio.CancelledError:
+            if not self.stats.interrupted_by:  # cancelled from outside, not by our signal handling
+                raise
+            log.warning("Stopped waiting: the batches go on, and the same command collects them.")
+        except KeyRejected as error:
+            self.stats.key_rejected = True
+            log.error("Stopping the run: the API rejected the key ({}): check ANTHROPIC_API_KEY", error)
+        except BatchRefused as error:
+            self.stats.stopped_reason = f"a batch endpoint refused a call: {error}"
+            log.error("Stopping the run: {}. The batches are recorded in {}; run again once this is fixed.",
+                      self.stats.stopped_reason, self.folder)
+        except BatchUnavailable as error:
+            self.stats.interrupted_by = OUTAGE
+            log.error("The batch endpoints failed for {} (the last: {}): stopping. The batches are recorded in {}; "
+                      "run the same command again later.", format_duration(OUTAGE_MAX_SECONDS), error, self.folder)
+        finally:
+            self.journal.compact()
+        return self.stats
+
+    async def steps(self) -> None:
+        await self.settle_intents()
+        self.open_earlier_batches()
+        await self.submit_new_lines()
+        await self.wait_and_collect()
+
+    def interrupt(self, cause: str) -> None:
+        """SIGINT or SIGTERM: stop waiting (never the batches). A second one changes nothing more."""
+        if not self.stats.interrupted_by:
+            self.stats.interrupted_by = cause
+            if self.task is not None:
+                self.task.cancel()
+
+    # -- picking up what earlier runs left ----------------------------------------------------------
+
+    async def settle_intents(self) -> None:
+        """An intent with no batch id: the run that recorded it stopped during the upload. If the API made the
+        batch all the same, adopt it; otherwise nothing was submitted and its lines are sent again."""
+        for record in self.journal.open_records():
+            if record.batch_id is not None:
+                continue
+            batch = await self.client.find_made(record, self.journal.batch_ids())
+            if batch is None:
+                log.info("An earlier run was stopped while creating a batch of {:,} requests; the API never made "
+                         "it, so they are sent again.", record.requests)
+                self.journal.append(step="done", key=record.key, outcome="never made")
+                (self.folder / f"{record.key}.spool").unlink(missing_ok=True)
+            else:
+                log.info("Found batch {} ({:,} requests), which an earlier run was creating when it stopped: "
+                         "collecting it.", batch["id"], record.requests)
+                self.journal.append(step="submitted", key=record.key, batch_id=batch["id"], adopted=True)
+
+    def open_earlier_batches(self) -> None:
+        contents = array("Q")
+        for record in self.journal.open_records():
+            path = self.folder / f"{record.key}.spool"
+            if not path.exists():
+                log.error("The requests of batch {} are missing ({} was deleted): its results cannot be matched to "
+                          "lines; its lines are sent again.", record.batch_id, path)
+                self.journal.append(step="done", key=record.key, outcome="spool missing")
+                continue
+            spool = BatchSpool.open(path)
+            self.open[record.key] = OpenBatch(record, spool, earlier_run=True)
+            contents.extend(spool.contents())
+            self.progress.open[record.batch_id or record.key] = {"processing": len(spool)}
+        for leftover in self.folder.glob("*.spool"):  # written by a run stopped before it recorded the intent
+            if leftover.stem not in self.open:
+                leftover.unlink()
+        self.in_open_batches = SortedResults(array("Q", sorted(contents)))
+        if self.open:
+            log.info("{:,} batch(es) submitted by earlier runs are still open; their lines are not sent again.",
+                     len(self.open))
+
+    # -- submitting --------------------------------------------------------------------------------
+
+    async def submit_new_lines(self) -> None:
+        spool: BatchSpool | None = None
+        for job in self.reader.jobs():
+            if claim_result(self.in_open_batches, job.fingerprint) >= 0:
+                self.waiting_lines.setdefault(job.fingerprint, []).append(job.line_number)
+                self.progress.waiting += 1
+                continue
+            job.attempts = 1
+            if spool is not None and not spool.fits(job, self.settings.batch_size):
+                await self.submit(spool)
+                spool = None
+            spool = spool or BatchSpool.create(self.folder)
+            spool.add(job)
+        if spool is not None:
+            await self.submit(spool)
+
+    async def submit(self, spool: BatchSpool) -> None:
+        spool.seal()
+        self.journal.append(step="intent", key=spool.key, requests=len(spool), at=time.time())
+        record = self.journal.records[spool.key]
+        try:
+            batch = await self.client.create(spool, record, self.journal.batch_ids())
+        except BatchRefused as error:
+            self.journal.append(step="done", key=spool.key, outcome="refused")
+            for job in spool.jobs():
+                job.errors.append(f"the batch was refused: {error}")
+                self.fail(job)
+            spool.delete()
+            return
+        self.journal.append(step="submitted", key=spool.key, batch_id=batch["id"])
+        self.open[spool.key] = OpenBatch(record, spool, earlier_run=False)
+        self.progress.submitted += 1
+        self.progress.requests_submitted += len(spool)
+        self.progress.open[batch["id"]] = batch.get("request_counts") or {"processing": len(spool)}
+        log.info("Submitted batch {} ({:,} request{}).", batch["id"], len(spool), "" if len(spool) == 1 else "s")
+
+    # -- waiting and collecting ----------------------------------------------------------------------
+
+    async def wait_and_collect(self) -> None:
+        """Look at every open batch, write the results of those that ended, and wait a little longer each
+        time; with --no_wait, look once."""
+        interval = self.settings.batch_poll_seconds
+        while self.open:
+            for batch in list(self.open.values()):
+                status = await self.client.retrieve(batch.record.batch_id or "")
+                self.progress.open[batch.record.batch_id or ""] = status.get("request_counts") or {}
+                if status.get("processing_status") == "ended":
+                    await self.collect(batch, status)
+            if not self.open or self.settings.no_wait:
+                return
+            await asyncio.sleep(interval)
+            interval = min(interval * BATCH_POLL_GROWTH, BATCH_POLL_MAX_SECONDS)
+
+    async def collect(self, batch: OpenBatch, status: dict[str, Any]) -> None:
+        """Write every result of an ended batch. Writing may have begun in a run that was stopped: the results
+        written since then are not written again. A download cut off is read again, skipping what was read."""
+        record, spool = batch.record, batch.spool
+        if record.results_from is None:
+            self.journal.append(step="collecting", key=record.key, results_from=self.results_size())
+            written_before: dict[int, int] = {}
+        else:
+            written_before = {}
+            for fingerprint, _ in read_result_records(self.results_path, record.results_from):
+                written_before[fingerprint] = written_before.get(fingerprint, 0) + 1
+        settled = bytearray(len(spool))
+        follow_up = BatchSpool.create(self.folder)
+        started, tries = time.monotonic(), 0
+        while settled.count(0):
+            tries += 1
+            try:
+                async for line in self.client.result_lines(status["results_url"]):
+                    self.settle_result(line, batch, settled, written_before, follow_up)
+                if not settled.count(0) or tries >= BATCH_DOWNLOAD_TRIES:
+                    break
+                problem, delay = f"{settled.count(0):,} results missing", None
+            except DownloadCut as cut:
+                if time.monotonic() - started > OUTAGE_MAX_SECONDS:
+                    break
+                problem, delay = str(cut), cut.retry_after
+            log.warning("The results download of batch {} broke off ({}): reading it again; no result is written "
+                        "twice.", record.batch_id, problem)
+            await asyncio.sleep(delay if delay is not None else backoff_seconds(min(tries, 5)))
+        if settled.count(0):
+            log.error("{:,} results of batch {} could not be read; their lines are left for the next run.",
+                      settled.count(0), record.batch_id)
+            self.progress.left_for_next_run += settled.count(0)
+        self.journal.append(step="done", key=record.key, outcome="collected")
+        spool.delete()
+        del self.open[record.key]
+        self.progress.open.pop(record.batch_id or "", None)
+        self.progress.collected += 1
+        log.info("Batch {} ended: results written ({}).", record.batch_id, ", ".join(
+            f"{count:,} {kind}" for kind, count in (status.get("request_counts") or {}).items() if count))
+        if len(follow_up):
+            log.info("Sending {:,} request(s) again in a new batch: they errored on the API's side or expired.",
+                     len(follow_up))
+            await self.submit(follow_up)
+        else:
+            follow_up.seal()
+            follow_up.delete()
+
+    def settle_result(self, line: bytes, batch: OpenBatch, settled: bytearray, written_before: dict[int, int],
+                      follow_up: BatchSpool) -> None:
+        """One result, to the results file, the errors file, a follow-up batch, or the next run."""
+        try:
+            item = json.loads(line)
+            key, _, number = item["custom_id"].rpartition("-")
+            n, result = int(number), item["result"]
+            if key != batch.record.key or not 0 <= n < len(settled):
+                raise ValueError(f"custom_id {item['custom_id']!r} is not one of this batch's")
+        except (ValueError, KeyError, TypeError, AttributeError) as problem:
+            if line.strip():
+                log.warning("Batch {}: a result line that cannot be used ({}); skipped.", batch.record.batch_id,
+                            problem)
+            return
+        if settled[n]:  # read before the download was cut off
+            return
+        settled[n] = 1
+        job = batch.spool.job(n)
+        kind = result.get("type") if isinstance(result, dict) else None
+        if kind == "succeeded" and written_before.get(job.fingerprint):  # by the run that began writing these
+            written_before[job.fingerprint] -= 1
+            return
+        if batch.earlier_run:  # the input may have changed since: the line number is this run's (0: gone from it)
+            lines = self.waiting_lines.get(job.fingerprint)
+            job.line_number = lines.pop() if lines else 0
+        where = f"batch {batch.record.batch_id}"
+        if kind == "succeeded":
+            message = result.get("message") or {}
+            self.writer.write_result(job, message, json.dumps(message, ensure_ascii=False).encode("utf-8"))
+            self.stats.succeeded += 1
+            self.stats.add_usage(job.body["model"], message.get("usage") or {},
+                                 us_only=job.body.get("inference_geo") == "us", batch=True)
+            return
+        error = ((result.get("error") or {}).get("error") or {}) if kind == "errored" else {}
+        if kind == "errored" and error.get("type") not in SERVER_SIDE_ERRORS:
+            job.errors.append(f"{where}: errored: {error.get('type', 'error')}: {error.get('message', '')}")
+            self.fail(job)
+            return
+        if kind in ("errored", "expired"):
+            job.errors.append(f"{where}: " + (f"errored: {error.get('type')}: {error.get('message', '')}"
+                                              if kind == "errored" else "expired (not processed within 24 hours)"))
+            if job.attempts < self.settings.max_attempts:
+                job.attempts += 1
+                follow_up.add(job)
+                self.progress.resubmitted += 1
+                return
+        log.debug("line {}: {} in {}; left for the next run", job.line_number, kind, where)
+        self.progress.left_for_next_run += 1
+
+    def fail(self, job: Job) -> None:
+        log.error("line {}: failed: {}", job.line_number, job.errors[-1])
+        self.writer.write_error(job.line_number, job.body, [f"line {job.line_number}, {message}"
+                                                            for message in job.errors], job.metadata)
+        self.stats.failed += 1
+
+    def results_size(self) -> int:
+        path = Path(self.results_path)
+        return path.stat().st_size if path.exists() else 0
+
+
+
+# ==================================================================================================
 # Reporting
 # ==================================================================================================
 
@@ -2251,10 +2899,12 @@ def status_line(stats: RunStats) -> str:
     progress = f"{stats.finished:,}"
     if stats.total:
         progress += f"/{stats.total:,} lines ({100 * stats.finished / stats.total:.1f}%)"
-        if sent and stats.total > stats.finished:
+        if sent and stats.total > stats.finished and stats.batch is None:
             progress += f", ETA {format_duration((stats.total - stats.finished) / (sent / minutes) * 60)}"
     else:
         progress += " lines"
+    if stats.batch is not None:
+        return progress + " | " + batch_status(stats)
     per_model = "".join(f" | {model}: {usage.requests / minutes:,.0f} requests/min, "
                         f"{usage.output_tokens / minutes:,.0f} output tokens/min" for model, usage in
                         sorted(stats.by_model.items())) if len(stats.by_model) > 1 else ""
@@ -2266,6 +2916,22 @@ def status_line(stats: RunStats) -> str:
             f"{(totals.input_tokens + totals.cache_write_tokens) / minutes:,.0f} input tokens/min, "
             f"{totals.output_tokens / minutes:,.0f} output tokens/min (limits {stats.limits_in_force}{ratios}) | "
             f"{stats.retries:,} retries, {stats.rate_limited:,} rate-limited{per_model}")
+
+
+def batch_status(stats: RunStats) -> str:
+    """A batch run's counts: what was written, and the open batches as the API last reported them."""
+    batch = stats.batch
+    assert batch is not None
+    counts: dict[str, int] = {}
+    for request_counts in batch.open.values():
+        for kind, count in request_counts.items():
+            counts[kind] = counts.get(kind, 0) + count
+    open_counts = ", ".join(f"{count:,} {kind}" for kind, count in counts.items() if count)
+    return (f"{stats.succeeded:,} succeeded, {stats.failed:,} failed, {stats.bad_lines:,} bad, {stats.already_done:,} "
+            f"done before | {batch.submitted:,} batch(es) submitted ({batch.requests_submitted:,} requests), "
+            f"{batch.collected:,} collected, {len(batch.open):,} open" + (f" ({open_counts})" if open_counts else "")
+            + f" | {batch.waiting:,} lines in earlier runs' batches, {batch.resubmitted:,} resubmitted, "
+            f"{batch.left_for_next_run:,} left for the next run")
 
 
 async def report_progress(stats: RunStats, interval: float, live: bool) -> None:
@@ -2391,11 +3057,16 @@ def log_costs(stats: RunStats) -> None:
             cost = f"${usage.cost:,.4f}"
             if usage.cache_write_tokens or usage.cache_read_tokens:
                 cost += f" (caching saved ${usage.uncached_cost - usage.cost:,.4f})"
+            if usage.batch_saving:
+                cost += (f" at the batch price; ${usage.cost + usage.batch_saving:,.4f} without batching (saved "
+                         f"${usage.batch_saving:,.4f})")
         log.info("{}: {:,} requests | tokens: {:,} input, {:,} cache write (5 min), {:,} cache write (1 h), {:,} cache "
                  "read, {:,} output | {}", model, usage.requests, usage.input_tokens, usage.cache_write_5m_tokens,
                  usage.cache_write_1h_tokens, usage.cache_read_tokens, usage.output_tokens, cost)
     if len(stats.by_model) > 1 and all(price_for(model, stats.prices) for model in stats.by_model):
-        log.info("Cost: ${:,.4f} in all, at the list prices of {}.", stats.totals.cost, PRICES_AS_OF)
+        totals = stats.totals
+        log.info("Cost: ${:,.4f} in all, at the list prices of {}{}.", totals.cost, PRICES_AS_OF,
+                 f" (batched; ${totals.cost + totals.batch_saving:,.4f} without batching)" if totals.batch_saving else "")
 
 
 TYPICAL_OUTPUT_SHARE = 0.25  # of max_tokens: the low end of a dry run's cost range (the high end is all of it)
@@ -2520,6 +3191,13 @@ def log_summary(stats: RunStats, settings: Settings) -> None:
     if stats.interrupted_by:
         log.warning("Run the same command again{} to send the lines that have no result yet.",
                     " once --request_url is right" if stats.interrupted_by == UNUSABLE_ADDRESS else "")
+    elif stats.batch is not None and stats.batch.open:
+        log.info("{:,} batch(es) are still processing ({:,} requests): run the same command again later to collect "
+                 "them (exit code 4).", len(stats.batch.open), stats.batch.processing)
+    elif stats.batch is not None and stats.batch.left_for_next_run:
+        log.warning("{:,} line(s) were left for the next run (canceled, or expired or errored on the API's side "
+                    "{} times): run the same command again to send them (exit code 3).",
+                    stats.batch.left_for_next_run, settings.max_attempts)
 
 
 # ==================================================================================================
@@ -2602,6 +3280,9 @@ async def process_requests(requests: Iterable[dict[str, Any]], **settings: Any) 
     Keyword arguments take the command-line flags' names and defaults."""
     items = list(requests)
     config = Settings(**settings)
+    if config.batch and config.save_filepath is None:
+        raise ConfigError("batch=True needs a save_filepath: the batch records live beside it, so that a rerun "
+                          "collects the batches instead of paying for them twice")
     collector = ResultCollector(items)
     stats = await run(config, enumerate(items, start=1), lambda: len(items), collector)
     return collector.finish(config.save_filepath, stats)
@@ -2617,10 +3298,15 @@ async def run(config: Settings, lines: Iterable[tuple[int, Any]], count_total: C
     if unencrypted_host(config.request_url):
         log.warning("--request_url is plain http:// to {}: the API key would cross the network unencrypted. Use "
                     "https://.", unencrypted_host(config.request_url))
-    log.info("Processing {} -> {} at up to {} requests/min, {} input tokens/min and {} output tokens/min "
-             "({} attempts per request)", config.requests_filepath or "a list of requests",
-             config.save_filepath or "memory", config.max_requests_per_minute, config.max_tokens_per_minute,
-             config.max_output_tokens_per_minute or "the reported", config.max_attempts)
+    if config.batch:
+        log.info("Processing {} -> {} through the Message Batches API (half price; batches of up to {:,} requests, "
+                 "records in {}.batches)", config.requests_filepath or "a list of requests", config.save_filepath,
+                 config.batch_size, config.save_filepath)
+    else:
+        log.info("Processing {} -> {} at up to {} requests/min, {} input tokens/min and {} output tokens/min "
+                 "({} attempts per request)", config.requests_filepath or "a list of requests",
+                 config.save_filepath or "memory", config.max_requests_per_minute, config.max_tokens_per_minute,
+                 config.max_output_tokens_per_minute or "the reported", config.max_attempts)
     if config.save_filepath is None:
         assert collector is not None, "a run without a results file must collect its results"
         stats = await run_processor(config, lines, count_total, collector, ResumeIndex(), prices)
@@ -2653,7 +3339,8 @@ async def run_processor(config: Settings, lines: Iterable[tuple[int, Any]], coun
     timeout = aiohttp.ClientTimeout(total=config.request_timeout)
     live = sys.stderr.isatty()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        processor = Processor(config, session, lines, sink, done, prices)
+        road = BatchRun if config.batch else Processor
+        processor = road(config, session, lines, sink, done, prices)
         counter = asyncio.create_task(asyncio.to_thread(count_total))
         counter.add_done_callback(lambda task: task.cancelled() or setattr(processor.stats, "total", task.result()))
         reporter = asyncio.create_task(report_progress(processor.stats, config.status_interval, live))

@@ -118,6 +118,7 @@ class FakeStats:
     headers_seen: list[dict[str, str]] = field(default_factory=list)
     bodies_seen: list[dict[str, Any]] = field(default_factory=list)
     batch_submissions: dict[str, int] = field(default_factory=dict)  # request fingerprint -> times in a batch
+    submitted_twice: int = 0  # requests submitted while answered already, or while in a batch not yet ended
     batch_calls: int = 0  # calls to the batch endpoints...
     batch_faults: int = 0  # ...and how many were answered with a fault
     batch_downloads: int = 0
@@ -125,10 +126,6 @@ class FakeStats:
     @property
     def paid_twice(self) -> int:
         return sum(count - 1 for count in self.answered.values() if count > 1)
-
-    @property
-    def submitted_twice(self) -> int:
-        return sum(count - 1 for count in self.batch_submissions.values() if count > 1)
 
 
 @dataclass
@@ -571,10 +568,13 @@ class FakeAnthropic:
             seen.add(custom_id)
         batch = FakeBatch(self.next_id("msgbatch"), time.time(), time.monotonic() + self.config.batch_seconds,
                           [(item["custom_id"], item["params"]) for item in items])
-        self.batches[batch.id] = batch
+        pending = {fingerprint(params) for other in self.batches.values() if self.ended(other) is None
+                   for _, params in other.requests}
         for _, params in batch.requests:
             key = fingerprint(params)
             self.stats.batch_submissions[key] = self.stats.batch_submissions.get(key, 0) + 1
+            self.stats.submitted_twice += key in pending or self.stats.answered.get(key, 0) > 0
+        self.batches[batch.id] = batch
         if self.config.batch_lost_creates > 0:  # made, but the answer never reaches the client
             self.config.batch_lost_creates -= 1
             request.transport.close()  # type: ignore[union-attr]
