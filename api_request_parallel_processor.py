@@ -3090,7 +3090,7 @@ class ModelPlan:
     low: ModelUsage = field(default_factory=ModelUsage)
     high: ModelUsage = field(default_factory=ModelUsage)
 
-    def add(self, estimate: TokenEstimate, body: dict[str, Any]) -> None:
+    def add(self, estimate: TokenEstimate, body: dict[str, Any], batch: bool = False) -> None:
         uncached, written, read = estimate.total - estimate.cached_prefix, 0, 0
         if estimate.prefix is not None and estimate.prefix[0] in self.prefixes:
             read = estimate.cached_prefix
@@ -3109,7 +3109,7 @@ class ModelPlan:
                  "cache_read_input_tokens": round(read * scale)}
         us_only = body.get("inference_geo") == "us"
         for expected, share in ((self.low, TYPICAL_OUTPUT_SHARE), (self.high, 1.0)):
-            expected.add({**usage, "output_tokens": round(body["max_tokens"] * share)}, self.price, us_only)
+            expected.add({**usage, "output_tokens": round(body["max_tokens"] * share)}, self.price, us_only, batch)
 
 
 def dry_run(config: Settings) -> int:
@@ -3131,7 +3131,7 @@ def dry_run(config: Settings) -> int:
         model = body["model"]
         plan = plans.get(model) or plans.setdefault(model, ModelPlan(
             learned.get(model, model_facts(model).tokens_per_cl100k), price_for(model, prices), model in learned))
-        plan.add(estimator.estimate(body), body)
+        plan.add(estimator.estimate(body), body, config.batch)
     valid = sum(plan.requests for plan in plans.values())
     print(f"Dry run of {config.requests_filepath}: {valid:,} valid lines, {len(bad):,} bad "
           f"(read in {time.perf_counter() - started:.2f} s). Nothing was sent.")
@@ -3144,8 +3144,10 @@ def dry_run(config: Settings) -> int:
               f"distinct cached prefix{'' if len(plan.prefixes) == 1 else 'es'}; cost {cost}")
     if plans:
         print(f"Estimated cost: ${sum(p.low.cost for p in plans.values()):,.2f} to "
-              f"${sum(p.high.cost for p in plans.values()):,.2f} at the list prices of {PRICES_AS_OF} (output from "
-              f"{TYPICAL_OUTPUT_SHARE:.0%} to all of max_tokens)." if all(p.price for p in plans.values())
+              f"${sum(p.high.cost for p in plans.values()):,.2f} at the "
+              + ("batch price (half the list prices" if config.batch else "list prices")
+              + f" of {PRICES_AS_OF}{')' if config.batch else ''} (output from {TYPICAL_OUTPUT_SHARE:.0%} to all of "
+              "max_tokens)." if all(p.price for p in plans.values())
               else "Estimated cost: unknown for the models without a price.")
         print(expected_duration(config, plans))
     for problem in bad[:20]:
@@ -3157,7 +3159,12 @@ def dry_run(config: Settings) -> int:
 
 def expected_duration(config: Settings, plans: dict[str, ModelPlan]) -> str:
     """How long the run should take under the configured limits, which apply to each model on its own (so
-    the slowest model sets the duration), and which limit binds."""
+    the slowest model sets the duration), and which limit binds. Batches know no per-minute limits."""
+    if config.batch:
+        batches = math.ceil(sum(plan.requests for plan in plans.values()) / config.batch_size)
+        return (f"Expected duration: {batches:,} batch(es) through the Message Batches API, which are not bound by "
+                "the per-minute limits; most end within the hour (at most 24 h), and each one's results are "
+                "written as it ends.")
     def per_minute(value: float | str | None, name: str) -> float:
         return AUTO_STARTING_LIMITS[name] if value == AUTO else float(value)
 

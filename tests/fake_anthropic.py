@@ -99,6 +99,7 @@ class FakeConfig:
     batch_fault_kinds: tuple[str, ...] = ("500", "529", "502", "429")
     batch_cut_downloads: int = 0  # this many results downloads are cut off halfway
     batch_lost_creates: int = 0  # this many creates make the batch but drop the connection before answering
+    batch_create_seconds: float = 0.0  # a create makes the batch at once, then takes this long to answer
     seed: int = 1234
 
 
@@ -575,6 +576,8 @@ class FakeAnthropic:
             self.stats.batch_submissions[key] = self.stats.batch_submissions.get(key, 0) + 1
             self.stats.submitted_twice += key in pending or self.stats.answered.get(key, 0) > 0
         self.batches[batch.id] = batch
+        if self.config.batch_create_seconds:
+            await asyncio.sleep(self.config.batch_create_seconds)
         if self.config.batch_lost_creates > 0:  # made, but the answer never reaches the client
             self.config.batch_lost_creates -= 1
             request.transport.close()  # type: ignore[union-attr]
