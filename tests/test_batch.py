@@ -65,7 +65,7 @@ def test_faults_errored_and_expired_results_and_a_cut_download_end_every_line_ex
     rows += [{**request(f"invalid {i}", 1000 + i), "temprature": 0.5} for i in range(3)]  # the API refuses these
     rows.append("{not json")
     fake = fake_server(batch_errored_rate=0.05, batch_expired_rate=0.03, batch_fault_rate=0.2, batch_cut_downloads=1,
-                       batch_fault_kinds=("500", "529", "502"))
+                       batch_fault_kinds=("500", "529", "502"), batch_lost_creates=1)  # made, but the answer lost
     requests_path = write_jsonl(tmp_path / "r.jsonl", rows)
 
     stats = run_in_process(requests_path, fake, batch_size=100, **FAST)
