@@ -12,6 +12,8 @@ Example:
       --requests_filepath examples/test_requests_to_parallel_process.jsonl \\
       --max_requests_per_minute 40 --max_tokens_per_minute 16000
 
+Add --batch to send the same file through the Message Batches API instead, at half the price.
+
 Design, in the order the file reads:
 - Configuration and CLI: the cookbook script's flags and defaults, plus a few new ones.
 - Reading and validating requests: the input is streamed line by line; a bad line becomes an error
@@ -33,6 +35,10 @@ Design, in the order the file reads:
   keeps two runs off the same results file.
 - The main loop: one dispatcher task sends, one task per attempt waits for its response; SIGINT and
   SIGTERM stop it gracefully.
+- The Message Batches road (--batch): the same lines spooled to disk into batches (at half price), each step
+  recorded in a journal beside the results before and after it happens, so that a rerun after any kill
+  collects what was submitted and submits nothing twice; results streamed in, matched by custom_id, and
+  written in the same records; server-side errors and expiries resubmitted in a follow-up batch.
 - Reporting: the status line, the dated price table (a row of prices per model, with long-prompt
   tiers), the cost summary and the dry run.
 - Entry points: `process_api_requests_from_file` and `process_requests` are coroutines you can await
@@ -3363,7 +3369,8 @@ async def run_processor(config: Settings, lines: Iterable[tuple[int, Any]], coun
 
 def main(argv: list[str] | None = None) -> int:
     """The command line. Returns the exit code: 0 all succeeded, 1 some failed, 2 usage or
-    configuration error, 3 stopped by an outage, 130/143 interrupted."""
+    configuration error, 3 stopped by an outage (or, batched, lines left for the next run), 4 batches
+    still processing, 130/143 interrupted."""
     arguments = vars(build_argument_parser().parse_args(argv))
     dry = arguments.pop("dry_run")
     try:

@@ -20,6 +20,14 @@
   pings, a start, deltas and a stop per block: text, citations, thinking and signature, tool input as
   JSON pieces; message_delta, message_stop), taking `seconds_per_token` per output token. A message with
   `[[blocks:all]]` is answered with one block of each kind, streamed or not.
+- Message Batches (`/v1/messages/batches`): create (checking custom_ids, sizes and item shapes), retrieve,
+  list (newest first, paged), results (JSONL, shuffled) and cancel. A batch ends `batch_seconds` after its
+  creation; each request's result is `succeeded` (the same message a direct request gets), `errored` (an
+  invalid request, as the API validates it; or server-side at `batch_errored_rate`), `expired`
+  (`batch_expired_rate`) or `canceled`. Faults on the endpoints (`batch_fault_rate`), creates that make the batch
+  but lose the answer (`batch_lost_creates`) or answer slowly (`batch_create_seconds`), and results downloads cut
+  off halfway (`batch_cut_downloads`). `submitted_twice` counts requests submitted while answered already or
+  still in an open batch.
 
 Run it alone with `python tests/fake_anthropic.py --port 8765` to try the processor by hand.
 """
