@@ -2335,6 +2335,10 @@ class BatchProgress:
         return sum(counts.get("processing", 0) for counts in self.open.values())
 
 
+def batch_folder(results_path: str) -> Path:
+    return Path(results_path + ".batches")
+
+
 class BatchSpool:
     """One batch's requests on disk, beside the results (`<results>.batches/<key>.spool`), a line each:
     `line_number,content,line,attempts,metadata_length,` then the metadata's JSON and the request's. It is
@@ -2633,7 +2637,7 @@ class BatchRun:
         self.settings = settings
         self.writer = writer
         self.results_path = settings.save_filepath or ""
-        self.folder = Path(self.results_path + ".batches")
+        self.folder = batch_folder(self.results_path)
         self.journal = BatchJournal(self.folder)
         self.client = BatchClient(session, settings)
         self.stats = RunStats(prices=prices, batch=BatchProgress(), limits_in_force="the Message Batches API")
@@ -3238,6 +3242,14 @@ def prepare_results_file(config: Settings) -> ResumeIndex:
     return done
 
 
+def require_no_open_batches(config: Settings) -> None:
+    """A direct run would send again, and pay again for, the lines of batches an earlier --batch run submitted."""
+    folder = batch_folder(config.save_filepath or "")
+    if not config.batch and BatchJournal(folder).open_records():
+        raise ConfigError(f"batches submitted by an earlier --batch run are still open for {config.save_filepath}: "
+                          f"add --batch to collect them (or delete {folder} to give them up and pay again)")
+
+
 def save_index(index: ResumeIndex, results_path: str, token_ratios: dict[str, float]) -> None:
     """After a run, however it ended: the index of the results for the next run. Losing it costs that
     run a rebuild, never a result, so a failure to write it is only a warning."""
@@ -3326,6 +3338,7 @@ async def run(config: Settings, lines: Iterable[tuple[int, Any]], count_total: C
     else:
         try:
             with run_lock(config.save_filepath):
+                require_no_open_batches(config)
                 done = prepare_results_file(config)
                 files = ResultWriter(config.save_filepath, config.errors_filepath, done)
                 sink: ResultSink = files

@@ -152,6 +152,17 @@ def test_no_wait_submits_then_collects_with_the_documented_exit_codes(tmp_path, 
     assert run_cli(*args).returncode == 0 and len(fake.batches) == 3  # all done: nothing more to submit
 
 
+def test_a_direct_run_refuses_while_batches_are_open(tmp_path, fake_server):
+    fake = fake_server(batch_seconds=30)
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"question {i}", i) for i in range(5)])
+    assert run_cli(*batch_args(fake, requests_path, "--no_wait")).returncode == 4
+
+    direct = run_cli("--requests_filepath", str(requests_path), "--request_url", fake.url, "--api_key", API_KEY)
+
+    assert direct.returncode == 2 and "add --batch to collect them" in direct.stderr
+    assert fake.stats.received == 0  # nothing sent, nothing paid twice
+
+
 def test_a_canceled_batch_leaves_its_lines_for_the_next_run(tmp_path, fake_server):
     fake = fake_server(batch_seconds=30)
     requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"question {i}", i) for i in range(5)])
