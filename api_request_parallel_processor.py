@@ -1022,6 +1022,7 @@ def model_facts(model: str) -> ModelFacts:
 
 BURST_SECONDS = 0.1  # buckets hold a tenth of a second's worth: sends are spaced evenly, never bunched
 FIRST_REQUEST_ALONE_SECONDS = 2.0  # the first request goes alone until it is answered, or this long
+LANE_BACKLOG = 100  # jobs read ahead for each model: while one model is paused, the others' lines keep flowing
 AUTO_STARTING_LIMITS = {"requests": 40.0, "input-tokens": 24_000.0, "output-tokens": 6_400.0}  # 80% of Tier 1
 AUTO_SAFETY_MARGIN = 0.97  # with "auto", run this close to the limits the API reports
 TOKENS_REMAINING_ROUNDING = 500.0  # the API rounds token `remaining` figures to the nearest thousand
@@ -1296,11 +1297,15 @@ class OutputExpectation:
 @dataclass
 class ModelLane:
     """What a run keeps for each model, since the API limits each model class on its own and each model
-    counts tokens its own way: the limiter, the learned input-token ratio and the expected output."""
+    counts tokens its own way: the limiter, the learned input-token ratio and the expected output; and its
+    own queue of jobs with a sender task, so that a model paused by a 429 holds up no other model."""
 
     limiter: RateLimiter
     calibration: InputCalibration
+    waiting: asyncio.Queue[Job]
     outputs: OutputExpectation = field(default_factory=OutputExpectation)
+    sender: asyncio.Task[None] | None = None
+    sending: Job | None = None  # the job the sender is waiting to send
 
 
 # ==================================================================================================
@@ -1946,6 +1951,7 @@ class Processor:
         self.outage = OutageWatch()
         self.answered = False  # whether any HTTP response came back in this run
         self.first_outcome = asyncio.Event()  # set once the first attempt has come back, whatever it came to
+        self.first_sent = False
         self.admitted_at = time.monotonic()  # when the API last answered anything but a 429
 
     # -- reading -----------------------------------------------------------------------------------
@@ -1970,6 +1976,7 @@ class Processor:
                 raise
         if self.stats.stopped_reason:
             await self.abandon_remaining(jobs)
+        await self.stop_senders()
         await self.finish_in_flight()
         return self.stats
 
@@ -1991,7 +1998,7 @@ class Processor:
                 log.warning("--use_caching is on, but line {} marks no cache_control block: nothing to cache.",
                             job.line_number)
             if job.estimate.prefix is None or self.may_send(job):
-                await self.dispatch(job)
+                await self.sender_of(job.body["model"]).waiting.put(job)  # waits only while that model has a backlog
 
     async def finish_in_flight(self) -> None:
         """Let the requests in flight finish: all of them, or after an interruption those that
@@ -2034,22 +2041,50 @@ class Processor:
             state.warm_until = now + ttl  # each read refreshes the entry
         return True
 
-    async def dispatch(self, job: Job) -> None:
-        """Wait for a slot and for capacity, then send the job's next attempt in its own task. The first
-        request goes alone, for a few seconds at most: its response's headers tell the limits (output
-        tokens among them) before a burst could overrun them."""
-        if self.stats.in_flight and not self.first_outcome.is_set():
+    def sender_of(self, model: str) -> ModelLane:
+        """The model's lane, with its sender task started."""
+        lane = self.lane(model)
+        if lane.sender is None:
+            lane.sender = asyncio.create_task(self.send_lane(lane))
+        return lane
+
+    async def send_lane(self, lane: ModelLane) -> None:
+        """A model's sender: its jobs, one after the other, each when its model's limits allow; once the run
+        has stopped, each goes to the errors file instead."""
+        while True:
+            lane.sending = await lane.waiting.get()
+            if not await self.dispatch(lane.sending):
+                self.fail(lane.sending, "run stopped")
+            lane.sending = None
+
+    async def stop_senders(self) -> None:
+        senders = [lane.sender for lane in self.lanes.values() if lane.sender is not None]
+        for sender in senders:
+            sender.cancel()
+        await asyncio.gather(*senders, return_exceptions=True)
+
+    async def dispatch(self, job: Job) -> bool:
+        """Wait for a slot and for capacity, then send the job's next attempt in its own task; False when the
+        run stopped meanwhile. The first request goes alone, for a few seconds at most: its response's
+        headers tell the limits (output tokens among them) before a burst could overrun them."""
+        if self.stats.stopped_reason:
+            return False
+        if self.first_sent and not self.first_outcome.is_set():
             waiter = asyncio.ensure_future(self.first_outcome.wait())
             try:  # not wait_for, which can swallow a cancellation that comes as the event is set (Python < 3.12)
                 await asyncio.wait({waiter}, timeout=FIRST_REQUEST_ALONE_SECONDS)
             finally:
                 waiter.cancel()
+        self.first_sent = True
         await self.slots.acquire()
         job.estimated_input_tokens = self.expected_input_tokens(job)
         lane = self.lane(job.body["model"])
         job.charged_input_tokens = lane.calibration.scale(job.estimated_input_tokens)
         job.charged_output_tokens = lane.outputs.expected(job.body["max_tokens"]) if lane.limiter.output_tokens else 0
         await lane.limiter.acquire(job.charged_input_tokens, job.charged_output_tokens)
+        if self.stats.stopped_reason:
+            self.slots.release()
+            return False
         job.attempts += 1
         self.stats.in_flight += 1
         log.trace("line {}: attempt {} sent (estimated {} input tokens)",
@@ -2057,11 +2092,13 @@ class Processor:
         task = asyncio.create_task(self.attempt(job))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return True
 
     def lane(self, model: str) -> ModelLane:
         if model not in self.lanes:
             prior = self.done.token_ratios.get(model) or model_facts(model).tokens_per_cl100k
-            self.lanes[model] = ModelLane(RateLimiter(self.settings, self.hold), InputCalibration(prior))
+            self.lanes[model] = ModelLane(RateLimiter(self.settings, self.hold), InputCalibration(prior),
+                                          asyncio.Queue(LANE_BACKLOG))
             self.stats.limits_in_force = self.describe_limits()
         return self.lanes[model]
 
@@ -2173,6 +2210,8 @@ class Processor:
         self.ready.put_nowait(job)
 
     def fail(self, job: Job, reason: str) -> None:
+        if not job.errors:  # never sent: the run stopped first
+            job.errors.append(f"not sent: {self.stats.stopped_reason}")
         log.error("line {}: failed ({}): {}", job.line_number, reason, job.errors[-1] if job.errors else "")
         self.writer.write_error(job.line_number, job.body,
                                 [f"line {job.line_number}, {message}" for message in job.errors], job.metadata)
@@ -2236,6 +2275,9 @@ class Processor:
         self.retry_timers.clear()
         if self.dispatcher is not None:
             self.dispatcher.cancel()
+        for lane in self.lanes.values():
+            if lane.sender is not None:
+                lane.sender.cancel()
 
     def stop(self, reason: str) -> None:
         if not self.stats.stopped_reason:
@@ -2250,12 +2292,17 @@ class Processor:
             self.fail(job, "run stopped")
         while (job := self.next_ready()) is not None:
             self.fail(job, "run stopped")
+        await self.stop_senders()
+        for lane in self.lanes.values():
+            if lane.sending is not None:
+                self.fail(lane.sending, "run stopped")
+            while not lane.waiting.empty():
+                self.fail(lane.waiting.get_nowait(), "run stopped")
         for state in self.prefixes.values():
             parked, state.parked = state.parked, []
             for job in parked:
                 self.fail(job, "run stopped")
         for job in jobs:
-            job.errors.append(f"not sent: {self.stats.stopped_reason}")
             self.fail(job, "run stopped")
 
     # -- the caching check ----------------------------------------------------------------------

@@ -94,6 +94,7 @@ class FakeConfig:
     outage_seconds: float = 0.0  # every request this soon after the first is dropped, as in a network outage
     throttled_seconds: float = 0.0  # every request this soon after the first gets a 429, as if another program
     # of the organization took the whole limit
+    throttled_models: tuple[str, ...] = ()  # if given, only these models' requests are throttled
     seconds_per_token: float = 0.0  # generation time: a stream spreads it over its deltas, a plain response waits
     ping_seconds: float = 1.0  # a stream sends a ping after this long without another event
     rate_limit_headers: bool = True  # False: like a proxy that strips the anthropic-ratelimit-* headers
@@ -338,7 +339,8 @@ class FakeAnthropic:
     def choose_fault(self, body: dict[str, Any], key: str) -> str | None:
         if time.monotonic() < self.stats.received_times[0] + self.config.outage_seconds:
             return "drop"
-        if time.monotonic() < self.stats.received_times[0] + self.config.throttled_seconds:
+        if time.monotonic() < self.stats.received_times[0] + self.config.throttled_seconds and (
+                not self.config.throttled_models or body["model"] in self.config.throttled_models):
             return "429"
         attempt = self.attempts[key]
         match = SCRIPTED_FAULT.search(json.dumps(body.get("messages")))

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 
 import pytest
-from conftest import request, run_in_process, write_jsonl
+from conftest import MODEL, read_jsonl, request, run_in_process, write_jsonl
 
 import api_request_parallel_processor as app
 
@@ -191,3 +191,16 @@ def test_a_limit_is_exhausted_when_little_of_it_remains():
     assert app.RateLimiter.exhausted({**tokens, "anthropic-ratelimit-input-tokens-remaining": "1000"}, "input-tokens")
     assert not app.RateLimiter.exhausted({**tokens, "anthropic-ratelimit-input-tokens-remaining": "2000"},
                                          "input-tokens")
+
+
+def test_a_model_paused_by_429s_holds_up_no_other_model(tmp_path, fake_server):
+    haiku = "claude-haiku-5-5"
+    fake = fake_server(per_model_limits=True, requests_per_minute=600, throttled_seconds=3.5, throttled_models=(MODEL,))
+    rows = [request(f"question {i}", i, model=model) for i in range(20) for model in (MODEL, haiku)]
+    requests_path = write_jsonl(tmp_path / "r.jsonl", rows)
+
+    stats = run_in_process(requests_path, fake, max_requests_per_minute=600)  # Haiku's 20 lines take 2 s
+
+    assert stats.succeeded == 40 and stats.rate_limited > 0
+    models = [record[1]["model"] for record in read_jsonl(tmp_path / "r_results.jsonl")]
+    assert models[:20] == [haiku] * 20  # every Haiku line answered while Sonnet waited out its 429s
