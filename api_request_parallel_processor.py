@@ -1023,6 +1023,8 @@ def model_facts(model: str) -> ModelFacts:
 BURST_SECONDS = 0.1  # buckets hold a tenth of a second's worth: sends are spaced evenly, never bunched
 FIRST_REQUEST_ALONE_SECONDS = 2.0  # the first request goes alone until it is answered, or this long
 LANE_BACKLOG = 100  # jobs read ahead for each model: while one model is paused, the others' lines keep flowing
+RAMP_UP_SECONDS = 5.0  # each model's sends reach their full rate over this long, from...
+RAMP_UP_FROM = 1.0  # ...this many a second: a sudden jump in traffic can draw 429s (acceleration limits)
 AUTO_STARTING_LIMITS = {"requests": 40.0, "input-tokens": 24_000.0, "output-tokens": 6_400.0}  # 80% of Tier 1
 AUTO_SAFETY_MARGIN = 0.97  # with "auto", run this close to the limits the API reports
 TOKENS_REMAINING_ROUNDING = 500.0  # the API rounds token `remaining` figures to the nearest thousand
@@ -1172,19 +1174,40 @@ class RateLimiter:
         self.limits = [limit for limit in (self.requests, self.input_tokens, self.output_tokens) if limit]
         self.paused_until = 0.0
         self.last_blind_429: float | None = None  # while set, some rate is below what is allowed
+        self.ramp_sent = 0  # sends so far, during the ramp up...
+        self.started: float | None = None  # ...timed from the second send...
+        self.ramp_next = 0.0  # ...and the earliest next send while it lasts
 
     async def acquire(self, input_tokens: int, output_tokens: int) -> None:
         """Sleep until one request, `input_tokens` and `output_tokens` are available, then take them."""
         charges = list(zip(self.limits, (1, input_tokens, output_tokens)))
         while True:
-            wait = max(self.paused_until, self.hold_all.until) - time.monotonic()
+            wait = max(self.paused_until, self.hold_all.until, self.ramp_next) - time.monotonic()
             for limit, amount in charges:
                 wait = max(wait, limit.bucket.seconds_until_available(amount))
             if wait <= 0:
                 for limit, amount in charges:
                     limit.bucket.take(amount)
+                self.ramp_up()
                 return
             await asyncio.sleep(wait)
+
+    def ramp_up(self) -> None:
+        """Space the first seconds' sends so that the rate rises steadily from RAMP_UP_FROM a second to the
+        full request rate over RAMP_UP_SECONDS: the API may answer a sudden jump with 429s. The k-th send after
+        the first (which goes alone) waits for the moment the rising rate has allowed k sends. A long run loses
+        about half of RAMP_UP_SECONDS; one that never goes faster than RAMP_UP_FROM loses nothing."""
+        now = time.monotonic()
+        self.ramp_sent += 1
+        if self.ramp_sent == 1 or self.started and now - self.started >= RAMP_UP_SECONDS:
+            return
+        self.started = self.started or now
+        rise = (self.requests.bucket.rate - RAMP_UP_FROM) / RAMP_UP_SECONDS  # per second, each second
+        if rise <= 0:
+            self.ramp_next = 0.0
+            return
+        moment = (math.sqrt(RAMP_UP_FROM ** 2 + 2 * rise * (self.ramp_sent - 1)) - RAMP_UP_FROM) / rise
+        self.ramp_next = self.started + moment if moment < RAMP_UP_SECONDS else 0.0
 
     def observe(self, headers: Any) -> bool:
         """Every response's rate-limit headers; True when a rate in force changed."""

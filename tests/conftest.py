@@ -22,6 +22,15 @@ from fake_anthropic import API_KEY, FakeAnthropic, FakeConfig, ServerThread
 MODEL = "claude-sonnet-5-5"
 
 
+@pytest.fixture(autouse=True)
+def no_ramp_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process runs skip the first seconds' ramp up, which would blur every other pacing test's early
+    seconds; test_rate_limiting tests the ramp itself, and runs of the command line keep it."""
+    import api_request_parallel_processor as app
+
+    monkeypatch.setattr(app, "RAMP_UP_SECONDS", 1e-3)
+
+
 @pytest.fixture
 def fake_server() -> Iterator[Any]:
     """Call it with FakeConfig fields to start a fake on loopback; every one started is stopped."""

@@ -204,3 +204,17 @@ def test_a_model_paused_by_429s_holds_up_no_other_model(tmp_path, fake_server):
     assert stats.succeeded == 40 and stats.rate_limited > 0
     models = [record[1]["model"] for record in read_jsonl(tmp_path / "r_results.jsonl")]
     assert models[:20] == [haiku] * 20  # every Haiku line answered while Sonnet waited out its 429s
+
+
+def test_each_model_reaches_its_full_rate_over_its_first_seconds(tmp_path, fake_server, monkeypatch):
+    monkeypatch.setattr(app, "RAMP_UP_SECONDS", 2.0)  # not the conftest's near-zero
+    fake = fake_server()
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"question {i}", i) for i in range(400)])
+
+    run_in_process(requests_path, fake, max_requests_per_minute=6000)  # 100 a second
+
+    received = fake.stats.received_times
+    first_half_second = sum(1 for t in received if t < received[0] + 0.5)
+    later_second = sum(1 for t in received if received[0] + 2.5 <= t < received[0] + 3.5)
+    assert first_half_second <= 15  # about 7 at the ramp's rate; 50 without it
+    assert later_second >= 85  # the full rate once it is over
