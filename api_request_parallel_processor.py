@@ -1085,6 +1085,16 @@ class TokenBucket:
         self.lower_to(0.0)
 
 
+async def wait_for_event(event: asyncio.Event, timeout: float | None) -> None:
+    """Until the event is set, or `timeout` seconds. Not asyncio.wait_for, which can swallow a cancellation that
+    comes as the event is set (Python < 3.12)."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
+
+
 def reported_limit(headers: Any, name: str) -> tuple[float | None, float | None]:
     """(limit, remaining) from a response's `anthropic-ratelimit-<name>-*` headers; for input tokens
     the older combined `tokens` headers stand in when the input ones are absent."""
@@ -1126,13 +1136,13 @@ class Limit:
             rate = self.allowed_rate()
             if rate != self.bucket.per_minute:
                 if self.auto:
-                    log.info("The API reports a {} limit of {:,.0f}/min: running at {:,.0f}/min.", self.name, limit, rate)
+                    log.info("The API reports a limit of {:,.0f} {}/min: running at {:,.0f}/min.", limit, self.name, rate)
                 elif limit < self.configured:
-                    log.warning("The API reports a {} limit of {:,.0f}/min, below the configured {:,.0f}/min: using "
-                                "the reported limit.", self.name, limit, self.configured)
+                    log.warning("The API reports a limit of {:,.0f} {}/min, below the configured {:,.0f}/min: using "
+                                "the reported limit.", limit, self.name, self.configured)
                 else:
-                    log.info("The API reports a {} limit of {:,.0f}/min: back to the configured {:,.0f}/min.",
-                             self.name, limit, self.configured)
+                    log.info("The API reports a limit of {:,.0f} {}/min: back to the configured {:,.0f}/min.",
+                             limit, self.name, self.configured)
                 self.bucket.set_rate(rate)
                 changed = True
         if remaining is not None:
@@ -1144,6 +1154,54 @@ class Limit:
         if self.reported is None:
             return self.configured
         return self.reported * AUTO_SAFETY_MARGIN if self.auto else min(self.configured, self.reported)
+
+
+class OutputCharging:
+    """How the API charges one model's output-token limit, told apart from what it reports, since only one way
+    bounds the requests in flight. The 2026 documentation counts output as it is produced; the 2025 one holds
+    each request's `max_tokens` from its start and gives the unused part back at its end. Held, the requests in
+    flight can hold no more than the bucket holds, however slowly they produce: the run then keeps the sum of
+    their `max_tokens` under the bucket's size (the most `remaining` ever reported).
+
+    The evidence: a 429 whose `remaining` shows less than the request's `max_tokens` left but more than output
+    counted as produced would need; or, three answers in a row, a `remaining` short of the bucket's size by at
+    least half the `max_tokens` the other requests in flight hold (counted as produced, it would be short by
+    little), when they hold enough for the difference to stand out from the rounding of `remaining`. Three
+    answers in a row that say the opposite switch back."""
+
+    def __init__(self) -> None:
+        self.held = False
+        self.votes: list[bool] = []  # the latest answers' evidence: True for held
+        self.capacity = 0.0  # the bucket's size, as far as the reported `remaining` figures show
+        self.in_flight = 0  # the max_tokens of this model's requests in flight
+        self.released = asyncio.Event()  # set whenever one of them ends
+
+    def admits(self, max_tokens: int) -> bool:
+        return not self.held or not self.in_flight or self.in_flight + max_tokens <= self.capacity
+
+    def others_holding(self, max_tokens: int) -> int:
+        """What the other requests in flight hold, if held: the answer to this one has given its own back."""
+        return self.in_flight - max_tokens if self.held else 0
+
+    def ended(self, max_tokens: int, remaining: float | None, refused: bool) -> None:
+        """An attempt of this model ended, with the output-token `remaining` it reported (if any)."""
+        if remaining is not None:
+            others = self.in_flight - max_tokens
+            if refused:
+                if 2 * TOKENS_REMAINING_ROUNDING <= remaining < max_tokens + TOKENS_REMAINING_ROUNDING:
+                    self.votes = [True] * 3
+            elif others >= 4 * TOKENS_REMAINING_ROUNDING and self.capacity:  # a signal well above the rounding
+                deficit = self.capacity - remaining - TOKENS_REMAINING_ROUNDING
+                if deficit >= others / 2 or deficit < others / 4:
+                    self.votes = [*self.votes[-2:], deficit >= others / 2]
+            self.capacity = max(self.capacity, remaining + TOKENS_REMAINING_ROUNDING)
+            if len(self.votes) == 3 and len(set(self.votes)) == 1 and self.votes[0] != self.held:
+                self.held = self.votes[0]
+                log.info("The API {}.", f"holds each request's max_tokens against the output-token limit until it "
+                         f"ends: keeping at most {self.capacity:,.0f} tokens of max_tokens in flight" if self.held else
+                         "counts output tokens as they are produced: no bound on the requests in flight")
+        self.in_flight -= max_tokens
+        self.released.set()
 
 
 class Hold:
@@ -1174,23 +1232,31 @@ class RateLimiter:
         self.limits = [limit for limit in (self.requests, self.input_tokens, self.output_tokens) if limit]
         self.paused_until = 0.0
         self.last_blind_429: float | None = None  # while set, some rate is below what is allowed
+        self.charging = OutputCharging()
         self.ramp_sent = 0  # sends so far, during the ramp up...
         self.started: float | None = None  # ...timed from the second send...
         self.ramp_next = 0.0  # ...and the earliest next send while it lasts
 
-    async def acquire(self, input_tokens: int, output_tokens: int) -> None:
-        """Sleep until one request, `input_tokens` and `output_tokens` are available, then take them."""
+    async def acquire(self, input_tokens: int, output_tokens: int, max_tokens: int = 0) -> None:
+        """Sleep until one request, `input_tokens` and `output_tokens` are available, and, where the API holds
+        max_tokens, room for `max_tokens` among the requests in flight; then take them."""
         charges = list(zip(self.limits, (1, input_tokens, output_tokens)))
         while True:
             wait = max(self.paused_until, self.hold_all.until, self.ramp_next) - time.monotonic()
             for limit, amount in charges:
                 wait = max(wait, limit.bucket.seconds_until_available(amount))
-            if wait <= 0:
+            room = self.output_tokens is None or self.charging.admits(max_tokens)
+            if wait <= 0 and room:
                 for limit, amount in charges:
                     limit.bucket.take(amount)
+                self.charging.in_flight += max_tokens
                 self.ramp_up()
                 return
-            await asyncio.sleep(wait)
+            if room:
+                await asyncio.sleep(wait)
+            else:  # until a request in flight ends
+                self.charging.released.clear()
+                await wait_for_event(self.charging.released, wait if wait > 0 else None)
 
     def ramp_up(self) -> None:
         """Space the first seconds' sends so that the rate rises steadily from RAMP_UP_FROM a second to the
@@ -1209,16 +1275,26 @@ class RateLimiter:
         moment = (math.sqrt(RAMP_UP_FROM ** 2 + 2 * rise * (self.ramp_sent - 1)) - RAMP_UP_FROM) / rise
         self.ramp_next = self.started + moment if moment < RAMP_UP_SECONDS else 0.0
 
-    def observe(self, headers: Any) -> bool:
-        """Every response's rate-limit headers; True when a rate in force changed."""
+    def observe(self, headers: Any, max_tokens: int = 0) -> bool:
+        """Every response's rate-limit headers (of a request asking for `max_tokens`); True when a rate in force
+        changed. Where the API holds max_tokens, what the other requests in flight hold is not spent: their
+        output will be charged as they end."""
         changed = False
         if self.output_tokens is None and reported_limit(headers, "output-tokens")[0]:
             self.output_tokens = Limit("output-tokens", AUTO)
             self.limits.append(self.output_tokens)
             changed = True
         for limit in self.limits:
-            changed |= limit.observe(*reported_limit(headers, limit.name))
+            reported, remaining = reported_limit(headers, limit.name)
+            if remaining is not None and limit is self.output_tokens:
+                remaining += self.charging.others_holding(max_tokens)
+            changed |= limit.observe(reported, remaining)
         return changed
+
+    def ended(self, max_tokens: int, headers: Any, refused: bool) -> None:
+        """An attempt's end, whatever it came to: its max_tokens are no longer in flight."""
+        remaining = reported_limit(headers, "output-tokens")[1] if headers is not None else None
+        self.charging.ended(max_tokens, remaining, refused)
 
     def pause(self, seconds: float, headers: Any) -> bool:
         """A 429: no attempt of this model until `seconds` have passed. When the response shows no
@@ -2093,18 +2169,14 @@ class Processor:
         if self.stats.stopped_reason:
             return False
         if self.first_sent and not self.first_outcome.is_set():
-            waiter = asyncio.ensure_future(self.first_outcome.wait())
-            try:  # not wait_for, which can swallow a cancellation that comes as the event is set (Python < 3.12)
-                await asyncio.wait({waiter}, timeout=FIRST_REQUEST_ALONE_SECONDS)
-            finally:
-                waiter.cancel()
+            await wait_for_event(self.first_outcome, FIRST_REQUEST_ALONE_SECONDS)
         self.first_sent = True
         await self.slots.acquire()
         job.estimated_input_tokens = self.expected_input_tokens(job)
         lane = self.lane(job.body["model"])
         job.charged_input_tokens = lane.calibration.scale(job.estimated_input_tokens)
         job.charged_output_tokens = lane.outputs.expected(job.body["max_tokens"]) if lane.limiter.output_tokens else 0
-        await lane.limiter.acquire(job.charged_input_tokens, job.charged_output_tokens)
+        await lane.limiter.acquire(job.charged_input_tokens, job.charged_output_tokens, job.body["max_tokens"])
         if self.stats.stopped_reason:
             self.slots.release()
             return False
@@ -2156,8 +2228,10 @@ class Processor:
                       "Stopping; every line is left for the next run.", urlsplit(self.settings.request_url).hostname,
                       result.unusable_address)
             self.interrupt(UNUSABLE_ADDRESS)
-        if result.headers is not None and self.lane(job.body["model"]).limiter.observe(result.headers):
+        limiter = self.lane(job.body["model"]).limiter
+        if result.headers is not None and limiter.observe(result.headers, job.body["max_tokens"]):
             self.stats.limits_in_force = self.describe_limits()
+        limiter.ended(job.body["max_tokens"], result.headers, result.rate_limited)
         if self.outage.record(job.line_number, result):
             log.warning("{} lines in a row got no answer or a 5xx (the last: {}): the API or the network is down. "
                         "Holding every request and retrying without using up their attempts, for up to {}.",

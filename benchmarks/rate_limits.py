@@ -59,6 +59,14 @@ SCENARIOS = [
     Scenario("output bound, no output flag, max_tokens charged up front", "output", 30_000,
              {"output_tokens_per_minute": 30_000, "output_tokens": 100, "output_charging": "max_tokens"},
              {"max_requests_per_minute": 100_000, "max_tokens_per_minute": 10_000_000}, max_tokens=1024, per_second=5),
+    Scenario("output bound, no flag, max_tokens held, 2-3 s answers (at most 2 fit in flight: ~16%)", "output", 30_000,
+             {"output_tokens_per_minute": 30_000, "output_tokens": 100, "output_charging": "max_tokens",
+              "latency": (2.0, 3.0)},
+             {"max_requests_per_minute": 100_000, "max_tokens_per_minute": 10_000_000}, max_tokens=1024, per_second=5),
+    Scenario("output bound, no flag, charged as produced, 2-3 s answers", "output", 30_000,
+             {"output_tokens_per_minute": 30_000, "output_tokens": 100, "output_charging": "produced",
+              "latency": (2.0, 3.0)},
+             {"max_requests_per_minute": 100_000, "max_tokens_per_minute": 10_000_000}, max_tokens=1024, per_second=5),
     Scenario("two models, each its own limit, flags at it", "requests", 1200,
              {"requests_per_minute": 600, "per_model_limits": True},
              {"max_requests_per_minute": 600, "max_tokens_per_minute": 10_000_000}, per_second=20,
@@ -94,8 +102,8 @@ def measure(scenario: Scenario, seconds: float, folder: Path) -> str:
     rows = [{"model": models[i % len(models)], "max_tokens": scenario.max_tokens,
              "messages": [{"role": "user", "content": f"Request {i}. " + PARAGRAPH * scenario.request_words}]}
             for i in range(count)]
-    requests_path = write_jsonl_rows(folder / f"{scenario.binding}-{len(scenario.name)}.jsonl", rows)
-    config = FakeConfig(burst_seconds=5, token_ratio=1.3, latency=(0.2, 0.4), **scenario.fake)
+    requests_path = write_jsonl_rows(folder / f"scenario{SCENARIOS.index(scenario)}.jsonl", rows)
+    config = FakeConfig(**{"burst_seconds": 5, "token_ratio": 1.3, "latency": (0.2, 0.4), **scenario.fake})
     with ServerThread(config) as fake:
         stats = asyncio.run(app.process_api_requests_from_file(
             str(requests_path), request_url=fake.url, api_key=API_KEY, logging_level="ERROR", **scenario.flags))

@@ -236,7 +236,7 @@ def test_flags_above_the_reported_limit_are_clamped_to_it(tmp_path, fake_server,
     assert "1,200 requests/min" in stats.limits_in_force
     times = fake.stats.accepted_times
     assert (len(times) - 1) / (times[-1] - times[0]) * 60 <= 1200 * 1.05
-    assert sum("reports a requests limit of 1,200/min" in line for line in captured_logs) == 1
+    assert sum("reports a limit of 1,200 requests/min" in line for line in captured_logs) == 1
 
 
 def test_auto_runs_at_the_limits_the_api_reports(tmp_path, fake_server):

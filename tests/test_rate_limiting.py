@@ -125,8 +125,8 @@ def test_a_reported_limit_below_the_flag_replaces_it_once(captured_logs):
     assert limit.observe(600, None) is True and limit.bucket.per_minute == 600
     assert limit.observe(600, None) is False
     assert limit.observe(5000, None) is True and limit.bucket.per_minute == 1200  # never above the flag
-    warnings = [line for line in captured_logs if line.startswith("WARNING") and "reports a requests limit" in line]
-    assert len(warnings) == 1 and "600/min, below the configured 1,200/min" in warnings[0]
+    warnings = [line for line in captured_logs if line.startswith("WARNING") and "reports a limit of" in line]
+    assert len(warnings) == 1 and "600 requests/min, below the configured 1,200/min" in warnings[0]
 
 
 def test_auto_follows_the_reported_limits_with_a_margin():
@@ -218,3 +218,41 @@ def test_each_model_reaches_its_full_rate_over_its_first_seconds(tmp_path, fake_
     later_second = sum(1 for t in received if received[0] + 2.5 <= t < received[0] + 3.5)
     assert first_half_second <= 15  # about 7 at the ramp's rate; 50 without it
     assert later_second >= 85  # the full rate once it is over
+
+
+def test_the_way_output_is_charged_is_told_from_what_the_api_reports():
+    charging = app.OutputCharging()
+    charging.in_flight = 3 * 1024
+    charging.ended(1024, 2000.0, refused=False)  # an answer: the bucket holds 2,500 at least
+    assert not charging.held and charging.capacity == 2500 and charging.admits(10**6)
+    charging.in_flight += 1024
+    charging.ended(1024, 1000.0, refused=True)  # refused with 500-1,500 left: less than max_tokens, more than 1
+    assert charging.held and charging.in_flight == 2048 and not charging.admits(1024)  # 3,072 do not fit in 2,500
+    charging.ended(1024, None, refused=False)  # a network failure: no figures, but one fewer in flight
+    assert charging.admits(1024) and not charging.admits(1500)  # 2,048 fit; 2,524 do not
+    assert charging.others_holding(1024) == 0
+    charging.capacity, charging.in_flight = 20_000.0, 13 * 1024
+    for _ in range(3):  # answers with 12,288 held by others, yet a full bucket: counted as produced after all
+        charging.ended(1024, 19_000.0, refused=False)
+        charging.in_flight += 1024
+    assert not charging.held
+    for _ in range(3):  # now short by about what the others hold
+        charging.ended(1024, 8_000.0, refused=False)
+        charging.in_flight += 1024
+    assert charging.held
+
+
+@pytest.mark.parametrize("charging", ["max_tokens", "produced"])
+def test_with_max_tokens_held_the_requests_in_flight_fit_the_bucket(tmp_path, fake_server, captured_logs, charging):
+    fake = fake_server(output_tokens_per_minute=30_000, output_tokens=100, output_charging=charging,
+                       latency=(0.5, 0.7))  # the bucket holds 2,500: two requests of max_tokens 1,024
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i, max_tokens=1024) for i in range(14)])
+
+    stats = run_in_process(requests_path, fake, max_requests_per_minute=100_000)
+
+    assert stats.succeeded == 14
+    held = [line for line in captured_logs if "holds each request's max_tokens" in line]
+    if charging == "max_tokens":
+        assert fake.stats.rate_limited <= 2 and len(held) == 1
+    else:
+        assert fake.stats.rate_limited == 0 and held == []
