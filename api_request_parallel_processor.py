@@ -1232,6 +1232,7 @@ class RateLimiter:
         self.limits = [limit for limit in (self.requests, self.input_tokens, self.output_tokens) if limit]
         self.paused_until = 0.0
         self.last_blind_429: float | None = None  # while set, some rate is below what is allowed
+        self.last_crowded = 0.0  # when an answer last showed a limit used up
         self.charging = OutputCharging()
         self.ramp_sent = 0  # sends so far, during the ramp up...
         self.started: float | None = None  # ...timed from the second send...
@@ -1324,6 +1325,26 @@ class RateLimiter:
         if limit is None:
             return False
         return remaining is None or (remaining < 1 if name == "requests" else remaining <= 2 * TOKENS_REMAINING_ROUNDING)
+
+    def crowded(self, headers: Any) -> bool:
+        """An answer whose headers show a limit used up (nothing left at all) although this model is paced under
+        it: something else spends from the same limit, another program of the organization or another model name
+        of the same class. Slow every rate down as a 429 that shows no exhausted limit does, at most once a
+        second, and win it back the same way (see recover). True when a rate changed."""
+        now = time.monotonic()
+        if headers is None or now - self.last_crowded < 1.0:
+            return False
+        spent = [limit for limit in self.limits if (reported_limit(headers, limit.name)[1] or 0) < 1 < (
+            reported_limit(headers, limit.name)[0] or 0) and not (limit is self.output_tokens and self.charging.held)]
+        if not spent:
+            return False
+        say = log.info if self.last_crowded == 0.0 else log.debug
+        self.last_crowded = self.last_blind_429 = now
+        for limit in self.limits:
+            limit.bucket.set_rate(limit.bucket.per_minute * BLIND_429_SLOWDOWN)
+        say("The API reports its {} limit used up: something else spends from it too. Slowing to {}.",
+            spent[0].name, self.describe())
+        return True
 
     def recover(self) -> bool:
         """After header-less 429s slowed the run, each `BLIND_429_RECOVERY_SECONDS` without one wins
@@ -2229,7 +2250,8 @@ class Processor:
                       result.unusable_address)
             self.interrupt(UNUSABLE_ADDRESS)
         limiter = self.lane(job.body["model"]).limiter
-        if result.headers is not None and limiter.observe(result.headers, job.body["max_tokens"]):
+        if result.headers is not None and (limiter.observe(result.headers, job.body["max_tokens"]) or (
+                not result.rate_limited and limiter.crowded(result.headers))):
             self.stats.limits_in_force = self.describe_limits()
         limiter.ended(job.body["max_tokens"], result.headers, result.rate_limited)
         if self.outage.record(job.line_number, result):
@@ -2784,8 +2806,8 @@ class BatchRun:
         self.folder = batch_folder(self.results_path)
         self.journal = BatchJournal(self.folder)
         self.client = BatchClient(session, settings)
-        self.stats = RunStats(prices=prices, batch=BatchProgress(), limits_in_force="the Message Batches API")
-        self.progress: BatchProgress = self.stats.batch  # type: ignore[assignment]
+        self.progress = BatchProgress()
+        self.stats = RunStats(prices=prices, batch=self.progress)
         self.reader = LineReader(lines, done, writer, self.stats)
         self.open: dict[str, OpenBatch] = {}  # by key
         self.in_open_batches = SortedResults(array("Q"))  # the content of each request in an earlier run's batch

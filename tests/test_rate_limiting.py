@@ -256,3 +256,13 @@ def test_with_max_tokens_held_the_requests_in_flight_fit_the_bucket(tmp_path, fa
         assert fake.stats.rate_limited <= 2 and len(held) == 1
     else:
         assert fake.stats.rate_limited == 0 and held == []
+
+
+def test_an_answer_showing_a_limit_used_up_slows_the_model_once_a_second(captured_logs):
+    limiter = app.RateLimiter(app.Settings(max_requests_per_minute=600))
+    full = {"anthropic-ratelimit-requests-limit": "600", "anthropic-ratelimit-requests-remaining": "40"}
+    spent = {**full, "anthropic-ratelimit-requests-remaining": "0"}  # another model name of the class spends too
+    assert limiter.crowded(full) is False and limiter.requests.bucket.per_minute == 600
+    assert limiter.crowded(spent) is True and limiter.requests.bucket.per_minute == 540
+    assert limiter.crowded(spent) is False  # within the same second
+    assert sum("something else spends from it too" in line for line in captured_logs) == 1
