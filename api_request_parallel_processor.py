@@ -70,6 +70,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from email.utils import parsedate_to_datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -1095,15 +1096,24 @@ async def wait_for_event(event: asyncio.Event, timeout: float | None) -> None:
         waiter.cancel()
 
 
-def reported_limit(headers: Any, name: str) -> tuple[float | None, float | None]:
-    """(limit, remaining) from a response's `anthropic-ratelimit-<name>-*` headers; for input tokens
-    the older combined `tokens` headers stand in when the input ones are absent."""
-    for prefix in (name, "tokens") if name == "input-tokens" else (name,):
-        limit = as_number(headers.get(f"anthropic-ratelimit-{prefix}-limit"))
-        remaining = as_number(headers.get(f"anthropic-ratelimit-{prefix}-remaining"))
-        if limit is not None or remaining is not None:
-            return limit, remaining
-    return None, None
+Figures = dict[str, tuple[float | None, float | None]]  # (limit, remaining) by limit name, from one response
+RATE_HEADERS = {name: [(f"anthropic-ratelimit-{prefix}-limit", f"anthropic-ratelimit-{prefix}-remaining")
+                       for prefix in ((name, "tokens") if name == "input-tokens" else (name,))]
+                for name in ("requests", "input-tokens", "output-tokens")}
+
+
+def rate_figures(headers: Any) -> Figures:
+    """Each limit's (limit, remaining) from a response's `anthropic-ratelimit-<name>-*` headers, read once per
+    response; for input tokens the older combined `tokens` headers stand in when the input ones are absent.
+    A limit the response does not report is left out."""
+    figures: Figures = {}
+    for name, header_names in RATE_HEADERS.items():
+        for limit_header, remaining_header in header_names:
+            limit, remaining = as_number(headers.get(limit_header)), as_number(headers.get(remaining_header))
+            if limit is not None or remaining is not None:
+                figures[name] = limit, remaining
+                break
+    return figures
 
 
 def as_number(text: str | None) -> float | None:
@@ -1276,34 +1286,33 @@ class RateLimiter:
         moment = (math.sqrt(RAMP_UP_FROM ** 2 + 2 * rise * (self.ramp_sent - 1)) - RAMP_UP_FROM) / rise
         self.ramp_next = self.started + moment if moment < RAMP_UP_SECONDS else 0.0
 
-    def observe(self, headers: Any, max_tokens: int = 0) -> bool:
-        """Every response's rate-limit headers (of a request asking for `max_tokens`); True when a rate in force
+    def observe(self, figures: Figures, max_tokens: int = 0) -> bool:
+        """Every response's rate-limit figures (of a request asking for `max_tokens`); True when a rate in force
         changed. Where the API holds max_tokens, what the other requests in flight hold is not spent: their
         output will be charged as they end."""
         changed = False
-        if self.output_tokens is None and reported_limit(headers, "output-tokens")[0]:
+        if self.output_tokens is None and figures.get("output-tokens", (None,))[0]:
             self.output_tokens = Limit("output-tokens", AUTO)
             self.limits.append(self.output_tokens)
             changed = True
         for limit in self.limits:
-            reported, remaining = reported_limit(headers, limit.name)
+            reported, remaining = figures.get(limit.name, (None, None))
             if remaining is not None and limit is self.output_tokens:
                 remaining += self.charging.others_holding(max_tokens)
             changed |= limit.observe(reported, remaining)
         return changed
 
-    def ended(self, max_tokens: int, headers: Any, refused: bool) -> None:
+    def ended(self, max_tokens: int, figures: Figures | None, refused: bool) -> None:
         """An attempt's end, whatever it came to: its max_tokens are no longer in flight."""
-        remaining = reported_limit(headers, "output-tokens")[1] if headers is not None else None
-        self.charging.ended(max_tokens, remaining, refused)
+        self.charging.ended(max_tokens, (figures or {}).get("output-tokens", (None, None))[1], refused)
 
-    def pause(self, seconds: float, headers: Any) -> bool:
+    def pause(self, seconds: float, figures: Figures | None) -> bool:
         """A 429: no attempt of this model until `seconds` have passed. When the response shows no
         exhausted limit to correct the rates with (no rate-limit headers, or capacity left in every limit
         it reports: an acceleration limit, or one enforced over a shorter window), slow every rate down
         too, once per pause (the 429s of requests sent together count once). True when a rate changed."""
         now = time.monotonic()
-        blind = headers is None or not any(self.exhausted(headers, limit.name) for limit in self.limits)
+        blind = figures is None or not any(self.exhausted(figures, limit.name) for limit in self.limits)
         slow_down = blind and now >= self.paused_until
         if blind:
             self.last_blind_429 = now
@@ -1318,24 +1327,24 @@ class RateLimiter:
         return slow_down
 
     @staticmethod
-    def exhausted(headers: Any, name: str) -> bool:
+    def exhausted(figures: Figures, name: str) -> bool:
         """Whether a response reports this limit as used up: no request left, or a thousand tokens or fewer
         (the API rounds token figures to the nearest thousand)."""
-        limit, remaining = reported_limit(headers, name)
+        limit, remaining = figures.get(name, (None, None))
         if limit is None:
             return False
         return remaining is None or (remaining < 1 if name == "requests" else remaining <= 2 * TOKENS_REMAINING_ROUNDING)
 
-    def crowded(self, headers: Any) -> bool:
+    def crowded(self, figures: Figures) -> bool:
         """An answer whose headers show a limit used up (nothing left at all) although this model is paced under
         it: something else spends from the same limit, another program of the organization or another model name
         of the same class. Slow every rate down as a 429 that shows no exhausted limit does, at most once a
         second, and win it back the same way (see recover). True when a rate changed."""
         now = time.monotonic()
-        if headers is None or now - self.last_crowded < 1.0:
+        if now - self.last_crowded < 1.0:
             return False
-        spent = [limit for limit in self.limits if (reported_limit(headers, limit.name)[1] or 0) < 1 < (
-            reported_limit(headers, limit.name)[0] or 0) and not (limit is self.output_tokens and self.charging.held)]
+        spent = [limit for limit in self.limits if (figures.get(limit.name, (0, 0))[1] or 0) < 1 < (
+            figures.get(limit.name, (0, 0))[0] or 0) and not (limit is self.output_tokens and self.charging.held)]
         if not spent:
             return False
         say = log.info if self.last_crowded == 0.0 else log.debug
@@ -1460,6 +1469,10 @@ class Attempt:
     @property
     def rate_limited(self) -> bool:
         return self.status == 429
+
+    @cached_property
+    def rate_figures(self) -> Figures | None:
+        return None if self.headers is None else rate_figures(self.headers)
 
     @property
     def server_side(self) -> bool:
@@ -2250,10 +2263,11 @@ class Processor:
                       result.unusable_address)
             self.interrupt(UNUSABLE_ADDRESS)
         limiter = self.lane(job.body["model"]).limiter
-        if result.headers is not None and (limiter.observe(result.headers, job.body["max_tokens"]) or (
-                not result.rate_limited and limiter.crowded(result.headers))):
+        figures = result.rate_figures
+        if figures is not None and (limiter.observe(figures, job.body["max_tokens"]) or (
+                not result.rate_limited and limiter.crowded(figures))):
             self.stats.limits_in_force = self.describe_limits()
-        limiter.ended(job.body["max_tokens"], result.headers, result.rate_limited)
+        limiter.ended(job.body["max_tokens"], figures, result.rate_limited)
         if self.outage.record(job.line_number, result):
             log.warning("{} lines in a row got no answer or a 5xx (the last: {}): the API or the network is down. "
                         "Holding every request and retrying without using up their attempts, for up to {}.",
@@ -2300,7 +2314,7 @@ class Processor:
             self.stats.key_rejected = True
             self.stop("the API rejected the key (HTTP 401 authentication_error): check ANTHROPIC_API_KEY")
         delay = result.retry_after if result.retry_after is not None else backoff_seconds(job.attempts)
-        if result.rate_limited and limiter.pause(delay, result.headers):  # whether or not this one retries
+        if result.rate_limited and limiter.pause(delay, result.rate_figures):  # whether or not this one retries
             self.stats.limits_in_force = self.describe_limits()
         if result.rate_limited and result.retryable and not self.stats.stopped_reason:
             if time.monotonic() - self.admitted_at > OUTAGE_MAX_SECONDS:

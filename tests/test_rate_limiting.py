@@ -115,9 +115,7 @@ def test_rate_limit_headers_are_read_with_the_tokens_fallback():
     headers = {"anthropic-ratelimit-requests-limit": "50", "anthropic-ratelimit-requests-remaining": "49",
                "anthropic-ratelimit-tokens-limit": "30000", "anthropic-ratelimit-tokens-remaining": "29000",
                "anthropic-ratelimit-output-tokens-limit": "junk"}
-    assert app.reported_limit(headers, "requests") == (50, 49)
-    assert app.reported_limit(headers, "input-tokens") == (30000, 29000)
-    assert app.reported_limit(headers, "output-tokens") == (None, None)
+    assert app.rate_figures(headers) == {"requests": (50, 49), "input-tokens": (30000, 29000)}  # junk: left out
 
 
 def test_a_reported_limit_below_the_flag_replaces_it_once(captured_logs):
@@ -181,16 +179,15 @@ def test_a_429_with_capacity_left_slows_the_run_and_one_with_a_limit_used_up_doe
 
 def test_a_limit_is_exhausted_when_little_of_it_remains():
     def headers(limit: str, remaining: str) -> dict:
-        return {"anthropic-ratelimit-requests-limit": limit, "anthropic-ratelimit-requests-remaining": remaining}
+        return app.rate_figures({"anthropic-ratelimit-requests-limit": limit,
+                                 "anthropic-ratelimit-requests-remaining": remaining})
 
     assert app.RateLimiter.exhausted(headers("600", "0"), "requests")
     assert not app.RateLimiter.exhausted(headers("600", "1"), "requests")
     assert not app.RateLimiter.exhausted({}, "requests")
-    tokens = {"anthropic-ratelimit-input-tokens-limit": "30000", "anthropic-ratelimit-input-tokens-remaining": "0"}
-    assert app.RateLimiter.exhausted(tokens, "input-tokens")
-    assert app.RateLimiter.exhausted({**tokens, "anthropic-ratelimit-input-tokens-remaining": "1000"}, "input-tokens")
-    assert not app.RateLimiter.exhausted({**tokens, "anthropic-ratelimit-input-tokens-remaining": "2000"},
-                                         "input-tokens")
+    for remaining, exhausted in (("0", True), ("1000", True), ("2000", False)):
+        tokens = {"anthropic-ratelimit-input-tokens-limit": "30000", "anthropic-ratelimit-input-tokens-remaining": remaining}
+        assert app.RateLimiter.exhausted(app.rate_figures(tokens), "input-tokens") is exhausted
 
 
 def test_a_model_paused_by_429s_holds_up_no_other_model(tmp_path, fake_server):
@@ -260,8 +257,8 @@ def test_with_max_tokens_held_the_requests_in_flight_fit_the_bucket(tmp_path, fa
 
 def test_an_answer_showing_a_limit_used_up_slows_the_model_once_a_second(captured_logs):
     limiter = app.RateLimiter(app.Settings(max_requests_per_minute=600))
-    full = {"anthropic-ratelimit-requests-limit": "600", "anthropic-ratelimit-requests-remaining": "40"}
-    spent = {**full, "anthropic-ratelimit-requests-remaining": "0"}  # another model name of the class spends too
+    full = app.rate_figures({"anthropic-ratelimit-requests-limit": "600", "anthropic-ratelimit-requests-remaining": "40"})
+    spent = {"requests": (600, 0)}  # another model name of the class spends too
     assert limiter.crowded(full) is False and limiter.requests.bucket.per_minute == 600
     assert limiter.crowded(spent) is True and limiter.requests.bucket.per_minute == 540
     assert limiter.crowded(spent) is False  # within the same second
