@@ -607,22 +607,22 @@ class FakeAnthropic:
                                   "has_more": start + len(page) < len(newest_first),
                                   "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None})
 
-    async def retrieve_batch(self, request: web.Request) -> web.StreamResponse:
+    def named_batch(self, request: web.Request) -> FakeBatch | web.Response:
+        """The batch a call names, or the answer refusing the call: a fault (batch_call_refused) or a 404."""
         refused = self.batch_call_refused(request)
         if refused is not None:
             return refused
         batch = self.batches.get(request.match_info["id"])
-        if batch is None:
-            return self.error(404, "not_found_error", "batch not found")
-        return web.json_response(self.batch_object(batch, request))
+        return batch if batch is not None else self.error(404, "not_found_error", "batch not found")
+
+    async def retrieve_batch(self, request: web.Request) -> web.StreamResponse:
+        batch = self.named_batch(request)
+        return batch if isinstance(batch, web.Response) else web.json_response(self.batch_object(batch, request))
 
     async def cancel_batch(self, request: web.Request) -> web.StreamResponse:
-        refused = self.batch_call_refused(request)
-        if refused is not None:
-            return refused
-        batch = self.batches.get(request.match_info["id"])
-        if batch is None:
-            return self.error(404, "not_found_error", "batch not found")
+        batch = self.named_batch(request)
+        if isinstance(batch, web.Response):
+            return batch
         if batch.results is None and batch.cancel_initiated_at is None:
             batch.cancel_initiated_at = time.time()
             batch.ends_at = min(batch.ends_at, time.monotonic() + 0.1)
@@ -630,11 +630,10 @@ class FakeAnthropic:
 
     async def batch_results(self, request: web.Request) -> web.StreamResponse:
         """The results as JSONL, in no particular order; the first `batch_cut_downloads` are cut off halfway."""
-        refused = self.batch_call_refused(request)
-        if refused is not None:
-            return refused
-        batch = self.batches.get(request.match_info["id"])
-        if batch is None or self.ended(batch) is None:
+        batch = self.named_batch(request)
+        if isinstance(batch, web.Response):
+            return batch
+        if self.ended(batch) is None:
             return self.error(404, "not_found_error", "results are not available until the batch has ended")
         self.stats.batch_downloads += 1
         lines = [json.dumps(result) for result in self.ended(batch) or []]
