@@ -23,9 +23,11 @@ Design, in the order the file reads:
 - Token estimation: Claude's tokenizer is not public, so input tokens are estimated with tiktoken's
   cl100k_base, scaled per model family, and the estimate is corrected from the `usage` of each response.
 - Rate limiting: continuously refilled token buckets for requests, input tokens and output tokens,
-  one set per model (the API limits each model class on its own). The dispatcher sleeps until
-  capacity is due (no polling); the API's rate-limit headers correct the buckets, and a 429's
-  `retry-after` pauses that model's senders without using up the line's attempts.
+  one set per model (the API limits each model class on its own), each model's sends ramping up over
+  its first seconds. A sender sleeps until capacity is due (no polling); the API's rate-limit headers
+  correct the buckets (and tell how output is charged: held as max_tokens, which bounds the requests in
+  flight, or as produced), and a 429's `retry-after` pauses that model's sender without using up the
+  line's attempts.
 - The API call and retries (streaming included): a request whose answer may outlast the timeout is
   streamed, and its events rebuilt into the message a plain request returns; each attempt is classified
   as the API documents it (retry 408, 409, 429, 5xx, network failures, broken streams and timeouts with
@@ -33,8 +35,9 @@ Design, in the order the file reads:
   of failing every line, and an address that never answered and cannot (no such host) stops the run.
 - Writing results: one unbuffered write per record, so a killed run leaves only whole lines; a lock
   keeps two runs off the same results file.
-- The main loop: one dispatcher task sends, one task per attempt waits for its response; SIGINT and
-  SIGTERM stop it gracefully.
+- The main loop: one dispatcher task reads and hands each job to its model's sender (so a model that is
+  paused holds up no other), one task per attempt waits for its response; SIGINT and SIGTERM stop it
+  gracefully.
 - The Message Batches road (--batch): the same lines spooled to disk into batches (at half price), each step
   recorded in a journal beside the results before and after it happens, so that a rerun after any kill
   collects what was submitted and submits nothing twice; results streamed in, matched by custom_id, and
@@ -1031,6 +1034,7 @@ AUTO_SAFETY_MARGIN = 0.97  # with "auto", run this close to the limits the API r
 TOKENS_REMAINING_ROUNDING = 500.0  # the API rounds token `remaining` figures to the nearest thousand
 BLIND_429_SLOWDOWN = 0.9  # a 429 that shows no exhausted limit (a proxy's, an acceleration limit's) lowers...
 BLIND_429_RECOVERY_SECONDS = 30.0  # ...every rate by 10%, and each 30 s without one wins a step back
+CROWDED_STEP_SECONDS = 1.0  # an answer showing a limit used up slows its model a step, at most this often
 
 
 class TokenBucket:
@@ -1341,7 +1345,7 @@ class RateLimiter:
         of the same class. Slow every rate down as a 429 that shows no exhausted limit does, at most once a
         second, and win it back the same way (see recover). True when a rate changed."""
         now = time.monotonic()
-        if now - self.last_crowded < 1.0:
+        if now - self.last_crowded < CROWDED_STEP_SECONDS:
             return False
         spent = [limit for limit in self.limits if (figures.get(limit.name, (0, 0))[1] or 0) < 1 < (
             figures.get(limit.name, (0, 0))[0] or 0) and not (limit is self.output_tokens and self.charging.held)]
@@ -2063,7 +2067,6 @@ class Processor:
                  writer: ResultSink, done: ResumeIndex, prices: dict[str, Price]) -> None:
         self.settings = settings
         self.session = session
-        self.lines = lines
         self.writer = writer
         self.done = done
         self.headers = api_headers(settings)
