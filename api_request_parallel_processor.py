@@ -2593,7 +2593,7 @@ class BatchSpool:
         chunk = bytearray(b'{"requests":[')
         with open(self.path, "rb", buffering=READ_BUFFER_BYTES) as file:  # noqa: ASYNC230 - local disk outpaces the upload
             for n, line in enumerate(file):
-                params = spooled_payload(line)
+                params = spooled_fields(line)[2]
                 if b'"stream"' in params:
                     params = json.dumps({k: v for k, v in json.loads(params).items() if k != "stream"},
                                         ensure_ascii=False).encode("utf-8")
@@ -2609,14 +2609,14 @@ class BatchSpool:
         self.path.unlink(missing_ok=True)
 
 
-def spooled_payload(line: bytes) -> bytes:
-    *_, metadata_length, rest = line.split(b",", 5)
-    return rest[int(metadata_length):].rstrip(b"\n")
+def spooled_fields(line: bytes) -> tuple[list[bytes], bytes, bytes]:
+    """A spool line's numbers (line number, content, line fingerprint, attempts), its metadata and its request."""
+    *numbers, metadata_length, rest = line.split(b",", 5)
+    return numbers, rest[:int(metadata_length)], rest[int(metadata_length):].rstrip(b"\n")
 
 
 def spooled_job(line: bytes) -> Job:
-    line_number, content, line_fingerprint, attempts, metadata_length, rest = line.split(b",", 5)
-    metadata, payload = rest[:int(metadata_length)], rest[int(metadata_length):].rstrip(b"\n")
+    (line_number, content, line_fingerprint, attempts), metadata, payload = spooled_fields(line)
     return Job(int(line_number), json.loads(payload), payload, json.loads(metadata) if metadata else None,
                metadata or None, NOT_ESTIMATED, attempts=int(attempts), fingerprint=int(content),
                line=int(line_fingerprint) or None, sent=payload)

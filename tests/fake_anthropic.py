@@ -129,8 +129,7 @@ class FakeStats:
     bodies_seen: list[dict[str, Any]] = field(default_factory=list)
     batch_submissions: dict[str, int] = field(default_factory=dict)  # request fingerprint -> times in a batch
     submitted_twice: int = 0  # requests submitted while answered already, or while in a batch not yet ended
-    batch_calls: int = 0  # calls to the batch endpoints...
-    batch_faults: int = 0  # ...and how many were answered with a fault
+    batch_faults: int = 0  # calls to the batch endpoints answered with a fault
     batch_downloads: int = 0
 
     @property
@@ -543,7 +542,6 @@ class FakeAnthropic:
 
     def batch_call_refused(self, request: web.Request) -> web.Response | None:
         """What every batch endpoint checks first: the key, then a random fault (`batch_fault_rate`)."""
-        self.stats.batch_calls += 1
         if request.headers.get("x-api-key") != self.config.api_key:
             return self.error(401, "authentication_error", "invalid x-api-key")
         if self.config.batch_fault_rate and self.random.random() < self.config.batch_fault_rate:
