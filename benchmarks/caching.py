@@ -60,13 +60,13 @@ def main() -> None:
     others = len(rows) - 3
     with tempfile.TemporaryDirectory() as folder:
         for label, warm_up in (("warm-up on", True), ("warm-up off", False)):
-            original = app.Processor.may_send
+            original = app.PrefixWarmer.admit
             if not warm_up:
-                app.Processor.may_send = lambda self, job: True
+                app.PrefixWarmer.admit = lambda self, job: True
             try:
                 written, read = run(rows, Path(folder) / f"{label.replace(' ', '-')}.jsonl")
             finally:
-                app.Processor.may_send = original
+                app.PrefixWarmer.admit = original
             readers = round(read / ideal)
             print(f"{label:<12} cache writes {written:>8,} tokens = {written / (3 * ideal):4.2f}x the ideal "
                   f"(3 x {ideal:,}); {readers} of the other {others} requests read the cache ({readers / others:.0%})")

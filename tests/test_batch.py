@@ -248,7 +248,7 @@ def test_a_rejected_key_stops_a_batch_run_with_exit_2(tmp_path, fake_server):
 def test_batch_flags_are_checked(tmp_path):
     requests_path = write_jsonl(tmp_path / "r.jsonl", [request("question", 1)])
     for extra, message in ((["--no_wait"], "no_wait applies to batch runs only"),
-                           (["--batch", "--batch_size", "100001"], "batch_size must be a whole number from 1 to")):
+                           (["--batch", "--batch_size", "100001"], "--batch_size: expected a whole number from 1 to")):
         result = run_cli("--requests_filepath", str(requests_path), "--api_key", API_KEY, *extra)
         assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
 

@@ -123,10 +123,9 @@ def test_each_cached_prefix_is_written_once_while_other_prefixes_keep_flowing(tm
     assert sum(1 for t in fake.stats.received_times if t < fake.stats.answered_times[1]) >= 3
 
 
-def test_a_prefix_unused_for_longer_than_its_ttl_is_warmed_again(monkeypatch):
+def test_a_prefix_is_warmed_once_then_fans_out_and_is_warmed_again_after_its_ttl():
     clock = [1000.0]
-    monkeypatch.setattr(app.time, "monotonic", lambda: clock[0])
-    processor = app.Processor(app.Settings(api_key="k"), None, [], app.ResultCollector([]), app.ResumeIndex(), {})
+    warmer = app.PrefixWarmer(clock=lambda: clock[0])
     body = cached_request("q", 0)
     body.pop("metadata")
     prefix = cache_prefix(body)
@@ -134,15 +133,16 @@ def test_a_prefix_unused_for_longer_than_its_ttl_is_warmed_again(monkeypatch):
     def job(n: int) -> app.Job:
         return app.Job(n, body, b"{}", None, None, app.TokenEstimate(2000, 1900, prefix))
 
-    first, second, third = job(1), job(2), job(3)
-    assert processor.may_send(first) is True  # cold: it writes the entry
-    assert processor.may_send(second) is False and processor.parked == 1  # parked behind it
-    processor.unsettled = 2
-    processor.prefix_settled(first, {"cache_creation_input_tokens": 1900})
-    assert processor.parked == 0 and processor.next_ready() is second
-    assert processor.may_send(second) is True and processor.expected_input_tokens(second) == 100  # warm
+    first, second, third, fourth = job(1), job(2), job(3), job(4)
+    assert warmer.admit(first) is True and warmer.is_warming(first) and not warmer.is_warm(first)  # cold: it warms
+    assert warmer.admit(second) is False and warmer.admit(third) is False and warmer.parked == 2  # parked behind it
+    assert warmer.settled(first, cached=False) == [second] and warmer.parked == 1  # failed: the next one warms it
+    assert warmer.admit(second) is True  # the one warming it now goes
+    assert warmer.settled(second, cached=True) == [third] and warmer.parked == 0  # written: the rest fan out
+    assert warmer.admit(third) is True and warmer.is_warm(third) and not warmer.is_warming(third)  # a reader
     clock[0] += 301  # past the 5-minute TTL
-    assert processor.may_send(third) is True and processor.expected_input_tokens(third) == 2000  # cold again
+    assert warmer.admit(fourth) is True and not warmer.is_warm(fourth)  # cold again: it warms it anew
+    assert warmer.admit(job(5)) is False and [parked.line_number for parked in warmer.release_all()] == [5]
 
 
 def test_automatic_caching_puts_the_breakpoint_on_the_last_block():

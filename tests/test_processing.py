@@ -280,7 +280,7 @@ def test_without_rate_limit_headers_429s_slow_the_run_down_until_they_stop(tmp_p
 
 
 def test_after_header_less_429s_stop_the_run_speeds_back_up(tmp_path, fake_server, captured_logs, monkeypatch):
-    monkeypatch.setattr(app, "BLIND_429_RECOVERY_SECONDS", 0.3)  # 30 s in a real run
+    monkeypatch.setattr(app, "RECOVERY_SECONDS", 0.3)  # 30 s in a real run
     fake = fake_server()  # enforces no limit, so its 429s carry no rate-limit headers, like a proxy's
     rows = [request(f"[[fault:429x1]] q{i}" if i in (0, 16, 32) else f"q{i}", i) for i in range(80)]  # then none
     requests_path = write_jsonl(tmp_path / "r.jsonl", rows)

@@ -120,9 +120,11 @@ def test_rate_limit_headers_are_read_with_the_tokens_fallback():
 
 def test_a_reported_limit_below_the_flag_replaces_it_once(captured_logs):
     limit = app.Limit("requests", 1200)
-    assert limit.observe(600, None) is True and limit.bucket.per_minute == 600
-    assert limit.observe(600, None) is False
-    assert limit.observe(5000, None) is True and limit.bucket.per_minute == 1200  # never above the flag
+    limit.observe(600, None)
+    assert limit.bucket.per_minute == 600
+    limit.observe(600, None)  # the same figure again: said once
+    limit.observe(5000, None)
+    assert limit.bucket.per_minute == 1200  # never above the flag
     warnings = [line for line in captured_logs if line.startswith("WARNING") and "reports a limit of" in line]
     assert len(warnings) == 1 and "600 requests/min, below the configured 1,200/min" in warnings[0]
 
@@ -182,12 +184,12 @@ def test_a_limit_is_exhausted_when_little_of_it_remains():
         return app.rate_figures({"anthropic-ratelimit-requests-limit": limit,
                                  "anthropic-ratelimit-requests-remaining": remaining})
 
-    assert app.RateLimiter.exhausted(headers("600", "0"), "requests")
-    assert not app.RateLimiter.exhausted(headers("600", "1"), "requests")
-    assert not app.RateLimiter.exhausted({}, "requests")
+    assert app.limit_exhausted(headers("600", "0"), "requests")
+    assert not app.limit_exhausted(headers("600", "1"), "requests")
+    assert not app.limit_exhausted({}, "requests")
     for remaining, exhausted in (("0", True), ("1000", True), ("2000", False)):
         tokens = {"anthropic-ratelimit-input-tokens-limit": "30000", "anthropic-ratelimit-input-tokens-remaining": remaining}
-        assert app.RateLimiter.exhausted(app.rate_figures(tokens), "input-tokens") is exhausted
+        assert app.limit_exhausted(app.rate_figures(tokens), "input-tokens") is exhausted
 
 
 def test_a_model_paused_by_429s_holds_up_no_other_model(tmp_path, fake_server):
@@ -256,10 +258,16 @@ def test_with_max_tokens_held_the_requests_in_flight_fit_the_bucket(tmp_path, fa
 
 
 def test_an_answer_showing_a_limit_used_up_slows_the_model_once_a_second(captured_logs):
-    limiter = app.RateLimiter(app.Settings(max_requests_per_minute=600))
+    clock = Clock()
+    limiter = app.RateLimiter(app.Settings(max_requests_per_minute=600), clock=clock)
     full = app.rate_figures({"anthropic-ratelimit-requests-limit": "600", "anthropic-ratelimit-requests-remaining": "40"})
     spent = {"requests": (600, 0)}  # another model name of the class spends too
-    assert limiter.crowded(full) is False and limiter.requests.bucket.per_minute == 600
-    assert limiter.crowded(spent) is True and limiter.requests.bucket.per_minute == 540
-    assert limiter.crowded(spent) is False  # within the same second
-    assert sum("something else spends from it too" in line for line in captured_logs) == 1
+    rates = []
+    for figures, rate_limited, seconds in ((full, False, 0), (spent, False, 0.1), (spent, False, 0.5),
+                                           (spent, True, 0.6), (spent, False, 0.6), (full, False, 0)):
+        clock.now += seconds
+        limiter.observe(figures, 64, rate_limited)
+        rates.append(limiter.requests.bucket.per_minute)
+    # slowed by the first spent answer, not again within the second, nor by a 429 (paced by its pause instead)
+    assert rates == [600, 540, 540, 540, 486, 486]
+    assert sum("something else spends from it too" in line for line in captured_logs) == 1  # then at DEBUG

@@ -70,7 +70,7 @@ def damage_the_index(index: Path) -> None:
     would skip the first line on the second's result and send the second one twice."""
     header = index.read_bytes()[:app.INDEX_HEADER_BYTES]
     saved = app.ResumeIndex.read(str(index))
-    first, second = (app.line_fingerprint(line) for line in (index.parent / "r.jsonl").read_bytes().splitlines()[:2])
+    first, second = (app.hash_line(line) for line in (index.parent / "r.jsonl").read_bytes().splitlines()[:2])
     first_position, second_position = saved.lines.index(first), saved.lines.index(second)
     saved.slots[saved.slots.index(first_position + 1)] = second_position + 1
     saved.lines[second_position] = first
