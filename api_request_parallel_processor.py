@@ -14,38 +14,22 @@ Example:
 
 Add --batch to send the same file through the Message Batches API instead, at half the price.
 
-Design, in the order the file reads:
-- Configuration and CLI: the cookbook script's flags and defaults, plus a few new ones.
-- Reading and validating requests: the input is streamed line by line; a bad line becomes an error
-  record naming its line number and never stops the others. Lines that already have a result
-  (matched by content) are skipped, so rerunning the same command resumes; a resume index beside the
-  results file, checked against it, lets a rerun skip a million answered lines in seconds.
-- Token estimation: Claude's tokenizer is not public, so input tokens are estimated with tiktoken's
-  cl100k_base, scaled per model family, and the estimate is corrected from the `usage` of each response.
-- Rate limiting: continuously refilled token buckets for requests, input tokens and output tokens,
-  one set per model (the API limits each model class on its own), each model's sends ramping up over
-  its first seconds. A sender sleeps until capacity is due (no polling); the API's rate-limit headers
-  correct the buckets (and tell how output is charged: held as max_tokens, which bounds the requests in
-  flight, or as produced), and a 429's `retry-after` pauses that model's sender without using up the
-  line's attempts.
-- The API call and retries (streaming included): a request whose answer may outlast the timeout is
-  streamed, and its events rebuilt into the message a plain request returns; each attempt is classified
-  as the API documents it (retry 408, 409, 429, 5xx, network failures, broken streams and timeouts with
-  backoff; fail 400, 403, 404, 413 at once; stop the run on 401), an outage holds every sender instead
-  of failing every line, and an address that never answered and cannot (no such host) stops the run.
-- Writing results: one unbuffered write per record, so a killed run leaves only whole lines; a lock
-  keeps two runs off the same results file.
-- The main loop: one dispatcher task reads and hands each job to its model's sender (so a model that is
-  paused holds up no other), one task per attempt waits for its response; SIGINT and SIGTERM stop it
-  gracefully.
-- The Message Batches road (--batch): the same lines spooled to disk into batches (at half price), each step
-  recorded in a journal beside the results before and after it happens, so that a rerun after any kill
-  collects what was submitted and submits nothing twice; results streamed in, matched by custom_id, and
-  written in the same records; server-side errors and expiries resubmitted in a follow-up batch.
-- Reporting: the status line, the dated price table (a row of prices per model, with long-prompt
-  tiers), the cost summary and the dry run.
-- Entry points: `process_api_requests_from_file` and `process_requests` are coroutines you can await
-  (also in a notebook); `main()` is the command line.
+The map: one line per section of this file, in order, each the title of its banner.
+- Configuration and command line: the flags, each declared once in Settings (the cookbook's first); the one clock.
+- Token estimation: tiktoken's cl100k_base scaled per model, each cached prefix named; the facts per model.
+- Reading requests: the input streamed line by line; a bad line is an error naming its line number.
+- Resume index: the results already saved, checked beside the results file; a rerun skips answered lines.
+- Usage and cost: the dated price table (a row per model, long-prompt tiers) and what each response cost.
+- Run counters: what a run did, and why it stopped early (the exit codes).
+- Writing results: one unbuffered write per record; the reader of lines into jobs; a lock per results file.
+- Rate limiting: token buckets per model and limit, the API's headers as the truth, slowing down and recovering.
+- The API call: one attempt, plain or streamed (rebuilt into the plain message), classified as the API documents.
+- Retry decisions: retry, fail, stop or give up, one rule for every call; outages told from bad luck.
+- Prompt caching: each cached prefix warmed by one request before the others fan out; the caching check.
+- The direct road: a sender per model, a task per attempt, every line settled exactly once.
+- The Message Batches road: --batch, at half price; spooled, journaled, collected by custom_id, none twice.
+- Reporting: the status line, the cost summary and the dry run.
+- Entry points: `process_api_requests_from_file` and `process_requests` to await (a notebook too); `main()`.
 """
 
 from __future__ import annotations
@@ -78,6 +62,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
+
+__all__ = ["ConfigError", "RequestResult", "RunStats", "Settings", "main", "process_api_requests_from_file",
+           "process_requests"]
 
 # Run as a command (`python api_request_parallel_processor.py ...`, or `%run` in IPython), or pasted into a
 # notebook cell: a kernel runs a cell as `__main__` too, but a cell has no `__file__`. There this file is a
@@ -196,6 +183,13 @@ def request_url(url: str) -> str:
     return url
 
 
+def default_save_filepath(requests_filepath: str) -> str:
+    """`x.jsonl` -> `x_results.jsonl`; any other name just gets `_results.jsonl` appended."""
+    if requests_filepath.endswith(".jsonl"):
+        return requests_filepath[: -len(".jsonl")] + "_results.jsonl"
+    return requests_filepath + "_results.jsonl"
+
+
 def flag(default: Any, help: str, parse: Callable[[Any], Any] | None = None, secret: bool = False,
          **argparse_options: Any) -> Any:
     """A Settings field that is also a command-line flag: its help, and the one function that parses and checks
@@ -256,13 +250,6 @@ class Settings:
     @property
     def errors_filepath(self) -> str:
         return str(Path(self.save_filepath).with_suffix("")) + "_errors.jsonl"
-
-
-def default_save_filepath(requests_filepath: str) -> str:
-    """`x.jsonl` -> `x_results.jsonl`; any other name just gets `_results.jsonl` appended."""
-    if requests_filepath.endswith(".jsonl"):
-        return requests_filepath[: -len(".jsonl")] + "_results.jsonl"
-    return requests_filepath + "_results.jsonl"
 
 
 def unencrypted_host(url: str) -> str | None:
@@ -442,6 +429,15 @@ def prompt_blocks(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
             yield message.get("role"), block
 
 
+def breakpoint_ttl(block: Any) -> float:
+    """The TTL in seconds of a block marked with `cache_control`, or 0 for an unmarked block. A request
+    body with a top-level `cache_control` (automatic caching) is read the same way."""
+    control = block.get("cache_control") if isinstance(block, dict) else None
+    if not isinstance(control, dict):
+        return 0.0
+    return CACHE_TTL_SECONDS.get(control.get("ttl"), CACHE_TTL_SECONDS["5m"])
+
+
 def last_breakpoint(blocks: list[tuple[str, Any]]) -> tuple[int, float]:
     """How many blocks a request's cached prefix spans (0 when none is marked), and its TTL."""
     marked, ttl = 0, 0.0
@@ -450,15 +446,6 @@ def last_breakpoint(blocks: list[tuple[str, Any]]) -> tuple[int, float]:
         if block_ttl:
             marked, ttl = index, block_ttl
     return marked, ttl
-
-
-def breakpoint_ttl(block: Any) -> float:
-    """The TTL in seconds of a block marked with `cache_control`, or 0 for an unmarked block. A request
-    body with a top-level `cache_control` (automatic caching) is read the same way."""
-    control = block.get("cache_control") if isinstance(block, dict) else None
-    if not isinstance(control, dict):
-        return 0.0
-    return CACHE_TTL_SECONDS.get(control.get("ttl"), CACHE_TTL_SECONDS["5m"])
 
 
 TOKENIZER_LOAD_SECONDS = 20.0
@@ -784,37 +771,34 @@ def index_path(results_path: str) -> str:
     return results_path + ".index"
 
 
-@dataclass
 class SortedResults:
-    """Result fingerprints, sorted, each with a line fingerprint and claimed flag (see ResumeIndex)."""
+    """Request hashes of results, sorted (`contents`), each with the hash of an input line known to be that request
+    (`lines`, 0 if none) and, in its top bit, whether an input line of this run has claimed the result: a request
+    that appears three times needs three results."""
 
-    contents: array
-    lines: array = field(init=False)
+    def __init__(self, contents: array, lines: array | None = None) -> None:
+        self.contents = contents
+        self.lines = lines if lines is not None else zeros("Q", len(contents))
 
-    def __post_init__(self) -> None:
-        self.lines = zeros("Q", len(self.contents))
+    def claim_position(self, request_hash: int) -> int:
+        """Claim an unclaimed result of this request: its position, or -1 when there is none left."""
+        position = bisect.bisect_left(self.contents, request_hash)
+        if position < len(self.contents) and self.contents[position] == request_hash:
+            return self.claim_in_run(position)
+        return -1
 
-
-def claim_in_run(contents: array, lines: array, position: int) -> int:
-    """Claim the first unclaimed result among those with the same fingerprint as `position`: its
-    position, or -1 when all are claimed."""
-    fingerprint = contents[position]
-    while position and contents[position - 1] == fingerprint:
-        position -= 1
-    while position < len(contents) and contents[position] == fingerprint:
-        if not lines[position] & CLAIMED:
-            lines[position] |= CLAIMED
-            return position
-        position += 1
-    return -1
-
-
-def claim_result(results: ResumeIndex | SortedResults, fingerprint: int) -> int:
-    """Claim an unclaimed result with this fingerprint: its position, or -1 when there is none left."""
-    position = bisect.bisect_left(results.contents, fingerprint)
-    if position < len(results.contents) and results.contents[position] == fingerprint:
-        return claim_in_run(results.contents, results.lines, position)
-    return -1
+    def claim_in_run(self, position: int) -> int:
+        """Claim the first unclaimed result among those of the same request as `position`: its position, or -1
+        when all are claimed."""
+        contents, lines, request_hash = self.contents, self.lines, self.contents[position]
+        while position and contents[position - 1] == request_hash:
+            position -= 1
+        while position < len(contents) and contents[position] == request_hash:
+            if not lines[position] & CLAIMED:
+                lines[position] |= CLAIMED
+                return position
+            position += 1
+        return -1
 
 
 def insert_slot(slots: array, line: int, position: int) -> None:
@@ -824,13 +808,9 @@ def insert_slot(slots: array, line: int, position: int) -> None:
     slots[slot] = position + 1
 
 
-class ResumeIndex:
-    """The results already saved, for resuming, and the input lines that match them.
-
-    For each result record, sorted by the request's content fingerprint: the fingerprint (`contents`), and
-    the fingerprint of an input line known to be that request (`lines`, 0 if none) with, in its top bit,
-    whether an input line of this run has claimed the result (a request that appears three times needs
-    three results). `slots`, an open-addressing hash table from line fingerprint to position, lets a rerun
+class ResumeIndex(SortedResults):
+    """The results already saved, for resuming, and the input lines that match them: SortedResults of every
+    result record, and `slots`, an open-addressing hash table from line hash to position, which lets a rerun
     recognise an answered line by its bytes, without parsing it. 21 bytes a result: 21 MB for a million.
 
     Saved beside the results file (`<results>.index`) at the end of a run, with the length and CRC-32 of the
@@ -841,8 +821,7 @@ class ResumeIndex:
 
     def __init__(self, contents: array | None = None, lines: array | None = None, slots: array | None = None,
                  covered: int = 0, crc: int = 0, token_ratios: dict[str, float] | None = None) -> None:
-        self.contents = contents if contents is not None else array("Q")
-        self.lines = lines if lines is not None else zeros("Q", len(self.contents))
+        super().__init__(contents if contents is not None else array("Q"), lines)
         self.slots = slots if slots is not None else zeros("I", slot_count(0))
         self.extra = SortedResults(array("Q"))  # results past what the saved index covered
         self.added = array("Q")  # (content, line) pairs of the results written since loading
@@ -862,7 +841,7 @@ class ResumeIndex:
         slot = line_hash % size
         while position := slots[slot]:
             if lines[position - 1] | CLAIMED == marked:
-                return claim_in_run(self.contents, lines, position - 1) >= 0
+                return self.claim_in_run(position - 1) >= 0
             slot = slot + 1 if slot + 1 < size else 0
         return False
 
@@ -870,7 +849,7 @@ class ResumeIndex:
         """True (and a result is used up) if an unclaimed result exists for this request; the line, if
         given, is remembered as that request for the next run."""
         for results in (self, self.extra):
-            claimed = claim_result(results, request_hash)
+            claimed = results.claim_position(request_hash)
             if claimed >= 0 and line_hash is not None and not results.lines[claimed] & LINE_BITS:
                 results.lines[claimed] = line_hash | CLAIMED
                 self.changed = True
@@ -3193,7 +3172,7 @@ class BatchRun:
     async def submit_new_lines(self) -> None:
         spool: BatchSpool | None = None
         for job in self.reader.jobs():
-            if claim_result(self.in_open_batches, job.request_hash) >= 0:
+            if self.in_open_batches.claim_position(job.request_hash) >= 0:
                 self.waiting_lines.setdefault(job.request_hash, []).append(job.line_number)
                 self.progress.waiting += 1
                 continue
@@ -3354,6 +3333,22 @@ class BatchRun:
 CLEAR_LINE = "\r\x1b[K"  # carriage return, then erase to the end of the line
 
 
+def batch_status(stats: RunStats) -> str:
+    """A batch run's counts: what was written, and the open batches as the API last reported them."""
+    batch = stats.batch
+    assert batch is not None
+    counts: dict[str, int] = {}
+    for request_counts in batch.open.values():
+        for kind, count in request_counts.items():
+            counts[kind] = counts.get(kind, 0) + count
+    open_counts = ", ".join(f"{count:,} {kind}" for kind, count in counts.items() if count)
+    return (f"{stats.succeeded:,} succeeded, {stats.failed:,} failed, {stats.bad_lines:,} bad, {stats.already_done:,} "
+            f"done before | {batch.submitted:,} batch(es) submitted ({batch.requests_submitted:,} requests), "
+            f"{batch.collected:,} collected, {len(batch.open):,} open" + (f" ({open_counts})" if open_counts else "")
+            + f" | {batch.waiting:,} lines in earlier runs' batches, {batch.resubmitted:,} resubmitted, "
+            f"{batch.left_for_next_run:,} left for the next run")
+
+
 def status_line(stats: RunStats) -> str:
     """Done/total with ETA once the input is counted, then rates over this run, then trouble."""
     minutes = max(stats.elapsed, 1e-9) / 60
@@ -3379,22 +3374,6 @@ def status_line(stats: RunStats) -> str:
             f"{(totals.input_tokens + totals.cache_write_tokens) / minutes:,.0f} input tokens/min, "
             f"{totals.output_tokens / minutes:,.0f} output tokens/min (limits {stats.limits_in_force}{ratios}) | "
             f"{stats.retries:,} retries, {stats.rate_limited:,} rate-limited{per_model}")
-
-
-def batch_status(stats: RunStats) -> str:
-    """A batch run's counts: what was written, and the open batches as the API last reported them."""
-    batch = stats.batch
-    assert batch is not None
-    counts: dict[str, int] = {}
-    for request_counts in batch.open.values():
-        for kind, count in request_counts.items():
-            counts[kind] = counts.get(kind, 0) + count
-    open_counts = ", ".join(f"{count:,} {kind}" for kind, count in counts.items() if count)
-    return (f"{stats.succeeded:,} succeeded, {stats.failed:,} failed, {stats.bad_lines:,} bad, {stats.already_done:,} "
-            f"done before | {batch.submitted:,} batch(es) submitted ({batch.requests_submitted:,} requests), "
-            f"{batch.collected:,} collected, {len(batch.open):,} open" + (f" ({open_counts})" if open_counts else "")
-            + f" | {batch.waiting:,} lines in earlier runs' batches, {batch.resubmitted:,} resubmitted, "
-            f"{batch.left_for_next_run:,} left for the next run")
 
 
 async def report_progress(stats: RunStats, interval: float, live: bool) -> None:
@@ -3501,7 +3480,7 @@ def expected_duration(config: Settings, plans: dict[str, ModelPlan]) -> str:
                else "."))
 
 
-def dry_run(config: Settings) -> int:
+def print_dry_run(config: Settings) -> int:
     """Read and validate the whole file, with no key and no network, and print per model the requests,
     estimated tokens, distinct cached prefixes and cost range, and the expected duration under the
     configured limits. Writes nothing. Returns the exit code: 0 when every line is valid, else 1."""
@@ -3742,7 +3721,7 @@ def main(argv: list[str] | None = None) -> int:
         config = Settings(**arguments)  # every setting checked before anything is logged or read
         require_file(config.requests_filepath)
         if config.dry_run:
-            return dry_run(config)
+            return print_dry_run(config)
         logger.remove()
         sink = (lambda message: sys.stderr.write(CLEAR_LINE + message)) if sys.stderr.isatty() else sys.stderr
         logger.add(sink, level=config.logging_level, format="{time:YYYY-MM-DD HH:mm:ss} | {level: <8} | {message}")
