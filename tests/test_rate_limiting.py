@@ -271,3 +271,66 @@ def test_an_answer_showing_a_limit_used_up_slows_the_model_once_a_second(capture
     # slowed by the first spent answer, not again within the second, nor by a 429 (paced by its pause instead)
     assert rates == [600, 540, 540, 540, 486, 486]
     assert sum("something else spends from it too" in line for line in captured_logs) == 1  # then at DEBUG
+
+
+NETWORK_FAILURE = app.Attempt(error="network error: ClientOSError", retryable=True)
+TIMED_OUT = app.Attempt(error="no complete response within 600 s", retryable=True, timed_out=True)
+
+
+def outcome(status: int | None, kind: str = "api_error", headers: dict | None = None, **details: str) -> app.Attempt:
+    if status is None:
+        return NETWORK_FAILURE
+    return app.interpret_response(status, {"retry-after": "7", **(headers or {})}, error_body(kind, **details))
+
+
+@pytest.mark.parametrize(("attempt", "action", "counted"), [
+    (outcome(400, "invalid_request_error"), app.FAIL, True),
+    (outcome(401, "authentication_error"), app.STOP, True),
+    (outcome(403, "permission_error"), app.FAIL, True),
+    (outcome(404, "not_found_error"), app.FAIL, True),
+    (outcome(413, "request_too_large"), app.FAIL, True),
+    (outcome(408, "timeout_error"), app.RETRY, True),
+    (outcome(409, "conflict"), app.RETRY, True),
+    (outcome(429, "rate_limit_error"), app.RETRY, False),  # the run's pacing problem, not the line's
+    (outcome(429, "rate_limit_error", error_code="enforced_spend_limit_reached"), app.FAIL, True),
+    (outcome(500), app.RETRY, True),
+    (outcome(502), app.RETRY, True),
+    (outcome(503), app.RETRY, True),
+    (outcome(504, "timeout_error"), app.RETRY, True),
+    (outcome(529, "overloaded_error"), app.RETRY, True),
+    (outcome(500, headers={"x-should-retry": "false"}), app.FAIL, True),
+    (outcome(400, headers={"x-should-retry": "true"}), app.RETRY, True),
+    (NETWORK_FAILURE, app.RETRY, True),
+    (TIMED_OUT, app.RETRY, True),
+])
+def test_one_rule_decides_after_each_status_and_error_code(attempt, action, counted):
+    decision = app.decide(attempt, attempts=1, max_attempts=5, since_answered=0.0, outage_seconds=None)
+    assert (decision.action, decision.counted) == (action, counted)
+    if action == app.RETRY and attempt.status is not None:
+        assert decision.delay == 7  # the server's retry-after
+    if action == app.RETRY and attempt.status is None:
+        assert 0.375 <= decision.delay <= 0.5  # backoff
+    last = app.decide(attempt, attempts=5, max_attempts=5, since_answered=0.0, outage_seconds=None)
+    assert last.action == (app.FAIL if action == app.RETRY and counted else action)  # a 429 uses up no attempt
+
+
+@pytest.mark.parametrize(("attempt", "outage_seconds", "action", "counted", "hold_all"), [
+    (outcome(503), 10.0, app.RETRY, False, True),  # an outage's failure: every sender waits, no attempt used
+    (NETWORK_FAILURE, 10.0, app.RETRY, False, True),
+    (TIMED_OUT, 10.0, app.FAIL, True, False),  # a timeout says nothing of an outage: its last attempt is used up
+    (outcome(400, "invalid_request_error"), 10.0, app.FAIL, True, False),
+    (outcome(503), 901.0, app.GIVE_UP, True, False),  # 15 minutes down: left for the next run
+])
+def test_an_outage_holds_every_sender_then_gives_up_after_fifteen_minutes(attempt, outage_seconds, action, counted,
+                                                                          hold_all):
+    decision = app.decide(attempt, attempts=5, max_attempts=5, since_answered=0.0, outage_seconds=outage_seconds)
+    assert (decision.action, decision.counted, decision.hold_all) == (action, counted, hold_all)
+    if action == app.GIVE_UP:
+        assert decision.cause is app.Interruption.OUTAGE and decision.cause.exit_code == 3
+
+
+def test_fifteen_minutes_of_nothing_but_429s_gives_up():
+    limited = outcome(429, "rate_limit_error")
+    assert app.decide(limited, 1, 5, since_answered=899.0, outage_seconds=None).action == app.RETRY
+    decision = app.decide(limited, 1, 5, since_answered=901.0, outage_seconds=None)
+    assert decision.action == app.GIVE_UP and decision.cause is app.Interruption.ONLY_429S
