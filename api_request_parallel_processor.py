@@ -2415,13 +2415,107 @@ class ModelLane:
         self.limiter.recover()
 
 
+class ModelLanes:
+    """Every model's lane, made when its first job comes, each with a sender task that takes its jobs in order
+    and hands each to `send`, which waits until the model's limits allow it."""
+
+    def __init__(self, settings: Settings, token_ratios: dict[str, float], run_pause: RunPause, clock: Clock,
+                 send: Callable[[ModelLane, Job], Awaitable[None]]) -> None:
+        self.settings = settings
+        self.token_ratios = token_ratios  # learned by earlier runs, by model
+        self.run_pause = run_pause
+        self.clock = clock
+        self.send = send
+        self.by_model: dict[str, ModelLane] = {}
+        self.configured = RateLimiter(settings).describe()
+
+    def __getitem__(self, model: str) -> ModelLane:
+        if model not in self.by_model:
+            prior = self.token_ratios.get(model) or model_facts(model).tokens_per_cl100k
+            limiter = RateLimiter(self.settings, self.run_pause, self.clock)
+            self.by_model[model] = ModelLane(limiter, InputCalibration(prior))
+        return self.by_model[model]
+
+    async def put(self, job: Job) -> None:
+        """Queue the job in its model's lane; waits only while that model has a backlog."""
+        lane = self[job.body["model"]]
+        if lane.sender is None:
+            lane.sender = asyncio.create_task(self.run_sender(lane))
+        await lane.waiting.put(job)
+
+    async def run_sender(self, lane: ModelLane) -> None:
+        while True:
+            lane.sending = await lane.waiting.get()
+            await self.send(lane, lane.sending)
+            lane.sending = None
+
+    def describe(self) -> str:
+        """The limits in force, per model when there is more than one."""
+        if len(self.by_model) <= 1:
+            return next(iter(self.by_model.values())).limiter.describe() if self.by_model else self.configured
+        return "; ".join(f"{model}: {lane.limiter.describe()}" for model, lane in sorted(self.by_model.items()))
+
+    def cancel(self) -> None:
+        for lane in self.by_model.values():
+            if lane.sender is not None:
+                lane.sender.cancel()
+
+    async def stop(self) -> list[Job]:
+        """Stop every sender; the jobs they had not sent."""
+        self.cancel()
+        await asyncio.gather(*(lane.sender for lane in self.by_model.values() if lane.sender), return_exceptions=True)
+        unsent = []
+        for lane in self.by_model.values():
+            unsent += [lane.sending] if lane.sending is not None else []
+            lane.sending = None
+            while not lane.waiting.empty():
+                unsent.append(lane.waiting.get_nowait())
+        return unsent
+
+
+class ReadyJobs:
+    """The jobs ready to go again, ahead of the input: retries once their delay has passed (each on a timer
+    until then), and requests released by their cached prefix. None wakes a dispatcher waiting for one."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Job | None] = asyncio.Queue()
+        self.timers: dict[Job, asyncio.TimerHandle] = {}
+
+    def add(self, job: Job | None) -> None:
+        self.queue.put_nowait(job)
+
+    def add_later(self, job: Job, delay: float) -> None:
+        self.timers[job] = asyncio.get_running_loop().call_later(delay, self.timer_fired, job)
+
+    def timer_fired(self, job: Job) -> None:
+        del self.timers[job]
+        self.queue.put_nowait(job)
+
+    def next(self) -> Job | None:
+        """A ready job, without waiting; None when there is none."""
+        while not self.queue.empty():
+            job = self.queue.get_nowait()
+            if job is not None:
+                return job
+        return None
+
+    async def wait(self) -> Job | None:
+        return await self.queue.get()
+
+    def cancel_timers(self) -> list[Job]:
+        """The jobs still waiting for their retry, no longer to be retried."""
+        for timer in self.timers.values():
+            timer.cancel()
+        waiting, self.timers = list(self.timers), {}
+        return waiting
+
+
 class Processor:
     """Orchestrates one direct run: reads the jobs, hands each to its model's lane, sends each attempt in its
     own task, and settles each job by the decisions made elsewhere (decide, ModelLane, PrefixWarmer).
 
-    Scheduling is driven by events, never by polling: the dispatcher waits for a job that is ready again (a
-    timer puts a retry back in `ready`, and so does the response that writes a cached prefix for the requests
-    parked behind it) or for room in a lane's queue; each lane's sender waits on its own limiter."""
+    Scheduling is driven by events, never by polling: the dispatcher waits for a job that is ready again
+    (ReadyJobs) or for room in a lane's queue; each lane's sender waits on its own limiter."""
 
     def __init__(self, settings: Settings, session: aiohttp.ClientSession, lines: Iterable[tuple[int, Any]],
                  writer: ResultSink, resume_index: ResumeIndex, prices: dict[str, Price],
@@ -2429,21 +2523,18 @@ class Processor:
         self.settings = settings
         self.session = session
         self.writer = writer
-        self.resume_index = resume_index
         self.clock = clock
         self.headers = api_headers(settings)
         self.estimator = TokenEstimator()
         self.run_pause = RunPause(clock)
         self.warmer = PrefixWarmer(clock)
         self.outage = OutageWatch(clock)
-        self.lanes: dict[str, ModelLane] = {}  # by model
+        self.lanes = ModelLanes(settings, resume_index.token_ratios, self.run_pause, clock, self.send)
+        self.ready = ReadyJobs()
         self.flight_slots = asyncio.Semaphore(settings.max_concurrent_requests)
-        self.ready: asyncio.Queue[Job | None] = asyncio.Queue()  # retries come due, requests whose prefix is warm
-        self.retry_timers: dict[Job, asyncio.TimerHandle] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.dispatcher: asyncio.Task[None] | None = None
-        self.configured_limits = RateLimiter(settings).describe()
-        self.stats = RunStats(prices=prices, describe_limits=self.describe_limits)
+        self.stats = RunStats(prices=prices, describe_limits=self.lanes.describe)
         self.reader = LineReader(lines, resume_index, writer, self.stats)
         self.unsettled = 0  # jobs read but not yet written to either file
         self.unmarked_warned = False
@@ -2460,21 +2551,7 @@ class Processor:
                 job.sent = json.dumps({**job.body, "stream": True}, ensure_ascii=False).encode("utf-8")
             yield job
 
-    def lane(self, model: str) -> ModelLane:
-        if model not in self.lanes:
-            prior = self.resume_index.token_ratios.get(model) or model_facts(model).tokens_per_cl100k
-            self.lanes[model] = ModelLane(RateLimiter(self.settings, self.run_pause, self.clock), InputCalibration(prior))
-        return self.lanes[model]
-
-    def describe_limits(self) -> str:
-        """The limits in force, per model when there is more than one."""
-        if not self.lanes:
-            return self.configured_limits
-        if len(self.lanes) == 1:
-            return next(iter(self.lanes.values())).limiter.describe()
-        return "; ".join(f"{model}: {lane.limiter.describe()}" for model, lane in sorted(self.lanes.items()))
-
-    # -- dispatching -------------------------------------------------------------------------------
+    # -- sending -----------------------------------------------------------------------------------
 
     async def run(self) -> RunStats:
         jobs = self.read_jobs()
@@ -2486,21 +2563,21 @@ class Processor:
                 raise
         if self.stats.stopped_reason:
             await self.abandon_remaining(jobs)
-        await self.stop_senders()
+        await self.lanes.stop()
         await self.finish_in_flight()
         return self.stats
 
     async def dispatch_all(self, jobs: Iterator[Job]) -> None:
         file_done = False
         while not self.stats.stopped_reason:
-            job = self.next_ready()
+            job = self.ready.next()
             if job is None and not file_done and self.warmer.parked < self.settings.max_concurrent_requests:
                 job = next(jobs, None)  # parked requests are bounded: past that, wait for them first
                 file_done = job is None
             if job is None:
                 if self.unsettled == 0:
                     break
-                job = await self.ready.get()  # a ready job, or None when the last job settles
+                job = await self.ready.wait()  # a ready job, or None when the last job settles
                 if job is None:
                     continue
             if self.settings.use_caching and not self.unmarked_warned and job.estimate.prefix is None:
@@ -2508,55 +2585,31 @@ class Processor:
                 log.warning("--use_caching is on, but line {} marks no cache_control block: nothing to cache.",
                             job.line_number)
             if job.estimate.prefix is None or self.warmer.admit(job):
-                await self.sender_of(job.body["model"]).waiting.put(job)  # waits only while that model has a backlog
+                await self.lanes.put(job)
 
-    def next_ready(self) -> Job | None:
-        while not self.ready.empty():
-            job = self.ready.get_nowait()
-            if job is not None:
-                return job
-        return None
-
-    def sender_of(self, model: str) -> ModelLane:
-        """The model's lane, with its sender task started."""
-        lane = self.lane(model)
-        if lane.sender is None:
-            lane.sender = asyncio.create_task(self.send_lane(lane))
-        return lane
-
-    async def send_lane(self, lane: ModelLane) -> None:
-        """A model's sender: its jobs, one after the other, each when its model's limits allow; once the run
-        has stopped, each goes to the errors file instead."""
-        while True:
-            lane.sending = await lane.waiting.get()
-            if not await self.send_when_allowed(lane, lane.sending):
-                self.fail(lane.sending, "run stopped")
-            lane.sending = None
-
-    async def send_when_allowed(self, lane: ModelLane, job: Job) -> bool:
-        """Wait for a slot and for capacity, then send the job's next attempt in its own task; False when the
-        run stopped meanwhile. The first request goes alone, for a few seconds at most: its response's
-        headers tell the limits (output tokens among them) before a burst could overrun them."""
-        if self.stats.stopped_reason:
-            return False
-        if self.first_sent and not self.first_outcome.is_set():
-            await wait_for_event(self.first_outcome, FIRST_REQUEST_ALONE_SECONDS)
-        self.first_sent = True
-        await self.flight_slots.acquire()
-        estimate = job.estimate
-        await lane.acquire(job, max(1, estimate.total - estimate.cached_prefix if self.warmer.is_warm(job)
-                                    else estimate.total))  # cache reads do not count against the input limit
-        if self.stats.stopped_reason:
+    async def send(self, lane: ModelLane, job: Job) -> None:
+        """Wait for a slot and for capacity, then send the job's next attempt in its own task; a job whose turn
+        comes once the run has stopped goes to the errors file. The first request goes alone, for a few seconds
+        at most: its response's headers tell the limits before a burst could overrun them."""
+        if not self.stats.stopped_reason:
+            if self.first_sent and not self.first_outcome.is_set():
+                await wait_for_event(self.first_outcome, FIRST_REQUEST_ALONE_SECONDS)
+            self.first_sent = True
+            await self.flight_slots.acquire()
+            estimate = job.estimate  # cache reads do not count against the input-token limit
+            await lane.acquire(job, max(1, estimate.total - estimate.cached_prefix if self.warmer.is_warm(job)
+                                        else estimate.total))
+            if not self.stats.stopped_reason:
+                job.attempts += 1
+                self.stats.in_flight += 1
+                log.trace("line {}: attempt {} sent (estimated {} input tokens)",
+                          job.line_number, job.attempts, job.charged_input_tokens)
+                task = asyncio.create_task(self.attempt(lane, job))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+                return
             self.flight_slots.release()
-            return False
-        job.attempts += 1
-        self.stats.in_flight += 1
-        log.trace("line {}: attempt {} sent (estimated {} input tokens)",
-                  job.line_number, job.attempts, job.charged_input_tokens)
-        task = asyncio.create_task(self.attempt(lane, job))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return True
+        self.fail(job, "run stopped")
 
     async def attempt(self, lane: ModelLane, job: Job) -> None:
         try:
@@ -2620,22 +2673,15 @@ class Processor:
         elif decision.action == FAIL:
             self.fail(job, "no attempts left" if result.retryable else "not retryable")
         else:
-            self.retry(job, decision, message)
-
-    def retry(self, job: Job, decision: Decision, message: str) -> None:
-        delay = decision.delay
-        if decision.hold_all:
-            delay = self.outage.probe_delay()
-            self.run_pause.extend(delay)
-        if not decision.counted:
-            job.attempts -= 1
-        self.stats.retries += 1
-        log.debug("line {}: {}; retrying in {:.1f} s", job.line_number, message, delay)
-        self.retry_timers[job] = asyncio.get_running_loop().call_later(delay, self.requeue, job)
-
-    def requeue(self, job: Job) -> None:
-        del self.retry_timers[job]
-        self.ready.put_nowait(job)
+            delay = decision.delay
+            if decision.hold_all:
+                delay = self.outage.probe_delay()
+                self.run_pause.extend(delay)
+            if not decision.counted:
+                job.attempts -= 1
+            self.stats.retries += 1
+            log.debug("line {}: {}; retrying in {:.1f} s", job.line_number, message, delay)
+            self.ready.add_later(job, delay)
 
     def fail(self, job: Job, reason: str) -> None:
         if not job.errors:  # never sent: the run stopped first
@@ -2648,16 +2694,16 @@ class Processor:
         self.unsettled -= 1
         if self.warmer.is_warming(job):
             for released in self.warmer.settled(job, usage is not None):
-                self.ready.put_nowait(released)
+                self.ready.add(released)
             if usage is not None:
                 self.check_caching(job, usage)
         if self.unsettled == 0:
-            self.ready.put_nowait(None)  # wake the dispatcher if it waits
+            self.ready.add(None)  # wake the dispatcher if it waits
 
     def check_caching(self, job: Job, usage: dict[str, Any]) -> None:
         """The first time a warmed prefix was not cached, warn, and with --use_caching (the cookbook's behaviour)
         hold new sends for a few seconds so that the user can stop the run."""
-        prefix_tokens = self.lane(job.body["model"]).calibration.scale(job.estimate.cached_prefix)
+        prefix_tokens = self.lanes[job.body["model"]].calibration.scale(job.estimate.cached_prefix)
         warning = caching_warning(job, usage, prefix_tokens, self.stats)
         if warning is not None:
             pause = CACHING_WARNING_PAUSE_SECONDS if self.settings.use_caching else 0.0
@@ -2687,41 +2733,23 @@ class Processor:
         elif cause is not Interruption.UNUSABLE_ADDRESS:  # which the caller has explained
             log.warning("{}: sending no new requests; waiting up to {:g} s for the {} in flight (again to stop now).",
                         cause.value, self.settings.grace_period, self.stats.in_flight)
-        for timer in self.retry_timers.values():
-            timer.cancel()
-        self.retry_timers.clear()
+        self.ready.cancel_timers()
         if self.dispatcher is not None:
             self.dispatcher.cancel()
-        for lane in self.lanes.values():
-            if lane.sender is not None:
-                lane.sender.cancel()
+        self.lanes.cancel()
 
     def stop(self, reason: str) -> None:
         if not self.stats.stopped_reason:
             self.stats.stopped_reason = reason
             log.error("Stopping the run: {}", reason)
 
-    async def stop_senders(self) -> None:
-        senders = [lane.sender for lane in self.lanes.values() if lane.sender is not None]
-        for sender in senders:
-            sender.cancel()
-        await asyncio.gather(*senders, return_exceptions=True)
-
     async def abandon_remaining(self, jobs: Iterator[Job]) -> None:
         """After a stop, every job not yet settled still ends in the errors file, with the reason."""
-        for job, timer in list(self.retry_timers.items()):
-            timer.cancel()
-            del self.retry_timers[job]
+        for job in self.ready.cancel_timers():
             self.fail(job, "run stopped")
-        while (job := self.next_ready()) is not None:
+        while (job := self.ready.next()) is not None:
             self.fail(job, "run stopped")
-        await self.stop_senders()
-        for lane in self.lanes.values():
-            if lane.sending is not None:
-                self.fail(lane.sending, "run stopped")
-            while not lane.waiting.empty():
-                self.fail(lane.waiting.get_nowait(), "run stopped")
-        for job in [*self.warmer.release_all(), *jobs]:
+        for job in [*await self.lanes.stop(), *self.warmer.release_all(), *jobs]:
             self.fail(job, "run stopped")
 
     async def finish_in_flight(self) -> None:
@@ -2738,6 +2766,7 @@ class Processor:
         if cut_off:
             await asyncio.wait(cut_off)
             log.warning("{} request(s) still in flight were abandoned; the next run sends them again.", len(cut_off))
+
 
 # ==================================================================================================
 # The Message Batches road
