@@ -133,9 +133,10 @@ def test_a_429_pauses_every_sender_for_its_retry_after(tmp_path, fake_server):
 
 
 @pytest.mark.parametrize("max_attempts", [8, 1])
-def test_400_requests_under_20_percent_faults_end_exactly_once(tmp_path, fake_server, max_attempts):
+def test_400_requests_under_20_percent_faults_end_exactly_once(tmp_path, fake_server, max_attempts, monkeypatch):
     # A limit far above the run's rate, so that the 429s among the faults carry rate-limit headers as the
     # API's do (header-less ones slow the whole run down: another test covers that).
+    monkeypatch.setattr(app, "backoff_seconds", lambda attempt: 0.05 * attempt)  # the outcome, not the waits
     fake = fake_server(fault_rate=0.2, slow_seconds=1.5, seed=max_attempts, requests_per_minute=100_000)
     requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"question {i}", i, max_tokens=16) for i in range(400)])
 

@@ -205,18 +205,21 @@ def test_a_model_paused_by_429s_holds_up_no_other_model(tmp_path, fake_server):
     assert models[:20] == [haiku] * 20  # every Haiku line answered while Sonnet waited out its 429s
 
 
-def test_each_model_reaches_its_full_rate_over_its_first_seconds(tmp_path, fake_server, monkeypatch):
-    monkeypatch.setattr(app, "RAMP_UP_SECONDS", 2.0)  # not the conftest's near-zero
-    fake = fake_server()
-    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"question {i}", i) for i in range(400)])
-
-    run_in_process(requests_path, fake, max_requests_per_minute=6000)  # 100 a second
-
-    received = fake.stats.received_times
-    first_half_second = sum(1 for t in received if t < received[0] + 0.5)
-    later_second = sum(1 for t in received if received[0] + 2.5 <= t < received[0] + 3.5)
-    assert first_half_second <= 15  # about 7 at the ramp's rate; 50 without it
-    assert later_second >= 85  # the full rate once it is over
+def test_each_models_sends_rise_to_the_full_rate_over_the_ramp_up(monkeypatch):
+    monkeypatch.setattr(app, "RAMP_UP_SECONDS", 5.0)  # not the conftest's near-zero
+    clock = Clock()
+    pacing = app.Pacing([app.Limit("requests", 6000, clock=clock)], clock)  # 100 a second at the full rate
+    sent_at = []
+    while len(sent_at) < 400:
+        clock.now = max(clock.now, pacing.earliest_send())
+        sent_at.append(clock.now)
+        pacing.sent(full_rate=100.0)
+        clock.now += 0.001  # the bucket would space them at the full rate; here only the ramp does
+    first = sent_at[1]  # the ramp is timed from the second send, the first having gone alone
+    assert sum(1 for t in sent_at if t < first + 0.5) <= 15  # 1 + t + 9.9 t^2 sends by t: about 4; 50 at full rate
+    assert 65 <= sum(1 for t in sent_at if first + 3.0 <= t < first + 4.0) <= 75  # about 70, rising
+    assert first + 4.9 < sent_at[254] < first + 5.1  # about 254 sends in the 5 s ramp...
+    assert sent_at[-1] - sent_at[255] < 0.2  # ...then the ramp holds nothing back
 
 
 def test_the_way_output_is_charged_is_told_from_what_the_api_reports():
