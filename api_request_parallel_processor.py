@@ -1485,7 +1485,7 @@ AUTO_SAFETY_MARGIN = 0.97  # with "auto", run this close to the limits the API r
 TOKENS_REMAINING_ROUNDING = 500.0  # the API rounds token `remaining` figures to the nearest thousand
 SLOWDOWN = 0.9  # pushed back without being shown which limit is used up, every rate goes 10% slower...
 RECOVERY_SECONDS = 30.0  # ...and each 30 s without that wins a step back
-CROWDED_STEP_SECONDS = 1.0  # an answer showing a limit used up slows its model a step, at most this often
+SHARED_LIMIT_STEP_SECONDS = 1.0  # an answer showing a limit used up slows its model a step, at most this often
 LIMIT_UNITS = {"requests": "requests/min", "input-tokens": "input tokens/min", "output-tokens": "output tokens/min"}
 
 
@@ -1720,7 +1720,7 @@ class Pacing:
         self.clock = clock
         self.paused_until = 0.0
         self.slowed_at: float | None = None  # the last slow-down; while set, some rate is below what is allowed
-        self.crowded_at: float | None = None  # when an answer last showed a limit used up
+        self.others_seen_at: float | None = None  # when an answer last showed a limit used up
         self.sends = 0  # sends so far, during the ramp up...
         self.ramp_started: float | None = None  # ...timed from the second send...
         self.ramp_next = 0.0  # ...and the earliest next send while it lasts
@@ -1763,15 +1763,15 @@ class Pacing:
             log.warning("A 429 that shows no exhausted limit (no rate-limit headers, or capacity left: an "
                         "acceleration limit): slowing to {}.", self.describe())
 
-    def crowded(self, spent: str) -> None:
+    def slow_down_for_others(self, spent: str) -> None:
         """An answer shows the `spent` limit used up although this model is paced under it: something else spends
         from the same limit, another program of the organization or another model name of the same class. Slow
         every rate down as a blind 429 does, at most once a second, and win it back the same way."""
         now = self.clock()
-        if self.crowded_at is not None and now - self.crowded_at < CROWDED_STEP_SECONDS:
+        if self.others_seen_at is not None and now - self.others_seen_at < SHARED_LIMIT_STEP_SECONDS:
             return
-        say = log.info if self.crowded_at is None else log.debug
-        self.crowded_at = self.slowed_at = now
+        say = log.info if self.others_seen_at is None else log.debug
+        self.others_seen_at = self.slowed_at = now
         for limit in self.limits:
             limit.slow_down()
         say("The API reports its {} limit used up: something else spends from it too. Slowing to {}.", spent,
@@ -1846,7 +1846,7 @@ class RateLimiter:
         spent = [limit.name for limit in self.limits if limit_spent(figures, limit.name)
                  and not (limit is self.output_tokens and self.charging.held)]
         if spent and not rate_limited:
-            self.pacing.crowded(spent[0])
+            self.pacing.slow_down_for_others(spent[0])
 
     def ended(self, max_tokens: int, figures: Figures | None, refused: bool) -> None:
         """An attempt's end, whatever it came to: its max_tokens are no longer in flight."""
@@ -2803,6 +2803,24 @@ class DownloadCut(Exception):
         self.attempt = attempt
 
 
+def decide_batch_result(result: dict[str, Any], attempts: int, max_attempts: int) -> tuple[str, str]:
+    """What to do with a batch result that did not succeed, as decide does for a direct attempt, with the message
+    for its line's record: FAIL the line for an error of the request's own; RETRY it in a follow-up batch after an
+    error on the API's side or an expiry, while it has attempts left; else GIVE_UP, leaving it for the next run
+    (canceled results too)."""
+    kind = result.get("type")
+    if kind == "errored":
+        error = (result.get("error") or {}).get("error") or {}
+        problem = f"errored: {error.get('type', 'error')}: {error.get('message', '')}"
+        if error.get("type") not in SERVER_SIDE_ERRORS:
+            return FAIL, problem
+    elif kind == "expired":
+        problem = "expired (not processed within 24 hours)"
+    else:
+        return GIVE_UP, ""
+    return (RETRY if attempts < max_attempts else GIVE_UP), problem
+
+
 def batch_folder(results_path: str) -> Path:
     return Path(results_path + ".batches")
 
@@ -3306,6 +3324,8 @@ class BatchRun:
             n, result = int(number), item["result"]
             if key != batch.record.key or not 0 <= n < len(settled):
                 raise ValueError(f"custom_id {item['custom_id']!r} is not one of this batch's")
+            if not isinstance(result, dict):
+                raise TypeError(f"its result is {type(result).__name__}, not an object")
         except (ValueError, KeyError, TypeError, AttributeError) as problem:
             if line.strip():
                 log.warning("Batch {}: a result line that cannot be used ({}); skipped.", batch.record.batch_id,
@@ -3315,14 +3335,13 @@ class BatchRun:
             return
         settled[n] = 1
         job = batch.spool.job(n)
-        kind = result.get("type") if isinstance(result, dict) else None
+        kind = result.get("type")
         if kind == "succeeded" and written_before.get(job.request_hash):  # by the run that began writing these
             written_before[job.request_hash] -= 1
             return
         if batch.earlier_run:  # the input may have changed since: the line number is this run's (0: gone from it)
             lines = self.waiting_lines.get(job.request_hash)
             job.line_number = lines.pop() if lines else 0
-        where = f"batch {batch.record.batch_id}"
         if kind == "succeeded":
             message = result.get("message") or {}
             self.writer.write_result(job, message, json.dumps(message, ensure_ascii=False).encode("utf-8"))
@@ -3330,21 +3349,18 @@ class BatchRun:
             self.stats.add_usage(job.body["model"], message.get("usage") or {},
                                  us_only=job.body.get("inference_geo") == "us", batch=True)
             return
-        error = ((result.get("error") or {}).get("error") or {}) if kind == "errored" else {}
-        if kind == "errored" and error.get("type") not in SERVER_SIDE_ERRORS:
-            job.errors.append(f"{where}: errored: {error.get('type', 'error')}: {error.get('message', '')}")
+        action, problem = decide_batch_result(result, job.attempts, self.settings.max_attempts)
+        if problem:
+            job.errors.append(f"batch {batch.record.batch_id}: {problem}")
+        if action == FAIL:
             self.fail(job, "not retryable")
-            return
-        if kind in ("errored", "expired"):
-            job.errors.append(f"{where}: " + (f"errored: {error.get('type')}: {error.get('message', '')}"
-                                              if kind == "errored" else "expired (not processed within 24 hours)"))
-            if job.attempts < self.settings.max_attempts:
-                job.attempts += 1
-                follow_up.add(job)
-                self.progress.resubmitted += 1
-                return
-        log.debug("line {}: {} in {}; left for the next run", job.line_number, kind, where)
-        self.progress.left_for_next_run += 1
+        elif action == RETRY:
+            job.attempts += 1
+            follow_up.add(job)
+            self.progress.resubmitted += 1
+        else:
+            log.debug("line {}: {} in batch {}; left for the next run", job.line_number, kind, batch.record.batch_id)
+            self.progress.left_for_next_run += 1
 
     def fail(self, job: Job, reason: str) -> None:
         write_failure(self.writer, job, reason)

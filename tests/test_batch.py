@@ -265,3 +265,18 @@ def test_dry_run_with_batch_shows_the_batch_price(tmp_path):
 
     assert total(batched.stdout)[1] == pytest.approx(total(listed.stdout)[1] / 2, rel=0.02)
     assert "Message Batches API" in batched.stdout and "within the hour" in batched.stdout
+
+
+@pytest.mark.parametrize(("result", "attempts", "action", "problem"), [
+    ({"type": "errored", "error": {"error": {"type": "invalid_request_error", "message": "bad"}}}, 1, app.FAIL,
+     "errored: invalid_request_error: bad"),
+    ({"type": "errored", "error": {"error": {"type": "api_error", "message": "oops"}}}, 1, app.RETRY,
+     "errored: api_error: oops"),
+    ({"type": "errored", "error": {"error": {"type": "overloaded_error", "message": "busy"}}}, 5, app.GIVE_UP,
+     "errored: overloaded_error: busy"),
+    ({"type": "expired"}, 1, app.RETRY, "expired (not processed within 24 hours)"),
+    ({"type": "expired"}, 5, app.GIVE_UP, "expired (not processed within 24 hours)"),
+    ({"type": "canceled"}, 1, app.GIVE_UP, ""),
+])
+def test_each_batch_result_that_did_not_succeed_has_one_fate(result, attempts, action, problem):
+    assert app.decide_batch_result(result, attempts, max_attempts=5) == (action, problem)
