@@ -58,7 +58,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from enum import Enum
-from functools import cached_property
+from functools import cached_property, partialmethod
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -332,22 +332,13 @@ class RunLog:
 
     def log(self, level: str, message: str, *args: Any) -> None:
         if LOG_LEVELS[level] >= self.threshold:
-            logger.opt(depth=2).log(level, message, *args)
+            logger.opt(depth=1).log(level, message, *args)  # where the caller logged, not this line
 
-    def trace(self, message: str, *args: Any) -> None:
-        self.log("TRACE", message, *args)
-
-    def debug(self, message: str, *args: Any) -> None:
-        self.log("DEBUG", message, *args)
-
-    def info(self, message: str, *args: Any) -> None:
-        self.log("INFO", message, *args)
-
-    def warning(self, message: str, *args: Any) -> None:
-        self.log("WARNING", message, *args)
-
-    def error(self, message: str, *args: Any) -> None:
-        self.log("ERROR", message, *args)
+    trace = partialmethod(log, "TRACE")
+    debug = partialmethod(log, "DEBUG")
+    info = partialmethod(log, "INFO")
+    warning = partialmethod(log, "WARNING")
+    error = partialmethod(log, "ERROR")
 
 
 log = RunLog()
@@ -1614,7 +1605,8 @@ class Limit:
             rate = self.allowed_rate()
             if rate != self.bucket.per_minute:
                 if self.auto:
-                    log.info("The API reports a limit of {:,.0f} {}/min: running at {:,.0f}/min.", limit, self.name, rate)
+                    log.info("The API reports a limit of {:,.0f} {}/min: running at {:,.0f}/min.", limit, self.name,
+                             rate)
                 elif limit < self.configured:
                     log.warning("The API reports a limit of {:,.0f} {}/min, below the configured {:,.0f}/min: using "
                                 "the reported limit.", limit, self.name, self.configured)
@@ -3451,7 +3443,8 @@ def log_costs(stats: RunStats) -> None:
     if len(stats.by_model) > 1 and all(price_for(model, stats.prices) for model in stats.by_model):
         totals = stats.totals
         log.info("Cost: ${:,.4f} in all, at the list prices of {}{}.", totals.cost, PRICES_AS_OF,
-                 f" (batched; ${totals.cost + totals.batch_saving:,.4f} without batching)" if totals.batch_saving else "")
+                 f" (batched; ${totals.cost + totals.batch_saving:,.4f} without batching)"
+                 if totals.batch_saving else "")
 
 
 TYPICAL_OUTPUT_SHARE = 0.25  # of max_tokens: the low end of a dry run's cost range (the high end is all of it)
@@ -3551,9 +3544,11 @@ def print_dry_run(config: Settings) -> int:
     for model, plan in sorted(plans.items()):
         cost = (f"${plan.low.cost:,.2f} to ${plan.high.cost:,.2f}" if plan.price is not None
                 else "no price known: give one with --prices")
-        print(f"  {model}: {plan.requests:,} requests, ~{plan.input_tokens:,} input tokens + {plan.cache_write_tokens:,}"
+        print(f"  {model}: {plan.requests:,} requests, ~{plan.input_tokens:,} input tokens + "
+              f"{plan.cache_write_tokens:,}"
               f" cache write + {plan.cache_read_tokens:,} cache read (cl100k_base; Claude counts about "
-              f"{plan.tokens_per_cl100k:.2f}x{', as learned by earlier runs' if plan.ratio_learned else ''}), up to {plan.max_output_tokens:,} output tokens, {len(plan.prefixes):,} "
+              f"{plan.tokens_per_cl100k:.2f}x{', as learned by earlier runs' if plan.ratio_learned else ''}), up to "
+              f"{plan.max_output_tokens:,} output tokens, {len(plan.prefixes):,} "
               f"distinct cached prefix{'' if len(plan.prefixes) == 1 else 'es'}; cost {cost}")
     if plans:
         print(f"Estimated cost: ${sum(p.low.cost for p in plans.values()):,.2f} to "

@@ -51,7 +51,8 @@ def small_request(index: int) -> dict:
 
 def write_requests(path: Path, count: int) -> Path:
     with open(path, "w") as file:
-        file.writelines("".join(json.dumps(small_request(i)) + "\n" for i in range(start, min(count, start + 10_000))) for start in range(0, count, 10_000))
+        file.writelines("".join(json.dumps(small_request(i)) + "\n" for i in range(start, min(count, start + 10_000)))
+                        for start in range(0, count, 10_000))
     return path
 
 

@@ -33,7 +33,8 @@ SCRIPT = ROOT / "api_request_parallel_processor.py"
 
 def command(requests_path: Path, fake: FakeAnthropic | None, *flags: str) -> list[str]:
     url = ["--request_url", fake.url] if fake else []
-    return [sys.executable, str(SCRIPT), "--requests_filepath", str(requests_path), *url, "--api_key", API_KEY, "--batch", "--batch_poll_seconds", "0.2", "--logging_level", "WARNING", *flags]
+    return [sys.executable, str(SCRIPT), "--requests_filepath", str(requests_path), *url, "--api_key", API_KEY,
+            "--batch", "--batch_poll_seconds", "0.2", "--logging_level", "WARNING", *flags]
 
 
 def run(requests_path: Path, fake: FakeAnthropic, *flags: str) -> tuple[int, float, float]:
@@ -97,7 +98,8 @@ def faults(folder: Path) -> None:
               f"{seconds:.1f} s; {tally(requests_path, fake, 5_000)}; {fake.stats.batch_faults} endpoint faults, "
               f"{fake.stats.batch_downloads} downloads")
     errors = records(folder / "faults_results_errors.jsonl")
-    print(f"  errors file: {sum('invalid_request_error: temprature: Extra inputs are not permitted' in e[1][-1] for e in errors)}"
+    refused = "invalid_request_error: temprature: Extra inputs are not permitted"
+    print(f"  errors file: {sum(refused in e[1][-1] for e in errors)}"
           f" of {len(errors)} records carry the API's message")
 
 
@@ -147,7 +149,8 @@ def memory(folder: Path) -> None:
                     pass
                 time.sleep(0.01)
         rows = Counter(record[2]["row"] for record in records(folder / f"memory{count}_results.jsonl"))
-        print(f"{count:,} requests in one batch ({requests_path.stat().st_size / 1e6:.0f} MB): exit {process.returncode}"
+        megabytes = requests_path.stat().st_size / 1e6
+        print(f"{count:,} requests in one batch ({megabytes:.0f} MB): exit {process.returncode}"
               f" in {time.monotonic() - started:.1f} s, peak RSS {peak / 1024:.0f} MB; "
               f"{sum(rows[row] == 1 for row in range(count)):,}/{count:,} lines answered exactly once")
 

@@ -664,8 +664,8 @@ class FakeAnthropic:
             result: dict[str, Any] = {"type": "canceled"}
         elif problem or params["model"].startswith("claude-unknown"):
             kind = "not_found_error" if not problem else "invalid_request_error"
-            result = {"type": "errored", "error": {"type": "error", "error": {"type": kind,
-                                                                              "message": problem or "model: not found"}}}
+            error = {"type": kind, "message": problem or "model: not found"}
+            result = {"type": "errored", "error": {"type": "error", "error": error}}
         elif draw < self.config.batch_errored_rate:
             kind = self.random.choice(("api_error", "overloaded_error"))
             result = {"type": "errored", "error": {"type": "error", "error": {"type": kind, "message": "try again"}}}
@@ -741,7 +741,8 @@ def stream_events(message: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
             deltas.append({"type": "signature_delta", "signature": block["signature"]})
         else:  # tool_use
             start = {**block, "input": {}}
-            deltas = [{"type": "input_json_delta", "partial_json": piece} for piece in pieces(json.dumps(block["input"]))]
+            deltas = [{"type": "input_json_delta", "partial_json": piece}
+                      for piece in pieces(json.dumps(block["input"]))]
         events.append(("content_block_start", {"type": "content_block_start", "index": index, "content_block": start}))
         events += [("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
                    for delta in deltas]

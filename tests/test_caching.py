@@ -46,7 +46,8 @@ def test_use_caching_warns_about_a_too_short_prefix_and_gives_time_to_stop(tmp_p
 
     assert stats.succeeded == 4
     (warning,) = [line for line in captured_logs if "no cache write or read" in line]
-    assert warning.startswith("WARNING") and "the minimum for claude-sonnet-5-5 is 1,024 tokens" in warning and "Ctrl+C" in warning
+    assert warning.startswith("WARNING") and "Ctrl+C" in warning
+    assert "the minimum for claude-sonnet-5-5 is 1,024 tokens" in warning
     assert fake.stats.received_times[1] - fake.stats.answered_times[0] >= 0.55
 
 
@@ -68,7 +69,8 @@ def cache_prefix(body: dict) -> tuple[int, float] | None:
 def test_cache_prefix_identity_follows_the_api_order_model_and_ttl():
     cached = {"cache_control": {"type": "ephemeral"}}
     tool = {"name": "t", "input_schema": {}}
-    base = {"model": "m1", "max_tokens": 5, "tools": [{**tool, **cached}], "messages": [{"role": "user", "content": "q1"}]}
+    base = {"model": "m1", "max_tokens": 5, "tools": [{**tool, **cached}],
+            "messages": [{"role": "user", "content": "q1"}]}
     other_question = {**base, "messages": [{"role": "user", "content": "q2"}]}
     assert cache_prefix(base) == cache_prefix(other_question)  # tools breakpoint: questions do not matter
     assert cache_prefix({**base, "model": "m2"}) != cache_prefix(base)

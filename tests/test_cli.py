@@ -155,7 +155,8 @@ def test_a_missing_dependency_is_one_line_not_a_traceback(package):
     result = subprocess.run([sys.executable, "-c", hide_package], check=False, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == f"error: the package {package!r} is not installed: run  pip install -r requirements.txt"
+    expected = f"error: the package {package!r} is not installed: run  pip install -r requirements.txt"
+    assert result.stderr.strip() == expected
 
 
 def test_an_unresolvable_host_stops_the_run_at_once_with_exit_2_and_leaves_every_line(tmp_path, fake_server):

@@ -183,7 +183,8 @@ def test_dry_run_lists_bad_lines_and_exits_1(tmp_path):
     result = run_cli("--requests_filepath", str(requests_path), "--dry_run", "--max_tokens_per_minute", "auto")
     assert result.returncode == 1
     assert "1 valid lines, 2 bad" in result.stdout
-    assert "bad line 2: not valid JSON" in result.stdout and "bad line 3: missing or invalid 'messages'" in result.stdout
+    assert "bad line 2: not valid JSON" in result.stdout
+    assert "bad line 3: missing or invalid 'messages'" in result.stdout
     assert "cautious starting figures of 'auto'" in result.stdout
 
 

@@ -62,7 +62,8 @@ def test_process_requests_reports_bad_items_in_place(fake_server):
 
 def test_metadata_that_cannot_be_saved_is_a_bad_item_not_a_lost_result(tmp_path, fake_server):
     fake = fake_server()
-    items = [{**request("fine"), "metadata": {"row": 0}}, {**request("dated"), "metadata": {"when": datetime.date.today()}}]
+    items = [{**request("fine"), "metadata": {"row": 0}},
+             {**request("dated"), "metadata": {"when": datetime.date.today()}}]
     results = asyncio.run(app.process_requests(items, request_url=fake.url, api_key=API_KEY,
                                                save_filepath=str(tmp_path / "out.jsonl"), **FAST))
     assert [result.ok for result in results] == [True, False]

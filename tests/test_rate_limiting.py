@@ -188,7 +188,8 @@ def test_a_limit_is_exhausted_when_little_of_it_remains():
     assert not app.limit_exhausted(headers("600", "1"), "requests")
     assert not app.limit_exhausted({}, "requests")
     for remaining, exhausted in (("0", True), ("1000", True), ("2000", False)):
-        tokens = {"anthropic-ratelimit-input-tokens-limit": "30000", "anthropic-ratelimit-input-tokens-remaining": remaining}
+        tokens = {"anthropic-ratelimit-input-tokens-limit": "30000",
+                  "anthropic-ratelimit-input-tokens-remaining": remaining}
         assert app.limit_exhausted(app.rate_figures(tokens), "input-tokens") is exhausted
 
 
@@ -220,6 +221,28 @@ def test_each_models_sends_rise_to_the_full_rate_over_the_ramp_up(monkeypatch):
     assert 65 <= sum(1 for t in sent_at if first + 3.0 <= t < first + 4.0) <= 75  # about 70, rising
     assert first + 4.9 < sent_at[254] < first + 5.1  # about 254 sends in the 5 s ramp...
     assert sent_at[-1] - sent_at[255] < 0.2  # ...then the ramp holds nothing back
+
+
+def test_pacing_pauses_on_429s_slows_down_when_blind_and_wins_the_rates_back():
+    clock = Clock()
+    limits = [app.Limit("requests", 600, clock=clock), app.Limit("input-tokens", 60_000, clock=clock)]
+    pacing = app.Pacing(limits, clock)
+    steps = [  # (seconds later, what happens, the earliest next send, the rates after it)
+        (0.0, lambda: pacing.pause(2.0, blind=False), 102.0, [600, 60_000]),  # a limit shown used up: pause only
+        (3.0, lambda: pacing.pause(2.0, blind=True), 105.0, [540, 54_000]),  # no limit shown: 10% slower
+        (0.5, lambda: pacing.pause(2.0, blind=True), 105.5, [540, 54_000]),  # the same pause: counted once
+        (16.5, pacing.recover, 105.5, [540, 54_000]),  # 16.5 s since the last blind 429: too soon
+        (14.0, pacing.recover, 105.5, [600, 60_000]),  # 30.5 s: a step back, up to the configured rates
+        (31.0, pacing.recover, 105.5, [600, 60_000]),  # nothing left to win back
+        (1.0, lambda: pacing.slow_down_for_others("requests"), 105.5, [540, 54_000]),  # another spends the limit
+        (0.5, lambda: pacing.slow_down_for_others("requests"), 105.5, [540, 54_000]),  # at most once a second
+    ]
+    for seconds, event, earliest, rates in steps:
+        clock.now += seconds
+        event()
+        assert (pacing.earliest_send(), [limit.bucket.per_minute for limit in limits]) == (earliest, rates)
+        if event is steps[0][1]:
+            assert all(limit.bucket.level <= 0 for limit in limits)  # a 429 empties the buckets, as the server's
 
 
 def test_the_way_output_is_charged_is_told_from_what_the_api_reports():
@@ -263,7 +286,8 @@ def test_with_max_tokens_held_the_requests_in_flight_fit_the_bucket(tmp_path, fa
 def test_an_answer_showing_a_limit_used_up_slows_the_model_once_a_second(captured_logs):
     clock = Clock()
     limiter = app.RateLimiter(app.Settings(max_requests_per_minute=600), clock=clock)
-    full = app.rate_figures({"anthropic-ratelimit-requests-limit": "600", "anthropic-ratelimit-requests-remaining": "40"})
+    full = app.rate_figures({"anthropic-ratelimit-requests-limit": "600",
+                             "anthropic-ratelimit-requests-remaining": "40"})
     spent = {"requests": (600, 0)}  # another model name of the class spends too
     rates = []
     for figures, rate_limited, seconds in ((full, False, 0), (spent, False, 0.1), (spent, False, 0.5),

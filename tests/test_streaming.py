@@ -122,7 +122,8 @@ def test_every_event_and_block_type_is_accumulated_and_unknown_ones_are_ignored(
     citation = {"type": "char_location", "cited_text": "x", "document_index": 0}
     for event in events(
         {"type": "message_start", "message": start}, {"type": "ping"}, {"type": "a_future_event", "x": 1},
-        {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": "", "signature": ""}},
+        {"type": "content_block_start", "index": 0,
+         "content_block": {"type": "thinking", "thinking": "", "signature": ""}},
         {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "Let me "}},
         {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "think."}},
         {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "sig=="}},
@@ -135,7 +136,8 @@ def test_every_event_and_block_type_is_accumulated_and_unknown_ones_are_ignored(
         {"type": "content_block_stop", "index": 1},
         {"type": "content_block_start", "index": 2, "content_block": {"type": "tool_use", "id": "t", "name": "f",
                                                                        "input": {}}},
-        {"type": "content_block_delta", "index": 2, "delta": {"type": "input_json_delta", "partial_json": '{"a": [1, '}},
+        {"type": "content_block_delta", "index": 2,
+         "delta": {"type": "input_json_delta", "partial_json": '{"a": [1, '}},
         {"type": "content_block_delta", "index": 2, "delta": {"type": "input_json_delta", "partial_json": '2]}'}},
         {"type": "content_block_stop", "index": 2},
         {"type": "content_block_start", "index": 3, "content_block": {"type": "tool_use", "id": "u", "name": "g",
