@@ -225,6 +225,8 @@ class Settings:
     start_over: bool = flag(False, "move earlier results aside and send every line again (default: resume)")
     prices: str | None = flag(None, 'JSON file of price rows in USD per million tokens, e.g. {"claude-sonnet-5-5": '
                                     '{"input": 2, "output": 10}} (see the README for cache and long-prompt prices)')
+    max_cost: float | None = flag(None, "USD this run may spend at most: it stops sending before its cost could pass "
+                                        "them (a rerun spends up to it again; exit code 5)", positive_number)
     dry_run: bool = flag(False, "validate the file and estimate tokens, duration and cost; no key, no network")
     batch: bool = flag(False, "send through the Message Batches API: half price, results usually within the hour")
     batch_size: int = flag(MAX_BATCH_REQUESTS, f"with --batch: requests per batch, at most {MAX_BATCH_REQUESTS:,} "
@@ -330,15 +332,15 @@ class RunLog:
     def __init__(self) -> None:
         self.threshold = LOG_LEVELS["INFO"]
 
-    def log(self, level: str, message: str, *args: Any) -> None:
+    def emit(self, level: str, message: str, *args: Any) -> None:
         if LOG_LEVELS[level] >= self.threshold:
             logger.opt(depth=1).log(level, message, *args)  # where the caller logged, not this line
 
-    trace = partialmethod(log, "TRACE")
-    debug = partialmethod(log, "DEBUG")
-    info = partialmethod(log, "INFO")
-    warning = partialmethod(log, "WARNING")
-    error = partialmethod(log, "ERROR")
+    trace = partialmethod(emit, "TRACE")
+    debug = partialmethod(emit, "DEBUG")
+    info = partialmethod(emit, "INFO")
+    warning = partialmethod(emit, "WARNING")
+    error = partialmethod(emit, "ERROR")
 
 
 log = RunLog()
@@ -613,6 +615,7 @@ class Job:
     charged_output_tokens: int = 0  # the output-token bucket's charge: the output expected of it
     request_hash: int = 0  # the request's hash by content (hash_request), for resuming...
     line_hash: int | None = None  # ...and its line's by its bytes (hash_line; None for an item of a list)
+    most_cost: float = 0.0  # with --max_cost: the most its attempt in flight can cost, reserved in the budget
     streamed: bool = False  # sent as a stream (see streams()), as `sent`, which differs from `payload`...
     sent: bytes = b""  # ...when the stream is this tool's choice, not the user's: the record keeps `payload`
 
@@ -1084,7 +1087,8 @@ class ModelUsage:
     batch_saving: float = 0.0  # what the batch price saved on them, against the list price
 
     def add(self, usage: dict[str, Any], price: Price | None = None, us_only: bool = False,
-            batch: bool = False) -> None:
+            batch: bool = False) -> float:
+        """Count one response's usage; what it cost (0 with no price)."""
         written = usage.get("cache_creation_input_tokens") or 0
         split = usage.get("cache_creation") if isinstance(usage.get("cache_creation"), dict) else {}
         one_hour = min(written, split.get("ephemeral_1h_input_tokens") or 0)
@@ -1103,10 +1107,59 @@ class ModelUsage:
             self.uncached_cost += price.cost(sum(tokens[:4]), 0, 0, 0, tokens[4], us_only, batch) if cached else cost
             if batch:
                 self.batch_saving += price.cost(*tokens, us_only) - cost
+            return cost
+        return 0.0
 
     @property
     def cache_write_tokens(self) -> int:
         return self.cache_write_5m_tokens + self.cache_write_1h_tokens
+
+
+def most_it_can_cost(price: Price, input_tokens: float, prefix_tokens: float, prefix_ttl: float, prefix_warm: bool,
+                     max_tokens: int, us_only: bool = False, batch: bool = False) -> float:
+    """The most one request can cost, from Claude's count of its input (`prefix_tokens` of it in a cached prefix,
+    read if warm, else written at its TTL's price) and all of its `max_tokens` produced."""
+    write_5m, write_1h, read = 0.0, 0.0, 0.0
+    if prefix_tokens and prefix_warm:
+        read = prefix_tokens
+    elif prefix_tokens:
+        write_5m, write_1h = (0, prefix_tokens) if prefix_ttl >= CACHE_TTL_SECONDS["1h"] else (prefix_tokens, 0)
+    return price.cost(input_tokens - prefix_tokens, write_5m, write_1h, read, max_tokens, us_only, batch)
+
+
+class Budget:
+    """--max_cost: what this run may spend, in USD. A request goes only if what the answers so far cost, plus the
+    most that every request in flight can cost, plus the most it can cost, stays within the budget; otherwise it
+    waits for requests in flight to end (near the budget, fewer go at once), and when none is left in flight the
+    run stops. So the bill never passes the budget, however long the answers."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.spent = 0.0  # what the answers of this run cost (RunStats.add_usage counts it)
+        self.reserved = 0.0  # the most the requests in flight can cost
+        self.in_flight = 0
+        self.released = asyncio.Event()  # set whenever a request in flight ends
+
+    def admits(self, most: float) -> bool:
+        return self.spent + self.reserved + most <= self.limit
+
+    def reserve(self, most: float) -> None:
+        self.reserved += most
+        self.in_flight += 1
+
+    def release(self, most: float, spent_anyway: float = 0.0, requests: int = 1) -> None:
+        """Requests in flight ended; `spent_anyway` counts what they may have cost without an answer to say so."""
+        self.reserved -= most
+        self.spent += spent_anyway
+        self.in_flight -= requests
+        self.released.set()
+
+    async def wait_for_release(self) -> None:
+        self.released.clear()
+        await self.released.wait()
+
+    def describe(self) -> str:
+        return f"${self.spent:,.2f} of the ${self.limit:,.2f} budget"
 
 # ==================================================================================================
 # Run counters
@@ -1124,13 +1177,18 @@ class Interruption(Enum):
     OUTAGE = "an outage"  # the API stayed down longer than OUTAGE_MAX_SECONDS...
     ONLY_429S = "nothing but 429s"  # ...or answered nothing but 429s for as long (another program takes the limit)
     UNUSABLE_ADDRESS = "an address that cannot be used"  # the first attempts cannot connect: a typo, not an outage
+    BUDGET = "the budget (--max_cost)"  # the next request could take the run's cost past it
+    NO_PRICE = "a model without a price"  # with --max_cost, every model needs one
 
     @property
     def exit_code(self) -> int:
-        """130 and 143 for the signals (128 + their number), 3 for a rerun later, 2 for a setting to fix."""
+        """130 and 143 for the signals (128 + their number), 3 for a rerun later, 2 for a setting to fix, 5 for
+        a rerun with a larger budget."""
         if self in (Interruption.SIGINT, Interruption.SIGTERM):
             return 128 + signal.Signals[self.value].value
-        return 2 if self is Interruption.UNUSABLE_ADDRESS else 3
+        if self is Interruption.BUDGET:
+            return 5
+        return 2 if self in (Interruption.UNUSABLE_ADDRESS, Interruption.NO_PRICE) else 3
 
 
 @dataclass
@@ -1175,6 +1233,7 @@ class RunStats:
     prices: dict[str, Price] = field(default_factory=dict)
     model_prices: dict[str, Price | None] = field(default_factory=dict)  # price_for each model seen, once
     batch: BatchProgress | None = None  # a batch run's own counters
+    budget: Budget | None = None  # --max_cost
 
     @property
     def elapsed(self) -> float:
@@ -1184,11 +1243,15 @@ class RunStats:
     def limits_in_force(self) -> str:
         return self.describe_limits()
 
-    def add_usage(self, model: str, usage: dict[str, Any], us_only: bool = False, batch: bool = False) -> None:
+    def add_usage(self, model: str, usage: dict[str, Any], us_only: bool = False, batch: bool = False) -> float:
+        """Count one response's usage; what it cost."""
         if model not in self.by_model:
             self.by_model[model] = ModelUsage()
             self.model_prices[model] = price_for(model, self.prices)
-        self.by_model[model].add(usage, self.model_prices[model], us_only, batch)
+        cost = self.by_model[model].add(usage, self.model_prices[model], us_only, batch)
+        if self.budget is not None:
+            self.budget.spent += cost
+        return cost
 
     @property
     def totals(self) -> ModelUsage:
@@ -1206,7 +1269,7 @@ class RunStats:
         configuration error), 3 stopped by an outage or by 15 minutes of nothing but 429s, 130 or 143
         interrupted by SIGINT or SIGTERM (3 and up: rerun to continue). A batch run adds 4: batches are still
         processing (--no_wait), and 3 for lines left for the next run (their batch was canceled, or it
-        expired or failed on the API's side more often than --max_attempts)."""
+        expired or failed on the API's side more often than --max_attempts). 5: stopped at the budget."""
         if self.interrupted_by is not None:
             return self.interrupted_by.exit_code
         if self.key_rejected:
@@ -1928,6 +1991,8 @@ class Attempt:
     headers: Any = None  # the response's headers, for the rate-limit figures
     unusable_address: str = ""  # why the host cannot be used (no such name, no TLS), a typo more than a fault
     timed_out: bool = False
+    maybe_billed: bool = False  # no answer says what it cost, though it may have been processed (a timeout, a 200
+    # broken off)
 
     @property
     def rate_limited(self) -> bool:
@@ -1988,7 +2053,7 @@ def interpret_response(status: int, headers: Any, raw: bytes) -> Attempt:
         if isinstance(body, dict) and body.get("type") != "error":
             return Attempt(response=body, raw=raw, status=status, headers=headers)
         return Attempt(error=f"HTTP 200 with a body that is not a message (truncated?) {snippet(raw)}",
-                       retryable=True, status=status, headers=headers)
+                       retryable=True, status=status, headers=headers, maybe_billed=True)
 
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
@@ -2099,7 +2164,7 @@ async def read_event_stream(response: aiohttp.ClientResponse) -> Attempt:
                     message.apply(json.loads(b"\n".join(data)))
                 except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
                     return Attempt(error=f"a malformed {name or 'stream'} event ({type(error).__name__}: {error})",
-                                   retryable=True, headers=response.headers)
+                                   retryable=True, headers=response.headers, maybe_billed=True)
                 name, data = "", []
         if message.error is not None or message.stopped:
             break
@@ -2110,9 +2175,10 @@ async def read_event_stream(response: aiohttp.ClientResponse) -> Attempt:
         return Attempt(error=f"an error event mid-stream (after HTTP 200): {kind}: {message.error.get('message', '')}"
                              + (f" (request-id {request_id})" if request_id else ""),
                        retryable=retryable_status(status), status=status,
-                       authentication_failed=status == 401, headers=response.headers)
+                       authentication_failed=status == 401, headers=response.headers, maybe_billed=True)
     if not message.stopped or message.message is None:
-        return Attempt(error="the stream ended before message_stop", retryable=True, headers=response.headers)
+        return Attempt(error="the stream ended before message_stop", retryable=True, headers=response.headers,
+                       maybe_billed=True)
     raw = json.dumps(message.message, ensure_ascii=False).encode("utf-8")
     return Attempt(response=message.message, raw=raw, status=200, headers=response.headers)
 
@@ -2136,20 +2202,23 @@ async def send_attempt(session: aiohttp.ClientSession, url: str, headers: dict[s
     bodies and broken streams become retryable attempts, never a crash. A plain request must be answered
     whole within `timeout`; a streamed one, or an upload streamed from disk (a batch), may take as long as
     it needs, but no progress (no event, pings included) for `timeout` seconds is a timeout."""
+    status = None  # once the response has begun
     try:
         silence = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)}
         long = streamed or not isinstance(payload, (bytes, type(None)))
         async with session.request(method, url, data=payload, headers=headers, **(silence if long else {})) as response:
+            status = response.status
             if streamed and response.status == 200 and response.content_type == "text/event-stream":
                 return await read_event_stream(response)
             raw = await response.read()
             return interpret_response(response.status, response.headers, raw)
     except TimeoutError:
         waited = f"no event for {timeout:g} s" if streamed else f"no complete response within {timeout:g} s"
-        return Attempt(error=f"{waited} (the request may still be worked on)", retryable=True, timed_out=True)
-    except aiohttp.ClientError as error:
+        return Attempt(error=f"{waited} (the request may still be worked on)", retryable=True, timed_out=True,
+                       maybe_billed=True)
+    except aiohttp.ClientError as error:  # a 200 broken off was generated, and billed, all the same
         return Attempt(error=f"network error: {type(error).__name__}: {error}", retryable=True,
-                       unusable_address=address_problem(error))
+                       unusable_address=address_problem(error), maybe_billed=status == 200)
 
 # ==================================================================================================
 # Retry decisions
@@ -2362,6 +2431,7 @@ def caching_warning(job: Job, usage: dict[str, Any], prefix_tokens: int, stats: 
 # ==================================================================================================
 
 
+BUDGET_INPUT_MARGIN = 1.2  # with --max_cost, a request's input is reserved at 120% of its estimate
 LANE_BACKLOG = 100  # jobs read ahead for each model: while one model is paused, the others' lines keep flowing
 
 
@@ -2526,7 +2596,8 @@ class Processor:
         self.flight_slots = asyncio.Semaphore(settings.max_concurrent_requests)
         self.tasks: set[asyncio.Task[None]] = set()
         self.dispatcher: asyncio.Task[None] | None = None
-        self.stats = RunStats(prices=prices, describe_limits=self.lanes.describe)
+        self.budget = Budget(settings.max_cost) if settings.max_cost else None
+        self.stats = RunStats(prices=prices, describe_limits=self.lanes.describe, budget=self.budget)
         self.reader = LineReader(lines, resume_index, writer, self.stats)
         self.unsettled = 0  # jobs read but not yet written to either file
         self.unmarked_warned = False
@@ -2580,9 +2651,10 @@ class Processor:
                 await self.lanes.put(job)
 
     async def send(self, lane: ModelLane, job: Job) -> None:
-        """Wait for a slot and for capacity, then send the job's next attempt in its own task; a job whose turn
-        comes once the run has stopped goes to the errors file. The first request goes alone, for a few seconds
-        at most: its response's headers tell the limits before a burst could overrun them."""
+        """Wait for a slot, for capacity and for room in the budget, then send the job's next attempt in its own
+        task; a job whose turn comes once the run has stopped goes to the errors file. The first request goes
+        alone, for a few seconds at most: its response's headers tell the limits before a burst could overrun
+        them."""
         if not self.stats.stopped_reason:
             if self.first_sent and not self.first_outcome.is_set():
                 await wait_for_event(self.first_outcome, FIRST_REQUEST_ALONE_SECONDS)
@@ -2591,7 +2663,7 @@ class Processor:
             estimate = job.estimate  # cache reads do not count against the input-token limit
             await lane.acquire(job, max(1, estimate.total - estimate.cached_prefix if self.warmer.is_warm(job)
                                         else estimate.total))
-            if not self.stats.stopped_reason:
+            if not self.stats.stopped_reason and await self.within_budget(lane, job):
                 job.attempts += 1
                 self.stats.in_flight += 1
                 log.trace("line {}: attempt {} sent (estimated {} input tokens)",
@@ -2601,7 +2673,35 @@ class Processor:
                 task.add_done_callback(self.tasks.discard)
                 return
             self.flight_slots.release()
-        self.fail(job, "run stopped")
+        if self.stats.stopped_reason:
+            self.fail(job, "run stopped")  # else the budget stopped the run: the line is left for the next one
+
+    async def within_budget(self, lane: ModelLane, job: Job) -> bool:
+        """With --max_cost, reserve the most the job's attempt can cost, once the budget has room for it, waiting
+        for requests in flight to end while it has not; False, with the run stopped, when none is left to end."""
+        if self.budget is None:
+            return True
+        body, estimate = job.body, job.estimate
+        price = price_for(body["model"], self.stats.prices)
+        if price is None:
+            log.error("--max_cost needs the price of every model, and {} has none: give it with --prices. "
+                      "Stopping; the lines without a result are left for the next run.", body["model"])
+            self.interrupt(Interruption.NO_PRICE)
+            return False
+        input_tokens = lane.calibration.scale(estimate.total) * BUDGET_INPUT_MARGIN
+        prefix_tokens = lane.calibration.scale(estimate.cached_prefix) * BUDGET_INPUT_MARGIN
+        job.most_cost = most_it_can_cost(price, input_tokens, prefix_tokens, estimate.prefix[1] if estimate.prefix
+                                         else 0.0, self.warmer.is_warm(job), body["max_tokens"],
+                                         body.get("inference_geo") == "us")
+        while not self.budget.admits(job.most_cost):
+            if not self.budget.in_flight:
+                self.interrupt(Interruption.BUDGET)
+                return False
+            await self.budget.wait_for_release()
+            if self.stats.stopped_reason or self.stats.interrupted_by:
+                return False
+        self.budget.reserve(job.most_cost)
+        return True
 
     async def attempt(self, lane: ModelLane, job: Job) -> None:
         try:
@@ -2630,6 +2730,8 @@ class Processor:
             self.succeed(lane, job, result.response, result.raw)
         else:
             self.attempt_failed(lane, job, result)
+        if self.budget is not None:  # an answer's cost was counted as it was written
+            self.budget.release(job.most_cost, job.most_cost if result.maybe_billed else 0.0)
 
     # -- settling ----------------------------------------------------------------------------------
 
@@ -2722,7 +2824,10 @@ class Processor:
             log.error("Nothing but 429s (rate limited) for {}: another program may be using the whole limit. "
                       "Stopping; the lines without a result are left for the next run.",
                       format_duration(self.clock() - self.admitted_at))
-        elif cause is not Interruption.UNUSABLE_ADDRESS:  # which the caller has explained
+        elif cause is Interruption.BUDGET:
+            log.warning("The next request could take this run's cost past the budget: sending no new requests; the "
+                        "{} in flight finish and are saved. So far {}.", self.stats.in_flight, self.budget.describe())
+        elif cause not in (Interruption.UNUSABLE_ADDRESS, Interruption.NO_PRICE):  # which the caller has explained
             log.warning("{}: sending no new requests; waiting up to {:g} s for the {} in flight (again to stop now).",
                         cause.value, self.settings.grace_period, self.stats.in_flight)
         self.ready.cancel_timers()
@@ -2749,7 +2854,7 @@ class Processor:
         finish within the grace period. What is cut off is sent again by the next run."""
         if not self.tasks:
             return
-        if not self.stats.interrupted_by:
+        if self.stats.interrupted_by in (None, Interruption.BUDGET):
             await asyncio.gather(*self.tasks)
             return
         _, cut_off = await asyncio.wait(self.tasks, timeout=self.settings.grace_period)
@@ -3101,6 +3206,7 @@ class OpenBatch:
     record: BatchRecord
     spool: BatchSpool
     earlier_run: bool  # submitted by an earlier run: the input's line numbers may have changed since
+    most_cost: float = 0.0  # with --max_cost: the most its requests can cost, reserved in this run's budget
 
 
 class BatchRun:
@@ -3123,7 +3229,10 @@ class BatchRun:
         self.journal = BatchJournal(self.folder)
         self.client = BatchClient(session, settings, clock)
         self.progress = BatchProgress()
-        self.stats = RunStats(prices=prices, batch=self.progress)
+        self.budget = Budget(settings.max_cost) if settings.max_cost else None
+        self.estimator = TokenEstimator() if self.budget else None
+        self.token_ratios = resume_index.token_ratios
+        self.stats = RunStats(prices=prices, batch=self.progress, budget=self.budget)
         self.reader = LineReader(lines, resume_index, writer, self.stats)
         self.open: dict[str, OpenBatch] = {}  # by key
         self.in_open_batches = SortedResults(array("Q"))  # the content of each request in an earlier run's batch
@@ -3161,7 +3270,7 @@ class BatchRun:
 
     def interrupt(self, cause: Interruption) -> None:
         """SIGINT or SIGTERM: stop waiting (never the batches). A second one changes nothing more."""
-        if not self.stats.interrupted_by:
+        if self.stats.interrupted_by in (None, Interruption.BUDGET):
             self.stats.interrupted_by = cause
             if self.task is not None:
                 self.task.cancel()
@@ -3210,21 +3319,52 @@ class BatchRun:
 
     async def submit_new_lines(self) -> None:
         spool: BatchSpool | None = None
+        most_cost = 0.0  # of the requests in `spool`
         for job in self.reader.jobs():
             if self.in_open_batches.claim_position(job.request_hash) >= 0:
                 self.waiting_lines.setdefault(job.request_hash, []).append(job.line_number)
                 self.progress.waiting += 1
                 continue
             job.attempts = 1
+            if not self.within_budget(job):
+                break  # this line and the rest are left for the next run
             if spool is not None and not spool.fits(job, self.settings.batch_size):
-                await self.submit(spool)
-                spool = None
+                await self.submit(spool, most_cost)
+                spool, most_cost = None, 0.0
             spool = spool or BatchSpool.create(self.folder)
             spool.add(job)
+            most_cost += job.most_cost
         if spool is not None:
-            await self.submit(spool)
+            await self.submit(spool, most_cost)
 
-    async def submit(self, spool: BatchSpool) -> None:
+    def within_budget(self, job: Job) -> bool:
+        """With --max_cost, reserve the most the job can cost at the batch price, if the budget has room for it;
+        False, with the run stopped, when it has not (or the job's model has no price)."""
+        if self.budget is None:
+            return True
+        body = job.body
+        price = price_for(body["model"], self.stats.prices)
+        if price is None:
+            log.error("--max_cost needs the price of every model, and {} has none: give it with --prices. Its lines "
+                      "and the ones after it are left for the next run.", body["model"])
+            self.stats.interrupted_by = Interruption.NO_PRICE
+            return False
+        estimate = self.estimator.estimate(body)
+        ratio = BUDGET_INPUT_MARGIN * (self.token_ratios.get(body["model"])
+                                       or model_facts(body["model"]).tokens_per_cl100k)
+        job.most_cost = most_it_can_cost(price, estimate.total * ratio, estimate.cached_prefix * ratio,
+                                         estimate.prefix[1] if estimate.prefix else 0.0, False, body["max_tokens"],
+                                         body.get("inference_geo") == "us", batch=True)
+        if not self.budget.admits(job.most_cost):
+            if self.stats.interrupted_by is None:
+                log.warning("The next request could take this run's cost past the budget: no more batches are "
+                            "submitted ({} so far, not counting the open batches).", self.budget.describe())
+                self.stats.interrupted_by = Interruption.BUDGET
+            return False
+        self.budget.reserve(job.most_cost)
+        return True
+
+    async def submit(self, spool: BatchSpool, most_cost: float = 0.0) -> None:
         spool.seal()
         self.journal.append(step="intent", key=spool.key, requests=len(spool), at=time.time())
         record = self.journal.records[spool.key]
@@ -3235,10 +3375,12 @@ class BatchRun:
             for job in spool.jobs():
                 job.errors.append(f"the batch was refused: {error}")
                 self.fail(job, "batch refused")
+            if self.budget is not None:
+                self.budget.release(most_cost, requests=len(spool))
             spool.delete()
             return
         self.journal.append(step="submitted", key=spool.key, batch_id=batch["id"])
-        self.open[spool.key] = OpenBatch(record, spool, earlier_run=False)
+        self.open[spool.key] = OpenBatch(record, spool, earlier_run=False, most_cost=most_cost)
         self.progress.submitted += 1
         self.progress.requests_submitted += len(spool)
         self.progress.open[batch["id"]] = batch.get("request_counts") or {"processing": len(spool)}
@@ -3272,14 +3414,16 @@ class BatchRun:
             written_before = {}
             for fingerprint, _ in read_result_records(self.results_path, record.results_from):
                 written_before[fingerprint] = written_before.get(fingerprint, 0) + 1
+        if self.budget is not None and not batch.earlier_run:  # its answers' cost is counted as they are written
+            self.budget.release(batch.most_cost, requests=len(spool))
         settled = bytearray(len(spool))
-        follow_up = BatchSpool.create(self.folder)
+        follow_up, follow_up_cost = BatchSpool.create(self.folder), 0.0
         started, tries = self.clock(), 0
         while settled.count(0):
             tries += 1
             try:
                 async for line in self.client.result_lines(status["results_url"]):
-                    self.settle_result(line, batch, settled, written_before, follow_up)
+                    follow_up_cost += self.settle_result(line, batch, settled, written_before, follow_up)
                 if not settled.count(0) or tries >= BATCH_DOWNLOAD_TRIES:
                     break
                 problem, delay = f"{settled.count(0):,} results missing", backoff_seconds(tries)
@@ -3302,14 +3446,15 @@ class BatchRun:
         if len(follow_up):
             log.info("Sending {:,} request(s) again in a new batch: they errored on the API's side or expired.",
                      len(follow_up))
-            await self.submit(follow_up)
+            await self.submit(follow_up, follow_up_cost)
         else:
             follow_up.seal()
             follow_up.delete()
 
     def settle_result(self, line: bytes, batch: OpenBatch, settled: bytearray, written_before: dict[int, int],
-                      follow_up: BatchSpool) -> None:
-        """One result, to the results file, the errors file, a follow-up batch, or the next run."""
+                      follow_up: BatchSpool) -> float:
+        """One result, to the results file, the errors file, a follow-up batch, or the next run; with --max_cost,
+        the most it can cost in the follow-up batch."""
         try:
             item = json.loads(line)
             key, _, number = item["custom_id"].rpartition("-")
@@ -3322,15 +3467,15 @@ class BatchRun:
             if line.strip():
                 log.warning("Batch {}: a result line that cannot be used ({}); skipped.", batch.record.batch_id,
                             problem)
-            return
+            return 0.0
         if settled[n]:  # read before the download was cut off
-            return
+            return 0.0
         settled[n] = 1
         job = batch.spool.job(n)
         kind = result.get("type")
         if kind == "succeeded" and written_before.get(job.request_hash):  # by the run that began writing these
             written_before[job.request_hash] -= 1
-            return
+            return 0.0
         if batch.earlier_run:  # the input may have changed since: the line number is this run's (0: gone from it)
             lines = self.waiting_lines.get(job.request_hash)
             job.line_number = lines.pop() if lines else 0
@@ -3340,19 +3485,21 @@ class BatchRun:
             self.stats.succeeded += 1
             self.stats.add_usage(job.body["model"], message.get("usage") or {},
                                  us_only=job.body.get("inference_geo") == "us", batch=True)
-            return
+            return 0.0
         action, problem = decide_batch_result(result, job.attempts, self.settings.max_attempts)
         if problem:
             job.errors.append(f"batch {batch.record.batch_id}: {problem}")
         if action == FAIL:
             self.fail(job, "not retryable")
-        elif action == RETRY:
+        elif action == RETRY and self.within_budget(job):
             job.attempts += 1
             follow_up.add(job)
             self.progress.resubmitted += 1
+            return job.most_cost
         else:
             log.debug("line {}: {} in batch {}; left for the next run", job.line_number, kind, batch.record.batch_id)
             self.progress.left_for_next_run += 1
+        return 0.0
 
     def fail(self, job: Job, reason: str) -> None:
         write_failure(self.writer, job, reason)
@@ -3398,6 +3545,8 @@ def status_line(stats: RunStats) -> str:
             progress += f", ETA {format_duration((stats.total - stats.finished) / (sent / minutes) * 60)}"
     else:
         progress += " lines"
+    if stats.budget is not None:
+        progress += f", {stats.budget.describe()}"
     if stats.batch is not None:
         return progress + " | " + batch_status(stats)
     per_model = "".join(f" | {model}: {usage.requests / minutes:,.0f} requests/min, "
@@ -3468,7 +3617,8 @@ class ModelPlan:
     low: ModelUsage = field(default_factory=ModelUsage)
     high: ModelUsage = field(default_factory=ModelUsage)
 
-    def add(self, estimate: TokenEstimate, body: dict[str, Any], batch: bool = False) -> None:
+    def add(self, estimate: TokenEstimate, body: dict[str, Any], batch: bool = False) -> tuple[float, float]:
+        """Count one request; its cost, from a typical share of max_tokens produced to all of it."""
         uncached, written, read = estimate.total - estimate.cached_prefix, 0, 0
         if estimate.prefix is not None and estimate.prefix[0] in self.prefixes:
             read = estimate.cached_prefix
@@ -3486,8 +3636,8 @@ class ModelPlan:
                  "cache_creation": {"ephemeral_1h_input_tokens": round(one_hour * scale)},
                  "cache_read_input_tokens": round(read * scale)}
         us_only = body.get("inference_geo") == "us"
-        for expected, share in ((self.low, TYPICAL_OUTPUT_SHARE), (self.high, 1.0)):
-            expected.add({**usage, "output_tokens": round(body["max_tokens"] * share)}, self.price, us_only, batch)
+        return tuple(expected.add({**usage, "output_tokens": round(body["max_tokens"] * share)}, self.price, us_only,
+                                  batch) for expected, share in ((self.low, TYPICAL_OUTPUT_SHARE), (self.high, 1.0)))
 
 
 def expected_duration(config: Settings, plans: dict[str, ModelPlan]) -> str:
@@ -3518,6 +3668,30 @@ def expected_duration(config: Settings, plans: dict[str, ModelPlan]) -> str:
                else "."))
 
 
+class BudgetCoverage:
+    """How many lines, in file order, a dry run's --max_cost covers: at their typical cost, and at the most they
+    can cost."""
+
+    def __init__(self, limit: float | None) -> None:
+        self.limit = limit or math.inf
+        self.typical = self.most = 0.0  # the costs of the lines so far...
+        self.lines = self.covered_typical = self.covered_most = 0  # ...and how many fit
+
+    def add(self, typical: float, most: float) -> None:
+        self.lines += 1
+        self.typical += typical
+        self.most += most
+        self.covered_typical += self.typical <= self.limit
+        self.covered_most += self.most <= self.limit
+
+    def describe(self) -> str:
+        if self.covered_most == self.lines:
+            return f"Budget: ${self.limit:,.2f} (--max_cost) covers every line, even at the most each can cost."
+        return (f"Budget: ${self.limit:,.2f} (--max_cost) covers about {self.covered_typical:,} of the {self.lines:,} "
+                f"lines at the typical cost, and {self.covered_most:,} at the most each can cost; the run stops "
+                "sending before it passes the budget (exit code 5), and a rerun goes on from there.")
+
+
 def print_dry_run(config: Settings) -> int:
     """Read and validate the whole file, with no key and no network, and print per model the requests,
     estimated tokens, distinct cached prefixes and cost range, and the expected duration under the
@@ -3528,6 +3702,7 @@ def print_dry_run(config: Settings) -> int:
     estimator = TokenEstimator()
     plans: dict[str, ModelPlan] = {}
     bad: list[str] = []
+    budget = BudgetCoverage(config.max_cost)
     for line_number, raw in read_lines(config.requests_filepath):
         try:
             body, _ = parse_request(raw)
@@ -3537,7 +3712,7 @@ def print_dry_run(config: Settings) -> int:
         model = body["model"]
         plan = plans.get(model) or plans.setdefault(model, ModelPlan(
             learned.get(model, model_facts(model).tokens_per_cl100k), price_for(model, prices), model in learned))
-        plan.add(estimator.estimate(body), body, config.batch)
+        budget.add(*plan.add(estimator.estimate(body), body, config.batch))
     valid = sum(plan.requests for plan in plans.values())
     print(f"Dry run of {config.requests_filepath}: {valid:,} valid lines, {len(bad):,} bad "
           f"(read in {time.perf_counter() - started:.2f} s). Nothing was sent.")
@@ -3558,6 +3733,9 @@ def print_dry_run(config: Settings) -> int:
               "max_tokens)." if all(p.price for p in plans.values())
               else "Estimated cost: unknown for the models without a price.")
         print(expected_duration(config, plans))
+    if config.max_cost and plans:
+        print(budget.describe() if all(p.price for p in plans.values()) else "--max_cost needs the price of every "
+              "model: give the models without one a price with --prices, or the run stops at their first line.")
     for problem in bad[:20]:
         print(f"  bad {problem}")
     if len(bad) > 20:
@@ -3576,7 +3754,12 @@ def log_summary(stats: RunStats, settings: Settings) -> None:
         log.warning("{:,} request(s) failed and {:,} line(s) were bad: see {}", stats.failed, stats.bad_lines, where)
     if stats.rate_limited:
         log.warning("{:,} rate limit (429) responses: consider lower --max_*_per_minute figures.", stats.rate_limited)
-    if stats.interrupted_by:
+    if stats.interrupted_by is Interruption.BUDGET:
+        left = f"{stats.total - stats.finished:,} line(s)" if stats.total else "the lines without a result"
+        log.warning("Stopped at the budget: {}. The budget counts this run's spending only: a rerun with the same "
+                    "--max_cost spends up to it again. {} are left for a rerun with a larger --max_cost (exit code "
+                    "5).", stats.budget.describe(), left)
+    elif stats.interrupted_by:
         log.warning("Run the same command again{} to send the lines that have no result yet.",
                     " once --request_url is right" if stats.interrupted_by is Interruption.UNUSABLE_ADDRESS else "")
     elif stats.batch is not None and stats.batch.open:
@@ -3755,7 +3938,7 @@ async def process_requests(requests: Iterable[dict[str, Any]], **settings: Any) 
 def main(argv: list[str] | None = None) -> int:
     """The command line. Returns the exit code: 0 all succeeded, 1 some failed, 2 usage or
     configuration error, 3 stopped by an outage (or, batched, lines left for the next run), 4 batches
-    still processing, 130/143 interrupted."""
+    still processing, 5 stopped at the budget (--max_cost), 130/143 interrupted."""
     arguments = vars(build_argument_parser().parse_args(argv))
     try:
         config = Settings(**arguments)  # every setting checked before anything is logged or read

@@ -20,6 +20,10 @@
   pings, a start, deltas and a stop per block: text, citations, thinking and signature, tool input as
   JSON pieces; message_delta, message_stop), taking `seconds_per_token` per output token. A message with
   `[[blocks:all]]` is answered with one block of each kind, streamed or not.
+- Billing: `billed` adds up in USD what the API would bill, from its own list prices (input, output; cache
+  writes at 1.25x or 2x the input price, reads at 0.1x; batches at half): every answer generated, whether or not
+  it reached the client (a truncated or slow one too), and for a stream cut off halfway its input and the
+  output generated so far. Errors and dropped connections cost nothing.
 - Message Batches (`/v1/messages/batches`): create (checking custom_ids, sizes and item shapes), retrieve,
   list (newest first, paged), results (JSONL, shuffled) and cancel. A batch ends `batch_seconds` after its
   creation; each request's result is `succeeded` (the same message a direct request gets), `errored` (an
@@ -52,6 +56,10 @@ from aiohttp import web
 API_KEY = "sk-ant-fake-test-key-0123456789"
 RANDOM_FAULTS = ("529", "500", "502", "drop", "truncated", "slow", "429")
 STREAM_FAULTS = ("stream_error", "stream_drop", "stream_stall")  # mid-stream; a plain request ignores them
+# USD per million input and output tokens, by model-id prefix, typed from the pricing page (the budget tests' models);
+# a model not listed here is billed nothing.
+PRICES = {"claude-sonnet-5": (2.0, 10.0), "claude-haiku-5-5": (0.1, 0.5), "claude-sonnet-4-5": (3.0, 15.0),
+          "claude-opus-4-8": (5.0, 25.0)}
 RICH_CONTENT = "[[blocks:all]]"  # in a message: answer with thinking, a text block with citations and a tool_use
 CUSTOM_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 SCRIPTED_FAULT = re.compile(r"\[\[(fault|always):(\w+?)(?:x(\d+))?\]\]")
@@ -131,6 +139,7 @@ class FakeStats:
     submitted_twice: int = 0  # requests submitted while answered already, or while in a batch not yet ended
     batch_faults: int = 0  # calls to the batch endpoints answered with a fault
     batch_downloads: int = 0
+    billed: float = 0.0  # USD, as the API would bill (see Billing in the module docstring)
 
     @property
     def paid_twice(self) -> int:
@@ -385,6 +394,16 @@ class FakeAnthropic:
                                          "ephemeral_1h_input_tokens": one_hour}},
         }
 
+    def bill(self, model: str, usage: dict[str, Any], output_share: float = 1.0, batch: bool = False) -> None:
+        """Add to `billed` what the API bills for one request's usage (`output_share` of its output)."""
+        input_price, output_price = next((price for prefix, price in PRICES.items() if model.startswith(prefix)),
+                                         (0.0, 0.0))
+        one_hour = usage["cache_creation"]["ephemeral_1h_input_tokens"]
+        tokens = (usage["input_tokens"] * input_price + (usage["cache_creation_input_tokens"] - one_hour) * input_price
+                  * 1.25 + one_hour * input_price * 2 + usage["cache_read_input_tokens"] * input_price * 0.1
+                  + math.ceil(usage["output_tokens"] * output_share) * output_price)
+        self.stats.billed += tokens / 1e6 * (0.5 if batch else 1.0)
+
     # -- the endpoint ----------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -437,6 +456,7 @@ class FakeAnthropic:
         headers = {"request-id": self.next_id("req"), **self.rate_limit_headers(limits)}
         if body.get("stream"):
             return await self.stream(request, message, headers, fault, key)
+        self.bill(body["model"], message["usage"])  # generated, so billed, whether or not it arrives whole
         if self.config.seconds_per_token:
             await asyncio.sleep(produced * self.config.seconds_per_token)
         self.stats.answered[key] = self.stats.answered.get(key, 0) + 1
@@ -457,6 +477,8 @@ class FakeAnthropic:
         pause = message["usage"]["output_tokens"] * self.config.seconds_per_token / max(1, deltas)
         for index, (name, data) in enumerate(events):
             if fault in STREAM_FAULTS and index == len(events) // 2:
+                self.bill(message["model"], message["usage"], output_share=0.5)  # generated until the fault
+                fault = "stall billed" if fault == "stream_stall" else fault
                 if fault == "stream_error":
                     error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
                     await response.write(sse("error", error))
@@ -468,6 +490,12 @@ class FakeAnthropic:
             await response.write(sse(name, data))
             if name == "content_block_delta" and pause:
                 await self.wait_with_pings(response, pause)
+        if fault == "stall billed":  # the rest of a stalled stream, generated once it goes on
+            self.bill(message["model"], {**message["usage"], "input_tokens": 0, "cache_read_input_tokens": 0,
+                                         "cache_creation_input_tokens": 0,
+                                         "cache_creation": {"ephemeral_1h_input_tokens": 0}}, output_share=0.5)
+        else:
+            self.bill(message["model"], message["usage"])
         self.stats.answered[key] = self.stats.answered.get(key, 0) + 1
         self.stats.answered_times.append(time.monotonic())
         return response
@@ -674,6 +702,7 @@ class FakeAnthropic:
         else:
             produced = min(params["max_tokens"], self.config.output_tokens)
             result = {"type": "succeeded", "message": self.answer(params, self.prompt_of(params), produced)}
+            self.bill(params["model"], result["message"]["usage"], batch=True)
             key = fingerprint(params)
             self.stats.answered[key] = self.stats.answered.get(key, 0) + 1
         return {"custom_id": custom_id, "result": result}
