@@ -1110,16 +1110,7 @@ class ModelUsage:
         return self.cache_write_5m_tokens + self.cache_write_1h_tokens
 
 
-def most_it_can_cost(price: Price, input_tokens: float, prefix_tokens: float, prefix_ttl: float, prefix_warm: bool,
-                     max_tokens: int, us_only: bool = False, batch: bool = False) -> float:
-    """The most one request can cost, from Claude's count of its input (`prefix_tokens` of it in a cached prefix,
-    read if warm, else written at its TTL's price) and all of its `max_tokens` produced."""
-    write_5m, write_1h, read = 0.0, 0.0, 0.0
-    if prefix_tokens and prefix_warm:
-        read = prefix_tokens
-    elif prefix_tokens:
-        write_5m, write_1h = (0, prefix_tokens) if prefix_ttl >= CACHE_TTL_SECONDS["1h"] else (prefix_tokens, 0)
-    return price.cost(input_tokens - prefix_tokens, write_5m, write_1h, read, max_tokens, us_only, batch)
+BUDGET_INPUT_MARGIN = 1.2  # with --max_cost, a request's input is reserved at 120% of its estimate
 
 
 class Budget:
@@ -1128,15 +1119,44 @@ class Budget:
     waits for requests in flight to end (near the budget, fewer go at once), and when none is left in flight the
     run stops. So the bill never passes the budget, however long the answers."""
 
-    def __init__(self, limit: float) -> None:
+    def __init__(self, limit: float, prices: dict[str, Price]) -> None:
         self.limit = limit
+        self.prices = prices
         self.spent = 0.0  # what the answers of this run cost (RunStats.add_usage counts it)
         self.reserved = 0.0  # the most the requests in flight can cost
         self.in_flight = 0
         self.released = asyncio.Event()  # set whenever a request in flight ends
 
+    def most_cost(self, job: Job, tokens_per_cl100k: float, prefix_warm: bool, batch: bool = False) -> float | None:
+        """The most the job's request can cost: its input as Claude counts it (its estimate at `tokens_per_cl100k`,
+        with a margin), the cached prefix read if warm, else written at its TTL's price, and all of its max_tokens
+        produced. None, said in the log, when its model has no price: a budgeted run cannot go on."""
+        body, estimate = job.body, job.estimate
+        price = price_for(body["model"], self.prices)
+        if price is None:
+            log.error("--max_cost needs the price of every model, and {} has none: give it with --prices. Stopping; "
+                      "the lines without a result are left for the next run.", body["model"])
+            return None
+        ratio = tokens_per_cl100k * BUDGET_INPUT_MARGIN
+        prefix, ttl = estimate.cached_prefix * ratio, estimate.prefix[1] if estimate.prefix else 0.0
+        write_5m = prefix if not prefix_warm and ttl < CACHE_TTL_SECONDS["1h"] else 0.0
+        write_1h = prefix if not prefix_warm and ttl >= CACHE_TTL_SECONDS["1h"] else 0.0
+        return price.cost(estimate.total * ratio - prefix, write_5m, write_1h, prefix if prefix_warm else 0.0,
+                          body["max_tokens"], body.get("inference_geo") == "us", batch)
+
     def admits(self, most: float) -> bool:
         return self.spent + self.reserved + most <= self.limit
+
+    async def wait_for_room(self, most: float) -> bool:
+        """Reserve `most` once the budget has room for it, waiting for requests in flight to end while it has
+        not; False, with nothing reserved, when none is left in flight and it still has not."""
+        while not self.admits(most):
+            if not self.in_flight:
+                return False
+            self.released.clear()
+            await self.released.wait()
+        self.reserve(most)
+        return True
 
     def reserve(self, most: float) -> None:
         self.reserved += most
@@ -1148,10 +1168,6 @@ class Budget:
         self.spent += spent_anyway
         self.in_flight -= requests
         self.released.set()
-
-    async def wait_for_release(self) -> None:
-        self.released.clear()
-        await self.released.wait()
 
     def describe(self) -> str:
         return f"${self.spent:,.2f} of the ${self.limit:,.2f} budget"
@@ -1282,6 +1298,23 @@ class RunStats:
             return "no result yet: its message batch is still processing, or it was left for the next run"
         interruption = self.interrupted_by.value if self.interrupted_by else ""
         return f"not sent: {self.stopped_reason or 'the run was interrupted by ' + interruption}"
+
+
+def log_interruption(cause: Interruption, stats: RunStats, failing_for: float, grace_period: float) -> None:
+    """Why a direct run stops sending, and what becomes of its lines; the causes that are explained where they
+    arise (an address that cannot be used, a model without a price) are not said again."""
+    if cause is Interruption.OUTAGE:
+        log.error("No answer from the API for {}: stopping. The lines without a result are left for the next run: "
+                  "run the same command again once the API is back.", format_duration(failing_for))
+    elif cause is Interruption.ONLY_429S:
+        log.error("Nothing but 429s (rate limited) for {}: another program may be using the whole limit. Stopping; "
+                  "the lines without a result are left for the next run.", format_duration(failing_for))
+    elif cause is Interruption.BUDGET:
+        log.warning("The next request could take this run's cost past the budget: sending no new requests; the {} in "
+                    "flight finish and are saved. So far {}.", stats.in_flight, stats.budget.describe())
+    elif cause in (Interruption.SIGINT, Interruption.SIGTERM):
+        log.warning("{}: sending no new requests; waiting up to {:g} s for the {} in flight (again to stop now).",
+                    cause.value, grace_period, stats.in_flight)
 
 # ==================================================================================================
 # Writing results
@@ -2083,6 +2116,13 @@ def streams(body: dict[str, Any], timeout: float) -> bool:
         timeout, LONGEST_PLAIN_REQUEST_SECONDS)
 
 
+def stream_if_long(job: Job, timeout: float) -> None:
+    """Send the job as a stream if it asks for one or its answer may be long (see streams)."""
+    job.streamed = streams(job.body, timeout)
+    if job.streamed and job.body.get("stream") is not True:
+        job.sent = json.dumps({**job.body, "stream": True}, ensure_ascii=False).encode("utf-8")
+
+
 # The status code that an `error` event in a stream stands for, to classify it like the same error before it.
 STREAM_ERROR_STATUSES = {"invalid_request_error": 400, "authentication_error": 401, "billing_error": 402,
                          "permission_error": 403, "not_found_error": 404, "request_too_large": 413,
@@ -2402,31 +2442,34 @@ class PrefixWarmer:
         return released
 
 
-def caching_warning(job: Job, usage: dict[str, Any], prefix_tokens: int, stats: RunStats) -> str | None:
-    """Count whether a newly warmed prefix was cached, and the first time one was not, the warning that says so
-    with the likely reason (the prefix below the model's minimum, by our estimate of `prefix_tokens`)."""
+def check_caching(job: Job, usage: dict[str, Any], prefix_tokens: int, stats: RunStats, use_caching: bool) -> float:
+    """Count whether a newly warmed prefix was cached. The first time one was not, warn with the likely reason
+    (the prefix below the model's minimum, by our estimate of `prefix_tokens`); with --use_caching (the
+    cookbook's behaviour), return the seconds to hold new sends so that the user can stop the run."""
     written = usage.get("cache_creation_input_tokens") or 0
     read = usage.get("cache_read_input_tokens") or 0
     if written or read:
         stats.prefixes_cached += 1
         say = log.info if stats.prefixes_cached == 1 else log.debug  # the first one, then quietly
         say("Prompt caching works: line {} wrote {:,} and read {:,} cached tokens.", job.line_number, written, read)
-        return None
+        return 0.0
     stats.prefixes_not_cached += 1
     if stats.prefixes_not_cached > 1:
-        return None
+        return 0.0
     model = job.body["model"]
     minimum = model_facts(model).min_cacheable_tokens
-    return (f"Line {job.line_number} marks a cached prefix but its response shows no cache write or read: its cached "
-            f"prefix is about {prefix_tokens:,} tokens by our estimate; the minimum "
-            + (f"for {model} is {minimum:,} tokens." if minimum else "is 1,024 to 4,096 tokens, by model."))
+    pause = CACHING_WARNING_PAUSE_SECONDS if use_caching else 0.0
+    log.warning("Line {} marks a cached prefix but its response shows no cache write or read: its cached prefix is "
+                "about {:,} tokens by our estimate; the minimum {}.{}", job.line_number, prefix_tokens,
+                f"for {model} is {minimum:,} tokens" if minimum else "is 1,024 to 4,096 tokens, by model",
+                f" Going on in {pause:g} s (press Ctrl+C to stop)." if pause else "")
+    return pause
 
 # ==================================================================================================
 # The direct road
 # ==================================================================================================
 
 
-BUDGET_INPUT_MARGIN = 1.2  # with --max_cost, a request's input is reserved at 120% of its estimate
 LANE_BACKLOG = 100  # jobs read ahead for each model: while one model is paused, the others' lines keep flowing
 
 
@@ -2591,7 +2634,7 @@ class Processor:
         self.flight_slots = asyncio.Semaphore(settings.max_concurrent_requests)
         self.tasks: set[asyncio.Task[None]] = set()
         self.dispatcher: asyncio.Task[None] | None = None
-        self.budget = Budget(settings.max_cost) if settings.max_cost else None
+        self.budget = Budget(settings.max_cost, prices) if settings.max_cost else None
         self.stats = RunStats(prices=prices, describe_limits=self.lanes.describe, budget=self.budget)
         self.reader = LineReader(lines, resume_index, writer, self.stats)
         self.unsettled = 0  # jobs read but not yet written to either file
@@ -2604,9 +2647,7 @@ class Processor:
     def read_jobs(self) -> Iterator[Job]:
         for job in self.reader.jobs(self.estimator.estimate):
             self.unsettled += 1
-            job.streamed = streams(job.body, self.settings.request_timeout)
-            if job.streamed and job.body.get("stream") is not True:
-                job.sent = json.dumps({**job.body, "stream": True}, ensure_ascii=False).encode("utf-8")
+            stream_if_long(job, self.settings.request_timeout)
             yield job
 
     # -- sending -----------------------------------------------------------------------------------
@@ -2672,30 +2713,15 @@ class Processor:
             self.fail(job, "run stopped")  # else the budget stopped the run: the line is left for the next one
 
     async def within_budget(self, lane: ModelLane, job: Job) -> bool:
-        """With --max_cost, reserve the most the job's attempt can cost, once the budget has room for it, waiting
-        for requests in flight to end while it has not; False, with the run stopped, when none is left to end."""
+        """With --max_cost, reserve the most the job's attempt can cost (see Budget); False, the run stopped, when
+        the budget cannot take it."""
         if self.budget is None:
             return True
-        body, estimate = job.body, job.estimate
-        price = price_for(body["model"], self.stats.prices)
-        if price is None:
-            log.error("--max_cost needs the price of every model, and {} has none: give it with --prices. "
-                      "Stopping; the lines without a result are left for the next run.", body["model"])
-            self.interrupt(Interruption.NO_PRICE)
+        most = self.budget.most_cost(job, lane.calibration.ratio, self.warmer.is_warm(job))
+        if most is None or not await self.budget.wait_for_room(most):
+            self.interrupt(Interruption.BUDGET if most is not None else Interruption.NO_PRICE)
             return False
-        input_tokens = lane.calibration.scale(estimate.total) * BUDGET_INPUT_MARGIN
-        prefix_tokens = lane.calibration.scale(estimate.cached_prefix) * BUDGET_INPUT_MARGIN
-        job.most_cost = most_it_can_cost(price, input_tokens, prefix_tokens, estimate.prefix[1] if estimate.prefix
-                                         else 0.0, self.warmer.is_warm(job), body["max_tokens"],
-                                         body.get("inference_geo") == "us")
-        while not self.budget.admits(job.most_cost):
-            if not self.budget.in_flight:
-                self.interrupt(Interruption.BUDGET)
-                return False
-            await self.budget.wait_for_release()
-            if self.stats.stopped_reason or self.stats.interrupted_by:
-                return False
-        self.budget.reserve(job.most_cost)
+        job.most_cost = most
         return True
 
     async def attempt(self, lane: ModelLane, job: Job) -> None:
@@ -2785,19 +2811,10 @@ class Processor:
             for released in self.warmer.settled(job, usage is not None):
                 self.ready.add(released)
             if usage is not None:
-                self.check_caching(job, usage)
+                prefix_tokens = self.lanes[job.body["model"]].calibration.scale(job.estimate.cached_prefix)
+                self.run_pause.extend(check_caching(job, usage, prefix_tokens, self.stats, self.settings.use_caching))
         if self.unsettled == 0:
             self.ready.add(None)  # wake the dispatcher if it waits
-
-    def check_caching(self, job: Job, usage: dict[str, Any]) -> None:
-        """The first time a warmed prefix was not cached, warn, and with --use_caching (the cookbook's behaviour)
-        hold new sends for a few seconds so that the user can stop the run."""
-        prefix_tokens = self.lanes[job.body["model"]].calibration.scale(job.estimate.cached_prefix)
-        warning = caching_warning(job, usage, prefix_tokens, self.stats)
-        if warning is not None:
-            pause = CACHING_WARNING_PAUSE_SECONDS if self.settings.use_caching else 0.0
-            log.warning("{}{}", warning, f" Going on in {pause:g} s (press Ctrl+C to stop)." if pause else "")
-            self.run_pause.extend(pause)
 
     # -- stopping ----------------------------------------------------------------------------------
 
@@ -2812,19 +2829,8 @@ class Processor:
                 task.cancel()
             return
         self.stats.interrupted_by = cause
-        if cause is Interruption.OUTAGE:
-            log.error("No answer from the API for {}: stopping. The lines without a result are left for the next "
-                      "run: run the same command again once the API is back.", format_duration(self.outage.seconds))
-        elif cause is Interruption.ONLY_429S:
-            log.error("Nothing but 429s (rate limited) for {}: another program may be using the whole limit. "
-                      "Stopping; the lines without a result are left for the next run.",
-                      format_duration(self.clock() - self.admitted_at))
-        elif cause is Interruption.BUDGET:
-            log.warning("The next request could take this run's cost past the budget: sending no new requests; the "
-                        "{} in flight finish and are saved. So far {}.", self.stats.in_flight, self.budget.describe())
-        elif cause not in (Interruption.UNUSABLE_ADDRESS, Interruption.NO_PRICE):  # which the caller has explained
-            log.warning("{}: sending no new requests; waiting up to {:g} s for the {} in flight (again to stop now).",
-                        cause.value, self.settings.grace_period, self.stats.in_flight)
+        failing = self.outage.seconds if cause is Interruption.OUTAGE else self.clock() - self.admitted_at
+        log_interruption(cause, self.stats, failing, self.settings.grace_period)
         self.ready.cancel_timers()
         if self.dispatcher is not None:
             self.dispatcher.cancel()
@@ -3204,6 +3210,45 @@ class OpenBatch:
     most_cost: float = 0.0  # with --max_cost: the most its requests can cost, reserved in this run's budget
 
 
+async def adopt_intents(journal: BatchJournal, client: BatchClient) -> None:
+    """An intent with no batch id: the run that recorded it stopped during the upload. If the API made the batch
+    all the same, adopt it; otherwise nothing was submitted and its lines are sent again."""
+    for record in journal.open_records():
+        if record.batch_id is not None:
+            continue
+        batch = await client.find_made(record, journal.batch_ids())
+        if batch is None:
+            log.info("An earlier run was stopped while creating a batch of {:,} requests; the API never made it, so "
+                     "they are sent again.", record.requests)
+            journal.append(step="done", key=record.key, outcome="never made")
+            (journal.folder / f"{record.key}.spool").unlink(missing_ok=True)
+        else:
+            log.info("Found batch {} ({:,} requests), which an earlier run was creating when it stopped: collecting "
+                     "it.", batch["id"], record.requests)
+            journal.append(step="submitted", key=record.key, batch_id=batch["id"], adopted=True)
+
+
+def reopen_batches(journal: BatchJournal) -> dict[str, OpenBatch]:
+    """The batches earlier runs submitted and have not collected, by key, with their requests; a spool that no
+    record names (its run stopped before it recorded the intent) is removed."""
+    reopened = {}
+    for record in journal.open_records():
+        path = journal.folder / f"{record.key}.spool"
+        if not path.exists():
+            log.error("The requests of batch {} are missing ({} was deleted): its results cannot be matched to lines; "
+                      "its lines are sent again.", record.batch_id, path)
+            journal.append(step="done", key=record.key, outcome="spool missing")
+            continue
+        reopened[record.key] = OpenBatch(record, BatchSpool.open(path), earlier_run=True)
+    for leftover in journal.folder.glob("*.spool"):
+        if leftover.stem not in reopened:
+            leftover.unlink()
+    if reopened:
+        log.info("{:,} batch(es) submitted by earlier runs are still open; their lines are not sent again.",
+                 len(reopened))
+    return reopened
+
+
 class BatchRun:
     """A run through the Message Batches API, writing the same files, in the same records, as a direct run.
 
@@ -3224,8 +3269,8 @@ class BatchRun:
         self.journal = BatchJournal(self.folder)
         self.client = BatchClient(session, settings, clock)
         self.progress = BatchProgress()
-        self.budget = Budget(settings.max_cost) if settings.max_cost else None
-        self.estimator = TokenEstimator() if self.budget else None
+        self.budget = Budget(settings.max_cost, prices) if settings.max_cost else None
+        self.estimator = TokenEstimator() if self.budget else None  # the budget needs each request's input
         self.token_ratios = resume_index.token_ratios
         self.stats = RunStats(prices=prices, batch=self.progress, budget=self.budget)
         self.reader = LineReader(lines, resume_index, writer, self.stats)
@@ -3258,8 +3303,12 @@ class BatchRun:
         return self.stats
 
     async def steps(self) -> None:
-        await self.settle_intents()
-        self.open_earlier_batches()
+        await adopt_intents(self.journal, self.client)
+        self.open = reopen_batches(self.journal)
+        for batch in self.open.values():
+            self.progress.open[batch.record.batch_id or batch.record.key] = {"processing": len(batch.spool)}
+        contents = (request_hash for batch in self.open.values() for request_hash in batch.spool.contents())
+        self.in_open_batches = SortedResults(array("Q", sorted(contents)))
         await self.submit_new_lines()
         await self.wait_and_collect()
 
@@ -3269,46 +3318,6 @@ class BatchRun:
             self.stats.interrupted_by = cause
             if self.task is not None:
                 self.task.cancel()
-
-    # -- picking up what earlier runs left ----------------------------------------------------------
-
-    async def settle_intents(self) -> None:
-        """An intent with no batch id: the run that recorded it stopped during the upload. If the API made the
-        batch all the same, adopt it; otherwise nothing was submitted and its lines are sent again."""
-        for record in self.journal.open_records():
-            if record.batch_id is not None:
-                continue
-            batch = await self.client.find_made(record, self.journal.batch_ids())
-            if batch is None:
-                log.info("An earlier run was stopped while creating a batch of {:,} requests; the API never made "
-                         "it, so they are sent again.", record.requests)
-                self.journal.append(step="done", key=record.key, outcome="never made")
-                (self.folder / f"{record.key}.spool").unlink(missing_ok=True)
-            else:
-                log.info("Found batch {} ({:,} requests), which an earlier run was creating when it stopped: "
-                         "collecting it.", batch["id"], record.requests)
-                self.journal.append(step="submitted", key=record.key, batch_id=batch["id"], adopted=True)
-
-    def open_earlier_batches(self) -> None:
-        contents = array("Q")
-        for record in self.journal.open_records():
-            path = self.folder / f"{record.key}.spool"
-            if not path.exists():
-                log.error("The requests of batch {} are missing ({} was deleted): its results cannot be matched to "
-                          "lines; its lines are sent again.", record.batch_id, path)
-                self.journal.append(step="done", key=record.key, outcome="spool missing")
-                continue
-            spool = BatchSpool.open(path)
-            self.open[record.key] = OpenBatch(record, spool, earlier_run=True)
-            contents.extend(spool.contents())
-            self.progress.open[record.batch_id or record.key] = {"processing": len(spool)}
-        for leftover in self.folder.glob("*.spool"):  # written by a run stopped before it recorded the intent
-            if leftover.stem not in self.open:
-                leftover.unlink()
-        self.in_open_batches = SortedResults(array("Q", sorted(contents)))
-        if self.open:
-            log.info("{:,} batch(es) submitted by earlier runs are still open; their lines are not sent again.",
-                     len(self.open))
 
     # -- submitting --------------------------------------------------------------------------------
 
@@ -3337,26 +3346,19 @@ class BatchRun:
         False, with the run stopped, when it has not (or the job's model has no price)."""
         if self.budget is None:
             return True
-        body = job.body
-        price = price_for(body["model"], self.stats.prices)
-        if price is None:
-            log.error("--max_cost needs the price of every model, and {} has none: give it with --prices. Its lines "
-                      "and the ones after it are left for the next run.", body["model"])
-            self.stats.interrupted_by = Interruption.NO_PRICE
-            return False
-        estimate = self.estimator.estimate(body)
-        ratio = BUDGET_INPUT_MARGIN * (self.token_ratios.get(body["model"])
-                                       or model_facts(body["model"]).tokens_per_cl100k)
-        job.most_cost = most_it_can_cost(price, estimate.total * ratio, estimate.cached_prefix * ratio,
-                                         estimate.prefix[1] if estimate.prefix else 0.0, False, body["max_tokens"],
-                                         body.get("inference_geo") == "us", batch=True)
-        if not self.budget.admits(job.most_cost):
-            if self.stats.interrupted_by is None:
+        model = job.body["model"]
+        job.estimate = self.estimator.estimate(job.body)  # the batch road's jobs carry none (not rate-limited)
+        most = self.budget.most_cost(job, self.token_ratios.get(model) or model_facts(model).tokens_per_cl100k,
+                                     prefix_warm=False, batch=True)
+        if most is None or not self.budget.admits(most):
+            if self.stats.interrupted_by is None and most is not None:
                 log.warning("The next request could take this run's cost past the budget: no more batches are "
                             "submitted ({} so far, not counting the open batches).", self.budget.describe())
-                self.stats.interrupted_by = Interruption.BUDGET
+            self.stats.interrupted_by = self.stats.interrupted_by or (Interruption.NO_PRICE if most is None
+                                                                      else Interruption.BUDGET)
             return False
-        self.budget.reserve(job.most_cost)
+        self.budget.reserve(most)
+        job.most_cost = most
         return True
 
     async def submit(self, spool: BatchSpool, most_cost: float = 0.0) -> None:

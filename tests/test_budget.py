@@ -19,7 +19,7 @@ def rows_answered(requests_path) -> Counter:
 
 
 def test_the_budget_takes_requests_in_flight_at_the_most_they_can_cost():
-    budget = app.Budget(1.0)
+    budget = app.Budget(1.0, {})
     steps = [  # (what happens, whether a request costing at most 0.3 would fit then)
         (lambda: budget.reserve(0.3), True),  # 0.3 reserved
         (lambda: budget.reserve(0.3), True),  # 0.6
@@ -99,3 +99,20 @@ def test_the_status_line_summary_and_dry_run_show_the_budget(tmp_path, fake_serv
     assert "of the $0.02 budget" in result.stderr
     assert "a rerun with the same --max_cost spends up to it again" in result.stderr
     assert len(read_jsonl(tmp_path / "r_results.jsonl")) < 200
+
+
+@pytest.mark.parametrize(("ttl", "warm", "batch", "us_only", "expected"), [
+    (300.0, False, False, False, 3880),  # 240 input at $2, 960 written at $2.50, 100 output at $10 (per million)
+    (300.0, True, False, False, 1672),  # the prefix read at $0.20
+    (3600.0, False, False, False, 5320),  # written for an hour at $4
+    (300.0, False, True, False, 1940),  # the batch price: half
+    (300.0, False, False, True, 4268),  # US-only inference: 1.1x
+])
+def test_the_most_a_request_can_cost_takes_its_prefix_at_the_right_price(ttl, warm, batch, us_only, expected):
+    budget = app.Budget(1.0, app.load_prices(None))
+    body = request("q", max_tokens=100, **({"inference_geo": "us"} if us_only else {}))
+    job = app.Job(1, body, b"{}", None, None, app.TokenEstimate(1000, 800, (42, ttl)))
+    # 1,000 tokens by cl100k_base, 800 of them in the prefix, at 1.0x and the 20% margin: 1,200 and 960
+    assert budget.most_cost(job, 1.0, warm, batch) == pytest.approx(expected / 1e6)
+    assert budget.most_cost(app.Job(1, {**body, "model": "claude-unpriced"}, b"", None, None, job.estimate),
+                            1.0, warm) is None
