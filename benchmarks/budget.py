@@ -1,7 +1,8 @@
 """--max_cost: what the fake server billed against the budget, on both roads, with faults and with long answers.
 
 1. 2,000 requests with a budget that covers about half of them: the exit code, billed / budget, and a rerun with a
-   larger budget (every line answered exactly once?). The same with 20% faults, and on the batch road.
+   larger budget (every line answered exactly once?). The same with 20% faults, and on the batch road with and
+   without faults (results errored or expired, endpoint failures).
 2. Long answers (max_tokens 64,000, streamed, 8,000 tokens produced in 0.8 s each) under a 600 requests/min limit:
    the share of the budget used when the run stops, and the request rate while the budget is far and near.
 
@@ -75,6 +76,9 @@ def main() -> None:
         half_and_rest(Path(folder), "direct, 20% faults", args.requests, half,
                       FakeConfig(latency=(0.05, 0.1), fault_rate=0.2, slow_seconds=1.5, seed=5))
         half_and_rest(Path(folder), "batch", args.requests, half / 2, FakeConfig(), batch=True)
+        half_and_rest(Path(folder), "batch, 20% faults", args.requests, half / 2,
+                      FakeConfig(batch_errored_rate=0.1, batch_expired_rate=0.05, batch_fault_rate=0.2, seed=5),
+                      batch=True)
         long_answers(Path(folder), 30.0)
 
 
