@@ -45,7 +45,9 @@ def half_and_rest(folder: Path, name: str, count: int, budget: float, config: Fa
         rows = answered(requests_path)
         print(f"{name:<24} exit {stats.exit_code}, billed ${billed:.4f} / budget ${budget:.4f} = {billed / budget:.1%}"
               f", {first:,} lines answered; rerun exit {rerun.exit_code}: {len(rows):,}/{count:,} lines, each once: "
-              f"{set(rows.values()) == {1}}, paid twice {fake.stats.paid_twice}")
+              f"{set(rows.values()) == {1}}, paid twice {fake.stats.paid_twice}"
+              + (f"; resubmitted {stats.batch.resubmitted}, endpoint faults {fake.stats.batch_faults}"
+                 if stats.batch else ""))
 
 
 def long_answers(folder: Path, budget: float) -> None:
