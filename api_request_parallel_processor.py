@@ -2855,7 +2855,7 @@ class Processor:
         finish within the grace period. What is cut off is sent again by the next run."""
         if not self.tasks:
             return
-        if self.stats.interrupted_by in (None, Interruption.BUDGET):
+        if self.stats.interrupted_by not in (Interruption.SIGINT, Interruption.SIGTERM):
             await asyncio.gather(*self.tasks)
             return
         _, cut_off = await asyncio.wait(self.tasks, timeout=self.settings.grace_period)
@@ -3757,8 +3757,9 @@ def log_summary(stats: RunStats, settings: Settings) -> None:
                     "--max_cost spends up to it again. {} are left for a rerun with a larger --max_cost (exit code "
                     "5).", stats.budget.describe(), left)
     elif stats.interrupted_by:
-        log.warning("Run the same command again{} to send the lines that have no result yet.",
-                    " once --request_url is right" if stats.interrupted_by is Interruption.UNUSABLE_ADDRESS else "")
+        fix = {Interruption.UNUSABLE_ADDRESS: " once --request_url is right",
+               Interruption.NO_PRICE: " once --prices gives every model a price"}.get(stats.interrupted_by, "")
+        log.warning("Run the same command again{} to send the lines that have no result yet.", fix)
     elif stats.batch is not None and stats.batch.open:
         log.info("{:,} batch(es) are still processing ({:,} requests): run the same command again later to collect "
                  "them (exit code 4).", len(stats.batch.open), stats.batch.processing)
