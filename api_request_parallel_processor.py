@@ -288,6 +288,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog="api_request_parallel_processor.py",
         description="Send a JSONL file of Anthropic Messages API requests in parallel, under your rate limits.",
+        epilog="exit codes: 0 every line succeeded; 1 some failed (see the errors file); 2 a usage or configuration "
+               "error; 3 stopped by an outage, or batched lines left for the next run; 4 batches still processing; "
+               "5 stopped at the budget; 130/143 interrupted. Codes 3 and up: run the same command again to go on.",
     )
     for setting in fields(Settings):
         options = {key: value for key, value in setting.metadata.items() if key != "parse"}
@@ -295,6 +298,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
             options["action"] = "store_true"
         if setting.metadata["parse"] is not None:
             options["type"] = argument_type(setting.metadata["parse"])
+        if setting.default not in (None, False) and "default" not in options["help"]:
+            options["help"] += f" (default: {setting.default})"
         parser.add_argument(f"--{setting.name}", default=setting.default, **options)
     return parser
 

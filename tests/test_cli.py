@@ -188,3 +188,13 @@ def test_plain_http_to_another_host_draws_one_warning_before_anything_is_sent(tm
         assert app.unencrypted_host(url) == host, url
     fake = fake_server()
     assert "unencrypted" not in run_cli(*cli_args(fake, requests_path)).stderr
+
+
+def test_help_shows_every_default_and_the_exit_codes():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    for default in ("(default: 40)", "(default: 16000)", "(default: 5)", "(default: INFO)", "(default: 600.0)",
+                    "(default: https://api.anthropic.com/v1/messages)", "(default: 100000)"):
+        assert default in text, default
+    assert "exit codes: 0 every line succeeded" in text and "5 stopped at the budget" in text
