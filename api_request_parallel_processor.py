@@ -37,9 +37,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import codecs
 import hashlib
 import heapq
 import ipaddress
+import itertools
 import json
 import math
 import os
@@ -690,9 +692,12 @@ def count_request_lines(path: str) -> int:
 
 def read_lines(path: str) -> Iterator[tuple[int, bytes]]:
     """Yield (line number, raw line), skipping blank lines. Streams the file: memory does not grow
-    with its size. Bytes, so that one line that is not UTF-8 is a bad line, not a crash."""
+    with its size. Bytes, so that one line that is not UTF-8 is a bad line, not a crash. A byte-order mark
+    (an editor's on Windows) is not part of the first line."""
     with open(path, "rb", buffering=READ_BUFFER_BYTES) as file:
-        for line_number, raw in enumerate(file, start=1):
+        first = file.readline()
+        lines = itertools.chain([first.removeprefix(codecs.BOM_UTF8)], file)
+        for line_number, raw in enumerate(lines, start=1):
             if not raw.isspace():
                 yield line_number, raw
 
@@ -2022,7 +2027,8 @@ class Attempt:
     status: int | None = None
     authentication_failed: bool = False
     headers: Any = None  # the response's headers, for the rate-limit figures
-    unusable_address: str = ""  # why the host cannot be used (no such name, no TLS), a typo more than a fault
+    unusable_address: str = ""  # why the address cannot be used (no such host, no TLS, nothing listening, not the
+    # API's path): a typo more than a fault, when nothing was ever answered there
     timed_out: bool = False
     maybe_billed: bool = False  # no answer says what it cost, though it may have been processed (a timeout, a 200
     # broken off)
@@ -2094,6 +2100,7 @@ def interpret_response(status: int, headers: Any, raw: bytes) -> Attempt:
         request_id = request_id or body.get("request_id", "")
     else:
         description = f"HTTP {status} with a non-JSON body: {snippet(raw)}"
+    not_the_api = status in (404, 405) and not isinstance(error, dict)  # a web server's page: a wrong path
     if request_id:
         description += f" (request-id {request_id})"
 
@@ -2106,7 +2113,9 @@ def interpret_response(status: int, headers: Any, raw: bytes) -> Attempt:
         if isinstance(details, dict) and details.get("error_code") == "enforced_spend_limit_reached":
             retryable = False
     return Attempt(error=description, retryable=retryable, retry_after=parse_retry_after(headers),
-                   status=status, authentication_failed=status == 401, headers=headers)
+                   status=status, authentication_failed=status == 401, headers=headers,
+                   unusable_address=f"HTTP {status} from something that is not the Messages API: is the path "
+                                    "/v1/messages?" if not_the_api else "")
 
 
 SECONDS_PER_MAX_TOKEN = 3600 / 128_000  # the SDK's bound on how long a request may take, per max_tokens...
@@ -2224,12 +2233,15 @@ async def read_event_stream(response: aiohttp.ClientResponse) -> Attempt:
 
 
 def address_problem(error: aiohttp.ClientError) -> str:
-    """What makes the address unusable, for the network errors that say so: a host name that does not
-    resolve, or a host that TLS cannot be set up with. Empty for the others (refused, reset: an outage)."""
+    """What makes the address unusable, if nothing was ever answered there, for the network errors that say so: a
+    host name that does not resolve, a host that TLS cannot be set up with, a port where nothing listens. Empty for
+    the others (reset, timed out: an outage)."""
     if isinstance(error, (aiohttp.ClientSSLError, aiohttp.ClientConnectorCertificateError)):
         return f"no secure connection can be made ({error})"
     if isinstance(error, aiohttp.ClientConnectorError) and isinstance(error.os_error, socket.gaierror):
         return f"the host name does not resolve ({error.os_error.strerror})"
+    if isinstance(error, aiohttp.ClientConnectorError) and isinstance(error.os_error, ConnectionRefusedError):
+        return "nothing listens at that port (connection refused)"
     if isinstance(error, aiohttp.InvalidURL):
         return f"the URL is not valid ({error})"
     return ""
@@ -2644,7 +2656,7 @@ class Processor:
         self.reader = LineReader(lines, resume_index, writer, self.stats)
         self.unsettled = 0  # jobs read but not yet written to either file
         self.unmarked_warned = False
-        self.answered = False  # whether any HTTP response came back in this run
+        self.answered = False  # whether anything answered in this run, at an address that can be used
         self.first_outcome = asyncio.Event()  # set once the first attempt has come back, whatever it came to
         self.first_sent = False
         self.admitted_at = clock()  # when the API last answered anything but a 429
@@ -2738,7 +2750,6 @@ class Processor:
         finally:
             self.flight_slots.release()
             self.stats.in_flight -= 1
-        self.answered |= result.status is not None
         self.first_outcome.set()
         if result.status is not None and not result.rate_limited:
             self.admitted_at = self.clock()
@@ -2747,6 +2758,7 @@ class Processor:
                       "Stopping; every line is left for the next run.", urlsplit(self.settings.request_url).hostname,
                       result.unusable_address)
             self.interrupt(Interruption.UNUSABLE_ADDRESS)
+        self.answered |= result.status is not None and not result.unusable_address
         lane.attempt_ended(job, result)
         if self.outage.record(job.line_number, result):
             log.warning("{} lines in a row got no answer or a 5xx (the last: {}): the API or the network is down. "
@@ -2776,7 +2788,7 @@ class Processor:
         job.errors.append(message)
         if result.rate_limited:
             self.stats.rate_limited += 1
-        if self.stats.interrupted_by and result.retryable:
+        if self.stats.interrupted_by and (result.retryable or result.unusable_address):
             log.debug("line {}: {}; left for the next run", job.line_number, message)
             return
         decision = decide(result, job.attempts, self.settings.max_attempts, self.clock() - self.admitted_at,

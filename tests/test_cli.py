@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -198,3 +200,28 @@ def test_help_shows_every_default_and_the_exit_codes():
                     "(default: https://api.anthropic.com/v1/messages)", "(default: 100000)"):
         assert default in text, default
     assert "exit codes: 0 every line succeeded" in text and "5 stopped at the budget" in text
+
+
+def test_a_wrong_path_or_a_port_where_nothing_listens_stops_at_once_with_nothing_failed(tmp_path, fake_server):
+    fake = fake_server()
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(5)])
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        idle_port = probe.getsockname()[1]
+    for url, problem in ((fake.url.removesuffix("/messages"), "HTTP 404 from something that is not the Messages API"),
+                         (f"http://127.0.0.1:{idle_port}/v1/messages", "nothing listens at that port")):
+        started = time.monotonic()
+        result = run_cli("--requests_filepath", str(requests_path), "--api_key", API_KEY, "--request_url", url)
+        assert result.returncode == 2 and time.monotonic() - started < 10, result.stderr
+        assert problem in result.stderr and "check --request_url" in result.stderr
+        assert outputs(requests_path) == ([], [])  # nothing failed: every line is left for the next run
+    assert run_cli(*cli_args(fake, requests_path)).returncode == 0  # the right address answers them all
+    assert len(outputs(requests_path)[0]) == 5
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path, fake_server):
+    fake = fake_server()
+    requests_path = tmp_path / "r.jsonl"
+    requests_path.write_bytes(b"\xef\xbb\xbf" + json.dumps(request("q", 0)).encode() + b"\r\n")
+    assert run_cli(*cli_args(fake, requests_path)).returncode == 0
+    assert len(outputs(requests_path)[0]) == 1
