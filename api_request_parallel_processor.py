@@ -2114,8 +2114,8 @@ def interpret_response(status: int, headers: Any, raw: bytes) -> Attempt:
             retryable = False
     return Attempt(error=description, retryable=retryable, retry_after=parse_retry_after(headers),
                    status=status, authentication_failed=status == 401, headers=headers,
-                   unusable_address=f"HTTP {status} from something that is not the Messages API: is the path "
-                                    "/v1/messages?" if not_the_api else "")
+                   unusable_address=f"HTTP {status} from something that is not the Messages API (is the path "
+                                    "/v1/messages?)" if not_the_api else "")
 
 
 SECONDS_PER_MAX_TOKEN = 3600 / 128_000  # the SDK's bound on how long a request may take, per max_tokens...
