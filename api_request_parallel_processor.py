@@ -2892,7 +2892,6 @@ BATCH_POLL_MAX_SECONDS = 60.0  # the wait between looks at the open batches grow
 BATCH_POLL_GROWTH = 1.5
 BATCH_CLOCK_SKEW_SECONDS = 300.0  # a batch the API made this long before our record of the intent may be ours
 BATCH_DOWNLOAD_TRIES = 5  # a results download that keeps missing results is read again, this many times in all
-BATCH_CALL_TRIES = 5  # a call answered with a 408 or a 409 (rare) is tried this many times; the rest are timed
 BATCH_RECORDS_KEPT_DAYS = 7  # the journal forgets finished batches after this long
 UPLOAD_CHUNK_BYTES = 1 << 20
 SERVER_SIDE_ERRORS = frozenset({"api_error", "overloaded_error"})  # errored results worth resubmitting
@@ -3160,16 +3159,17 @@ class BatchClient:
             await asyncio.sleep(delay)
 
     def retry_delay(self, attempt: Attempt, tries: int, started: float) -> float:
-        """How long to wait before trying a failed call again, by `decide`: the endpoints' failures, like an
-        outage's, are bounded by time, not by a count. Raises when the call must not be tried again."""
+        """How long to wait before trying a failed call again, by `decide`: every failure worth another try (a
+        timeout and a 408 too) is bounded by time, OUTAGE_MAX_SECONDS, not by a count. Raises when the call must
+        not be tried again."""
         failing = self.clock() - started
-        decision = decide(attempt, tries, BATCH_CALL_TRIES, failing, failing)
+        decision = decide(attempt, tries, math.inf, failing, failing)
         problem = redact(attempt.error, self.api_key)
         if decision.action == STOP:
             raise KeyRejected(problem)
         if decision.action == FAIL:
             raise BatchRefused(problem)
-        if decision.action == GIVE_UP:
+        if decision.action == GIVE_UP or failing > OUTAGE_MAX_SECONDS:
             raise BatchUnavailable(problem)
         return decision.delay
 
