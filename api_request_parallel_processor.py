@@ -1211,6 +1211,11 @@ class Interruption(Enum):
             return 5
         return 2 if self in (Interruption.UNUSABLE_ADDRESS, Interruption.NO_PRICE) else 3
 
+    @property
+    def cuts_requests_in_flight(self) -> bool:
+        """Whether the requests in flight get only the grace period: all but the budget's, which are paid for."""
+        return self is not Interruption.BUDGET
+
 
 @dataclass
 class BatchProgress:
@@ -2836,8 +2841,9 @@ class Processor:
     # -- stopping ----------------------------------------------------------------------------------
 
     def interrupt(self, cause: Interruption) -> None:
-        """A signal, an outage too long to wait out or an address that cannot be used: stop sending, let
-        requests in flight finish within the grace period, and leave everything unsent for the next run.
+        """A signal, an outage too long to wait out, an address that cannot be used, the budget or a model without
+        a price: stop sending, let requests in flight finish (see finish_in_flight), and leave everything unsent
+        for the next run.
         A second signal abandons them at once."""
         if self.stats.interrupted_by:
             log.warning("{} again: stopping now; {} request(s) in flight are abandoned, and the next run sends "
@@ -2868,11 +2874,12 @@ class Processor:
             self.fail(job, "run stopped")
 
     async def finish_in_flight(self) -> None:
-        """Let the requests in flight finish: all of them, or after an interruption those that
-        finish within the grace period. What is cut off is sent again by the next run."""
+        """Let the requests in flight finish: all of them (also when the budget stopped the run: they are paid
+        for), or after another interruption those that finish within the grace period. What is cut off is sent
+        again by the next run."""
         if not self.tasks:
             return
-        if self.stats.interrupted_by not in (Interruption.SIGINT, Interruption.SIGTERM):
+        if self.stats.interrupted_by is None or not self.stats.interrupted_by.cuts_requests_in_flight:
             await asyncio.gather(*self.tasks)
             return
         _, cut_off = await asyncio.wait(self.tasks, timeout=self.settings.grace_period)
@@ -3331,7 +3338,7 @@ class BatchRun:
 
     def interrupt(self, cause: Interruption) -> None:
         """SIGINT or SIGTERM: stop waiting (never the batches). A second one changes nothing more."""
-        if self.stats.interrupted_by in (None, Interruption.BUDGET):
+        if self.stats.interrupted_by not in (Interruption.SIGINT, Interruption.SIGTERM):
             self.stats.interrupted_by = cause
             if self.task is not None:
                 self.task.cancel()
@@ -3368,11 +3375,12 @@ class BatchRun:
         most = self.budget.most_cost(job, self.token_ratios.get(model) or model_facts(model).tokens_per_cl100k,
                                      prefix_warm=False, batch=True)
         if most is None or not self.budget.admits(most):
-            if self.stats.interrupted_by is None and most is not None:
-                log.warning("The next request could take this run's cost past the budget: no more batches are "
-                            "submitted ({} so far, not counting the open batches).", self.budget.describe())
-            self.stats.interrupted_by = self.stats.interrupted_by or (Interruption.NO_PRICE if most is None
-                                                                      else Interruption.BUDGET)
+            if self.stats.interrupted_by is None:  # said once: the follow-ups of later batches may find no room too
+                cause = Interruption.BUDGET if most is not None else Interruption.NO_PRICE
+                if cause is Interruption.BUDGET:
+                    log.warning("The next request could take this run's cost past the budget: no more batches are "
+                                "submitted ({} so far, not counting the open batches).", self.budget.describe())
+                self.stats.interrupted_by = cause
             return False
         self.budget.reserve(most)
         job.most_cost = most

@@ -361,3 +361,12 @@ def test_fifteen_minutes_of_nothing_but_429s_gives_up():
     assert app.decide(limited, 1, 5, since_answered=899.0, outage_seconds=None).action == app.RETRY
     decision = app.decide(limited, 1, 5, since_answered=901.0, outage_seconds=None)
     assert decision.action == app.GIVE_UP and decision.cause is app.Interruption.ONLY_429S
+
+
+@pytest.mark.parametrize(("cause", "exit_code", "cuts"), [
+    (app.Interruption.SIGINT, 130, True), (app.Interruption.SIGTERM, 143, True), (app.Interruption.OUTAGE, 3, True),
+    (app.Interruption.ONLY_429S, 3, True), (app.Interruption.UNUSABLE_ADDRESS, 2, True),
+    (app.Interruption.NO_PRICE, 2, True), (app.Interruption.BUDGET, 5, False),
+])
+def test_each_interruption_has_its_exit_code_and_its_grace_period(cause, exit_code, cuts):
+    assert (cause.exit_code, cause.cuts_requests_in_flight) == (exit_code, cuts)
