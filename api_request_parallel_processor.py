@@ -222,7 +222,7 @@ class Settings:
     request_timeout: float = flag(600.0, "seconds a plain request may take, or a streamed one may stay silent",
                                   positive_number)
     status_interval: float = flag(30.0, "seconds between status lines when stderr is not a terminal", positive_number)
-    grace_period: float = flag(30.0, "on Ctrl+C or SIGTERM, seconds to let requests in flight finish",
+    grace_period: float = flag(30.0, "on Ctrl+C, SIGTERM or SIGHUP, seconds to let requests in flight finish",
                                positive_number)
     start_over: bool = flag(False, "move earlier results aside and send every line again (default: resume)")
     prices: str | None = flag(None, 'JSON file of price rows in USD per million tokens, e.g. {"claude-sonnet-5-5": '
@@ -307,13 +307,18 @@ def build_argument_parser() -> argparse.ArgumentParser:
 
 
 def resolve_api_key(explicit: str | None) -> str:
-    """The key from the argument, else ANTHROPIC_API_KEY from the environment or a .env file."""
-    if explicit:
-        return explicit
-    load_dotenv(find_dotenv(usecwd=True))
-    key = os.getenv("ANTHROPIC_API_KEY")
+    """The key from the argument, else ANTHROPIC_API_KEY from the environment or a .env file; without the
+    whitespace around it (a variable set from a file keeps its newline). A key that still holds a control
+    character cannot go in a header: every request would fail, so it is refused at once, without showing it."""
+    if not explicit:
+        load_dotenv(find_dotenv(usecwd=True))
+    key = (explicit or os.getenv("ANTHROPIC_API_KEY") or "").strip()
     if not key:
         raise ConfigError("no API key: set ANTHROPIC_API_KEY in the environment or a .env file, or pass --api_key")
+    bad = next((position for position, char in enumerate(key, start=1) if ord(char) < 32 or ord(char) == 127), None)
+    if bad is not None:
+        raise ConfigError(f"the API key holds a control character (character {bad} of {len(key)}): copy the key "
+                          "again, as one line")
     return key
 
 
@@ -1195,6 +1200,7 @@ class Interruption(Enum):
 
     SIGINT = "SIGINT"
     SIGTERM = "SIGTERM"
+    SIGHUP = "SIGHUP"  # the terminal closed, an ssh session dropped: as graceful as SIGTERM
     OUTAGE = "an outage"  # the API stayed down longer than OUTAGE_MAX_SECONDS...
     ONLY_429S = "nothing but 429s"  # ...or answered nothing but 429s for as long (another program takes the limit)
     UNUSABLE_ADDRESS = "an address that cannot be used"  # the first attempts cannot connect: a typo, not an outage
@@ -1203,9 +1209,9 @@ class Interruption(Enum):
 
     @property
     def exit_code(self) -> int:
-        """130 and 143 for the signals (128 + their number), 3 for a rerun later, 2 for a setting to fix, 5 for
-        a rerun with a larger budget."""
-        if self in (Interruption.SIGINT, Interruption.SIGTERM):
+        """130, 143 and 129 for the signals (128 + their number), 3 for a rerun later, 2 for a setting to fix, 5
+        for a rerun with a larger budget."""
+        if self in SIGNALS:
             return 128 + signal.Signals[self.value].value
         if self is Interruption.BUDGET:
             return 5
@@ -1215,6 +1221,9 @@ class Interruption(Enum):
     def cuts_requests_in_flight(self) -> bool:
         """Whether the requests in flight get only the grace period: all but the budget's, which are paid for."""
         return self is not Interruption.BUDGET
+
+
+SIGNALS = (Interruption.SIGINT, Interruption.SIGTERM, Interruption.SIGHUP)
 
 
 @dataclass
@@ -1293,7 +1302,7 @@ class RunStats:
     def exit_code(self) -> int:
         """0 every line succeeded, 1 some failed, 2 the key was rejected or the address cannot be used (a
         configuration error), 3 stopped by an outage or by 15 minutes of nothing but 429s, 130 or 143
-        interrupted by SIGINT or SIGTERM (3 and up: rerun to continue). A batch run adds 4: batches are still
+        interrupted by SIGINT, SIGTERM or SIGHUP (3 and up: rerun to continue). A batch run adds 4: batches are still
         processing (--no_wait), and 3 for lines left for the next run (their batch was canceled, or it
         expired or failed on the API's side more often than --max_attempts). 5: stopped at the budget."""
         if self.interrupted_by is not None:
@@ -1327,7 +1336,7 @@ def log_interruption(cause: Interruption, stats: RunStats, failing_for: float, g
     elif cause is Interruption.BUDGET:
         log.warning("The next request could take this run's cost past the budget: sending no new requests; the {} in "
                     "flight finish and are saved. So far {}.", stats.in_flight, stats.budget.describe())
-    elif cause in (Interruption.SIGINT, Interruption.SIGTERM):
+    elif cause in SIGNALS:
         log.warning("{}: sending no new requests; waiting up to {:g} s for the {} in flight (again to stop now).",
                     cause.value, grace_period, stats.in_flight)
 
@@ -2108,6 +2117,12 @@ def interpret_response(status: int, headers: Any, raw: bytes) -> Attempt:
     not_the_api = status in (404, 405) and not isinstance(error, dict)  # a web server's page: a wrong path
     if request_id:
         description += f" (request-id {request_id})"
+    if 300 <= status < 400:  # never followed: the key would go wherever it points
+        target = headers.get("location", "nowhere")
+        return Attempt(error=f"HTTP {status}: a redirect to {target}, not followed (the key is sent to "
+                             "--request_url only)", status=status, headers=headers,
+                       unusable_address=f"it redirects (HTTP {status}) to {target}: set --request_url to that "
+                                        "address if it is the API")
 
     retryable = retryable_status(status)
     should_retry = headers.get("x-should-retry")
@@ -2263,7 +2278,8 @@ async def send_attempt(session: aiohttp.ClientSession, url: str, headers: dict[s
     try:
         silence = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)}
         long = streamed or not isinstance(payload, (bytes, type(None)))
-        async with session.request(method, url, data=payload, headers=headers, **(silence if long else {})) as response:
+        async with session.request(method, url, data=payload, headers=headers, allow_redirects=False,
+                                   **(silence if long else {})) as response:
             status = response.status
             if streamed and response.status == 200 and response.content_type == "text/event-stream":
                 return await read_event_stream(response)
@@ -3205,10 +3221,13 @@ class BatchClient:
 
     async def result_lines(self, url: str) -> AsyncIterator[bytes]:
         """The lines of a batch's results as they arrive: a results file can be hundreds of megabytes, and
-        one line can be larger than aiohttp's line limit, so lines are split here. Raises DownloadCut."""
+        one line can be larger than aiohttp's line limit, so lines are split here. A `results_url` at another
+        address than --request_url's is fetched without the key. Raises DownloadCut."""
         silence = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=self.timeout)
+        same_origin = urlsplit(url)[:2] == urlsplit(self.url)[:2]
+        headers = self.headers if same_origin else {"anthropic-version": self.headers["anthropic-version"]}
         try:
-            async with self.session.get(url, headers=self.headers, timeout=silence) as response:
+            async with self.session.get(url, headers=headers, timeout=silence, allow_redirects=False) as response:
                 if response.status != 200:
                     raise DownloadCut(interpret_response(response.status, response.headers, await response.read()))
                 pending = bytearray()
@@ -3337,8 +3356,8 @@ class BatchRun:
         await self.wait_and_collect()
 
     def interrupt(self, cause: Interruption) -> None:
-        """SIGINT or SIGTERM: stop waiting (never the batches). A second one changes nothing more."""
-        if self.stats.interrupted_by not in (Interruption.SIGINT, Interruption.SIGTERM):
+        """A signal: stop waiting (never the batches). A second one changes nothing more."""
+        if self.stats.interrupted_by not in SIGNALS:
             self.stats.interrupted_by = cause
             if self.task is not None:
                 self.task.cancel()
@@ -3539,6 +3558,20 @@ class BatchRun:
 CLEAR_LINE = "\r\x1b[K"  # carriage return, then erase to the end of the line
 
 
+def on_terminal() -> bool:
+    """Whether stderr is a terminal (None when the run was started with it closed)."""
+    return sys.stderr is not None and sys.stderr.isatty()
+
+
+def write_terminal(text: str) -> None:
+    """Write on the terminal, which may have gone away (a closed window): the run goes on without it."""
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
 def batch_status(stats: RunStats) -> str:
     """A batch run's counts: what was written, and the open batches as the API last reported them."""
     batch = stats.batch
@@ -3590,8 +3623,7 @@ async def report_progress(stats: RunStats, interval: float, live: bool) -> None:
     while True:
         await asyncio.sleep(1.0 if live else interval)
         if live:
-            sys.stderr.write(CLEAR_LINE + status_line(stats))
-            sys.stderr.flush()
+            write_terminal(CLEAR_LINE + status_line(stats))
         else:
             log.info("Status: {}", status_line(stats))
 
@@ -3837,11 +3869,11 @@ def save_index(index: ResumeIndex, results_path: str, token_ratios: dict[str, fl
 
 
 def install_signal_handlers(on_signal: Callable[[Interruption], None]) -> Callable[[], None]:
-    """Route SIGINT and SIGTERM to `on_signal` for the run's duration; returns the undo. Where the
+    """Route SIGINT, SIGTERM and SIGHUP to `on_signal` for the run's duration; returns the undo. Where the
     loop cannot take signals (not the main thread, Windows), the run keeps the host's handling."""
     loop = asyncio.get_running_loop()
     previous: dict[signal.Signals, Any] = {}
-    for number in (signal.SIGINT, signal.SIGTERM):
+    for number in (getattr(signal, cause.value) for cause in SIGNALS if hasattr(signal, cause.value)):
         try:
             handler = signal.getsignal(number)
             loop.add_signal_handler(number, on_signal, Interruption[number.name])
@@ -3867,7 +3899,7 @@ async def run_processor(config: Settings, lines: Iterable[tuple[int, Any]], coun
     """One session, one processor, with its progress reporter, line counter and signal handlers."""
     connector = aiohttp.TCPConnector(limit=config.max_concurrent_requests)
     timeout = aiohttp.ClientTimeout(total=config.request_timeout)
-    live = sys.stderr.isatty()
+    live = on_terminal()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         road = BatchRun if config.batch else Processor
         processor = road(config, session, lines, sink, resume_index, prices)
@@ -3881,7 +3913,7 @@ async def run_processor(config: Settings, lines: Iterable[tuple[int, Any]], coun
             restore_signals()
             reporter.cancel()
             if live:
-                sys.stderr.write(CLEAR_LINE)
+                write_terminal(CLEAR_LINE)
 
 
 async def run(config: Settings, lines: Iterable[tuple[int, Any]], count_total: Callable[[], int],
@@ -3969,7 +4001,10 @@ def main(argv: list[str] | None = None) -> int:
         if config.dry_run:
             return print_dry_run(config)
         logger.remove()
-        sink = (lambda message: sys.stderr.write(CLEAR_LINE + message)) if sys.stderr.isatty() else sys.stderr
+        sink: Any = (lambda message: write_terminal(CLEAR_LINE + message)) if on_terminal() else sys.stderr
+        if sys.stderr is None:  # started with stderr closed (`2>&-`): the log goes beside the results
+            sink = config.save_filepath + ".log"
+            print(f"stderr is closed: the log goes to {sink}", flush=True)
         logger.add(sink, level=config.logging_level, format="{time:YYYY-MM-DD HH:mm:ss} | {level: <8} | {message}")
         return asyncio.run(process_api_requests_from_file(**arguments)).exit_code
     except ConfigError as error:

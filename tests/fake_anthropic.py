@@ -117,6 +117,8 @@ class FakeConfig:
     batch_cut_downloads: int = 0  # this many results downloads are cut off halfway
     batch_lost_creates: int = 0  # this many creates make the batch but drop the connection before answering
     batch_create_seconds: float = 0.0  # a create makes the batch at once, then takes this long to answer
+    results_origin: str = ""  # e.g. "http://127.0.0.1:9999": batches' results_url on another address
+    hostile: Any = None  # async (request, body) -> a response to send instead, or None: a lying server's answers
     seed: int = 1234
 
 
@@ -419,6 +421,10 @@ class FakeAnthropic:
             body = json.loads(raw)
         except ValueError:
             return self.error(400, "invalid_request_error", "There was an issue with your request body: not JSON")
+        if self.config.hostile is not None:
+            lie = await self.config.hostile(request, body)
+            if lie is not None:
+                return lie
         problem = self.validate(body)
         if problem:
             return self.error(400, "invalid_request_error", problem)
@@ -716,7 +722,7 @@ class FakeAnthropic:
             for result in results:
                 counts[result["result"]["type"]] += 1
         status = "ended" if results is not None else "canceling" if batch.cancel_initiated_at else "in_progress"
-        base = f"{request.scheme}://{request.host}/v1/messages/batches/{batch.id}"
+        base = f"{self.config.results_origin or f'{request.scheme}://{request.host}'}/v1/messages/batches/{batch.id}"
         return {"id": batch.id, "type": "message_batch", "processing_status": status, "request_counts": counts,
                 "created_at": rfc3339(batch.created_at), "expires_at": rfc3339(batch.created_at + 86_400),
                 "ended_at": rfc3339(time.time()) if results is not None else None,
@@ -814,6 +820,46 @@ class ServerThread:
         asyncio.run_coroutine_threadsafe(self.fake.stop(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+
+class Listener:
+    """Another server on loopback, on its own thread: it records every request's path and headers, and answers
+    with `handler(request)` (by default a 404), e.g. to check that a redirect or a results_url never gets the key."""
+
+    def __init__(self, handler: Any = None) -> None:
+        self.handler = handler
+        self.seen: list[tuple[str, dict[str, str]]] = []
+        self.url = ""
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.runner: web.AppRunner | None = None
+
+    async def answer(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append((request.path, dict(request.headers)))
+        return await self.handler(request) if self.handler else web.Response(status=404, text="nothing here")
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.answer)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+
+    def __enter__(self) -> Listener:  # noqa: PYI034 - a final class
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.start(), self.loop).result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)  # type: ignore[union-attr]
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    @property
+    def keys_received(self) -> int:
+        return sum(1 for _, headers in self.seen if "x-api-key" in {name.lower() for name in headers})
 
 
 def main() -> None:

@@ -364,7 +364,8 @@ def test_fifteen_minutes_of_nothing_but_429s_gives_up():
 
 
 @pytest.mark.parametrize(("cause", "exit_code", "cuts"), [
-    (app.Interruption.SIGINT, 130, True), (app.Interruption.SIGTERM, 143, True), (app.Interruption.OUTAGE, 3, True),
+    (app.Interruption.SIGINT, 130, True), (app.Interruption.SIGTERM, 143, True), (app.Interruption.SIGHUP, 129, True),
+    (app.Interruption.OUTAGE, 3, True),
     (app.Interruption.ONLY_429S, 3, True), (app.Interruption.UNUSABLE_ADDRESS, 2, True),
     (app.Interruption.NO_PRICE, 2, True), (app.Interruption.BUDGET, 5, False),
 ])

@@ -61,7 +61,8 @@ def test_sigkill_at_a_random_moment_then_rerun_gives_every_line_exactly_once(tmp
     assert fake.stats.paid_twice <= in_flight_at_kill, f"killed at {kill_after:.2f} s"
 
 
-@pytest.mark.parametrize(("signal_number", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(("signal_number", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130),
+                                                               (signal.SIGHUP, 129)])
 def test_a_signal_stops_gracefully_and_the_rerun_pays_nothing_twice(tmp_path, fake_server, signal_number, exit_code):
     fake = fake_server(latency=(1.0, 1.0))
     requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(25)])
