@@ -46,6 +46,7 @@ import json
 import math
 import os
 import random
+import reprlib
 import signal
 import socket
 import sys
@@ -631,6 +632,18 @@ class BadLine(Exception):
     """A line that cannot be sent. The message says why; the line number is added by the reader."""
 
 
+MAX_TOKENS_CEILING = 1_000_000  # no model writes more in one answer (300,000 at most in 2026, in a batch)
+
+
+def reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def load_json(raw: bytes | str) -> Any:
+    """JSON as the API reads it: NaN and Infinity, which Python's json takes, are not JSON (ValueError)."""
+    return json.loads(raw, parse_constant=reject_constant)
+
+
 def find_body_problem(body: dict[str, Any]) -> str | None:
     """The first reason the API would certainly reject this body, or None. Checks only what the API
     documents as required, so new optional fields and block types pass through untouched."""
@@ -640,6 +653,8 @@ def find_body_problem(body: dict[str, Any]) -> str | None:
     max_tokens = body.get("max_tokens")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         return "missing or invalid 'max_tokens' (a positive integer)"
+    if max_tokens > MAX_TOKENS_CEILING:
+        return f"'max_tokens' is over {MAX_TOKENS_CEILING:,}: no model writes that much in one answer"
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return "missing or invalid 'messages' (a non-empty list)"
@@ -658,11 +673,13 @@ def parse_request(raw: bytes | Any) -> tuple[dict[str, Any], Any]:
     process_requests. Returns (body to send, the user's metadata or None); raises BadLine."""
     if isinstance(raw, bytes):
         try:
-            raw = json.loads(raw.decode("utf-8"))
+            raw = load_json(raw.decode("utf-8"))
         except UnicodeDecodeError:
             raise BadLine("not valid UTF-8") from None
         except json.JSONDecodeError as error:
-            raise BadLine(f"not valid JSON ({error.msg} at column {error.colno})") from None
+            raise BadLine(f"not valid JSON ({error.msg.removesuffix(' at')} at column {error.colno})") from None
+        except ValueError as error:
+            raise BadLine(f"not valid JSON ({error})") from None
     if not isinstance(raw, dict):
         raise BadLine(f"expected a JSON object, got {type(raw).__name__}")
     body = dict(raw)  # a copy: a caller's dict is never changed
@@ -673,6 +690,18 @@ def parse_request(raw: bytes | Any) -> tuple[dict[str, Any], Any]:
     if problem:
         raise BadLine(problem)
     return body, metadata
+
+
+def line_problem(error: Exception) -> str:
+    """What is wrong with a line, from whatever reading, estimating or hashing it raised: it is that line's problem,
+    never the run's."""
+    if isinstance(error, BadLine):
+        return str(error)
+    if isinstance(error, RecursionError):
+        return "nested too deeply to be read"
+    if isinstance(error, (TypeError, ValueError)):  # a list's item holding a date, say
+        return f"cannot be sent as JSON ({error})"
+    return f"cannot be read ({type(error).__name__}: {error})"
 
 
 def hash_request(body: Any, metadata: Any) -> int:
@@ -1125,6 +1154,26 @@ class ModelUsage:
         return self.cache_write_5m_tokens + self.cache_write_1h_tokens
 
 
+MAX_USAGE_TOKENS = 100_000_000  # far above one request's tokens (a 1M context, 300K output): more is a lie
+USAGE_COUNTS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+
+
+def usage_problem(usage: Any) -> str | None:
+    """Why a message's usage cannot be believed, or None. Counted as it is, it would crash the run (a string),
+    stall it for good (a debt of 10^30 tokens in a limit) or bill a negative cost."""
+    if usage is None:
+        return None
+    if not isinstance(usage, dict):
+        return f"a usage that is {type(usage).__name__}, not an object"
+    split = usage.get("cache_creation") if isinstance(usage.get("cache_creation"), dict) else {}
+    for name, value in [*((key, usage.get(key)) for key in USAGE_COUNTS),
+                        ("cache_creation.ephemeral_1h_input_tokens", split.get("ephemeral_1h_input_tokens"))]:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 0 <= value <= MAX_USAGE_TOKENS):
+            return f"an impossible usage: {name} {reprlib.repr(value)}"
+    return None
+
+
 BUDGET_INPUT_MARGIN = 1.2  # with --max_cost, a request's input is reserved at 120% of its estimate
 
 
@@ -1211,19 +1260,20 @@ class Interruption(Enum):
     def exit_code(self) -> int:
         """130, 143 and 129 for the signals (128 + their number), 3 for a rerun later, 2 for a setting to fix, 5
         for a rerun with a larger budget."""
-        if self in SIGNALS:
+        if self.is_signal:
             return 128 + signal.Signals[self.value].value
         if self is Interruption.BUDGET:
             return 5
         return 2 if self in (Interruption.UNUSABLE_ADDRESS, Interruption.NO_PRICE) else 3
 
     @property
+    def is_signal(self) -> bool:
+        return self.name.startswith("SIG")
+
+    @property
     def cuts_requests_in_flight(self) -> bool:
         """Whether the requests in flight get only the grace period: all but the budget's, which are paid for."""
         return self is not Interruption.BUDGET
-
-
-SIGNALS = (Interruption.SIGINT, Interruption.SIGTERM, Interruption.SIGHUP)
 
 
 @dataclass
@@ -1336,7 +1386,7 @@ def log_interruption(cause: Interruption, stats: RunStats, failing_for: float, g
     elif cause is Interruption.BUDGET:
         log.warning("The next request could take this run's cost past the budget: sending no new requests; the {} in "
                     "flight finish and are saved. So far {}.", stats.in_flight, stats.budget.describe())
-    elif cause in SIGNALS:
+    elif cause.is_signal:
         log.warning("{}: sending no new requests; waiting up to {:g} s for the {} in flight (again to stop now).",
                     cause.value, grace_period, stats.in_flight)
 
@@ -1488,23 +1538,22 @@ class LineReader:
             if resuming and line_hash is not None and answered.claim_line(line_hash):
                 self.stats.already_done += 1
                 continue
-            try:
+            try:  # whatever one line does to the parser, the estimate or the hash, it is that line's problem
                 body, metadata = parse_request(raw)
-                payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
-                encoded_metadata = None if metadata is None else json.dumps(metadata, ensure_ascii=False).encode()
-            except BadLine as problem:
-                self.reject(line_number, raw, str(problem))
+                payload = json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")
+                encoded_metadata = None if metadata is None else json.dumps(metadata, ensure_ascii=False,
+                                                                            allow_nan=False).encode()
+                request_hash = hash_request(body, metadata)
+                if resuming and answered.claim(request_hash, line_hash):
+                    self.stats.already_done += 1
+                    continue
+                job = Job(line_number, body, payload, metadata, encoded_metadata,
+                          estimate(body) if estimate else NOT_ESTIMATED, request_hash=request_hash,
+                          line_hash=line_hash, sent=payload)
+            except Exception as error:  # noqa: BLE001 - see line_problem
+                self.reject(line_number, raw, line_problem(error))
                 continue
-            except (TypeError, ValueError) as problem:  # only from a list's items: files hold JSON already
-                self.reject(line_number, raw, f"cannot be sent as JSON ({problem})")
-                continue
-            request_hash = hash_request(body, metadata)
-            if resuming and answered.claim(request_hash, line_hash):
-                self.stats.already_done += 1
-                continue
-            yield Job(line_number, body, payload, metadata, encoded_metadata,
-                      estimate(body) if estimate else NOT_ESTIMATED, request_hash=request_hash, line_hash=line_hash,
-                      sent=payload)
+            yield job
 
     def reject(self, line_number: int, raw: bytes | Any, problem: str) -> None:
         message = f"line {line_number}: {problem}; not sent"
@@ -1513,9 +1562,9 @@ class LineReader:
             raw = raw.decode("utf-8", errors="replace").rstrip("\r\n")
         else:
             try:
-                json.dumps(raw)
-            except (TypeError, ValueError):
-                raw = repr(raw)
+                json.dumps(raw, allow_nan=False)
+            except Exception:  # noqa: BLE001 - not JSON, or too deep for it: its outline
+                raw = reprlib.repr(raw)
         self.writer.write_error(line_number, raw, [message], None)
         self.stats.bad_lines += 1
 
@@ -1666,21 +1715,22 @@ def as_number(text: str | None) -> float | None:
     if text is None:
         return None
     try:
-        return float(text)
+        number = float(text)
     except ValueError:
         return None
+    return number if math.isfinite(number) else None
 
 
 def rate_figures(headers: Any) -> Figures:
     """Each limit's (limit, remaining) from a response's `anthropic-ratelimit-<name>-*` headers, read once per
     response; for input tokens the older combined `tokens` headers stand in when the input ones are absent.
-    A limit the response does not report is left out."""
+    A limit the response does not report is left out; a negative `remaining` counts as none left."""
     figures: Figures = {}
     for name, header_names in RATE_HEADERS.items():
         for limit_header, remaining_header in header_names:
             limit, remaining = as_number(headers.get(limit_header)), as_number(headers.get(remaining_header))
             if limit is not None or remaining is not None:
-                figures[name] = limit, remaining
+                figures[name] = limit, None if remaining is None else max(0.0, remaining)
                 break
     return figures
 
@@ -1712,10 +1762,17 @@ class Limit:
         self.configured = AUTO_STARTING_LIMITS[name] if self.auto else float(configured)
         self.bucket = TokenBucket(self.configured, initial, clock)
         self.reported: float | None = None
+        self.unbelievable: float | None = None  # the last reported limit too low to be true, once warned of
 
     def observe(self, limit: float | None, remaining: float | None) -> None:
-        """Apply a response's figures."""
-        if limit is not None and limit > 0 and limit != self.reported:
+        """Apply a response's figures. A limit below 1 a minute is no limit the API sets: ignored, with a
+        warning, since obeying it would stall the run for good."""
+        if limit is not None and limit < 1:
+            if limit != self.unbelievable:
+                log.warning("The API reports a limit of {:g} {}/min: too low to be true; ignored.", limit, self.name)
+                self.unbelievable = limit
+            limit = remaining = None
+        if limit is not None and limit != self.reported:
             self.reported = limit
             rate = self.allowed_rate()
             if rate != self.bucket.per_minute:
@@ -2095,16 +2152,26 @@ def snippet(raw: bytes, limit: int = 120) -> str:
     return repr(text[:limit] + ("..." if len(text) > limit else ""))
 
 
+def answer_attempt(message: dict[str, Any], raw: bytes, headers: Any) -> Attempt:
+    """A message answered (whole, or rebuilt from its stream): a success, unless its usage cannot be believed; then,
+    like a torn body, an attempt to make again."""
+    problem = usage_problem(message.get("usage"))
+    if problem:
+        return Attempt(error=f"HTTP 200 with {problem}", retryable=True, status=200, headers=headers,
+                       maybe_billed=True)
+    return Attempt(response=message, raw=raw, status=200, headers=headers)
+
+
 def interpret_response(status: int, headers: Any, raw: bytes) -> Attempt:
     """Classify a complete HTTP response as the API documents its statuses."""
     request_id = headers.get("request-id", "")
     try:
-        body = json.loads(raw)
+        body = load_json(raw)
     except ValueError:
         body = None
     if status == 200:
         if isinstance(body, dict) and body.get("type") != "error":
-            return Attempt(response=body, raw=raw, status=status, headers=headers)
+            return answer_attempt(body, raw, headers)
         return Attempt(error=f"HTTP 200 with a body that is not a message (truncated?) {snippet(raw)}",
                        retryable=True, status=status, headers=headers, maybe_billed=True)
 
@@ -2192,7 +2259,7 @@ class StreamedMessage:
             self.apply_delta(event["index"], event["delta"])
         elif kind == "content_block_stop" and event["index"] in self.tool_input:
             pieces = self.tool_input.pop(event["index"])
-            self.message["content"][event["index"]]["input"] = json.loads(pieces) if pieces else {}
+            self.message["content"][event["index"]]["input"] = load_json(pieces) if pieces else {}
         elif kind == "message_delta":
             self.message.update(event.get("delta") or {})
             usage = {key: value for key, value in (event.get("usage") or {}).items() if value is not None}
@@ -2230,7 +2297,7 @@ async def read_event_stream(response: aiohttp.ClientResponse) -> Attempt:
                 name = line[6:].strip().decode("utf-8", errors="replace")
             elif not line and data:  # a blank line ends an event
                 try:
-                    message.apply(json.loads(b"\n".join(data)))
+                    message.apply(load_json(b"\n".join(data)))
                 except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
                     return Attempt(error=f"a malformed {name or 'stream'} event ({type(error).__name__}: {error})",
                                    retryable=True, headers=response.headers, maybe_billed=True)
@@ -2249,7 +2316,7 @@ async def read_event_stream(response: aiohttp.ClientResponse) -> Attempt:
         return Attempt(error="the stream ended before message_stop", retryable=True, headers=response.headers,
                        maybe_billed=True)
     raw = json.dumps(message.message, ensure_ascii=False).encode("utf-8")
-    return Attempt(response=message.message, raw=raw, status=200, headers=response.headers)
+    return answer_attempt(message.message, raw, response.headers)
 
 
 def address_problem(error: aiohttp.ClientError) -> str:
@@ -2953,6 +3020,10 @@ def decide_batch_result(result: dict[str, Any], attempts: int, max_attempts: int
             return FAIL, problem
     elif kind == "expired":
         problem = "expired (not processed within 24 hours)"
+    elif kind == "succeeded":  # with no message, or one whose usage cannot be believed
+        message = result.get("message")
+        usage = message.get("usage") if isinstance(message, dict) else None
+        problem = "succeeded with " + (usage_problem(usage) if isinstance(message, dict) else "no message")
     else:
         return GIVE_UP, ""
     return (RETRY if attempts < max_attempts else GIVE_UP), problem
@@ -3357,7 +3428,7 @@ class BatchRun:
 
     def interrupt(self, cause: Interruption) -> None:
         """A signal: stop waiting (never the batches). A second one changes nothing more."""
-        if self.stats.interrupted_by not in SIGNALS:
+        if self.stats.interrupted_by is None or not self.stats.interrupted_by.is_signal:
             self.stats.interrupted_by = cause
             if self.task is not None:
                 self.task.cancel()
@@ -3497,7 +3568,7 @@ class BatchRun:
         """One result, to the results file, the errors file, a follow-up batch, or the next run; with --max_cost,
         the most it can cost in the follow-up batch."""
         try:
-            item = json.loads(line)
+            item = load_json(line)
             key, _, number = item["custom_id"].rpartition("-")
             n, result = int(number), item["result"]
             if key != batch.record.key or not 0 <= n < len(settled):
@@ -3520,8 +3591,8 @@ class BatchRun:
         if batch.earlier_run:  # the input may have changed since: the line number is this run's (0: gone from it)
             lines = self.waiting_lines.get(job.request_hash)
             job.line_number = lines.pop() if lines else 0
-        if kind == "succeeded":
-            message = result.get("message") or {}
+        message = result.get("message")
+        if kind == "succeeded" and isinstance(message, dict) and usage_problem(message.get("usage")) is None:
             self.writer.write_result(job, message, json.dumps(message, ensure_ascii=False).encode("utf-8"))
             self.stats.succeeded += 1
             self.stats.add_usage(job.body["model"], message.get("usage") or {},
@@ -3760,13 +3831,14 @@ def print_dry_run(config: Settings) -> int:
     for line_number, raw in read_lines(config.requests_filepath):
         try:
             body, _ = parse_request(raw)
-        except BadLine as problem:
-            bad.append(f"line {line_number}: {problem}")
+            estimate = estimator.estimate(body)
+        except Exception as error:  # noqa: BLE001 - see line_problem
+            bad.append(f"line {line_number}: {line_problem(error)}")
             continue
         model = body["model"]
         plan = plans.get(model) or plans.setdefault(model, ModelPlan(
             learned.get(model, model_facts(model).tokens_per_cl100k), price_for(model, prices), model in learned))
-        budget.add(*plan.add(estimator.estimate(body), body, config.batch))
+        budget.add(*plan.add(estimate, body, config.batch))
     valid = sum(plan.requests for plan in plans.values())
     print(f"Dry run of {config.requests_filepath}: {valid:,} valid lines, {len(bad):,} bad "
           f"(read in {time.perf_counter() - started:.2f} s). Nothing was sent.")
@@ -3873,10 +3945,11 @@ def install_signal_handlers(on_signal: Callable[[Interruption], None]) -> Callab
     loop cannot take signals (not the main thread, Windows), the run keeps the host's handling."""
     loop = asyncio.get_running_loop()
     previous: dict[signal.Signals, Any] = {}
-    for number in (getattr(signal, cause.value) for cause in SIGNALS if hasattr(signal, cause.value)):
+    for cause in (cause for cause in Interruption if cause.is_signal and hasattr(signal, cause.name)):
+        number = getattr(signal, cause.name)
         try:
             handler = signal.getsignal(number)
-            loop.add_signal_handler(number, on_signal, Interruption[number.name])
+            loop.add_signal_handler(number, on_signal, cause)
             previous[number] = handler
         except (NotImplementedError, RuntimeError, ValueError):
             continue

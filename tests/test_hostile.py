@@ -119,3 +119,99 @@ def test_a_run_started_with_stderr_closed_logs_beside_the_results(tmp_path, fake
     assert done.returncode == 0, done.stdout
     assert f"stderr is closed: the log goes to {log_path}" in done.stdout
     assert len(outputs(requests_path)[0]) == 3 and "3 succeeded" in log_path.read_text()
+
+
+# -- lines built to break a parser -------------------------------------------------------------------
+
+
+def nested(depth: int, leaf: str = "1") -> str:
+    return '{"a":' * depth + leaf + "}" * depth
+
+
+def test_each_hostile_line_is_its_own_problem_and_the_others_are_answered(tmp_path, fake_server):
+    fake = fake_server()
+    good = [json.dumps(request(f"q{i}", i)) for i in range(4)]
+    hostile = {
+        2: "[" * 100_000,  # RecursionError in the parser
+        3: json.dumps(request("x"))[:-1] + ', "metadata": ' + nested(5_000) + "}",
+        4: json.dumps(request("x", max_tokens=10 ** 400)),  # OverflowError as a float
+        5: json.dumps(request("x", max_tokens=2_000_000)),
+        6: json.dumps(request("x")).replace('"max_tokens": 64', '"max_tokens": 64, "temperature": NaN'),
+        7: json.dumps(request("x")).replace('"max_tokens": 64', '"max_tokens": 64, "top_p": -Infinity'),
+        8: '{"model": "m", "max_tokens": 5, "messages": "\x01"}',
+        9: json.dumps(request([{"type": "text", "text": "deep", "extra": json.loads(nested(900))}])),
+    }
+    lines = [good[0], *hostile.values(), *good[1:]]
+    requests_path = write_jsonl(tmp_path / "r.jsonl", lines)
+
+    stats = run_in_process(requests_path, fake)
+
+    results, errors = outputs(requests_path)
+    assert stats.exit_code == 1 and stats.succeeded == 4 and len(results) == 4
+    by_line = {int(record[1][0].split(":")[0].removeprefix("line ")): record[1][0] for record in errors}
+    assert sorted(by_line) == [2, 3, 4, 5, 6, 7, 8, 9]
+    assert all("nested too deeply to be read" in by_line[line] for line in (2, 3, 9))
+    assert "'max_tokens' is over 1,000,000" in by_line[4] and "'max_tokens' is over 1,000,000" in by_line[5]
+    assert "NaN is not JSON" in by_line[6] and "-Infinity is not JSON" in by_line[7]
+    assert "at at" not in by_line[8] and "Invalid control character at column" in by_line[8]
+    for record in errors:
+        json.dumps(record, allow_nan=False)  # every record is JSON
+
+
+def test_the_dry_run_reports_hostile_lines_too(tmp_path):
+    requests_path = write_jsonl(tmp_path / "r.jsonl", ["[" * 100_000, json.dumps(request("fine"))])
+
+    done = run_cli("--requests_filepath", str(requests_path), "--dry_run")
+
+    assert done.returncode == 1 and "1 valid lines, 1 bad" in done.stdout
+    assert "line 1: nested too deeply to be read" in done.stdout and "Traceback" not in done.stderr
+
+
+# -- answers checked before they are trusted ---------------------------------------------------------
+
+
+def test_a_usage_that_cannot_be_believed_is_a_torn_answer(tmp_path, fake_server):
+    lies = {"strings": {"input_tokens": "12", "output_tokens": "3"}, "huge": {"input_tokens": 10 ** 30},
+            "negative": {"input_tokens": 5, "output_tokens": -60_000}, "bool": {"output_tokens": True}}
+    told: dict[str, int] = {}
+
+    async def lie_once(request, body):  # each "lie:" line is answered with its lie once, then truthfully
+        text = body["messages"][0]["content"]
+        if text.startswith("lie:") and not told.get(text):
+            told[text] = 1
+            message = {"id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
+                       "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn",
+                       "usage": lies[text.removeprefix("lie:")]}
+            return web.json_response(message)
+        return None
+
+    fake = fake_server(hostile=lie_once)
+    rows = [request(f"lie:{name}", i) for i, name in enumerate(lies)] + [request("truth", 9)]
+    requests_path = write_jsonl(tmp_path / "r.jsonl", rows)
+
+    stats = run_in_process(requests_path, fake)
+
+    results, errors = outputs(requests_path)
+    assert stats.exit_code == 0 and errors == [] and len(results) == 5
+    assert all(record[1]["usage"]["input_tokens"] >= 1 for record in results)
+    assert stats.retries == 4 and stats.totals.cost >= 0
+
+
+def test_rate_limit_headers_that_cannot_be_true_do_not_stall_the_run(tmp_path, fake_server, captured_logs):
+    async def lying_headers(request, body):
+        message = {"id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
+                   "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn",
+                   "usage": {"input_tokens": 10, "output_tokens": 5}}
+        headers = {"anthropic-ratelimit-requests-limit": "0.001", "anthropic-ratelimit-requests-remaining": "-1e9",
+                   "anthropic-ratelimit-input-tokens-limit": "100000",
+                   "anthropic-ratelimit-input-tokens-remaining": "-1000000000",
+                   "anthropic-ratelimit-output-tokens-limit": "nan"}
+        return web.json_response(message, headers=headers)
+
+    fake = fake_server(hostile=lying_headers)
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(20)])
+
+    stats = run_in_process(requests_path, fake, max_requests_per_minute=6000, max_tokens_per_minute=600_000)
+
+    assert stats.exit_code == 0 and stats.succeeded == 20
+    assert sum("limit of 0.001 requests/min: too low to be true" in line for line in captured_logs) == 1
