@@ -38,6 +38,7 @@ import argparse
 import asyncio
 import bisect
 import codecs
+import errno
 import hashlib
 import heapq
 import ipaddress
@@ -724,16 +725,38 @@ def count_request_lines(path: str) -> int:
         return sum(1 for line in file if line.strip())
 
 
+INPUT_CHANGED: Any = object()  # read_lines' last item when the file changed under it: the rest waits for a rerun
+CHANGE_CHECK_BYTES = 4096  # before each read, the bytes just before it must still be in the file
+
+
 def read_lines(path: str) -> Iterator[tuple[int, bytes]]:
-    """Yield (line number, raw line), skipping blank lines. Streams the file: memory does not grow
-    with its size. Bytes, so that one line that is not UTF-8 is a bad line, not a crash. A byte-order mark
-    (an editor's on Windows) is not part of the first line."""
-    with open(path, "rb", buffering=READ_BUFFER_BYTES) as file:
-        first = file.readline()
-        lines = itertools.chain([first.removeprefix(codecs.BOM_UTF8)], file)
-        for line_number, raw in enumerate(lines, start=1):
-            if not raw.isspace():
-                yield line_number, raw
+    """Yield (line number, raw line without its newline), skipping blank lines. Streams the file a piece at a
+    time: memory does not grow with its size. Bytes, so that one line that is not UTF-8 is a bad line, not a
+    crash. A byte-order mark (an editor's on Windows) is not part of the first line.
+
+    The file may change while a long run reads it: lines appended are read, but a file rewritten in place
+    (`cat new > requests.jsonl`) would join the head of an old line to the tail of a new one, a request that
+    exists in neither. So each piece is read only if the bytes before it are still there; otherwise the last
+    item is (the next line's number, INPUT_CHANGED) and the rest is left for the next run."""
+    with open(path, "rb", buffering=0) as file:
+        parts: list[bytes] = []  # the line being read, in pieces
+        line_number, offset, before = 0, 0, b""
+        while chunk := file.read(READ_BUFFER_BYTES):
+            if before and os.pread(file.fileno(), len(before), offset - len(before)) != before:
+                yield line_number + 1, INPUT_CHANGED
+                return
+            offset, before = offset + len(chunk), chunk[-CHANGE_CHECK_BYTES:]
+            *complete, rest = (chunk.removeprefix(codecs.BOM_UTF8) if offset == len(chunk) else chunk).split(b"\n")
+            if complete and parts:
+                complete[0], parts = b"".join([*parts, complete[0]]), []
+            for raw in complete:
+                line_number += 1
+                if raw and not raw.isspace():
+                    yield line_number, raw
+            if rest:
+                parts.append(rest)
+        if parts and not (raw := b"".join(parts)).isspace():
+            yield line_number + 1, raw
 
 # ==================================================================================================
 # Resume index
@@ -1255,6 +1278,7 @@ class Interruption(Enum):
     UNUSABLE_ADDRESS = "an address that cannot be used"  # the first attempts cannot connect: a typo, not an outage
     BUDGET = "the budget (--max_cost)"  # the next request could take the run's cost past it
     NO_PRICE = "a model without a price"  # with --max_cost, every model needs one
+    WRITE_FAILED = "a results file that cannot be written"  # a full disk, a file replaced during the run
 
     @property
     def exit_code(self) -> int:
@@ -1264,7 +1288,7 @@ class Interruption(Enum):
             return 128 + signal.Signals[self.value].value
         if self is Interruption.BUDGET:
             return 5
-        return 2 if self in (Interruption.UNUSABLE_ADDRESS, Interruption.NO_PRICE) else 3
+        return 2 if self in (Interruption.UNUSABLE_ADDRESS, Interruption.NO_PRICE, Interruption.WRITE_FAILED) else 3
 
     @property
     def is_signal(self) -> bool:
@@ -1319,6 +1343,7 @@ class RunStats:
     model_prices: dict[str, Price | None] = field(default_factory=dict)  # price_for each model seen, once
     batch: BatchProgress | None = None  # a batch run's own counters
     budget: Budget | None = None  # --max_cost
+    input_changed: bool = False  # the requests file changed under the reader: the rest is left for the next run
 
     @property
     def elapsed(self) -> float:
@@ -1350,18 +1375,19 @@ class RunStats:
 
     @property
     def exit_code(self) -> int:
-        """0 every line succeeded, 1 some failed, 2 the key was rejected or the address cannot be used (a
-        configuration error), 3 stopped by an outage or by 15 minutes of nothing but 429s, 130 or 143
-        interrupted by SIGINT, SIGTERM or SIGHUP (3 and up: rerun to continue). A batch run adds 4: batches are still
-        processing (--no_wait), and 3 for lines left for the next run (their batch was canceled, or it
-        expired or failed on the API's side more often than --max_attempts). 5: stopped at the budget."""
+        """0 every line succeeded, 1 some failed, 2 the key was rejected, the address cannot be used or the results
+        cannot be written (to fix first), 3 stopped by an outage or by 15 minutes of nothing but 429s, or the
+        requests file changed under the reader, 130, 143 or 129 interrupted by SIGINT, SIGTERM or SIGHUP (3 and up:
+        rerun to continue). A batch run adds 4: batches are still processing (--no_wait), and 3 for lines left for
+        the next run (their batch was canceled, or it expired or failed on the API's side more often than
+        --max_attempts). 5: stopped at the budget."""
         if self.interrupted_by is not None:
             return self.interrupted_by.exit_code
         if self.key_rejected:
             return 2
         if self.batch is not None and self.batch.open:
             return 4
-        if self.batch is not None and self.batch.left_for_next_run:
+        if self.batch is not None and self.batch.left_for_next_run or self.input_changed:
             return 3
         return 0 if self.failed == 0 and self.bad_lines == 0 and not self.stopped_reason else 1
 
@@ -1396,7 +1422,10 @@ def log_interruption(cause: Interruption, stats: RunStats, failing_for: float, g
 
 
 class ResultSink(Protocol):
-    """Where each line's outcome goes: files (ResultWriter), memory (ResultCollector), or both."""
+    """Where each line's outcome goes: files (ResultWriter), memory (ResultCollector), or both. `problem` says why
+    records wait in memory instead (a full disk): the run must stop spending."""
+
+    problem: str
 
     def write_result(self, job: Job, response: dict[str, Any], raw: bytes) -> None: ...
 
@@ -1405,18 +1434,65 @@ class ResultSink(Protocol):
     def close(self) -> None: ...
 
 
+class AppendedFile:
+    """A file that only this run appends to, one whole record per write, unbuffered: a record is on disk as soon
+    as it is written, and a run killed at any moment leaves only whole lines behind. A write that fails part way
+    (a full disk) is cut back, so the file still holds only whole records. Before each write, the file must still
+    be the one opened, at the size this run left it: a file replaced or cut short (an editor's save, a sync tool)
+    raises, rather than records going where nobody will read them."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.open()
+
+    def open(self) -> None:
+        self.file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - open for the whole run
+        opened = os.fstat(self.file.fileno())
+        self.identity, self.size = (opened.st_dev, opened.st_ino), opened.st_size
+
+    def append(self, record: bytes) -> None:
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            now = None
+        if now is None or (now.st_dev, now.st_ino) != self.identity or now.st_size != self.size:
+            raise OSError(errno.ESTALE, "it was replaced, moved or cut short during the run")
+        written = 0
+        try:
+            while written < len(record):  # an unbuffered write may be partial (a full disk, a signal)
+                written += self.file.write(record[written:])
+        except OSError:
+            if written:
+                os.ftruncate(self.file.fileno(), self.size)
+            raise
+        self.size += written
+
+    def reopen(self) -> None:
+        """After a failure: the file now at the path (itself again, or the one that replaced it)."""
+        self.file.close()
+        self.open()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+UNWRITTEN_RETRY_SECONDS = 1.0  # while records wait in memory, writing them is tried again this often
+
+
 class ResultWriter:
-    """Appends result and error records. Files are unbuffered and each record is one write, so a
-    record is on disk as soon as it is written and a run killed at any moment leaves only whole
-    lines behind. Files stay open for the whole run; the errors file is created only when there is
-    an error to write."""
+    """Appends result and error records (see AppendedFile); the errors file is created only when there is an
+    error to write. The first record that cannot be written sets `problem`: from then on every record waits in
+    memory, in order, until write_unwritten finds room for them; the resume index learns of a result only once it
+    is on disk."""
 
     def __init__(self, results_path: str, errors_path: str, index: ResumeIndex | None = None) -> None:
         Path(results_path).parent.mkdir(parents=True, exist_ok=True)
-        self.results = open(results_path, "ab", buffering=0)  # noqa: SIM115 - open for the whole run
+        self.results = AppendedFile(results_path)
         self.errors_path = errors_path
-        self.errors = None
+        self.errors: AppendedFile | None = None
         self.index = index  # told of every result written
+        self.unwritten: list[tuple[bool, bytes, tuple[int, int | None] | None]] = []  # (to results, record, entry)
+        self.problem = ""
 
     def write_result(self, job: Job, response: dict[str, Any], raw: bytes) -> None:
         """`[request, response(, metadata)]`, spliced from the bytes sent and received: the API's
@@ -1426,21 +1502,47 @@ class ResultWriter:
         parts = [job.payload, raw]
         if job.encoded_metadata is not None:
             parts.append(job.encoded_metadata)
-        record = b"[" + b",".join(parts) + b"]\n"
-        self._write(self.results, record)
-        if self.index is not None:
-            self.index.result_written(job.request_hash, job.line_hash, record)
+        self.write(True, b"[" + b",".join(parts) + b"]\n", (job.request_hash, job.line_hash))
 
     def write_error(self, line_number: int, request: Any, messages: list[str], metadata: Any) -> None:
-        if self.errors is None:
-            self.errors = open(self.errors_path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
-        self._write(self.errors, json.dumps([request, messages, metadata], ensure_ascii=False).encode("utf-8") + b"\n")
+        self.write(False, json.dumps([request, messages, metadata], ensure_ascii=False).encode("utf-8") + b"\n", None)
 
-    @staticmethod
-    def _write(file: Any, line: bytes) -> None:
-        written = file.write(line)
-        while written < len(line):  # an unbuffered write may be partial (a full disk, a signal)
-            written += file.write(line[written:])
+    def write(self, to_results: bool, record: bytes, entry: tuple[int, int | None] | None) -> None:
+        if self.problem:  # behind the first record that could not be written
+            self.unwritten.append((to_results, record, entry))
+            return
+        try:
+            if to_results:
+                self.results.append(record)
+            else:
+                self.errors = self.errors or AppendedFile(self.errors_path)
+                self.errors.append(record)
+        except OSError as error:
+            path = self.results.path if to_results else self.errors_path
+            self.problem = f"cannot write {path}: {error.strerror or error}"
+            self.unwritten.append((to_results, record, entry))
+            return
+        if entry is not None and self.index is not None:
+            self.index.result_written(*entry, record)
+
+    async def write_unwritten(self, patience: float, clock: Clock = monotonic) -> int:
+        """Try to write the records waiting in memory, again every second for `patience` seconds (room may come
+        back); the number that could not be."""
+        deadline = clock() + patience
+        while self.unwritten:
+            waiting, self.unwritten, self.problem = self.unwritten, [], ""
+            for file in (self.results, self.errors):
+                try:
+                    if file is not None:
+                        file.reopen()
+                except OSError as error:
+                    self.problem = f"cannot open {file.path}: {error.strerror}"
+            for to_results, record, entry in waiting:
+                self.write(to_results, record, entry)
+            if not self.unwritten or clock() >= deadline:
+                break
+            await asyncio.sleep(min(UNWRITTEN_RETRY_SECONDS, max(0.0, deadline - clock())))
+        return len(self.unwritten)
 
     def close(self) -> None:
         self.results.close()
@@ -1496,6 +1598,10 @@ class ResultCollector:
         if self.files is not None:
             self.files.write_error(line_number, request, messages, metadata)
 
+    @property
+    def problem(self) -> str:
+        return self.files.problem if self.files is not None else ""
+
     def close(self) -> None:
         if self.files is not None:
             self.files.close()
@@ -1533,6 +1639,11 @@ class LineReader:
         """The jobs still to do; `estimate` gives each its token estimate (the batch road needs none)."""
         answered = self.resume_index
         for line_number, raw in self.lines:
+            if raw is INPUT_CHANGED:
+                log.warning("The requests file changed while it was read (rewritten in place?): line {:,} and the "
+                            "rest are left for the next run.", line_number)
+                self.stats.input_changed = True
+                return
             line_hash = hash_line(raw)
             resuming = len(answered) > 0
             if resuming and line_hash is not None and answered.claim_line(line_hash):
@@ -1595,8 +1706,10 @@ def set_aside(path: str) -> str | None:
     """Rename a file out of the way (never delete a result); return the new name."""
     if not Path(path).exists():
         return None
-    moved = f"{path}.{datetime.now().strftime('%Y%m%d-%H%M%S')}.bak"
-    os.replace(path, moved)
+    stem = f"{path}.{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    moved = next(name for name in (f"{stem}{suffix}.bak" for suffix in itertools.chain([""], (
+        f"-{n}" for n in itertools.count(2)))) if not Path(name).exists())
+    os.replace(path, moved)  # the run lock is held: nothing else makes that name meanwhile
     return moved
 
 
@@ -2774,6 +2887,7 @@ class Processor:
     async def dispatch_all(self, jobs: Iterator[Job]) -> None:
         file_done = False
         while not self.stats.stopped_reason:
+            self.check_writing()  # a bad line's record too
             job = self.ready.next()
             if job is None and not file_done and self.warmer.parked < self.settings.max_concurrent_requests:
                 job = next(jobs, None)  # parked requests are bounded: past that, wait for them first
@@ -2856,6 +2970,7 @@ class Processor:
             self.succeed(lane, job, result.response, result.raw)
         else:
             self.attempt_failed(lane, job, result)
+        self.check_writing()
         if self.budget is not None:  # an answer's cost was counted as it was written
             self.budget.release(job.most_cost, job.most_cost if result.maybe_billed else 0.0)
 
@@ -2942,6 +3057,15 @@ class Processor:
             self.dispatcher.cancel()
         self.lanes.cancel()
 
+    def check_writing(self) -> None:
+        """A record that cannot be written (a full disk) stops the spending at once; the answers of the requests
+        in flight wait in memory (see ResultWriter)."""
+        if self.writer.problem and self.stats.interrupted_by is None:
+            log.error("{}: sending no new requests. The answers of the {} request(s) in flight are kept in memory "
+                      "and written if room comes back within {:g} s.", self.writer.problem, self.stats.in_flight,
+                      self.settings.grace_period)
+            self.interrupt(Interruption.WRITE_FAILED)
+
     def stop(self, reason: str) -> None:
         if not self.stats.stopped_reason:
             self.stats.stopped_reason = reason
@@ -2997,6 +3121,10 @@ class BatchRefused(Exception):
 
 class BatchUnavailable(Exception):
     """The batch endpoints failed for OUTAGE_MAX_SECONDS in a row."""
+
+
+class ResultsUnwritable(Exception):
+    """A record could not be written (a full disk): no more batches are submitted or collected."""
 
 
 class DownloadCut(Exception):
@@ -3408,6 +3536,11 @@ class BatchRun:
             self.stats.stopped_reason = f"a batch endpoint refused a call: {error}"
             log.error("Stopping the run: {}. The batches are recorded in {}; run again once this is fixed.",
                       self.stats.stopped_reason, self.folder)
+        except (ResultsUnwritable, OSError) as error:  # the results, or the batch records beside them
+            self.stats.interrupted_by = Interruption.WRITE_FAILED
+            log.error("{}: stopping. The batches are recorded in {}; once there is room, the same command collects "
+                      "what could not be written.", error if isinstance(error, ResultsUnwritable) else
+                      f"cannot write {error.filename or self.folder}: {error.strerror}", self.folder)
         except BatchUnavailable as error:
             self.stats.interrupted_by = Interruption.OUTAGE
             log.error("The batch endpoints failed for {} (the last: {}): stopping. The batches are recorded in {}; "
@@ -3439,6 +3572,8 @@ class BatchRun:
         spool: BatchSpool | None = None
         most_cost = 0.0  # of the requests in `spool`
         for job in self.reader.jobs():
+            if self.writer.problem:  # a bad line's record: its answers could not be written either
+                raise ResultsUnwritable(self.writer.problem)
             if self.in_open_batches.claim_position(job.request_hash) >= 0:
                 self.waiting_lines.setdefault(job.request_hash, []).append(job.line_number)
                 self.progress.waiting += 1
@@ -3544,6 +3679,8 @@ class BatchRun:
             log.warning("The results download of batch {} broke off ({}): reading it again; no result is written "
                         "twice.", record.batch_id, redact(problem, self.settings.api_key))
             await asyncio.sleep(delay)
+        if self.writer.problem:  # the batch stays open: the next run writes what this one could not
+            raise ResultsUnwritable(self.writer.problem)
         if settled.count(0):
             log.error("{:,} results of batch {} could not be read; their lines are left for the next run.",
                       settled.count(0), record.batch_id)
@@ -3666,9 +3803,10 @@ def status_line(stats: RunStats) -> str:
     totals = stats.totals
     progress = f"{stats.finished:,}"
     if stats.total:
-        progress += f"/{stats.total:,} lines ({100 * stats.finished / stats.total:.1f}%)"
-        if sent and stats.total > stats.finished and stats.batch is None:
-            progress += f", ETA {format_duration((stats.total - stats.finished) / (sent / minutes) * 60)}"
+        total = max(stats.total, stats.finished)  # lines appended since they were counted are read too
+        progress += f"/{total:,} lines ({100 * stats.finished / total:.1f}%)"
+        if sent and total > stats.finished and stats.batch is None:
+            progress += f", ETA {format_duration((total - stats.finished) / (sent / minutes) * 60)}"
     else:
         progress += " lines"
     if stats.budget is not None:
@@ -3829,6 +3967,9 @@ def print_dry_run(config: Settings) -> int:
     bad: list[str] = []
     budget = BudgetCoverage(config.max_cost)
     for line_number, raw in read_lines(config.requests_filepath):
+        if raw is INPUT_CHANGED:
+            bad.append(f"line {line_number}: the file changed while it was read; not read")
+            break
         try:
             body, _ = parse_request(raw)
             estimate = estimator.estimate(body)
@@ -3940,6 +4081,22 @@ def save_index(index: ResumeIndex, results_path: str, token_ratios: dict[str, fl
                     error.strerror)
 
 
+async def write_unwritten(files: ResultWriter, patience: float) -> int:
+    """After a run whose records could not all be written: write them if room comes back within `patience`
+    seconds; say what became of them. The number still unwritten."""
+    if not files.problem:
+        return 0
+    waiting = sum(to_results for to_results, _, _ in files.unwritten)
+    unwritten = await files.write_unwritten(patience)
+    if unwritten:
+        lost = sum(to_results for to_results, _, _ in files.unwritten)
+        log.error("{}: {:,} answer(s) and {:,} error record(s) could not be saved; the next run sends those lines "
+                  "again (make room first).", files.problem, lost, unwritten - lost)
+    elif waiting:
+        log.warning("Room came back: the {:,} answer(s) kept in memory are saved.", waiting)
+    return unwritten
+
+
 def install_signal_handlers(on_signal: Callable[[Interruption], None]) -> Callable[[], None]:
     """Route SIGINT, SIGTERM and SIGHUP to `on_signal` for the run's duration; returns the undo. Where the
     loop cannot take signals (not the main thread, Windows), the run keeps the host's handling."""
@@ -3963,8 +4120,26 @@ def install_signal_handlers(on_signal: Callable[[Interruption], None]) -> Callab
 
 
 def require_file(path: str) -> None:
+    """The requests file exists and can be read: nothing is created or sent otherwise."""
     if not Path(path).is_file():
         raise ConfigError(f"requests file not found (or not a file): {path}")
+    try:
+        open(path, "rb").close()
+    except OSError as error:
+        raise ConfigError(f"cannot read the requests file {path}: {error.strerror}") from None
+
+
+def require_separate_files(config: Settings) -> None:
+    """No file the run writes (results, errors, index, lock, log, batch records) may be the requests file."""
+    if config.requests_filepath is None or config.save_filepath is None:
+        return
+    requests = Path(config.requests_filepath).resolve()
+    results = config.save_filepath
+    for role, path in (("results", results), ("errors", config.errors_filepath), ("index", index_path(results)),
+                       ("lock", results + ".lock"), ("log", results + ".log"), ("batch records",
+                                                                               str(batch_folder(results)))):
+        if Path(path).resolve() == requests or Path(path).exists() and os.path.samefile(path, requests):
+            raise ConfigError(f"the {role} file {path} would be the requests file: choose another --save_filepath")
 
 
 async def run_processor(config: Settings, lines: Iterable[tuple[int, Any]], count_total: Callable[[], int],
@@ -3977,7 +4152,8 @@ async def run_processor(config: Settings, lines: Iterable[tuple[int, Any]], coun
         road = BatchRun if config.batch else Processor
         processor = road(config, session, lines, sink, resume_index, prices)
         counter = asyncio.create_task(asyncio.to_thread(count_total))
-        counter.add_done_callback(lambda task: task.cancelled() or setattr(processor.stats, "total", task.result()))
+        counter.add_done_callback(lambda task: task.cancelled() or task.exception() is not None  # the total is
+                                  or setattr(processor.stats, "total", task.result()))  # only for the progress line
         reporter = asyncio.create_task(report_progress(processor.stats, config.status_interval, live))
         restore_signals = install_signal_handlers(processor.interrupt)
         try:
@@ -3995,6 +4171,7 @@ async def run(config: Settings, lines: Iterable[tuple[int, Any]], count_total: C
     processor, and the summary."""
     if config.dry_run:
         raise ConfigError("dry_run is for the command line (--dry_run): it prints, and sends nothing")
+    require_separate_files(config)
     config.api_key = resolve_api_key(config.api_key)
     prices = load_prices(config.prices)
     log.threshold = config.logging_level
@@ -4028,8 +4205,11 @@ async def run(config: Settings, lines: Iterable[tuple[int, Any]], count_total: C
                     stats = await run_processor(config, lines, count_total, sink, resume_index, prices)
                     learned = stats.input_ratios
                 finally:
+                    unwritten = await write_unwritten(files, config.grace_period)
                     sink.close()
                     save_index(resume_index, config.save_filepath, learned)
+                if unwritten and stats.interrupted_by is None:  # e.g. the last records of a run that ended
+                    stats.interrupted_by = Interruption.WRITE_FAILED
         except OSError as error:
             raise ConfigError(f"cannot write results to {config.save_filepath}: {error.strerror}") from None
     log_summary(stats, config)

@@ -33,6 +33,10 @@
   off halfway (`batch_cut_downloads`). `submitted_twice` counts requests submitted while answered already or
   still in an open batch.
 
+A test's own `hostile` function may answer any request instead (a redirect, an impossible usage, lying rate-limit
+headers), and `results_origin` puts batches' results on another address. `Listener` is a second server on loopback
+that records what reaches it (a key where none should go).
+
 Run it alone with `python tests/fake_anthropic.py --port 8765` to try the processor by hand.
 """
 

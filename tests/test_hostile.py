@@ -3,10 +3,16 @@ break a parser. Nothing paid twice, nothing hangs, the key stays home."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import resource
 import shlex
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -215,3 +221,177 @@ def test_rate_limit_headers_that_cannot_be_true_do_not_stall_the_run(tmp_path, f
 
     assert stats.exit_code == 0 and stats.succeeded == 20
     assert sum("limit of 0.001 requests/min: too low to be true" in line for line in captured_logs) == 1
+
+
+# -- a full disk, a replaced file ----------------------------------------------------------------------
+
+
+def limit_file_size(size: int) -> None:
+    """Files this process writes stop growing at `size` bytes (EFBIG, as a full disk's ENOSPC): a full disk
+    without root. Python ignores the SIGXFSZ that comes with it."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def whole_records(path) -> list:
+    data = path.read_bytes()
+    assert data == b"" or data.endswith(b"\n")
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def test_a_full_disk_stops_the_spending_and_the_rerun_pays_only_what_was_in_flight(tmp_path, fake_server):
+    fake = fake_server(latency=(0.01, 0.05))
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"question {i}", i) for i in range(600)])
+    args = ["--requests_filepath", str(requests_path), "--request_url", fake.url, "--api_key", API_KEY,
+            "--max_requests_per_minute", "30000", "--max_tokens_per_minute", "10000000", "--grace_period", "2"]
+
+    full = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: limit_file_size(40_000), check=False)
+
+    results_path = tmp_path / "r_results.jsonl"
+    saved = whole_records(results_path)
+    answered = sum(fake.stats.answered.values())
+    assert full.returncode == 2, full.stderr
+    assert "Traceback" not in full.stderr and f"cannot write {results_path}: File too large" in full.stderr
+    assert "could not be saved; the next run sends those lines again" in full.stderr
+    assert 0 < len(saved) < answered < 600  # it stopped sending soon after the disk filled
+    in_flight_when_full = answered - len(saved)
+
+    rerun = run_cli(*args)
+
+    assert rerun.returncode == 0, rerun.stderr
+    assert sorted(record[2]["row"] for record in whole_records(results_path)) == list(range(600))
+    assert fake.stats.paid_twice <= in_flight_when_full <= 64
+
+
+def test_answers_wait_in_memory_until_room_comes_back(tmp_path, fake_server):
+    fake = fake_server(latency=(0.05, 0.2))
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"question {i}", i) for i in range(300)])
+    results_path = tmp_path / "r_results.jsonl"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def room_comes_back() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and fake.stats.received < 40:
+            time.sleep(0.01)
+        time.sleep(0.5)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+    limit_file_size(8_000)
+    helper = threading.Thread(target=room_comes_back)
+    helper.start()
+    try:
+        stats = run_in_process(requests_path, fake, grace_period=10)
+    finally:
+        helper.join()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+    saved = whole_records(results_path)
+    assert stats.exit_code == 2 and stats.interrupted_by is app.Interruption.WRITE_FAILED
+    assert len(saved) == sum(fake.stats.answered.values())  # every answer paid for was saved
+    stats = run_in_process(requests_path, fake)
+    assert stats.exit_code == 0 and fake.stats.paid_twice == 0
+    assert sorted(record[2]["row"] for record in whole_records(results_path)) == list(range(300))
+
+
+def test_a_results_file_replaced_during_the_run_stops_it(tmp_path, fake_server):
+    fake = fake_server(latency=(0.05, 0.1))
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"question {i}", i) for i in range(200)])
+    results_path = tmp_path / "r_results.jsonl"
+
+    def replace_it() -> None:  # as an editor saves: a new file renamed over the old
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and fake.stats.received < 30:
+            time.sleep(0.01)
+        copy = tmp_path / "copy.jsonl"
+        copy.write_bytes(results_path.read_bytes())
+        os.replace(copy, results_path)
+
+    helper = threading.Thread(target=replace_it)
+    helper.start()
+    stats = run_in_process(requests_path, fake, max_requests_per_minute=3000)
+    helper.join()
+
+    assert stats.exit_code == 2 and stats.interrupted_by is app.Interruption.WRITE_FAILED
+    rerun = run_in_process(requests_path, fake)
+    assert rerun.exit_code == 0
+    assert sorted(record[2]["row"] for record in whole_records(results_path)) == list(range(200))
+    assert fake.stats.paid_twice <= 20
+
+
+# -- files that are not what they seem -----------------------------------------------------------------
+
+
+def test_no_file_the_run_writes_may_be_the_requests_file(tmp_path, fake_server):
+    fake = fake_server()
+    data = tmp_path / "data.jsonl"
+    write_jsonl(data, [request("q", 1)])
+    requests_path = write_jsonl(tmp_path / "data_errors.jsonl", [request("q", 1)])
+    before = requests_path.read_bytes()
+
+    for extra in (["--save_filepath", str(data)], ["--save_filepath", str(data), "--start_over"],
+                  ["--save_filepath", str(requests_path)]):
+        done = run_cli("--requests_filepath", str(requests_path), "--request_url", fake.url, "--api_key", API_KEY,
+                       *extra)
+        assert done.returncode == 2 and "would be the requests file" in done.stderr, done.stderr
+        assert requests_path.read_bytes() == before and "Traceback" not in done.stderr
+    assert fake.stats.received == 0
+
+
+def test_an_unreadable_requests_file_is_named_and_nothing_is_created(tmp_path, monkeypatch, capsys):
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request("q", 1)])
+
+    def no_permission(path, *args, **kwargs):  # what the OS answers a user without read permission (root reads all)
+        if str(path) == str(requests_path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(app, "open", no_permission, raising=False)
+
+    exit_code = app.main(["--requests_filepath", str(requests_path), "--api_key", API_KEY])
+
+    stderr = capsys.readouterr().err
+    assert exit_code == 2 and f"cannot read the requests file {requests_path}: Permission denied" in stderr
+    assert "Traceback" not in stderr and sorted(tmp_path.iterdir()) == [requests_path]
+
+
+def test_two_start_overs_in_the_same_second_keep_both_earlier_results(tmp_path):
+    results = tmp_path / "r_results.jsonl"
+    moved = []
+    for content in (b"first\n", b"second\n"):
+        results.write_bytes(content)
+        moved.append(app.set_aside(str(results)))
+
+    assert len(set(moved)) == 2 and sorted(Path(path).read_bytes() for path in moved) == [b"first\n", b"second\n"]
+
+
+def test_a_requests_file_rewritten_in_place_is_never_read_as_a_chimera(tmp_path, fake_server, monkeypatch):
+    monkeypatch.setattr(app, "READ_BUFFER_BYTES", 4096)  # many reads, so that the rewrite falls between two
+    fake = fake_server(latency=(0.02, 0.05))
+    old = [request(f"old question {i} " + "o" * 300, i) for i in range(300)]
+    new = [request(f"new {i} " + "n" * 150, i) for i in range(300)]
+    requests_path = write_jsonl(tmp_path / "r.jsonl", old)
+
+    def rewrite() -> None:  # as `cat new > requests.jsonl` does: the same file, truncated and written again
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and fake.stats.received < 20:
+            time.sleep(0.01)
+        with open(requests_path, "r+b") as file:
+            file.truncate(0)
+            file.write("".join(json.dumps(row) + "\n" for row in new).encode())
+
+    helper = threading.Thread(target=rewrite)
+    helper.start()
+    stats = run_in_process(requests_path, fake, max_requests_per_minute=3000)
+    helper.join()
+
+    sent = [json.dumps(body, sort_keys=True) for body in fake.stats.bodies_seen]
+    known = {json.dumps({k: v for k, v in row.items() if k != "metadata"}, sort_keys=True) for row in old + new}
+    assert stats.exit_code == 3 and stats.input_changed and stats.succeeded < 300
+    assert all(body in known for body in sent)
+    rerun = run_in_process(requests_path, fake)
+    assert rerun.exit_code == 0 and rerun.succeeded == 300 - rerun.already_done
+
+
+def test_the_progress_line_never_passes_100_percent_when_lines_are_appended():
+    stats = app.RunStats(total=300, succeeded=400)
+    assert "400/400 lines (100.0%)" in app.status_line(stats)
