@@ -2196,6 +2196,7 @@ class OutputExpectation:
 
 
 RETRYABLE_STATUSES = frozenset({408, 409, 429})  # and every status >= 500
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # decompressed; a 128K-token answer streamed with thinking is ~10 MB
 MAX_HONOURED_RETRY_AFTER = 300.0  # seconds; a longer or missing retry-after falls back to backoff
 
 
@@ -2364,10 +2365,10 @@ class StreamedMessage:
             self.error = event.get("error") if isinstance(event.get("error"), dict) else {}
         elif self.message is None:
             return
-        elif kind == "content_block_start":
-            content, index = self.message["content"], event["index"]
-            content.extend([None] * (index + 1 - len(content)))
-            content[index] = dict(event["content_block"])
+        elif kind == "content_block_start":  # blocks come in order, each appended, as the SDK does
+            if event["index"] != len(self.message["content"]):
+                raise IndexError(f"block {event['index']} started after {len(self.message['content'])} blocks")
+            self.message["content"].append(dict(event["content_block"]))
         elif kind == "content_block_delta":
             self.apply_delta(event["index"], event["delta"])
         elif kind == "content_block_stop" and event["index"] in self.tool_input:
@@ -2394,14 +2395,42 @@ class StreamedMessage:
             block["citations"] = [*(block.get("citations") or []), delta["citation"]]
 
 
-async def read_event_stream(response: aiohttp.ClientResponse) -> Attempt:
+class ResponseTooLarge(Exception):
+    """A response (or a stream, or one line of batch results) went past MAX_RESPONSE_BYTES."""
+
+
+async def read_body(response: aiohttp.ClientResponse) -> bytes:
+    """A plain response's body, decompressed, up to MAX_RESPONSE_BYTES (raises ResponseTooLarge): an endless body or
+    a gzip bomb must not take the machine's memory."""
+    parts, size = [], 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise ResponseTooLarge()
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def read_event_stream(response: aiohttp.ClientResponse, timeout: float, clock: Clock = monotonic) -> Attempt:
     """Read a 200's server-sent events into the message a plain request would have returned. An `error`
     event, or a stream that ends (or breaks) before `message_stop`, is a failed attempt: nothing partial
-    is ever returned as a result."""
+    is ever returned as a result. So is a stream with nothing but pings for `timeout` seconds (a silent one
+    is cut by the connection's own timeout), and one past MAX_RESPONSE_BYTES."""
     message = StreamedMessage()
-    name, data, pending = "", [], b""
+    name, data, pending = "", [], bytearray()
+    size, progress_at = 0, clock()
     async for chunk in response.content.iter_any():
-        *lines, pending = (pending + chunk).split(b"\n")
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise ResponseTooLarge()
+        if clock() - progress_at > timeout:
+            return Attempt(error=f"nothing but pings for {timeout:g} s (the request may still be worked on)",
+                           retryable=True, timed_out=True, headers=response.headers, maybe_billed=True)
+        pending += chunk
+        if b"\n" not in chunk:  # a long event, arriving in pieces
+            continue
+        *lines, rest = pending.split(b"\n")
+        pending = bytearray(rest)
         for line in lines:
             line = line.rstrip(b"\r")
             if line.startswith(b"data:"):
@@ -2414,6 +2443,8 @@ async def read_event_stream(response: aiohttp.ClientResponse) -> Attempt:
                 except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
                     return Attempt(error=f"a malformed {name or 'stream'} event ({type(error).__name__}: {error})",
                                    retryable=True, headers=response.headers, maybe_billed=True)
+                if name != "ping":
+                    progress_at = clock()
                 name, data = "", []
         if message.error is not None or message.stopped:
             break
@@ -2462,9 +2493,11 @@ async def send_attempt(session: aiohttp.ClientSession, url: str, headers: dict[s
                                    **(silence if long else {})) as response:
             status = response.status
             if streamed and response.status == 200 and response.content_type == "text/event-stream":
-                return await read_event_stream(response)
-            raw = await response.read()
-            return interpret_response(response.status, response.headers, raw)
+                return await read_event_stream(response, timeout)
+            return interpret_response(response.status, response.headers, await read_body(response))
+    except ResponseTooLarge:
+        return Attempt(error=f"a response larger than {MAX_RESPONSE_BYTES // 2 ** 20} MB, cut off", retryable=True,
+                       status=status, maybe_billed=status == 200)
     except TimeoutError:
         waited = f"no event for {timeout:g} s" if streamed else f"no complete response within {timeout:g} s"
         return Attempt(error=f"{waited} (the request may still be worked on)", retryable=True, timed_out=True,
@@ -3428,10 +3461,14 @@ class BatchClient:
         try:
             async with self.session.get(url, headers=headers, timeout=silence, allow_redirects=False) as response:
                 if response.status != 200:
-                    raise DownloadCut(interpret_response(response.status, response.headers, await response.read()))
+                    raise DownloadCut(interpret_response(response.status, response.headers, await read_body(response)))
                 pending = bytearray()
                 async for chunk in response.content.iter_any():
                     pending += chunk
+                    if b"\n" not in chunk:
+                        if len(pending) > MAX_RESPONSE_BYTES:
+                            raise ResponseTooLarge()
+                        continue
                     *lines, rest = pending.split(b"\n")
                     pending = bytearray(rest)
                     for line in lines:
@@ -3440,6 +3477,9 @@ class BatchClient:
                     yield bytes(pending)
         except (aiohttp.ClientError, TimeoutError) as error:
             raise DownloadCut(Attempt(error=f"{type(error).__name__}: {error}", retryable=True)) from None
+        except ResponseTooLarge:
+            raise DownloadCut(Attempt(error=f"more than {MAX_RESPONSE_BYTES // 2 ** 20} MB without a line end",
+                                      retryable=True)) from None
 
 
 @dataclass

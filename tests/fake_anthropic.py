@@ -13,9 +13,9 @@
   first two attempts of that request with 529; `[[always:404]]` fails every attempt.
   Kinds: 400 401 403 404 413 429 (its headers show the requests limit used up) accel (a 429 whose headers
   show capacity left, as an acceleration limit's) 500 502 (HTML body) 529 spend drop truncated slow, and for streams
-  stream_error (an `error` event halfway), stream_drop (the connection closed halfway) and stream_stall
-  (silence halfway, pings included, for `slow_seconds`). An outage (`outage_seconds`) drops every
-  connection for a while from the first request.
+  stream_error (an `error` event halfway), stream_drop (the connection closed halfway), stream_stall
+  (silence halfway, pings included, for `slow_seconds`) and stream_pings (nothing but pings halfway, as long).
+  An outage (`outage_seconds`) drops every connection for a while from the first request.
 - Streaming: a body with `"stream": true` gets server-sent events as the API sends them (message_start,
   pings, a start, deltas and a stop per block: text, citations, thinking and signature, tool input as
   JSON pieces; message_delta, message_stop), taking `seconds_per_token` per output token. A message with
@@ -59,7 +59,8 @@ from aiohttp import web
 
 API_KEY = "sk-ant-fake-test-key-0123456789"
 RANDOM_FAULTS = ("529", "500", "502", "drop", "truncated", "slow", "429")
-STREAM_FAULTS = ("stream_error", "stream_drop", "stream_stall")  # mid-stream; a plain request ignores them
+STREAM_FAULTS = ("stream_error", "stream_drop", "stream_stall", "stream_pings")  # mid-stream; a plain request
+# ignores them
 # USD per million input and output tokens, by model-id prefix, typed from the pricing page (the budget tests' models);
 # a model not listed here is billed nothing.
 PRICES = {"claude-sonnet-5": (2.0, 10.0), "claude-haiku-5-5": (0.1, 0.5), "claude-sonnet-4-5": (3.0, 15.0),
@@ -488,7 +489,8 @@ class FakeAnthropic:
         for index, (name, data) in enumerate(events):
             if fault in STREAM_FAULTS and index == len(events) // 2:
                 self.bill(message["model"], message["usage"], output_share=0.5)  # generated until the fault
-                fault = "stall billed" if fault == "stream_stall" else fault
+                pings_only, fault = fault == "stream_pings", "stall billed" if fault in ("stream_stall",
+                                                                                         "stream_pings") else fault
                 if fault == "stream_error":
                     error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
                     await response.write(sse("error", error))
@@ -496,7 +498,10 @@ class FakeAnthropic:
                 if fault == "stream_drop":
                     request.transport.close()  # type: ignore[union-attr]
                     return response
-                await asyncio.sleep(self.config.slow_seconds)  # stream_stall: silence, not even a ping
+                if pings_only:
+                    await self.wait_with_pings(response, self.config.slow_seconds)
+                else:
+                    await asyncio.sleep(self.config.slow_seconds)  # stream_stall: silence, not even a ping
             await response.write(sse(name, data))
             if name == "content_block_delta" and pause:
                 await self.wait_with_pings(response, pause)

@@ -3,7 +3,9 @@ break a parser. Nothing paid twice, nothing hangs, the key stays home."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import gzip
 import json
 import os
 import resource
@@ -15,6 +17,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 from conftest import (
     API_KEY,
@@ -395,3 +398,59 @@ def test_a_requests_file_rewritten_in_place_is_never_read_as_a_chimera(tmp_path,
 def test_the_progress_line_never_passes_100_percent_when_lines_are_appended():
     stats = app.RunStats(total=300, succeeded=400)
     assert "400/400 lines (100.0%)" in app.status_line(stats)
+
+
+# -- bounded answers ------------------------------------------------------------------------------------
+
+
+def endless(content_type: str, first: bytes, piece: bytes, encoding: str | None = None):
+    async def answer(request, body):
+        if "endless" not in json.dumps(body):
+            return None
+        headers = {"content-type": content_type, **({"content-encoding": encoding} if encoding else {})}
+        response = web.StreamResponse(headers=headers)
+        await response.prepare(request)
+        try:
+            await response.write(first)
+            while True:
+                await response.write(piece)
+        except (ConnectionError, RuntimeError):  # the client hung up
+            return response
+    return answer
+
+
+GZIP_BOMB = gzip.compress(b"\0" * (16 << 20))  # 16 MB of zeros in about 16 KB
+
+
+@pytest.mark.parametrize(("hostile", "streamed", "expected"), [
+    (endless("application/json", b'{"type": "message", "content": "', b"x" * 65536), False,
+     "a response larger than 1 MB, cut off"),
+    (endless("application/json", GZIP_BOMB, GZIP_BOMB, encoding="gzip"), False, "a response larger than 1 MB"),
+    (endless("text/event-stream", b"event: message_start\ndata: ", b"y" * 65536), True,
+     "a response larger than 1 MB"),
+    (endless("text/event-stream", b'event: message_start\ndata: {"type": "message_start", "message": {"content": []}}'
+             b'\n\nevent: content_block_start\ndata: {"type": "content_block_start", "index": 1000000000, '
+             b'"content_block": {"type": "text", "text": ""}}\n\n', b"event: ping\ndata: {}\n\n"), True,
+     "block 1000000000 started after 0 blocks"),
+], ids=["endless body", "gzip bomb", "endless event line", "block index 10^9"])
+def test_answers_too_large_to_be_true_are_cut_off(tmp_path, fake_server, monkeypatch, hostile, streamed, expected):
+    monkeypatch.setattr(app, "MAX_RESPONSE_BYTES", 1 << 20)
+    fake = fake_server(hostile=hostile)
+    rows = [request("fine", 1), request("endless", 2, **({"stream": True} if streamed else {})), request("too", 3)]
+    requests_path = write_jsonl(tmp_path / "r.jsonl", rows)
+
+    stats = run_in_process(requests_path, fake, max_attempts=2, request_timeout=20)
+
+    results, errors = outputs(requests_path)
+    assert stats.succeeded == 2 and sorted(record[2]["row"] for record in results) == [1, 3]
+    assert len(errors) == 1 and len(errors[0][1]) == 2 and all(expected in message for message in errors[0][1])
+
+
+def test_a_stream_of_nothing_but_pings_is_cut_and_retried(fake_server):
+    fake = fake_server(ping_seconds=0.05, slow_seconds=30)
+    rows = [request("[[fault:stream_pingsx1]] hold on", 1, stream=True)]
+
+    results = asyncio.run(app.process_requests(rows, request_url=fake.url, api_key=API_KEY, request_timeout=1))
+
+    assert results[0].ok and len(results[0].errors) == 1
+    assert "nothing but pings for 1 s" in results[0].errors[0]
