@@ -3138,6 +3138,7 @@ class Processor:
 BATCH_POLL_MAX_SECONDS = 60.0  # the wait between looks at the open batches grows to this
 BATCH_POLL_GROWTH = 1.5
 BATCH_CLOCK_SKEW_SECONDS = 300.0  # a batch the API made this long before our record of the intent may be ours
+# (the API's time, from its Date header: this machine's clock may be hours off)
 BATCH_DOWNLOAD_TRIES = 5  # a results download that keeps missing results is read again, this many times in all
 BATCH_RECORDS_KEPT_DAYS = 7  # the journal forgets finished batches after this long
 UPLOAD_CHUNK_BYTES = 1 << 20
@@ -3379,6 +3380,15 @@ def epoch_of(text: Any) -> float | None:
         return None
 
 
+def api_clock_ahead(headers: Any, known: float) -> float:
+    """How far the API's clock is ahead of this machine's, by an answer's Date header (to the second); `known`
+    without one."""
+    try:
+        return parsedate_to_datetime(headers["date"]).timestamp() - time.time()
+    except (KeyError, TypeError, ValueError, IndexError):
+        return known
+
+
 class BatchClient:
     """The Message Batches endpoints, at `--request_url` + `/batches` (so a proxy or the tests' fake serve them
     too), each call retried as the API documents: a 429 after its `retry-after`, a 5xx or a network failure
@@ -3391,6 +3401,7 @@ class BatchClient:
         self.headers = api_headers(settings)
         self.timeout = settings.request_timeout
         self.api_key = settings.api_key
+        self.api_clock_ahead = 0.0  # seconds the API's clock is ahead of ours, from its latest answer's Date header
 
     async def call(self, method: str, url: str, upload: Callable[[], AsyncIterator[bytes]] | None = None,
                    made: Callable[[], Awaitable[dict[str, Any] | None]] | None = None) -> dict[str, Any]:
@@ -3401,6 +3412,7 @@ class BatchClient:
             attempt = await send_attempt(self.session, url, self.headers, upload() if upload else None, self.timeout,
                                          method=method)
             if attempt.response is not None:
+                self.api_clock_ahead = api_clock_ahead(attempt.headers, self.api_clock_ahead)
                 return attempt.response
             tries += 1
             delay = self.retry_delay(attempt, tries, started)
@@ -3442,7 +3454,7 @@ class BatchClient:
             page = await self.call("GET", f"{self.url}?limit=100{after}")
             for batch in page.get("data") or []:
                 created = epoch_of(batch.get("created_at"))
-                if created is not None and created < record.at - BATCH_CLOCK_SKEW_SECONDS:
+                if created is not None and created < record.at + self.api_clock_ahead - BATCH_CLOCK_SKEW_SECONDS:
                     return None
                 counts = batch.get("request_counts") or {}
                 if batch.get("id") not in known and sum(counts.values()) == record.requests:

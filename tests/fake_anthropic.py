@@ -53,6 +53,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from email.utils import formatdate
 from typing import Any
 
 from aiohttp import web
@@ -122,6 +123,7 @@ class FakeConfig:
     batch_cut_downloads: int = 0  # this many results downloads are cut off halfway
     batch_lost_creates: int = 0  # this many creates make the batch but drop the connection before answering
     batch_create_seconds: float = 0.0  # a create makes the batch at once, then takes this long to answer
+    clock_offset_seconds: float = 0.0  # the fake's clock (batch times, the Date header) less the true time
     results_origin: str = ""  # e.g. "http://127.0.0.1:9999": batches' results_url on another address
     hostile: Any = None  # async (request, body) -> a response to send instead, or None: a lying server's answers
     seed: int = 1234
@@ -264,7 +266,7 @@ class FakeAnthropic:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self, port: int = 0) -> str:
-        app = web.Application(client_max_size=300 * 1024 * 1024)  # a batch may hold 256 MB
+        app = web.Application(client_max_size=300 * 1024 * 1024, middlewares=[self.dated])  # a batch: up to 256 MB
         app.router.add_post("/v1/messages", self.handle)
         app.router.add_post("/v1/messages/batches", self.create_batch)
         app.router.add_get("/v1/messages/batches", self.list_batches)
@@ -293,6 +295,17 @@ class FakeAnthropic:
             error["details"] = details
         body = {"type": "error", "error": error, "request_id": request_id}
         return web.json_response(body, status=status, headers={"request-id": request_id, **(headers or {})})
+
+    def now(self) -> float:
+        return time.time() + self.config.clock_offset_seconds
+
+    @web.middleware
+    async def dated(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Every answer's Date header by the fake's own clock, as the API's is by its own."""
+        response = await handler(request)
+        if not response.prepared:
+            response.headers["Date"] = formatdate(self.now(), usegmt=True)
+        return response
 
     def next_id(self, prefix: str) -> str:
         self.counter += 1
@@ -618,7 +631,7 @@ class FakeAnthropic:
             if not isinstance(item.get("params"), dict) or set(item) != {"custom_id", "params"}:
                 return self.error(400, "invalid_request_error", f"requests[{custom_id}]: params required")
             seen.add(custom_id)
-        batch = FakeBatch(self.next_id("msgbatch"), time.time(), time.monotonic() + self.config.batch_seconds,
+        batch = FakeBatch(self.next_id("msgbatch"), self.now(), time.monotonic() + self.config.batch_seconds,
                           [(item["custom_id"], item["params"]) for item in items])
         pending = {fingerprint(params) for other in self.batches.values() if self.ended(other) is None
                    for _, params in other.requests}
@@ -665,7 +678,7 @@ class FakeAnthropic:
         if isinstance(batch, web.Response):
             return batch
         if batch.results is None and batch.cancel_initiated_at is None:
-            batch.cancel_initiated_at = time.time()
+            batch.cancel_initiated_at = self.now()
             batch.ends_at = min(batch.ends_at, time.monotonic() + 0.1)
         return web.json_response(self.batch_object(batch, request))
 
@@ -734,7 +747,7 @@ class FakeAnthropic:
         base = f"{self.config.results_origin or f'{request.scheme}://{request.host}'}/v1/messages/batches/{batch.id}"
         return {"id": batch.id, "type": "message_batch", "processing_status": status, "request_counts": counts,
                 "created_at": rfc3339(batch.created_at), "expires_at": rfc3339(batch.created_at + 86_400),
-                "ended_at": rfc3339(time.time()) if results is not None else None,
+                "ended_at": rfc3339(self.now()) if results is not None else None,
                 "cancel_initiated_at": rfc3339(batch.cancel_initiated_at) if batch.cancel_initiated_at else None,
                 "archived_at": None, "results_url": f"{base}/results" if results is not None else None}
 

@@ -454,3 +454,13 @@ def test_a_stream_of_nothing_but_pings_is_cut_and_retried(fake_server):
 
     assert results[0].ok and len(results[0].errors) == 1
     assert "nothing but pings for 1 s" in results[0].errors[0]
+
+
+def test_a_lost_batch_create_is_adopted_when_this_machine_s_clock_is_an_hour_off(tmp_path, fake_server):
+    fake = fake_server(batch_lost_creates=1, clock_offset_seconds=-3600)  # the API's clock an hour behind ours
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(20)])
+
+    stats = run_in_process(requests_path, fake, batch=True, batch_poll_seconds=0.05)
+
+    assert stats.exit_code == 0 and len(outputs(requests_path)[0]) == 20
+    assert len(fake.batches) == 1 and fake.stats.submitted_twice == 0
