@@ -47,6 +47,7 @@ import json
 import math
 import os
 import random
+import re
 import reprlib
 import signal
 import socket
@@ -2344,10 +2345,103 @@ STREAM_ERROR_STATUSES = {"invalid_request_error": 400, "authentication_error": 4
                          "rate_limit_error": 429, "api_error": 500, "timeout_error": 504, "overloaded_error": 529}
 
 
+JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+JSON_NUMBER_CHARS = re.compile(r"[-+.eE0-9]+")
+JSON_WORDS = {"true": True, "false": False, "null": None}
+CUT = object()  # a value cut off by the end of the text
+
+
+class PartialJson:
+    """JSON that may be cut off at its end, read as the official SDK reads a tool's input when `max_tokens` stopped
+    the answer in the middle of it (jiter's partial mode): what is complete is kept, and a value cut off (a string,
+    a word, a number that cannot end there) is dropped with its key. Raises ValueError for JSON that is wrong
+    before its end."""
+
+    def __init__(self, text: str) -> None:
+        self.text, self.at = text, 0
+
+    @classmethod
+    def parse(cls, text: str) -> Any:
+        value = cls(text).value()
+        return {} if value is CUT else value
+
+    def value(self) -> Any:
+        text = self.text
+        while self.at < len(text) and text[self.at] in " \t\r\n":
+            self.at += 1
+        if self.at == len(text):
+            return CUT
+        char = text[self.at]
+        if char in "{[":
+            return self.container(char)
+        if char == '"':
+            match = JSON_STRING.match(text, self.at)
+            if match is None:
+                return self.cut()
+            self.at = match.end()
+            return json.loads(match.group())
+        for word, value in JSON_WORDS.items():
+            if text.startswith(word, self.at):
+                self.at += len(word)
+                return value
+            if word.startswith(text[self.at:]):
+                return self.cut()
+        digits = JSON_NUMBER_CHARS.match(text, self.at)
+        if digits is None:
+            raise ValueError(f"unexpected {char!r} at {self.at}")
+        self.at = digits.end()
+        if JSON_NUMBER.fullmatch(digits.group()):
+            return json.loads(digits.group())
+        if self.at == len(text):
+            return CUT
+        raise ValueError(f"not a number: {digits.group()!r}")
+
+    def cut(self) -> Any:
+        """The rest of the text is a value cut off: read past it."""
+        self.at = len(self.text)
+        return CUT
+
+    def container(self, opening: str) -> Any:
+        """An object or an array, with what it holds up to the first value cut off."""
+        is_object, closing = opening == "{", "}" if opening == "{" else "]"
+        result: Any = {} if is_object else []
+        self.at += 1
+        while True:
+            if self.punctuation(closing):
+                return result
+            key = self.value() if is_object else None
+            if key is CUT or is_object and (not isinstance(key, str) or not self.punctuation(":", expected=True)):
+                return result
+            item = self.value()
+            if item is CUT:
+                return result
+            if is_object:
+                result[key] = item
+            else:
+                result.append(item)
+            if self.punctuation(closing):
+                return result
+            if self.at < len(self.text) and not self.punctuation(",", expected=True):
+                return result
+
+    def punctuation(self, char: str, expected: bool = False) -> bool:
+        """Whether `char` comes next (read past it); at the end, False; `expected` and something else: ValueError."""
+        text = self.text
+        while self.at < len(text) and text[self.at] in " \t\r\n":
+            self.at += 1
+        if self.at < len(text) and text[self.at] == char:
+            self.at += 1
+            return True
+        if expected and self.at < len(text):
+            raise ValueError(f"expected {char!r} at {self.at}")
+        return False
+
+
 class StreamedMessage:
     """A message rebuilt from its stream's events, as the official SDK accumulates them: `message_start`
     gives the message (usage: the input tokens), each block is started, extended by its deltas (text,
-    tool input as JSON pieces parsed when the block stops, thinking and its signature, citations) and
+    tool input as JSON pieces parsed when the block stops, even cut off, thinking and its signature, citations) and
     stopped, and `message_delta` adds the stop reason and the final output tokens. `ping` and unknown
     events and delta types are ignored, so new ones never break a run."""
 
@@ -2372,14 +2466,20 @@ class StreamedMessage:
         elif kind == "content_block_delta":
             self.apply_delta(event["index"], event["delta"])
         elif kind == "content_block_stop" and event["index"] in self.tool_input:
-            pieces = self.tool_input.pop(event["index"])
-            self.message["content"][event["index"]]["input"] = load_json(pieces) if pieces else {}
+            self.parse_tool_input(event["index"])
         elif kind == "message_delta":
             self.message.update(event.get("delta") or {})
             usage = {key: value for key, value in (event.get("usage") or {}).items() if value is not None}
             self.message["usage"] = {**(self.message.get("usage") or {}), **usage}
         elif kind == "message_stop":
+            for index in list(self.tool_input):  # a block the answer stopped in, without its own stop
+                self.parse_tool_input(index)
             self.stopped = True
+
+    def parse_tool_input(self, index: int) -> None:
+        """A tool's input, from its JSON pieces: cut off if `max_tokens` stopped the answer inside it (PartialJson)."""
+        pieces = self.tool_input.pop(index)
+        self.message["content"][index]["input"] = PartialJson.parse(pieces) if pieces else {}
 
     def apply_delta(self, index: int, delta: dict[str, Any]) -> None:
         block, kind = self.message["content"][index], delta.get("type")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from anthropic.types import Message
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "api_request_parallel_processor.py"
@@ -67,9 +68,13 @@ def read_jsonl(path: Path) -> list[Any]:
 
 
 def outputs(requests_path: Path) -> tuple[list[Any], list[Any]]:
-    """The records of the results and errors files that a run on `requests_path` wrote by default."""
+    """The records of the results and errors files that a run on `requests_path` wrote by default; every answer
+    must validate as the official SDK's Message (the SDK is the oracle of what the API returns)."""
     stem = str(requests_path)[: -len(".jsonl")]
-    return read_jsonl(Path(stem + "_results.jsonl")), read_jsonl(Path(stem + "_results_errors.jsonl"))
+    results = read_jsonl(Path(stem + "_results.jsonl"))
+    for record in results:
+        Message.model_validate(record[1])
+    return results, read_jsonl(Path(stem + "_results_errors.jsonl"))
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,

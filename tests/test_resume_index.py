@@ -98,7 +98,9 @@ def append_a_result_by_hand(results: Path) -> None:
     body = request("written by hand", 500)
     metadata = body.pop("metadata")
     with open(results, "a") as file:
-        file.write(json.dumps([body, {"type": "message", "content": []}, metadata]) + "\n")
+        answer = {"id": "msg_byhand", "type": "message", "role": "assistant", "model": body["model"], "content": [],
+                  "stop_reason": "end_turn", "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 0}}
+        file.write(json.dumps([body, answer, metadata]) + "\n")
 
 
 @pytest.mark.parametrize("change, sent_again", [
