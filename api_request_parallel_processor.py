@@ -2198,7 +2198,8 @@ class OutputExpectation:
 
 RETRYABLE_STATUSES = frozenset({408, 409, 429})  # and every status >= 500
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # decompressed; a 128K-token answer streamed with thinking is ~10 MB
-MAX_HONOURED_RETRY_AFTER = 300.0  # seconds; a longer or missing retry-after falls back to backoff
+LONGEST_SLEEP_SECONDS = 4_294_967.0  # asyncio's timers cannot wait longer on every platform (the SDK's cap too)
+CONNECT_TIMEOUT_SECONDS = 5.0  # as the SDK: a connection that cannot be made in 5 s is a network failure
 
 
 @dataclass
@@ -2235,21 +2236,18 @@ class Attempt:
 
 
 def parse_retry_after(headers: Any) -> float | None:
-    """`retry-after-ms`, or `retry-after` in seconds or as an HTTP date, as the official SDK reads them."""
-    try:
-        if "retry-after-ms" in headers:
-            seconds = float(headers["retry-after-ms"]) / 1000
-        elif "retry-after" in headers:
-            value = headers["retry-after"]
-            try:
-                seconds = float(value)
-            except ValueError:
-                seconds = parsedate_to_datetime(value).timestamp() - time.time()
-        else:
-            return None
-    except (TypeError, ValueError):
-        return None
-    return seconds if 0 <= seconds <= MAX_HONOURED_RETRY_AFTER else None
+    """The wait the server asks for, as the official SDK (2.10.0) reads it: `retry-after-ms`, else `retry-after` in
+    seconds, else `retry-after` as an HTTP date; a value that cannot be read gives way to the next. Only a positive
+    wait counts (None: back off), however long: the 15-minute rules bound a run (see decide)."""
+    seconds = None
+    for read in (lambda: float(headers["retry-after-ms"]) / 1000, lambda: float(headers["retry-after"]),
+                 lambda: parsedate_to_datetime(headers["retry-after"]).timestamp() - time.time()):
+        try:
+            seconds = read()
+            break
+        except (KeyError, TypeError, ValueError, IndexError):
+            continue
+    return min(seconds, LONGEST_SLEEP_SECONDS) if seconds is not None and seconds > 0 else None
 
 
 def api_headers(settings: Settings) -> dict[str, str]:
@@ -2307,7 +2305,7 @@ def interpret_response(status: int, headers: Any, raw: bytes) -> Attempt:
                                         "address if it is the API")
 
     retryable = retryable_status(status)
-    should_retry = headers.get("x-should-retry")
+    should_retry = headers.get("x-should-retry")  # the server's word comes first, as the SDK obeys it
     if should_retry in ("true", "false"):
         retryable = should_retry == "true"
     if status == 429 and isinstance(error, dict):
@@ -2315,7 +2313,7 @@ def interpret_response(status: int, headers: Any, raw: bytes) -> Attempt:
         if isinstance(details, dict) and details.get("error_code") == "enforced_spend_limit_reached":
             retryable = False
     return Attempt(error=description, retryable=retryable, retry_after=parse_retry_after(headers),
-                   status=status, authentication_failed=status == 401, headers=headers,
+                   status=status, authentication_failed=status == 401 and should_retry != "true", headers=headers,
                    unusable_address=f"HTTP {status} from something that is not the Messages API (is the path "
                                     "/v1/messages?)" if not_the_api else "")
 
@@ -2587,7 +2585,8 @@ async def send_attempt(session: aiohttp.ClientSession, url: str, headers: dict[s
     it needs, but no progress (no event, pings included) for `timeout` seconds is a timeout."""
     status = None  # once the response has begun
     try:
-        silence = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)}
+        silence = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_SECONDS,
+                                                    sock_read=timeout)}
         long = streamed or not isinstance(payload, (bytes, type(None)))
         async with session.request(method, url, data=payload, headers=headers, allow_redirects=False,
                                    **(silence if long else {})) as response:
@@ -2595,6 +2594,8 @@ async def send_attempt(session: aiohttp.ClientSession, url: str, headers: dict[s
             if streamed and response.status == 200 and response.content_type == "text/event-stream":
                 return await read_event_stream(response, timeout)
             return interpret_response(response.status, response.headers, await read_body(response))
+    except aiohttp.ConnectionTimeoutError:  # never connected: nothing reached the API, as in an outage
+        return Attempt(error=f"network error: no connection within {CONNECT_TIMEOUT_SECONDS:g} s", retryable=True)
     except ResponseTooLarge:
         return Attempt(error=f"a response larger than {MAX_RESPONSE_BYTES // 2 ** 20} MB, cut off", retryable=True,
                        status=status, maybe_billed=status == 200)
@@ -2652,17 +2653,18 @@ def decide(attempt: Attempt, attempts: int, max_attempts: float, since_answered:
         return Decision(STOP)
     if not attempt.retryable:
         return Decision(FAIL)
-    if attempt.rate_limited:
-        if since_answered > OUTAGE_MAX_SECONDS:
+    delay = retry_delay(attempt, attempts)
+    if attempt.rate_limited:  # a retry-after that would outlast the 15 minutes gives up now, not after the wait
+        if since_answered + delay > OUTAGE_MAX_SECONDS:
             return Decision(GIVE_UP, cause=Interruption.ONLY_429S)
-        return Decision(RETRY, retry_delay(attempt, attempts), counted=False)
+        return Decision(RETRY, delay, counted=False)
     if attempt.server_side and outage_seconds is not None:
-        if outage_seconds > OUTAGE_MAX_SECONDS:
+        if outage_seconds + delay > OUTAGE_MAX_SECONDS:
             return Decision(GIVE_UP, cause=Interruption.OUTAGE)
-        return Decision(RETRY, retry_delay(attempt, attempts), counted=False, hold_all=True)
+        return Decision(RETRY, delay, counted=False, hold_all=True)
     if attempts >= max_attempts:
         return Decision(FAIL)
-    return Decision(RETRY, retry_delay(attempt, attempts))
+    return Decision(RETRY, delay)
 
 
 class OutageWatch:
@@ -3567,7 +3569,7 @@ class BatchClient:
         """The lines of a batch's results as they arrive: a results file can be hundreds of megabytes, and
         one line can be larger than aiohttp's line limit, so lines are split here. A `results_url` at another
         address than --request_url's is fetched without the key. Raises DownloadCut."""
-        silence = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=self.timeout)
+        silence = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_SECONDS, sock_read=self.timeout)
         same_origin = urlsplit(url)[:2] == urlsplit(self.url)[:2]
         headers = self.headers if same_origin else {"anthropic-version": self.headers["anthropic-version"]}
         try:
@@ -4298,7 +4300,7 @@ async def run_processor(config: Settings, lines: Iterable[tuple[int, Any]], coun
                         sink: ResultSink, resume_index: ResumeIndex, prices: dict[str, Price]) -> RunStats:
     """One session, one processor, with its progress reporter, line counter and signal handlers."""
     connector = aiohttp.TCPConnector(limit=config.max_concurrent_requests)
-    timeout = aiohttp.ClientTimeout(total=config.request_timeout)
+    timeout = aiohttp.ClientTimeout(total=config.request_timeout, sock_connect=CONNECT_TIMEOUT_SECONDS)
     live = on_terminal()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         road = BatchRun if config.batch else Processor

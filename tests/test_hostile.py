@@ -10,6 +10,7 @@ import json
 import os
 import resource
 import shlex
+import socket
 import subprocess
 import sys
 import threading
@@ -464,3 +465,22 @@ def test_a_lost_batch_create_is_adopted_when_this_machine_s_clock_is_an_hour_off
 
     assert stats.exit_code == 0 and len(outputs(requests_path)[0]) == 20
     assert len(fake.batches) == 1 and fake.stats.submitted_twice == 0
+
+
+def test_a_server_that_never_completes_connections_is_an_outage_not_a_long_wait(tmp_path, monkeypatch,
+                                                                                captured_logs):
+    monkeypatch.setattr(app, "CONNECT_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(app, "OUTAGE_MAX_SECONDS", 4.0)
+    with socket.socket() as server, socket.socket() as first:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)  # never accepted: once the queue holds one, connections hang
+        first.connect(server.getsockname())
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/v1/messages"
+        requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(5)])
+
+        stats = asyncio.run(app.process_api_requests_from_file(str(requests_path), request_url=url, api_key=API_KEY,
+                                                               grace_period=1))
+
+    assert stats.exit_code == 3 and stats.interrupted_by is app.Interruption.OUTAGE
+    assert outputs(requests_path) == ([], [])  # every line is left for the next run
+    assert any("got no answer or a 5xx" in line and "no connection within 0.5 s" in line for line in captured_logs)

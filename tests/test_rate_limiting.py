@@ -357,10 +357,12 @@ def test_an_outage_holds_every_sender_then_gives_up_after_fifteen_minutes(attemp
 
 
 def test_fifteen_minutes_of_nothing_but_429s_gives_up():
-    limited = outcome(429, "rate_limit_error")
-    assert app.decide(limited, 1, 5, since_answered=899.0, outage_seconds=None).action == app.RETRY
-    decision = app.decide(limited, 1, 5, since_answered=901.0, outage_seconds=None)
+    limited = outcome(429, "rate_limit_error")  # retry-after: 7
+    assert app.decide(limited, 1, 5, since_answered=892.0, outage_seconds=None).action == app.RETRY
+    decision = app.decide(limited, 1, 5, since_answered=894.0, outage_seconds=None)  # the wait would end past 900 s
     assert decision.action == app.GIVE_UP and decision.cause is app.Interruption.ONLY_429S
+    an_hour = outcome(429, "rate_limit_error", {"retry-after": "3600"})  # honoured, but not past the 15 minutes
+    assert app.decide(an_hour, 1, 5, since_answered=0.0, outage_seconds=None).action == app.GIVE_UP
 
 
 @pytest.mark.parametrize(("cause", "exit_code", "cuts"), [

@@ -7,8 +7,10 @@ import copy
 import json
 from typing import Any
 
+import httpx2
 import pytest
 from aiohttp import web
+from anthropic import Anthropic
 from anthropic.lib.streaming._messages import accumulate_event
 from anthropic.types import Message
 from conftest import outputs, request, run_in_process, write_jsonl
@@ -121,3 +123,33 @@ def test_a_streamed_answer_with_a_cut_tool_input_is_saved_after_one_attempt(tmp_
     assert stats.exit_code == 0 and errors == [] and len(results) == 3 and fake.stats.received == 3
     sdk, _ = rebuilt_by_both(cut_tool_events())
     assert all(without_none(record[1]) == sdk for record in results)
+
+
+RETRY_HEADERS = [
+    {}, {"retry-after": "3"}, {"retry-after": "0"}, {"retry-after": "-1"}, {"retry-after": "1.5"},
+    {"retry-after": "600"}, {"retry-after": "soon"}, {"retry-after-ms": "1500", "retry-after": "9"},
+    {"retry-after-ms": "abc", "retry-after": "9"}, {"retry-after-ms": "0", "retry-after": "9"},
+    {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"},
+]
+
+
+@pytest.mark.parametrize("headers", RETRY_HEADERS, ids=[json.dumps(headers) for headers in RETRY_HEADERS])
+def test_retry_after_is_read_as_the_sdk_reads_it(headers):
+    sdk = Anthropic(api_key="unused")._parse_retry_after_header(httpx2.Headers(headers))
+    expected = min(sdk, 4_294_967.0) if sdk is not None and sdk > 0 else None  # the SDK waits only when positive
+
+    assert app.parse_retry_after(headers) == expected
+
+
+STATUSES = [400, 401, 402, 403, 404, 405, 408, 409, 413, 422, 429, 500, 502, 503, 504, 529, 599]
+
+
+@pytest.mark.parametrize("should_retry", [None, "true", "false"])
+@pytest.mark.parametrize("status", STATUSES)
+def test_what_is_retried_is_what_the_sdk_retries(status, should_retry):
+    headers = {"x-should-retry": should_retry} if should_retry else {}
+    sdk = Anthropic(api_key="unused")._should_retry(httpx2.Response(status, headers=headers))
+
+    attempt = app.interpret_response(status, headers, b'{"type": "error", "error": {"type": "x", "message": "m"}}')
+
+    assert attempt.retryable == sdk and attempt.authentication_failed == (status == 401 and not sdk)
