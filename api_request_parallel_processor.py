@@ -294,8 +294,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
         prog="api_request_parallel_processor.py",
         description="Send a JSONL file of Anthropic Messages API requests in parallel, under your rate limits.",
         epilog="exit codes: 0 every line succeeded; 1 some failed (see the errors file); 2 a usage or configuration "
-               "error; 3 stopped by an outage, or batched lines left for the next run; 4 batches still processing; "
-               "5 stopped at the budget; 130/143 interrupted. Codes 3 and up: run the same command again to go on.",
+               "error, or results that cannot be written; 3 stopped by an outage, or lines left for the next run; 4 "
+               "batches still processing; 5 stopped at the budget; 6 the API refuses the organization (a spend cap); "
+               "130/143/129 interrupted. Codes 3 and up: run the same command again to go on.",
     )
     for setting in fields(Settings):
         options = {key: value for key, value in setting.metadata.items() if key != "parse"}
@@ -594,9 +595,15 @@ MODEL_FACTS = {  # by model-id prefix, the longest match wins; as of PRICES_AS_O
 }
 
 
+DATED_ID = re.compile(r"-\d{8}$")  # a model id's release date
+
+
 def by_model_prefix(model: str, table: dict[str, Any]) -> Any:
-    """The entry of a table keyed by model-id prefix whose longest prefix matches `model`, or None."""
-    matches = [prefix for prefix in table if model.startswith(prefix)]
+    """The entry of a table keyed by model-id prefix whose longest prefix matches `model`, or None. A dated id is its
+    alias (`claude-fable-5-20260601` is `claude-fable-5`), and a prefix ends where a part of the id does:
+    `claude-fable-5` covers `claude-fable-5-1`, `claude-fable-5-2` does not cover Fable 5's dated id."""
+    alias = DATED_ID.sub("", model)
+    matches = [prefix for prefix in table if alias == prefix or alias.startswith(prefix + "-")]
     return table[max(matches, key=len)] if matches else None
 
 
@@ -1027,7 +1034,7 @@ def saved_token_ratios(results_path: str) -> dict[str, float]:
 # ==================================================================================================
 
 
-PRICES_AS_OF = "2026-11-25"  # the date of the table below; --prices adds to it or corrects it
+PRICES_AS_OF = "2026-11-28"  # the date of the table below; --prices adds to it or corrects it
 CACHE_MULTIPLIERS = {"cache_write_5m": 1.25, "cache_write_1h": 2.0, "cache_read": 0.1}  # of the input price
 US_ONLY_MULTIPLIER = 1.1  # `"inference_geo": "us"` (US-only inference), on every kind of token
 BATCH_MULTIPLIER = 0.5  # the Message Batches API, on every kind of token
@@ -1072,6 +1079,8 @@ SONNET_4_LONG_PROMPT = (200_000, price_row(6, 22.50))  # Sonnet 4 and 4.5 over 2
 # Anthropic's list prices on PRICES_AS_OF, by model-id prefix (the longest prefix that matches a model wins):
 #                                input output  write 5m  write 1h  read
 PRICE_TABLE: dict[str, Price] = {
+    "claude-fable-5-2": price_row(8.00, 40.00, 10.00, 16.00, 0.20),  # released 9 November 2026
+    "claude-mythos-5-2": price_row(8.00, 40.00, 10.00, 16.00, 0.20),
     "claude-fable-5-1": price_row(10.00, 50.00, 12.50, 20.00, 0.25),
     "claude-mythos-5-1": price_row(10.00, 50.00, 12.50, 20.00, 0.25),
     "claude-fable-5": price_row(10.00, 50.00, 12.50, 20.00, 1.00),
@@ -1084,12 +1093,12 @@ PRICE_TABLE: dict[str, Price] = {
     "claude-opus-4-5": price_row(5.00, 25.00, 6.25, 10.00, 0.50),
     "claude-opus-4-1": price_row(15.00, 75.00, 18.75, 30.00, 1.50),  # retired on the Claude API
     "claude-opus-4-0": price_row(15.00, 75.00, 18.75, 30.00, 1.50),  # retired on the Claude API
-    "claude-opus-4-2025": price_row(15.00, 75.00, 18.75, 30.00, 1.50),  # Opus 4 by its dated id; retired
+    "claude-opus-4": price_row(15.00, 75.00, 18.75, 30.00, 1.50),  # Opus 4 (by its dated id); retired
     "claude-sonnet-5": price_row(2.00, 10.00, 2.50, 4.00, 0.20),  # Sonnet 5 and Sonnet 5.5
     "claude-sonnet-4-6": price_row(3.00, 15.00, 3.75, 6.00, 0.30),
     "claude-sonnet-4-5": price_row(3.00, 15.00, 3.75, 6.00, 0.30, SONNET_4_LONG_PROMPT),  # retires 2026-11-30
     "claude-sonnet-4-0": price_row(3.00, 15.00, 3.75, 6.00, 0.30, SONNET_4_LONG_PROMPT),
-    "claude-sonnet-4-2025": price_row(3.00, 15.00, 3.75, 6.00, 0.30, SONNET_4_LONG_PROMPT),  # Sonnet 4, dated id
+    "claude-sonnet-4": price_row(3.00, 15.00, 3.75, 6.00, 0.30, SONNET_4_LONG_PROMPT),  # Sonnet 4 (by its dated id)
     "claude-haiku-5-5": price_row(0.10, 0.50, long_prompt=(100_000, price_row(0.50, 2.50))),
     "claude-haiku-4-5": price_row(1.00, 5.00, 1.25, 2.00, 0.10),
     "claude-3-5-haiku": price_row(0.80, 4.00, 1.00, 1.60, 0.08),
@@ -1280,15 +1289,18 @@ class Interruption(Enum):
     BUDGET = "the budget (--max_cost)"  # the next request could take the run's cost past it
     NO_PRICE = "a model without a price"  # with --max_cost, every model needs one
     WRITE_FAILED = "a results file that cannot be written"  # a full disk, a file replaced during the run
+    ORGANIZATION_REFUSED = "a refusal of the whole organization"  # a spend cap reached, an organization on hold
 
     @property
     def exit_code(self) -> int:
         """130, 143 and 129 for the signals (128 + their number), 3 for a rerun later, 2 for a setting to fix, 5
-        for a rerun with a larger budget."""
+        for a rerun with a larger budget, 6 for a rerun once the organization's account allows it."""
         if self.is_signal:
             return 128 + signal.Signals[self.value].value
         if self is Interruption.BUDGET:
             return 5
+        if self is Interruption.ORGANIZATION_REFUSED:
+            return 6
         return 2 if self in (Interruption.UNUSABLE_ADDRESS, Interruption.NO_PRICE, Interruption.WRITE_FAILED) else 3
 
     @property
@@ -1381,7 +1393,7 @@ class RunStats:
         requests file changed under the reader, 130, 143 or 129 interrupted by SIGINT, SIGTERM or SIGHUP (3 and up:
         rerun to continue). A batch run adds 4: batches are still processing (--no_wait), and 3 for lines left for
         the next run (their batch was canceled, or it expired or failed on the API's side more often than
-        --max_attempts). 5: stopped at the budget."""
+        --max_attempts). 5: stopped at the budget. 6: the API refuses every request of the organization."""
         if self.interrupted_by is not None:
             return self.interrupted_by.exit_code
         if self.key_rejected:
@@ -2217,6 +2229,7 @@ class Attempt:
     unusable_address: str = ""  # why the address cannot be used (no such host, no TLS, nothing listening, not the
     # API's path): a typo more than a fault, when nothing was ever answered there
     timed_out: bool = False
+    error_code: str = ""  # the error's `details.error_code`, where the API gives one
     maybe_billed: bool = False  # no answer says what it cost, though it may have been processed (a timeout, a 200
     # broken off)
 
@@ -2308,11 +2321,10 @@ def interpret_response(status: int, headers: Any, raw: bytes) -> Attempt:
     should_retry = headers.get("x-should-retry")  # the server's word comes first, as the SDK obeys it
     if should_retry in ("true", "false"):
         retryable = should_retry == "true"
-    if status == 429 and isinstance(error, dict):
-        details = error.get("details") or {}
-        if isinstance(details, dict) and details.get("error_code") == "enforced_spend_limit_reached":
-            retryable = False
+    details = error.get("details") if isinstance(error, dict) else None
+    code = details.get("error_code") if isinstance(details, dict) else None
     return Attempt(error=description, retryable=retryable, retry_after=parse_retry_after(headers),
+                   error_code=code if isinstance(code, str) else "",
                    status=status, authentication_failed=status == 401 and should_retry != "true", headers=headers,
                    unusable_address=f"HTTP {status} from something that is not the Messages API (is the path "
                                     "/v1/messages?)" if not_the_api else "")
@@ -2622,6 +2634,22 @@ def backoff_seconds(attempt_number: int) -> float:
 
 
 RETRY, FAIL, STOP, GIVE_UP = "retry", "fail", "stop", "give up"
+# Error codes (`error.details.error_code`, as SDK 2.10.0's error classes name them) that refuse every request of the
+# organization, whatever the request, for longer than a run waits: what to do about each.
+ORGANIZATION_REFUSALS = {
+    "enforced_spend_limit_reached": "the monthly spend cap of the organization's tier is reached: requests fail until "
+                                    "00:00 UTC on the 1st of next month, unless the tier is raised in the Console",
+    "contract_spend_limit_reached": "the contract's spend limit is reached: ask your account team to raise it",
+    "linked_organization_spend_limit_reached": "the linked organization's spend limit is reached: raise it in the "
+                                               "Console",
+    "linked_organization_billing_unavailable": "the linked organization's billing is unavailable: see Billing in "
+                                               "the Console",
+    "organization_on_hold": "the organization is on hold: see the Console, or contact Anthropic's support",
+    "cmek_key_disabled": "the organization's customer-managed encryption key is disabled: enable it",
+    "cmek_key_network_blocked": "the organization's customer-managed encryption key cannot be reached: check its "
+                                "network policy",
+}
+RAMP_LIMIT = "ramp_limit_exceeded"  # a 429 for growing too fast: slow down, as after an acceleration limit
 
 
 @dataclass(frozen=True)
@@ -2651,6 +2679,8 @@ def decide(attempt: Attempt, attempts: int, max_attempts: float, since_answered:
     answered nothing but 429s)."""
     if attempt.authentication_failed:
         return Decision(STOP)
+    if attempt.error_code in ORGANIZATION_REFUSALS:
+        return Decision(GIVE_UP, cause=Interruption.ORGANIZATION_REFUSED)
     if not attempt.retryable:
         return Decision(FAIL)
     delay = retry_delay(attempt, attempts)
@@ -3131,14 +3161,19 @@ class Processor:
             return
         decision = decide(result, job.attempts, self.settings.max_attempts, self.clock() - self.admitted_at,
                           self.outage.lasted)
-        if result.rate_limited:  # whether or not this one is retried
-            lane.limiter.pause(retry_delay(result, job.attempts), result.rate_figures)
+        if result.rate_limited:  # whether or not this one is retried; a ramp limit slows down as a blind 429 does
+            lane.limiter.pause(retry_delay(result, job.attempts),
+                               None if result.error_code == RAMP_LIMIT else result.rate_figures)
         if decision.action == STOP:
             self.stats.key_rejected = True
             self.stop("the API rejected the key (HTTP 401 authentication_error): check ANTHROPIC_API_KEY")
         if self.stats.stopped_reason:
             self.fail(job, "run stopped")
         elif decision.action == GIVE_UP:
+            if decision.cause is Interruption.ORGANIZATION_REFUSED and not self.stats.interrupted_by:
+                log.error("The API refuses every request of the organization ({}): {}. Stopping; the lines without "
+                          "a result are left for the next run.", result.error_code,
+                          ORGANIZATION_REFUSALS[result.error_code])
             self.interrupt(decision.cause)  # the line stays unsent, like every other, for the next run
         elif decision.action == FAIL:
             self.fail(job, "no attempts left" if result.retryable else "not retryable")
@@ -3252,7 +3287,12 @@ class KeyRejected(Exception):
 
 
 class BatchRefused(Exception):
-    """A batch endpoint refused a call for good (a 4xx other than 401, 408, 409 and 429): the API's message."""
+    """A batch endpoint refused a call for good (a 4xx other than 401, 408, 409 and 429): the API's message;
+    `organization` when it refuses every call of the organization (see ORGANIZATION_REFUSALS)."""
+
+    def __init__(self, problem: str, organization: bool = False) -> None:
+        super().__init__(problem)
+        self.organization = organization
 
 
 class BatchUnavailable(Exception):
@@ -3538,6 +3578,8 @@ class BatchClient:
             raise KeyRejected(problem)
         if decision.action == FAIL:
             raise BatchRefused(problem)
+        if decision.cause is Interruption.ORGANIZATION_REFUSED:
+            raise BatchRefused(f"{problem}: {ORGANIZATION_REFUSALS[attempt.error_code]}", organization=True)
         if decision.action == GIVE_UP or failing > OUTAGE_MAX_SECONDS:
             raise BatchUnavailable(problem)
         return decision.delay
@@ -3687,9 +3729,14 @@ class BatchRun:
             self.stats.key_rejected = True
             log.error("Stopping the run: the API rejected the key ({}): check ANTHROPIC_API_KEY", error)
         except BatchRefused as error:
-            self.stats.stopped_reason = f"a batch endpoint refused a call: {error}"
-            log.error("Stopping the run: {}. The batches are recorded in {}; run again once this is fixed.",
-                      self.stats.stopped_reason, self.folder)
+            if error.organization:
+                self.stats.interrupted_by = Interruption.ORGANIZATION_REFUSED
+                log.error("The API refuses every request of the organization ({}). Stopping; the batches are recorded "
+                          "in {} and the lines without a result are left for the next run.", error, self.folder)
+            else:
+                self.stats.stopped_reason = f"a batch endpoint refused a call: {error}"
+                log.error("Stopping the run: {}. The batches are recorded in {}; run again once this is fixed.",
+                          self.stats.stopped_reason, self.folder)
         except (ResultsUnwritable, OSError) as error:  # the results, or the batch records beside them
             self.stats.interrupted_by = Interruption.WRITE_FAILED
             log.error("{}: stopping. The batches are recorded in {}; once there is room, the same command collects "
@@ -3773,6 +3820,9 @@ class BatchRun:
             batch = await self.client.create(spool, record, self.journal.batch_ids())
         except BatchRefused as error:
             self.journal.append(step="done", key=spool.key, outcome="refused")
+            if error.organization:  # not the lines' fault: they are left for the next run
+                spool.delete()
+                raise
             for job in spool.jobs():
                 job.errors.append(f"the batch was refused: {error}")
                 self.fail(job, "batch refused")
@@ -4398,9 +4448,7 @@ async def process_requests(requests: Iterable[dict[str, Any]], **settings: Any) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line. Returns the exit code: 0 all succeeded, 1 some failed, 2 usage or
-    configuration error, 3 stopped by an outage (or, batched, lines left for the next run), 4 batches
-    still processing, 5 stopped at the budget (--max_cost), 130/143 interrupted."""
+    """The command line. Returns the exit code (listed by --help; see RunStats.exit_code)."""
     arguments = vars(build_argument_parser().parse_args(argv))
     try:
         config = Settings(**arguments)  # every setting checked before anything is logged or read

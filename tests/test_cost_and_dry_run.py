@@ -14,6 +14,8 @@ DOCUMENT = "The committee reviewed the annual report line by line and took caref
 # Anthropic's pricing page of late 2026, typed in by hand (USD per million tokens): input, 5-minute cache write,
 # 1-hour cache write, cache read, output. One model id per row of the built-in table.
 HAND_PRICES = {
+    "claude-fable-5-2": (8, 10, 16, 0.20, 40),
+    "claude-mythos-5-2-20261109": (8, 10, 16, 0.20, 40),
     "claude-fable-5-1": (10, 12.50, 20, 0.25, 50),
     "claude-mythos-5-1-20261020": (10, 12.50, 20, 0.25, 50),
     "claude-fable-5-20260601": (10, 12.50, 20, 1, 50),

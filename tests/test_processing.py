@@ -6,7 +6,7 @@ import json
 from collections import Counter
 
 import pytest
-from conftest import outputs, request, run_in_process, write_jsonl
+from conftest import cli_args, outputs, request, run_cli, run_in_process, write_jsonl
 
 import api_request_parallel_processor as app
 
@@ -31,7 +31,6 @@ def test_each_retryable_fault_is_retried_until_it_succeeds(tmp_path, fake_server
 @pytest.mark.parametrize(("fault", "status"), [
     ("400", "HTTP 400 invalid_request_error"), ("403", "HTTP 403 permission_error"),
     ("404", "HTTP 404 not_found_error"), ("413", "HTTP 413 request_too_large"),
-    ("spend", "HTTP 429 rate_limit_error: spend limit reached"),
 ])
 def test_non_retryable_errors_fail_at_once_with_the_reason(tmp_path, fake_server, fault, status):
     fake = fake_server()
@@ -361,3 +360,35 @@ def test_output_tokens_are_paced_at_the_reported_limit_without_a_flag(tmp_path, 
     assert stats.succeeded == 30 and stats.failed == 0
     assert fake.stats.rate_limited <= 1, fake.stats.rate_limited
     assert "output tokens/min" in stats.limits_in_force and "11,640" in stats.limits_in_force  # 97% of 12,000
+
+
+def test_a_spend_cap_stops_the_run_at_once_and_the_rerun_answers_every_line_once(tmp_path, fake_server):
+    capped = {"on": False, "refused": 0}
+
+    async def spend_cap(request, body):  # the organization's monthly cap is reached after 20 requests
+        if capped["on"] or fake.stats.received > 20:
+            capped["on"] = True
+            capped["refused"] += 1
+            return fake.error(429, "rate_limit_error", "You have reached your monthly spend limit.",
+                              details={"error_code": "enforced_spend_limit_reached"})
+        return None
+
+    fake = fake_server(hostile=spend_cap, latency=(0.01, 0.03))
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(200)])
+    args = cli_args(fake, requests_path, "--max_requests_per_minute", "6000", "--max_concurrent_requests", "5")
+
+    capped_run = run_cli(*args)
+
+    results, errors = outputs(requests_path)
+    assert capped_run.returncode == 6, capped_run.stderr
+    assert "refuses every request of the organization (enforced_spend_limit_reached)" in capped_run.stderr
+    assert "until 00:00 UTC on the 1st of next month" in capped_run.stderr
+    assert errors == [] and 15 <= len(results) <= 21 and capped["refused"] <= 5  # the requests in flight at most
+
+    capped["on"] = False
+    fake.config.hostile = None
+    rerun = run_cli(*args)
+
+    assert rerun.returncode == 0, rerun.stderr
+    assert sorted(record[2]["row"] for record in outputs(requests_path)[0]) == list(range(200))
+    assert fake.stats.paid_twice == 0

@@ -90,11 +90,12 @@ def test_statuses_are_classified_as_the_api_documents(status, retryable):
     assert attempt.authentication_failed is (status == 401)
 
 
-def test_x_should_retry_overrides_and_spend_limit_is_final():
+def test_x_should_retry_overrides_and_the_error_code_is_read():
     assert app.interpret_response(500, {"x-should-retry": "false"}, error_body("api_error")).retryable is False
     assert app.interpret_response(400, {"x-should-retry": "true"}, error_body("x")).retryable is True
     spend = error_body("rate_limit_error", error_code="enforced_spend_limit_reached")
-    assert app.interpret_response(429, {}, spend).retryable is False
+    assert app.interpret_response(429, {}, spend).error_code == "enforced_spend_limit_reached"
+    assert app.interpret_response(429, {}, error_body("rate_limit_error")).error_code == ""
 
 
 def test_a_200_that_is_not_a_message_is_retried_not_saved():
@@ -319,7 +320,13 @@ def outcome(status: int | None, kind: str = "api_error", headers: dict | None = 
     (outcome(408, "timeout_error"), app.RETRY, True),
     (outcome(409, "conflict"), app.RETRY, True),
     (outcome(429, "rate_limit_error"), app.RETRY, False),  # the run's pacing problem, not the line's
-    (outcome(429, "rate_limit_error", error_code="enforced_spend_limit_reached"), app.FAIL, True),
+    (outcome(429, "rate_limit_error", error_code="enforced_spend_limit_reached"), app.GIVE_UP, True),
+    (outcome(429, "rate_limit_error", error_code="contract_spend_limit_reached"), app.GIVE_UP, True),
+    (outcome(402, "billing_error", error_code="linked_organization_spend_limit_reached"), app.GIVE_UP, True),
+    (outcome(400, "invalid_request_error", error_code="organization_on_hold"), app.GIVE_UP, True),
+    (outcome(400, "invalid_request_error", error_code="cmek_key_disabled"), app.GIVE_UP, True),
+    (outcome(429, "rate_limit_error", error_code="ramp_limit_exceeded"), app.RETRY, False),
+    (outcome(400, "invalid_request_error", error_code="a_code_from_the_future"), app.FAIL, True),
     (outcome(500), app.RETRY, True),
     (outcome(502), app.RETRY, True),
     (outcome(503), app.RETRY, True),
