@@ -244,12 +244,12 @@ def whole_records(path) -> list:
 
 def test_a_full_disk_stops_the_spending_and_the_rerun_pays_only_what_was_in_flight(tmp_path, fake_server):
     fake = fake_server(latency=(0.01, 0.05))
-    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"question {i}", i) for i in range(600)])
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"question {i}", i) for i in range(300)])
     args = ["--requests_filepath", str(requests_path), "--request_url", fake.url, "--api_key", API_KEY,
-            "--max_requests_per_minute", "30000", "--max_tokens_per_minute", "10000000", "--grace_period", "2"]
+            "--max_requests_per_minute", "30000", "--max_tokens_per_minute", "10000000", "--grace_period", "1"]
 
     full = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120,
-                          preexec_fn=lambda: limit_file_size(40_000), check=False)
+                          preexec_fn=lambda: limit_file_size(20_000), check=False)
 
     results_path = tmp_path / "r_results.jsonl"
     saved = whole_records(results_path)
@@ -257,13 +257,13 @@ def test_a_full_disk_stops_the_spending_and_the_rerun_pays_only_what_was_in_flig
     assert full.returncode == 2, full.stderr
     assert "Traceback" not in full.stderr and f"cannot write {results_path}: File too large" in full.stderr
     assert "could not be saved; the next run sends those lines again" in full.stderr
-    assert 0 < len(saved) < answered < 600  # it stopped sending soon after the disk filled
+    assert 0 < len(saved) < answered < 300  # it stopped sending soon after the disk filled
     in_flight_when_full = answered - len(saved)
 
     rerun = run_cli(*args)
 
     assert rerun.returncode == 0, rerun.stderr
-    assert sorted(record[2]["row"] for record in whole_records(results_path)) == list(range(600))
+    assert sorted(record[2]["row"] for record in whole_records(results_path)) == list(range(300))
     assert fake.stats.paid_twice <= in_flight_when_full <= 64
 
 
@@ -470,7 +470,8 @@ def test_a_lost_batch_create_is_adopted_when_this_machine_s_clock_is_an_hour_off
 def test_a_server_that_never_completes_connections_is_an_outage_not_a_long_wait(tmp_path, monkeypatch,
                                                                                 captured_logs):
     monkeypatch.setattr(app, "CONNECT_TIMEOUT_SECONDS", 0.5)
-    monkeypatch.setattr(app, "OUTAGE_MAX_SECONDS", 4.0)
+    monkeypatch.setattr(app, "OUTAGE_MIN_SECONDS", 1.0)
+    monkeypatch.setattr(app, "OUTAGE_MAX_SECONDS", 1.5)
     with socket.socket() as server, socket.socket() as first:
         server.bind(("127.0.0.1", 0))
         server.listen(0)  # never accepted: once the queue holds one, connections hang

@@ -6,7 +6,7 @@ import json
 from collections import Counter
 
 import pytest
-from conftest import cli_args, outputs, request, run_cli, run_in_process, write_jsonl
+from conftest import outputs, request, run_in_process, write_jsonl
 
 import api_request_parallel_processor as app
 
@@ -362,7 +362,8 @@ def test_output_tokens_are_paced_at_the_reported_limit_without_a_flag(tmp_path, 
     assert "output tokens/min" in stats.limits_in_force and "11,640" in stats.limits_in_force  # 97% of 12,000
 
 
-def test_a_spend_cap_stops_the_run_at_once_and_the_rerun_answers_every_line_once(tmp_path, fake_server):
+def test_a_spend_cap_stops_the_run_at_once_and_the_rerun_answers_every_line_once(tmp_path, fake_server,
+                                                                                 captured_logs):
     capped = {"on": False, "refused": 0}
 
     async def spend_cap(request, body):  # the organization's monthly cap is reached after 20 requests
@@ -374,21 +375,20 @@ def test_a_spend_cap_stops_the_run_at_once_and_the_rerun_answers_every_line_once
         return None
 
     fake = fake_server(hostile=spend_cap, latency=(0.01, 0.03))
-    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(200)])
-    args = cli_args(fake, requests_path, "--max_requests_per_minute", "6000", "--max_concurrent_requests", "5")
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(100)])
 
-    capped_run = run_cli(*args)
+    stats = run_in_process(requests_path, fake, max_requests_per_minute=6000, max_concurrent_requests=5)
 
     results, errors = outputs(requests_path)
-    assert capped_run.returncode == 6, capped_run.stderr
-    assert "refuses every request of the organization (enforced_spend_limit_reached)" in capped_run.stderr
-    assert "until 00:00 UTC on the 1st of next month" in capped_run.stderr
+    assert stats.exit_code == 6 and stats.interrupted_by is app.Interruption.ORGANIZATION_REFUSED
+    assert any("refuses every request of the organization (enforced_spend_limit_reached)" in line
+               and "until 00:00 UTC on the 1st of next month" in line for line in captured_logs)
     assert errors == [] and 15 <= len(results) <= 21 and capped["refused"] <= 5  # the requests in flight at most
 
     capped["on"] = False
     fake.config.hostile = None
-    rerun = run_cli(*args)
+    rerun = run_in_process(requests_path, fake)
 
-    assert rerun.returncode == 0, rerun.stderr
-    assert sorted(record[2]["row"] for record in outputs(requests_path)[0]) == list(range(200))
+    assert rerun.exit_code == 0
+    assert sorted(record[2]["row"] for record in outputs(requests_path)[0]) == list(range(100))
     assert fake.stats.paid_twice == 0
