@@ -89,28 +89,26 @@ def test_batch_results_at_another_address_are_fetched_without_the_key(tmp_path, 
         assert len(storage.seen) >= 1 and storage.keys_received == 0
 
 
-def test_a_key_read_with_its_newline_works(tmp_path, fake_server):
+def test_a_key_read_with_its_newline_works(tmp_path, fake_server, monkeypatch):
     fake = fake_server()
     requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(3)])
+    monkeypatch.setenv("ANTHROPIC_API_KEY", f"  {API_KEY}\n")  # as `export ANTHROPIC_API_KEY=$(cat key.txt)`
 
-    done = run_cli("--requests_filepath", str(requests_path), "--request_url", fake.url,
-                   env={"ANTHROPIC_API_KEY": f"  {API_KEY}\n"})
+    stats = run_in_process(requests_path, fake, api_key=None)
 
-    assert done.returncode == 0, done.stderr
-    assert len(outputs(requests_path)[0]) == 3
+    assert stats.exit_code == 0 and len(outputs(requests_path)[0]) == 3
 
 
-def test_a_key_with_a_control_character_is_refused_without_showing_it(tmp_path, fake_server):
+def test_a_key_with_a_control_character_is_refused_without_showing_it(tmp_path, fake_server, monkeypatch):
     fake = fake_server()
     requests_path = write_jsonl(tmp_path / "r.jsonl", [request("q", 1)])
-    broken = API_KEY[:10] + "\n" + API_KEY[10:]
+    monkeypatch.setenv("ANTHROPIC_API_KEY", API_KEY[:10] + "\n" + API_KEY[10:])
 
-    done = run_cli("--requests_filepath", str(requests_path), "--request_url", fake.url,
-                   env={"ANTHROPIC_API_KEY": broken})
+    with pytest.raises(app.ConfigError) as refused:
+        run_in_process(requests_path, fake, api_key=None)
 
-    assert done.returncode == 2 and fake.stats.received == 0
-    assert "the API key holds a control character (character 11 of" in done.stderr
-    assert API_KEY[:10] not in done.stderr + done.stdout and "Traceback" not in done.stderr
+    assert "the API key holds a control character (character 11 of" in str(refused.value)
+    assert API_KEY[:10] not in str(refused.value) and fake.stats.received == 0
 
 
 # -- closed terminals --------------------------------------------------------------------------------
