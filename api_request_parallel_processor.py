@@ -660,16 +660,16 @@ def find_body_problem(body: dict[str, Any]) -> str | None:
     if not isinstance(model, str) or not model.strip():
         return "missing or invalid 'model' (a non-empty string)"
     max_tokens = body.get("max_tokens")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        return "missing or invalid 'max_tokens' (a positive integer)"
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        return "missing or invalid 'max_tokens' (a whole number: 0 only warms the prompt cache)"
     if max_tokens > MAX_TOKENS_CEILING:
         return f"'max_tokens' is over {MAX_TOKENS_CEILING:,}: no model writes that much in one answer"
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return "missing or invalid 'messages' (a non-empty list)"
     for index, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
-            return f"messages[{index}] must be an object with role 'user' or 'assistant'"
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant", "system"):
+            return f"messages[{index}] must be an object with role 'user', 'assistant' or 'system'"
         if not isinstance(message.get("content"), (str, list)):
             return f"messages[{index}].content must be a string or a list of blocks"
     if "stream" in body and not isinstance(body["stream"], bool):
@@ -3778,6 +3778,11 @@ class BatchRun:
             if self.in_open_batches.claim_position(job.request_hash) >= 0:
                 self.waiting_lines.setdefault(job.request_hash, []).append(job.line_number)
                 self.progress.waiting += 1
+                continue
+            if job.body["max_tokens"] == 0:  # the Batches API takes at least 1
+                job.errors.append("max_tokens 0 (warming the prompt cache) is not allowed in a batch: send this line "
+                                  "without --batch")
+                self.fail(job, "not allowed in a batch")
                 continue
             job.attempts = 1
             if not self.within_budget(job):

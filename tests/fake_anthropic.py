@@ -352,10 +352,15 @@ class FakeAnthropic:
                 return f"metadata.{key}: Extra inputs are not permitted"
         if not isinstance(body.get("model"), str):
             return "model: Field required"
-        if not isinstance(body.get("max_tokens"), int) or body["max_tokens"] < 1:
+        if not isinstance(body.get("max_tokens"), int) or body["max_tokens"] < 0:
             return "max_tokens: Field required"
+        if body["max_tokens"] == 0 and body.get("stream"):  # 0 pre-warms the cache: nothing to stream
+            return "max_tokens: 0 is not supported with stream"
         if not isinstance(body.get("messages"), list) or not body["messages"]:
             return "messages: Field required"
+        for index, message in enumerate(body["messages"]):
+            if not isinstance(message, dict) or message.get("role") not in ("user", "assistant", "system"):
+                return f"messages.{index}.role: Input should be 'user', 'assistant' or 'system'"
         if body["model"].startswith(STRICT_SAMPLING_MODELS):
             for name in ("temperature", "top_p", "top_k"):
                 if name in body and body[name] != SAMPLING_DEFAULTS.get(name):
@@ -406,8 +411,9 @@ class FakeAnthropic:
         one_hour = prompt.cache_write if prompt.ttl == "1h" else 0
         return {
             "id": self.next_id("msg"), "type": "message", "role": "assistant", "model": body["model"],
-            "content": answer_blocks(fingerprint({**body, "stream": False}), last_text),  # the same streamed or not
-            "stop_reason": "tool_use" if RICH_CONTENT in last_text else "end_turn", "stop_sequence": None,
+            "content": answer_blocks(fingerprint({**body, "stream": False}), last_text) if body["max_tokens"] else [],
+            "stop_reason": "max_tokens" if not body["max_tokens"] else "tool_use" if RICH_CONTENT in last_text
+            else "end_turn", "stop_sequence": None,
             "usage": {"input_tokens": prompt.input_tokens, "output_tokens": produced,
                       "cache_creation_input_tokens": prompt.cache_write, "cache_read_input_tokens": prompt.cache_read,
                       "cache_creation": {"ephemeral_5m_input_tokens": prompt.cache_write - one_hour,
@@ -714,7 +720,8 @@ class FakeAnthropic:
 
     def batch_result(self, custom_id: str, params: dict[str, Any], canceled: bool) -> dict[str, Any]:
         problem = self.validate(params) or ("stream: streaming is not supported in a batch" if params.get("stream")
-                                            else None)
+                                            else "max_tokens: must be at least 1 in a batch"
+                                            if params["max_tokens"] < 1 else None)
         draw = self.random.random()
         if canceled:
             result: dict[str, Any] = {"type": "canceled"}

@@ -288,3 +288,15 @@ def test_dry_run_with_batch_shows_the_batch_price(tmp_path):
 ])
 def test_each_batch_result_that_did_not_succeed_has_one_fate(result, attempts, action, problem):
     assert app.decide_batch_result(result, attempts, max_attempts=5) == (action, problem)
+
+
+def test_a_batch_refuses_max_tokens_0_per_line(tmp_path, fake_server):
+    fake = fake_server()
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request("warm", 1, max_tokens=0), request("fine", 2)])
+
+    stats = run_in_process(requests_path, fake, **FAST)
+
+    results, errors = outputs(requests_path)
+    assert stats.exit_code == 1 and [record[2] for record in results] == [{"row": 2}]
+    assert len(errors) == 1 and "max_tokens 0 (warming the prompt cache) is not allowed in a batch" in errors[0][1][0]
+    assert [len(batch.requests) for batch in fake.batches.values()] == [1]

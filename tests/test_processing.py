@@ -392,3 +392,18 @@ def test_a_spend_cap_stops_the_run_at_once_and_the_rerun_answers_every_line_once
     assert rerun.exit_code == 0
     assert sorted(record[2]["row"] for record in outputs(requests_path)[0]) == list(range(100))
     assert fake.stats.paid_twice == 0
+
+
+def test_requests_the_api_accepts_are_sent_cache_warming_and_system_messages(tmp_path, fake_server):
+    fake = fake_server()
+    rows = [request("warm the cache", 1, max_tokens=0),
+            request("hi", 2, messages=[{"role": "user", "content": "hi"},
+                                       {"role": "system", "content": "Answer in French from now on."}])]
+    requests_path = write_jsonl(tmp_path / "r.jsonl", rows)
+
+    stats = run_in_process(requests_path, fake)
+
+    results, errors = outputs(requests_path)
+    assert stats.exit_code == 0 and errors == [] and fake.stats.received == 2
+    warmed = next(record[1] for record in results if record[2] == {"row": 1})
+    assert warmed["content"] == [] and warmed["stop_reason"] == "max_tokens" and warmed["usage"]["output_tokens"] == 0
