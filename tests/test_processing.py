@@ -67,10 +67,10 @@ def test_bad_lines_are_reported_by_line_number_and_do_not_stop_the_others(tmp_pa
         "[1, 2, 3]",                                                           # 3
         "",                                                                    # 4 (blank: skipped)
         json.dumps({"max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}),          # 5
-        json.dumps(request("x", max_tokens=0)),                                # 6
+        json.dumps(request("x", max_tokens=-1)),                               # 6
         json.dumps(request("x", max_tokens="10")),                             # 7
         json.dumps(request("x", messages=[])),                                 # 8
-        json.dumps(request("x", messages=[{"role": "system", "content": "x"}])),  # 9
+        json.dumps(request("x", messages=[{"role": "tool", "content": "x"}])),  # 9
         json.dumps({**request("x"), "metadata": "not an object"}),             # 10
         json.dumps(request("x", stream="yes")),                                # 11
         json.dumps(request("good two", 2)),                                    # 12
