@@ -99,7 +99,7 @@ except ImportError:  # pragma: no cover
 
 
 DEFAULT_REQUEST_URL = "https://api.anthropic.com/v1/messages"
-ANTHROPIC_VERSION = "2023-06-01"
+API_VERSIONS = ("2023-06-01", "2026-10-21")  # the `anthropic-version` values; the last is current (since 2026-10-21)
 LOG_LEVELS = {"TRACE": 5, "DEBUG": 10, "INFO": 20, "SUCCESS": 25, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
 AUTO = "auto"
 CACHING_WARNING_PAUSE_SECONDS = 10.0  # the cookbook's grace period to stop a run whose caching fails
@@ -158,6 +158,12 @@ def whole_number(value: str | int) -> int:
     if number < 1 or isinstance(value, float) and not value.is_integer():
         raise ValueError(f"expected a whole number of at least 1, got {value!r}")
     return number
+
+
+def api_version(value: str) -> str:
+    if value not in API_VERSIONS:
+        raise ValueError(f"expected one of {', '.join(API_VERSIONS)}, got {value!r}")
+    return value
 
 
 def requests_per_batch(value: str | int) -> int:
@@ -224,6 +230,8 @@ class Settings:
     max_concurrent_requests: int = flag(500, "requests in flight", whole_number)
     request_timeout: float = flag(600.0, "seconds a plain request may take, or a streamed one may stay silent",
                                   positive_number)
+    anthropic_version: str = flag(API_VERSIONS[-1], "the API version: 2026-10-21 refuses temperature, top_p and "
+                                                    "top_k; 2023-06-01 keeps the older rules", api_version)
     status_interval: float = flag(30.0, "seconds between status lines when stderr is not a terminal", positive_number)
     grace_period: float = flag(30.0, "on Ctrl+C, SIGTERM or SIGHUP, seconds to let requests in flight finish",
                                positive_number)
@@ -674,6 +682,33 @@ def find_body_problem(body: dict[str, Any]) -> str | None:
             return f"messages[{index}].content must be a string or a list of blocks"
     if "stream" in body and not isinstance(body["stream"], bool):
         return "'stream' must be true or false"
+    return None
+
+
+SAMPLING_PARAMETERS = ("temperature", "top_p", "top_k")
+
+
+def version_problem(body: dict[str, Any], version: str) -> str | None:
+    """The first rule of API `version` that refuses this body, or None: since 2026-10-21, no sampling parameters
+    (even at their defaults), no document block directly in an assistant message, and no citations on a user's
+    text (directly or in a search result)."""
+    if version < "2026-10-21":
+        return None
+    keep = "; --anthropic_version 2023-06-01 keeps the older rules"
+    for name in SAMPLING_PARAMETERS:
+        if name in body:
+            return f"API version {version} does not accept '{name}': leave it out{keep}"
+    for index, message in enumerate(body["messages"]):
+        blocks = message["content"] if isinstance(message["content"], list) else []
+        for block in (block for block in blocks if isinstance(block, dict)):
+            if message["role"] == "assistant" and block.get("type") == "document":
+                return f"API version {version} does not accept a document block in an assistant message " \
+                       f"(messages[{index}]){keep}"
+            inner = block.get("content") if block.get("type") == "search_result" else [block]
+            if message["role"] == "user" and isinstance(inner, list) and any(
+                    isinstance(part, dict) and part.get("type") == "text" and part.get("citations")
+                    for part in inner):
+                return f"API version {version} does not accept citations on a user's text (messages[{index}]){keep}"
     return None
 
 
@@ -1642,7 +1677,8 @@ class LineReader:
     before, without even parsing it), and bad lines are written to the errors file on the spot."""
 
     def __init__(self, lines: Iterable[tuple[int, Any]], resume_index: ResumeIndex, writer: ResultSink,
-                 stats: RunStats) -> None:
+                 stats: RunStats, version: str) -> None:
+        self.version = version  # the API version, whose rules a line must keep (version_problem)
         self.lines = lines
         self.resume_index = resume_index
         self.writer = writer
@@ -1664,6 +1700,8 @@ class LineReader:
                 continue
             try:  # whatever one line does to the parser, the estimate or the hash, it is that line's problem
                 body, metadata = parse_request(raw)
+                if problem := version_problem(body, self.version):
+                    raise BadLine(problem)
                 payload = json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")
                 encoded_metadata = None if metadata is None else json.dumps(metadata, ensure_ascii=False,
                                                                             allow_nan=False).encode()
@@ -2264,7 +2302,7 @@ def parse_retry_after(headers: Any) -> float | None:
 
 
 def api_headers(settings: Settings) -> dict[str, str]:
-    return {"x-api-key": settings.api_key or "", "anthropic-version": ANTHROPIC_VERSION,
+    return {"x-api-key": settings.api_key or "", "anthropic-version": settings.anthropic_version,
             "content-type": "application/json"}
 
 
@@ -3019,7 +3057,7 @@ class Processor:
         self.dispatcher: asyncio.Task[None] | None = None
         self.budget = Budget(settings.max_cost, prices) if settings.max_cost else None
         self.stats = RunStats(prices=prices, describe_limits=self.lanes.describe, budget=self.budget)
-        self.reader = LineReader(lines, resume_index, writer, self.stats)
+        self.reader = LineReader(lines, resume_index, writer, self.stats, settings.anthropic_version)
         self.unsettled = 0  # jobs read but not yet written to either file
         self.unmarked_warned = False
         self.answered = False  # whether anything answered in this run, at an address that can be used
@@ -3711,7 +3749,7 @@ class BatchRun:
         self.estimator = TokenEstimator() if self.budget else None  # the budget needs each request's input
         self.token_ratios = resume_index.token_ratios
         self.stats = RunStats(prices=prices, batch=self.progress, budget=self.budget)
-        self.reader = LineReader(lines, resume_index, writer, self.stats)
+        self.reader = LineReader(lines, resume_index, writer, self.stats, settings.anthropic_version)
         self.open: dict[str, OpenBatch] = {}  # by key
         self.in_open_batches = SortedResults(array("Q"))  # the content of each request in an earlier run's batch
         self.waiting_lines: dict[int, list[int]] = {}  # content -> this run's line numbers of those requests
@@ -4181,6 +4219,8 @@ def print_dry_run(config: Settings) -> int:
             break
         try:
             body, _ = parse_request(raw)
+            if problem := version_problem(body, config.anthropic_version):
+                raise BadLine(problem)
             estimate = estimator.estimate(body)
         except Exception as error:  # noqa: BLE001 - see line_problem
             bad.append(f"line {line_number}: {line_problem(error)}")

@@ -59,6 +59,7 @@ from typing import Any
 from aiohttp import web
 
 API_KEY = "sk-ant-fake-test-key-0123456789"
+API_VERSIONS = ("2023-06-01", "2026-10-21")
 RANDOM_FAULTS = ("529", "500", "502", "drop", "truncated", "slow", "429")
 STREAM_FAULTS = ("stream_error", "stream_drop", "stream_stall", "stream_pings")  # mid-stream; a plain request
 # ignores them
@@ -149,6 +150,7 @@ class FakeStats:
     batch_faults: int = 0  # calls to the batch endpoints answered with a fault
     batch_downloads: int = 0
     billed: float = 0.0  # USD, as the API would bill (see Billing in the module docstring)
+    versions_seen: dict[str, int] = field(default_factory=dict)  # anthropic-version -> requests (messages, batches)
 
     @property
     def paid_twice(self) -> int:
@@ -165,6 +167,8 @@ class FakeBatch:
     requests: list[tuple[str, dict[str, Any]]]  # (custom_id, params)
     cancel_initiated_at: float | None = None
     results: list[dict[str, Any]] | None = None
+    version: str = "2023-06-01"  # the create call's anthropic-version: its rules apply to every request
+    betas: str = ""  # the create call's anthropic-beta header
 
 
 class Bucket:
@@ -341,9 +345,13 @@ class FakeAnthropic:
     def count_tokens(self, value: Any) -> int:
         return math.ceil(count_cl100k(text_of(value)) * self.config.token_ratio)
 
-    def validate(self, body: Any) -> str | None:
+    def validate(self, body: Any, version: str = "2023-06-01") -> str | None:
         if not isinstance(body, dict):
             return "body: Input should be an object"
+        if version >= "2026-10-21":
+            problem = version_2026_problem(body)
+            if problem:
+                return problem
         for key in body:
             if key not in TOP_LEVEL_KEYS:
                 return f"{key}: Extra inputs are not permitted"
@@ -439,8 +447,10 @@ class FakeAnthropic:
         self.stats.headers_seen.append(dict(request.headers))
         if request.headers.get("x-api-key") != self.config.api_key:
             return self.error(401, "authentication_error", "invalid x-api-key")
-        if request.headers.get("anthropic-version") != "2023-06-01":
+        version = request.headers.get("anthropic-version")
+        if version not in API_VERSIONS:
             return self.error(400, "invalid_request_error", "anthropic-version: header is required")
+        self.stats.versions_seen[version] = self.stats.versions_seen.get(version, 0) + 1
         try:
             body = json.loads(raw)
         except ValueError:
@@ -449,7 +459,7 @@ class FakeAnthropic:
             lie = await self.config.hostile(request, body)
             if lie is not None:
                 return lie
-        problem = self.validate(body)
+        problem = self.validate(body, version)
         if problem:
             return self.error(400, "invalid_request_error", problem)
         self.stats.bodies_seen.append(body)
@@ -618,6 +628,8 @@ class FakeAnthropic:
         return None
 
     async def create_batch(self, request: web.Request) -> web.StreamResponse:
+        version = request.headers.get("anthropic-version", "")
+        self.stats.versions_seen[version] = self.stats.versions_seen.get(version, 0) + 1
         refused = self.batch_call_refused(request)
         raw = await request.read()
         if refused is not None:
@@ -638,7 +650,7 @@ class FakeAnthropic:
                 return self.error(400, "invalid_request_error", f"requests[{custom_id}]: params required")
             seen.add(custom_id)
         batch = FakeBatch(self.next_id("msgbatch"), self.now(), time.monotonic() + self.config.batch_seconds,
-                          [(item["custom_id"], item["params"]) for item in items])
+                          [(item["custom_id"], item["params"]) for item in items], version=version)
         pending = {fingerprint(params) for other in self.batches.values() if self.ended(other) is None
                    for _, params in other.requests}
         for _, params in batch.requests:
@@ -714,14 +726,14 @@ class FakeAnthropic:
     def ended(self, batch: FakeBatch) -> list[dict[str, Any]] | None:
         """The batch's results once it has ended (worked out then, once), else None."""
         if batch.results is None and time.monotonic() >= batch.ends_at:
-            batch.results = [self.batch_result(custom_id, params, batch.cancel_initiated_at is not None)
+            batch.results = [self.batch_result(custom_id, params, batch.cancel_initiated_at is not None, batch.version)
                              for custom_id, params in batch.requests]
         return batch.results
 
-    def batch_result(self, custom_id: str, params: dict[str, Any], canceled: bool) -> dict[str, Any]:
-        problem = self.validate(params) or ("stream: streaming is not supported in a batch" if params.get("stream")
-                                            else "max_tokens: must be at least 1 in a batch"
-                                            if params["max_tokens"] < 1 else None)
+    def batch_result(self, custom_id: str, params: dict[str, Any], canceled: bool, version: str) -> dict[str, Any]:
+        problem = self.validate(params, version) or (
+            "stream: streaming is not supported in a batch" if params.get("stream")
+            else "max_tokens: must be at least 1 in a batch" if params["max_tokens"] < 1 else None)
         draw = self.random.random()
         if canceled:
             result: dict[str, Any] = {"type": "canceled"}
@@ -766,6 +778,26 @@ class FakeAnthropic:
         await response.write(data[: len(data) // 2])
         request.transport.close()  # type: ignore[union-attr]
         return response
+
+
+def version_2026_problem(body: dict[str, Any]) -> str | None:
+    """What API version 2026-10-21 refuses: sampling parameters, a document in an assistant message, citations on a
+    user's text."""
+    for name in ("temperature", "top_p", "top_k"):
+        if name in body:
+            return f"{name}: Extra inputs are not permitted"
+    for index, message in enumerate(body.get("messages") or []):
+        content = message.get("content") if isinstance(message, dict) else None
+        for position, block in enumerate(content if isinstance(content, list) else []):
+            if not isinstance(block, dict):
+                continue
+            if message.get("role") == "assistant" and block.get("type") == "document":
+                return f"messages.{index}.content.{position}: document blocks are not allowed in assistant messages"
+            parts = block.get("content") if block.get("type") == "search_result" else [block]
+            if message.get("role") == "user" and any(isinstance(part, dict) and part.get("type") == "text"
+                                                     and part.get("citations") for part in parts or []):
+                return f"messages.{index}.content.{position}: citations are not allowed on user text"
+    return None
 
 
 def answer_blocks(key: str, last_text: str) -> list[dict[str, Any]]:

@@ -300,3 +300,14 @@ def test_a_batch_refuses_max_tokens_0_per_line(tmp_path, fake_server):
     assert stats.exit_code == 1 and [record[2] for record in results] == [{"row": 2}]
     assert len(errors) == 1 and "max_tokens 0 (warming the prompt cache) is not allowed in a batch" in errors[0][1][0]
     assert [len(batch.requests) for batch in fake.batches.values()] == [1]
+
+
+@pytest.mark.parametrize(("version", "sent"), [("2026-10-21", [1]), ("2023-06-01", [1, 2])])
+def test_batches_are_created_with_the_chosen_api_version(tmp_path, fake_server, version, sent):
+    fake = fake_server()
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request("fine", 1), request("sampled", 2, temperature=1.0)])
+
+    run_in_process(requests_path, fake, anthropic_version=version, **FAST)
+
+    assert sorted(record[2]["row"] for record in outputs(requests_path)[0]) == sent
+    assert fake.stats.versions_seen == {version: 1}  # the create call; its version applies to every request

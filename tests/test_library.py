@@ -52,7 +52,7 @@ def test_process_requests_returns_one_result_per_request_in_order(fake_server, c
 def test_process_requests_reports_bad_items_in_place(fake_server):
     fake = fake_server()
     items = [request("fine", 0), {"model": "m"}, "not a dict", request("unserialisable", 3,
-                                                                        temperature=datetime.date(2026, 1, 1))]
+                                                                        stop_sequences=[datetime.date(2026, 1, 1)])]
     results = asyncio.run(app.process_requests(items, request_url=fake.url, api_key=API_KEY, **FAST))
     assert [result.ok for result in results] == [True, False, False, False]
     assert "line 2: missing or invalid 'max_tokens'" in results[1].errors[0]

@@ -315,7 +315,7 @@ def test_new_top_level_fields_pass_through_and_sampling_rules_are_the_apis(tmp_p
             request("sampling on Sonnet 5.5", 2, temperature=0)]
     requests_path = write_jsonl(tmp_path / "r.jsonl", rows)
 
-    run_in_process(requests_path, fake)
+    run_in_process(requests_path, fake, anthropic_version="2023-06-01")  # the version that takes sampling parameters
 
     results, errors = outputs(requests_path)
     assert sorted(record[2]["row"] for record in results) == [0, 1]
@@ -407,3 +407,34 @@ def test_requests_the_api_accepts_are_sent_cache_warming_and_system_messages(tmp
     assert stats.exit_code == 0 and errors == [] and fake.stats.received == 2
     warmed = next(record[1] for record in results if record[2] == {"row": 1})
     assert warmed["content"] == [] and warmed["stop_reason"] == "max_tokens" and warmed["usage"]["output_tokens"] == 0
+
+
+DOCUMENT_BLOCK = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "Notes."}}
+CITED_TEXT = {"type": "text", "text": "As noted.", "citations": [{"type": "char_location", "cited_text": "Notes.",
+                                                                   "document_index": 0, "start_char_index": 0,
+                                                                   "end_char_index": 6}]}
+
+
+def test_lines_the_api_version_refuses_are_not_sent_and_the_older_version_sends_them(tmp_path, fake_server):
+    fake = fake_server()
+    rows = [request("fine", 0), request("sampling", 1, temperature=1.0), request("nucleus", 2, top_p=1.0),
+            request("doc", 3, messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": [
+                DOCUMENT_BLOCK]}, {"role": "user", "content": "go on"}]),
+            request("cited", 4, messages=[{"role": "user", "content": [CITED_TEXT]}])]
+    requests_path = write_jsonl(tmp_path / "r.jsonl", rows)
+
+    stats = run_in_process(requests_path, fake)
+
+    results, errors = outputs(requests_path)
+    assert [record[2]["row"] for record in results] == [0] and fake.stats.received == 1
+    assert fake.stats.versions_seen == {"2026-10-21": 1}
+    problems = {int(record[1][0].split(":")[0].removeprefix("line ")) - 1: record[1][0] for record in errors}  # rows
+    assert "API version 2026-10-21 does not accept 'temperature'" in problems[1]
+    assert "'top_p'" in problems[2] and "a document block in an assistant message (messages[1])" in problems[3]
+    assert "citations on a user's text (messages[0])" in problems[4]
+    assert all("--anthropic_version 2023-06-01 keeps the older rules" in problem for problem in problems.values())
+    assert stats.bad_lines == 4
+
+    rerun = run_in_process(requests_path, fake, anthropic_version="2023-06-01")
+
+    assert rerun.exit_code == 0 and rerun.succeeded == 4 and fake.stats.versions_seen["2023-06-01"] == 4
