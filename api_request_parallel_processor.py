@@ -166,6 +166,12 @@ def api_version(value: str) -> str:
     return value
 
 
+def beta_names(value: str | Iterable[str]) -> tuple[str, ...]:
+    """Beta feature names, comma-separated or a list, for the anthropic-beta header."""
+    names = value.split(",") if isinstance(value, str) else list(value)
+    return tuple(name.strip() for name in names if name.strip())
+
+
 def requests_per_batch(value: str | int) -> int:
     number = whole_number(value)
     if number > MAX_BATCH_REQUESTS:
@@ -232,6 +238,8 @@ class Settings:
                                   positive_number)
     anthropic_version: str = flag(API_VERSIONS[-1], "the API version: 2026-10-21 refuses temperature, top_p and "
                                                     "top_k; 2023-06-01 keeps the older rules", api_version)
+    betas: tuple[str, ...] | None = flag(None, "beta features for every request, comma-separated (sent as "
+                                               "anthropic-beta; a line's own \"betas\" list adds to them)", beta_names)
     status_interval: float = flag(30.0, "seconds between status lines when stderr is not a terminal", positive_number)
     grace_period: float = flag(30.0, "on Ctrl+C, SIGTERM or SIGHUP, seconds to let requests in flight finish",
                                positive_number)
@@ -643,6 +651,7 @@ class Job:
     most_cost: float = 0.0  # with --max_cost: the most its attempt in flight can cost, reserved in the budget
     streamed: bool = False  # sent as a stream (see streams()), as `sent`, which differs from `payload`...
     sent: bytes = b""  # ...when the stream is this tool's choice, not the user's: the record keeps `payload`
+    betas: tuple[str, ...] = ()  # sent as the anthropic-beta header: --betas and the line's own, never in the body
 
 
 class BadLine(Exception):
@@ -682,6 +691,9 @@ def find_body_problem(body: dict[str, Any]) -> str | None:
             return f"messages[{index}].content must be a string or a list of blocks"
     if "stream" in body and not isinstance(body["stream"], bool):
         return "'stream' must be true or false"
+    betas = body.get("betas", [])
+    if not isinstance(betas, list) or not all(isinstance(name, str) and name.strip() for name in betas):
+        return "'betas' must be a list of beta feature names"
     return None
 
 
@@ -746,6 +758,11 @@ def line_problem(error: Exception) -> str:
     if isinstance(error, (TypeError, ValueError)):  # a list's item holding a date, say
         return f"cannot be sent as JSON ({error})"
     return f"cannot be read ({type(error).__name__}: {error})"
+
+
+def without_betas(body: dict[str, Any]) -> dict[str, Any]:
+    """The body as sent: a line's `betas` go in the anthropic-beta header (the SDK's convention)."""
+    return {key: value for key, value in body.items() if key != "betas"}
 
 
 def hash_request(body: Any, metadata: Any) -> int:
@@ -1677,8 +1694,9 @@ class LineReader:
     before, without even parsing it), and bad lines are written to the errors file on the spot."""
 
     def __init__(self, lines: Iterable[tuple[int, Any]], resume_index: ResumeIndex, writer: ResultSink,
-                 stats: RunStats, version: str) -> None:
-        self.version = version  # the API version, whose rules a line must keep (version_problem)
+                 stats: RunStats, settings: Settings) -> None:
+        self.version = settings.anthropic_version  # whose rules a line must keep (version_problem)
+        self.betas = settings.betas or ()  # every job's, before its line's own
         self.lines = lines
         self.resume_index = resume_index
         self.writer = writer
@@ -1712,6 +1730,11 @@ class LineReader:
                 job = Job(line_number, body, payload, metadata, encoded_metadata,
                           estimate(body) if estimate else NOT_ESTIMATED, request_hash=request_hash,
                           line_hash=line_hash, sent=payload)
+                if "betas" in body:  # a header, not a field: the record keeps the line as written
+                    job.betas = tuple(dict.fromkeys([*self.betas, *beta_names(body["betas"])]))
+                    job.sent = json.dumps(without_betas(body), ensure_ascii=False).encode("utf-8")
+                else:
+                    job.betas = self.betas
             except Exception as error:  # noqa: BLE001 - see line_problem
                 self.reject(line_number, raw, line_problem(error))
                 continue
@@ -2306,6 +2329,10 @@ def api_headers(settings: Settings) -> dict[str, str]:
             "content-type": "application/json"}
 
 
+def with_betas(headers: dict[str, str], betas: tuple[str, ...]) -> dict[str, str]:
+    return {**headers, "anthropic-beta": ",".join(betas)} if betas else headers
+
+
 def retryable_status(status: int) -> bool:
     """As the API documents it: 408, 409, 429 and every 5xx are worth another attempt."""
     return status in RETRYABLE_STATUSES or status >= 500
@@ -2384,7 +2411,7 @@ def stream_if_long(job: Job, timeout: float) -> None:
     """Send the job as a stream if it asks for one or its answer may be long (see streams)."""
     job.streamed = streams(job.body, timeout)
     if job.streamed and job.body.get("stream") is not True:
-        job.sent = json.dumps({**job.body, "stream": True}, ensure_ascii=False).encode("utf-8")
+        job.sent = json.dumps({**without_betas(job.body), "stream": True}, ensure_ascii=False).encode("utf-8")
 
 
 # The status code that an `error` event in a stream stands for, to classify it like the same error before it.
@@ -3057,7 +3084,7 @@ class Processor:
         self.dispatcher: asyncio.Task[None] | None = None
         self.budget = Budget(settings.max_cost, prices) if settings.max_cost else None
         self.stats = RunStats(prices=prices, describe_limits=self.lanes.describe, budget=self.budget)
-        self.reader = LineReader(lines, resume_index, writer, self.stats, settings.anthropic_version)
+        self.reader = LineReader(lines, resume_index, writer, self.stats, settings)
         self.unsettled = 0  # jobs read but not yet written to either file
         self.unmarked_warned = False
         self.answered = False  # whether anything answered in this run, at an address that can be used
@@ -3148,8 +3175,8 @@ class Processor:
 
     async def attempt(self, lane: ModelLane, job: Job) -> None:
         try:
-            result = await send_attempt(self.session, self.settings.request_url, self.headers, job.sent,
-                                        self.settings.request_timeout, job.streamed)
+            result = await send_attempt(self.session, self.settings.request_url, with_betas(self.headers, job.betas),
+                                        job.sent, self.settings.request_timeout, job.streamed)
         except Exception as error:  # noqa: BLE001 - even a bug of ours must leave the line in the errors file
             result = Attempt(error=f"unexpected error: {type(error).__name__}: {error}")
         finally:
@@ -3400,6 +3427,7 @@ class BatchSpool:
         self.key = path.stem
         self.offsets = offsets  # where each request's line starts
         self.upload_bytes = len(b'{"requests":[]}')
+        self.betas: tuple[str, ...] = ()  # of every request in it (see fits), for the create call
         self.writing: Any = None
         self.reading: Any = None
 
@@ -3423,9 +3451,12 @@ class BatchSpool:
         return len(self.offsets)
 
     def fits(self, job: Job, batch_size: int) -> bool:
-        return len(self) < batch_size and self.upload_bytes + len(job.payload) + 100 <= MAX_BATCH_BYTES
+        """Room for the job, which must have the batch's betas: they go on the create call, for every request."""
+        return (len(self) < batch_size and self.upload_bytes + len(job.payload) + 100 <= MAX_BATCH_BYTES
+                and (not len(self) or job.betas == self.betas))
 
     def add(self, job: Job) -> None:
+        self.betas = job.betas
         metadata = job.encoded_metadata or b""
         self.offsets.append(self.writing.tell())
         self.writing.write(b"%d,%d,%d,%d,%d," % (job.line_number, job.request_hash, job.line_hash or 0, job.attempts,
@@ -3460,8 +3491,8 @@ class BatchSpool:
         with open(self.path, "rb", buffering=READ_BUFFER_BYTES) as file:  # noqa: ASYNC230 - local disk outpaces the upload
             for n, line in enumerate(file):
                 params = spooled_fields(line)[2]
-                if b'"stream"' in params:
-                    params = json.dumps({k: v for k, v in json.loads(params).items() if k != "stream"},
+                if b'"stream"' in params or b'"betas"' in params:  # no streams in a batch; betas are a header
+                    params = json.dumps({k: v for k, v in json.loads(params).items() if k not in ("stream", "betas")},
                                         ensure_ascii=False).encode("utf-8")
                 chunk += b'%s{"custom_id":"%s-%d","params":%s}' % (b"," if n else b"", self.key.encode(), n, params)
                 if len(chunk) >= UPLOAD_CHUNK_BYTES:
@@ -3584,13 +3615,14 @@ class BatchClient:
         self.api_clock_ahead = 0.0  # seconds the API's clock is ahead of ours, from its latest answer's Date header
 
     async def call(self, method: str, url: str, upload: Callable[[], AsyncIterator[bytes]] | None = None,
-                   made: Callable[[], Awaitable[dict[str, Any] | None]] | None = None) -> dict[str, Any]:
+                   made: Callable[[], Awaitable[dict[str, Any] | None]] | None = None,
+                   headers: dict[str, str] | None = None) -> dict[str, Any]:
         """The call's JSON answer. A create (`upload`) whose answer never came may have made the batch all the
         same: before each new try, `made` looks for it."""
         started, tries = self.clock(), 0
         while True:
-            attempt = await send_attempt(self.session, url, self.headers, upload() if upload else None, self.timeout,
-                                         method=method)
+            attempt = await send_attempt(self.session, url, headers or self.headers, upload() if upload else None,
+                                         self.timeout, method=method)
             if attempt.response is not None:
                 self.api_clock_ahead = api_clock_ahead(attempt.headers, self.api_clock_ahead)
                 return attempt.response
@@ -3623,7 +3655,8 @@ class BatchClient:
         return decision.delay
 
     async def create(self, spool: BatchSpool, record: BatchRecord, known: set[str]) -> dict[str, Any]:
-        return await self.call("POST", self.url, spool.upload, made=lambda: self.find_made(record, known))
+        return await self.call("POST", self.url, spool.upload, made=lambda: self.find_made(record, known),
+                               headers=with_betas(self.headers, spool.betas))
 
     async def retrieve(self, batch_id: str) -> dict[str, Any]:
         return await self.call("GET", f"{self.url}/{batch_id}")
@@ -3749,7 +3782,7 @@ class BatchRun:
         self.estimator = TokenEstimator() if self.budget else None  # the budget needs each request's input
         self.token_ratios = resume_index.token_ratios
         self.stats = RunStats(prices=prices, batch=self.progress, budget=self.budget)
-        self.reader = LineReader(lines, resume_index, writer, self.stats, settings.anthropic_version)
+        self.reader = LineReader(lines, resume_index, writer, self.stats, settings)
         self.open: dict[str, OpenBatch] = {}  # by key
         self.in_open_batches = SortedResults(array("Q"))  # the content of each request in an earlier run's batch
         self.waiting_lines: dict[int, list[int]] = {}  # content -> this run's line numbers of those requests

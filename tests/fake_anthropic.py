@@ -60,6 +60,8 @@ from aiohttp import web
 
 API_KEY = "sk-ant-fake-test-key-0123456789"
 API_VERSIONS = ("2023-06-01", "2026-10-21")
+BETAS = frozenset({"output-300k-2026-03-24", "context-1m-2025-08-07", "fast-mode-2026-02-01", "compact-2026-01-12",
+                   "prompt-caching-2024-07-31", "message-batches-2024-09-24", "token-counting-2024-11-01"})
 RANDOM_FAULTS = ("529", "500", "502", "drop", "truncated", "slow", "429")
 STREAM_FAULTS = ("stream_error", "stream_drop", "stream_stall", "stream_pings")  # mid-stream; a plain request
 # ignores them
@@ -151,6 +153,7 @@ class FakeStats:
     batch_downloads: int = 0
     billed: float = 0.0  # USD, as the API would bill (see Billing in the module docstring)
     versions_seen: dict[str, int] = field(default_factory=dict)  # anthropic-version -> requests (messages, batches)
+    betas_seen: list[tuple[str, ...]] = field(default_factory=list)  # the anthropic-beta names of each request
 
     @property
     def paid_twice(self) -> int:
@@ -345,6 +348,13 @@ class FakeAnthropic:
     def count_tokens(self, value: Any) -> int:
         return math.ceil(count_cl100k(text_of(value)) * self.config.token_ratio)
 
+    def unsupported_beta(self, request: web.Request) -> web.Response | None:
+        """The anthropic-beta header: every name must be one the API knows; recorded in `betas_seen`."""
+        names = [name.strip() for name in request.headers.get("anthropic-beta", "").split(",") if name.strip()]
+        self.stats.betas_seen.append(tuple(names))
+        unknown = [name for name in names if name not in BETAS]
+        return self.error(400, "invalid_request_error", f"Unsupported beta header: {unknown[0]}") if unknown else None
+
     def validate(self, body: Any, version: str = "2023-06-01") -> str | None:
         if not isinstance(body, dict):
             return "body: Input should be an object"
@@ -451,6 +461,9 @@ class FakeAnthropic:
         if version not in API_VERSIONS:
             return self.error(400, "invalid_request_error", "anthropic-version: header is required")
         self.stats.versions_seen[version] = self.stats.versions_seen.get(version, 0) + 1
+        unsupported = self.unsupported_beta(request)
+        if unsupported:
+            return unsupported
         try:
             body = json.loads(raw)
         except ValueError:
@@ -630,7 +643,7 @@ class FakeAnthropic:
     async def create_batch(self, request: web.Request) -> web.StreamResponse:
         version = request.headers.get("anthropic-version", "")
         self.stats.versions_seen[version] = self.stats.versions_seen.get(version, 0) + 1
-        refused = self.batch_call_refused(request)
+        refused = self.batch_call_refused(request) or self.unsupported_beta(request)
         raw = await request.read()
         if refused is not None:
             return refused

@@ -311,3 +311,17 @@ def test_batches_are_created_with_the_chosen_api_version(tmp_path, fake_server, 
 
     assert sorted(record[2]["row"] for record in outputs(requests_path)[0]) == sent
     assert fake.stats.versions_seen == {version: 1}  # the create call; its version applies to every request
+
+
+def test_a_batch_holds_lines_with_the_same_betas_sent_on_its_create_call(tmp_path, fake_server):
+    fake = fake_server()
+    rows = [request("a", 0), request("b", 1, betas=["output-300k-2026-03-24"]),
+            request("c", 2, betas=["output-300k-2026-03-24"]), request("d", 3)]
+    requests_path = write_jsonl(tmp_path / "r.jsonl", rows)
+
+    stats = run_in_process(requests_path, fake, **FAST)
+
+    assert stats.exit_code == 0 and sorted(record[2]["row"] for record in outputs(requests_path)[0]) == [0, 1, 2, 3]
+    assert fake.stats.betas_seen[:3] == [(), ("output-300k-2026-03-24",), ()]  # one create per run of equal betas
+    assert [len(batch.requests) for batch in fake.batches.values()] == [1, 2, 1]
+    assert not any("betas" in params for batch in fake.batches.values() for _, params in batch.requests)

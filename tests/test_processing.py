@@ -438,3 +438,23 @@ def test_lines_the_api_version_refuses_are_not_sent_and_the_older_version_sends_
     rerun = run_in_process(requests_path, fake, anthropic_version="2023-06-01")
 
     assert rerun.exit_code == 0 and rerun.succeeded == 4 and fake.stats.versions_seen["2023-06-01"] == 4
+
+
+def test_betas_go_in_the_header_never_the_body_and_the_record_keeps_the_line(tmp_path, fake_server):
+    fake = fake_server()
+    rows = [request("plain", 0), request("long context", 1, betas=["context-1m-2025-08-07"]),
+            request("streamed", 2, betas=["compact-2026-01-12"], stream=True),
+            request("unknown", 3, betas=["no-such-beta-2020-01-01"])]
+    requests_path = write_jsonl(tmp_path / "r.jsonl", rows)
+
+    stats = run_in_process(requests_path, fake, betas="fast-mode-2026-02-01", max_attempts=2)
+
+    results, errors = outputs(requests_path)
+    assert stats.succeeded == 3 and [record[2] for record in errors] == [{"row": 3}]
+    assert "Unsupported beta header: no-such-beta-2020-01-01" in errors[0][1][0]
+    assert sorted(fake.stats.betas_seen) == sorted([
+        ("fast-mode-2026-02-01",), ("fast-mode-2026-02-01", "context-1m-2025-08-07"),
+        ("fast-mode-2026-02-01", "compact-2026-01-12"), ("fast-mode-2026-02-01", "no-such-beta-2020-01-01")])
+    assert not any("betas" in body for body in fake.stats.bodies_seen)
+    by_row = {record[2]["row"]: record[0] for record in results}
+    assert by_row[1]["betas"] == ["context-1m-2025-08-07"] and "betas" not in by_row[0]
