@@ -325,3 +325,18 @@ def test_a_batch_holds_lines_with_the_same_betas_sent_on_its_create_call(tmp_pat
     assert fake.stats.betas_seen[:3] == [(), ("output-300k-2026-03-24",), ()]  # one create per run of equal betas
     assert [len(batch.requests) for batch in fake.batches.values()] == [1, 2, 1]
     assert not any("betas" in params for batch in fake.batches.values() for _, params in batch.requests)
+
+
+def test_every_batch_result_line_validates_as_the_sdk_s_type(tmp_path, fake_server):
+    from anthropic.types.messages import MessageBatchIndividualResponse
+
+    fake = fake_server(batch_errored_rate=0.3, batch_expired_rate=0.2)
+    rows = [request(f"q{i}", i) for i in range(20)] + [request("bad", 20, temprature=1)]
+    requests_path = write_jsonl(tmp_path / "r.jsonl", rows)
+    run_in_process(requests_path, fake, max_attempts=1, **FAST)
+
+    lines = [json.dumps(result) for batch in fake.batches.values() for result in batch.results or []]
+
+    assert {json.loads(line)["result"]["type"] for line in lines} == {"succeeded", "errored", "expired"}
+    for line in lines:
+        MessageBatchIndividualResponse.model_validate_json(line)

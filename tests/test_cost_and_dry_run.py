@@ -197,3 +197,14 @@ def test_dry_run_names_the_binding_limit():
     assert "bound by input tokens/min (100,000/min)" in app.expected_duration(config, {"m": plan})
     config.max_output_tokens_per_minute = 1000
     assert "bound by output tokens/min (1,000/min)" in app.expected_duration(config, {"m": plan})
+
+
+def test_the_dry_run_reports_lines_the_api_version_refuses(tmp_path):
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request("fine"), request("sampled", temperature=0.5)])
+
+    current = run_cli("--requests_filepath", str(requests_path), "--dry_run")
+    older = run_cli("--requests_filepath", str(requests_path), "--dry_run", "--anthropic_version", "2023-06-01")
+
+    assert current.returncode == 1 and "1 valid lines, 1 bad" in current.stdout
+    assert "line 2: API version 2026-10-21 does not accept 'temperature'" in current.stdout
+    assert older.returncode == 0 and "2 valid lines, 0 bad" in older.stdout

@@ -49,7 +49,7 @@ def rebuilt_by_both(events: list[dict[str, Any]]) -> tuple[Any, Any]:
     ours = app.StreamedMessage()
     for event in copy.deepcopy(events):
         ours.apply(event)
-    return without_none(snapshot.to_dict()), without_none(ours.message)
+    return without_none(snapshot.to_dict(mode="json")), without_none(ours.message)
 
 
 def rich_events() -> list[dict[str, Any]]:
@@ -95,9 +95,54 @@ def refusal_events() -> list[dict[str, Any]]:
     return events
 
 
-@pytest.mark.parametrize("events", [rich_events(), cut_tool_events(), refusal_events()],
+CITATIONS = [
+    {"type": "page_location", "cited_text": "p", "document_index": 0, "document_title": "Report",
+     "start_page_number": 1, "end_page_number": 2},
+    {"type": "content_block_location", "cited_text": "b", "document_index": 1, "document_title": None,
+     "start_block_index": 0, "end_block_index": 1},
+    {"type": "search_result_location", "cited_text": "s", "search_result_index": 0, "source": "https://example.com",
+     "title": "Example", "start_block_index": 0, "end_block_index": 1},
+    {"type": "web_search_result_location", "cited_text": "w", "encrypted_index": "Eo8B", "title": "Example",
+     "url": "https://example.com"},
+]
+
+
+def server_tool_events() -> list[dict[str, Any]]:
+    """Redacted thinking, a web search (its input in pieces, its results), text citing it with every kind of
+    citation, and a container in message_delta."""
+    start = rich_events()[0]
+    search_input = json.dumps({"query": "sky colour", "max_results": 3})
+    result = {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_01", "content": [
+        {"type": "web_search_result", "url": "https://example.com", "title": "Example", "encrypted_content": "Eq",
+         "page_age": None}]}
+    blocks: list[dict[str, Any]] = [
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "redacted_thinking", "data": "EmwKAhgB"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "content_block_start", "index": 1, "content_block": {"type": "server_tool_use", "id": "srvtoolu_01",
+                                                                     "name": "web_search", "input": {}}},
+        *({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta",
+                                                                 "partial_json": search_input[i:i + 5]}}
+          for i in range(0, len(search_input), 5)),
+        {"type": "content_block_stop", "index": 1},
+        {"type": "content_block_start", "index": 2, "content_block": result},
+        {"type": "content_block_stop", "index": 2},
+        {"type": "content_block_start", "index": 3, "content_block": {"type": "text", "text": "", "citations": []}},
+        {"type": "content_block_delta", "index": 3, "delta": {"type": "text_delta", "text": "Blue."}},
+        *({"type": "content_block_delta", "index": 3, "delta": {"type": "citations_delta", "citation": citation}}
+          for citation in CITATIONS),
+        {"type": "content_block_stop", "index": 3},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None,
+                                            "container": {"id": "container_01", "expires_at": "2026-11-29T03:00:00Z"}},
+         "usage": {"output_tokens": 30, "server_tool_use": {"web_search_requests": 1, "web_fetch_requests": 0}}},
+        {"type": "message_stop"},
+    ]
+    return [start, *blocks]
+
+
+@pytest.mark.parametrize("events", [rich_events(), cut_tool_events(), refusal_events(), server_tool_events()],
                          ids=["thinking, citations, tool input in pieces", "tool input cut by max_tokens",
-                              "refusal, usage in message_delta, unknown event"])
+                              "refusal, usage in message_delta, unknown event",
+                              "redacted thinking, server tool use and results, every citation kind, container"])
 def test_streams_are_rebuilt_as_the_sdk_rebuilds_them(events):
     sdk, ours = rebuilt_by_both(events)
 
