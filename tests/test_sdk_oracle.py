@@ -198,3 +198,15 @@ def test_what_is_retried_is_what_the_sdk_retries(status, should_retry):
     attempt = app.interpret_response(status, headers, b'{"type": "error", "error": {"type": "x", "message": "m"}}')
 
     assert attempt.retryable == sdk and attempt.authentication_failed == (status == 401 and not sdk)
+
+
+@pytest.mark.parametrize("max_tokens", [0, 1, 1024, 21_333, 21_334, 32_000, 64_000, 128_000])
+def test_requests_the_sdk_would_stream_are_streamed(max_tokens):
+    """The SDK's rule for current models (its per-model caps name only retired Opus 4 and 4.1 ids)."""
+    try:
+        Anthropic(api_key="unused")._calculate_nonstreaming_timeout(max_tokens, None)
+        sdk_streams = False
+    except ValueError:
+        sdk_streams = True
+
+    assert app.streams({"max_tokens": max_tokens}, timeout=600.0) == sdk_streams
