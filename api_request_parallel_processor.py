@@ -4109,13 +4109,29 @@ def status_line(stats: RunStats) -> str:
             f"{stats.retries:,} retries, {stats.rate_limited:,} rate-limited{per_model}")
 
 
+def fit_width(line: str, width: int) -> str:
+    """A status line no wider than the terminal (a wider one wraps, and the rows above the last are never erased):
+    its parts dropped from the right, then cut. One column is kept free, where some terminals wrap."""
+    parts = line.split(" | ")
+    while len(parts) > 1 and len(" | ".join(parts)) >= width:
+        parts.pop()
+    return " | ".join(parts)[:max(width - 1, 0)]
+
+
+def terminal_width() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns or 80  # 0: a terminal that does not say
+    except (OSError, ValueError, AttributeError):
+        return 80
+
+
 async def report_progress(stats: RunStats, interval: float, live: bool) -> None:
-    """On a terminal, one line rewritten every second; elsewhere (cron, a log file, a notebook),
-    an ordinary log line every `interval` seconds, free of control characters."""
+    """On a terminal, one line rewritten every second, as wide as the terminal at most; elsewhere (cron, a log
+    file, a notebook), an ordinary log line every `interval` seconds, free of control characters."""
     while True:
         await asyncio.sleep(1.0 if live else interval)
         if live:
-            write_terminal(CLEAR_LINE + status_line(stats))
+            write_terminal(CLEAR_LINE + fit_width(status_line(stats), terminal_width()))
         else:
             log.info("Status: {}", status_line(stats))
 

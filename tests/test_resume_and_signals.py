@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
 import random
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from conftest import SCRIPT, cli_args, outputs, read_jsonl, request, run_cli, run_in_process, write_jsonl
+
+import api_request_parallel_processor as app
 
 
 def start_cli(*args: str) -> subprocess.Popen[str]:
@@ -235,6 +240,7 @@ def test_on_a_terminal_progress_is_one_live_line(tmp_path, fake_server):
     fake = fake_server()
     requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(12)])
     controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 60, 0, 0))  # a terminal 60 columns wide
     process = subprocess.Popen([sys.executable, str(SCRIPT), *cli_args(fake, requests_path, "--max_requests_per_minute",
                                                                          "240")],
                                stdout=subprocess.DEVNULL, stderr=terminal, stdin=subprocess.DEVNULL)
@@ -253,4 +259,21 @@ def test_on_a_terminal_progress_is_one_live_line(tmp_path, fake_server):
     text = output.decode()
     assert process.returncode == 0
     assert text.count("\r\x1b[K") >= 3 and "/12 lines (" in text
+    redraws = [part for part in text.split("\r\x1b[K") if part and "\n" not in part]  # log lines end in a newline
+    assert redraws and all(len(part) < 60 for part in redraws)  # never wider than the terminal: no wrapped rows
     assert "Status: " not in text  # the live line replaces the periodic log lines
+
+
+@pytest.mark.parametrize(("width", "expected"), [
+    (200, "12/40 lines (30.0%) | 12 succeeded, 0 failed | 600 requests/min"),
+    (60, "12/40 lines (30.0%) | 12 succeeded, 0 failed"),
+    (40, "12/40 lines (30.0%)"),
+    (12, "12/40 lines"),
+    (1, ""),
+])
+def test_the_live_line_fits_the_terminal_dropping_figures_from_the_right(width, expected):
+    line = "12/40 lines (30.0%) | 12 succeeded, 0 failed | 600 requests/min"
+
+    fitted = app.fit_width(line, width)
+
+    assert fitted == expected and len(fitted) < max(width, 1)
