@@ -1832,6 +1832,9 @@ SLOWDOWN = 0.9  # pushed back without being shown which limit is used up, every 
 RECOVERY_SECONDS = 30.0  # ...and each 30 s without that wins a step back
 SHARED_LIMIT_STEP_SECONDS = 1.0  # an answer showing a limit used up slows its model a step, at most this often
 LIMIT_UNITS = {"requests": "requests/min", "input-tokens": "input tokens/min", "output-tokens": "output tokens/min"}
+LIMIT_FLAGS = {"requests": "--max_requests_per_minute", "input-tokens": "--max_tokens_per_minute",
+               "output-tokens": "--max_output_tokens_per_minute"}
+BINDING_SENDS = 20  # sends in a row that wait for one limit: it holds the run back
 
 
 class TokenBucket:
@@ -2164,22 +2167,50 @@ class RateLimiter:
         self.limits = [limit for limit in (self.requests, self.input_tokens, self.output_tokens) if limit]
         self.charging = OutputCharging()
         self.pacing = Pacing(self.limits, clock)
+        self.binding: Limit | None = None  # the limit the sends wait for, while one does...
+        self.bound_sends = 0  # ...for this many sends in a row
+        self.told: set[str] = set()  # the limits the user was told hold the run back
+
+    def until_room(self, charges: list[tuple[Limit, float]]) -> tuple[float, Limit | None]:
+        """How long until every limit has room for the charges, and the limit that makes it longest (None when
+        none waits longer than the pacing or a pause)."""
+        wait, binding = max(self.pacing.earliest_send(), self.run_pause.until) - self.clock(), None
+        for limit, amount in charges:
+            seconds = limit.bucket.seconds_until_available(amount)
+            if seconds > max(wait, 0.0):
+                wait, binding = seconds, limit
+        return wait, binding
+
+    def bound_by(self, limit: Limit | None) -> None:
+        """A send waits for `limit`. One of the user's figures that holds the run back for BINDING_SENDS sends in a
+        row is named once, at INFO: a higher real limit left unused is the commonest slow run."""
+        self.bound_sends = self.bound_sends + 1 if limit is not None and limit is self.binding else 1
+        self.binding = limit
+        if limit is not None and not limit.auto and self.bound_sends == BINDING_SENDS and limit.name not in self.told:
+            self.told.add(limit.name)
+            log.info("{} is what holds the run back: if your limit is higher, raise {} (or set it to auto).",
+                     limit.describe(), LIMIT_FLAGS[limit.name])
+
+    def take(self, charges: list[tuple[Limit, float]], max_tokens: int) -> None:
+        for limit, amount in charges:
+            limit.bucket.take(amount)
+        self.charging.in_flight += max_tokens
+        self.pacing.sent(self.requests.bucket.rate)
 
     async def acquire(self, input_tokens: int, output_tokens: int, max_tokens: int = 0) -> None:
         """Sleep until one request, `input_tokens` and `output_tokens` are available, and, where the API holds
         max_tokens, room for `max_tokens` among the requests in flight; then take them."""
-        charges = list(zip(self.limits, (1, input_tokens, output_tokens)))
+        charges, waited = list(zip(self.limits, (1, input_tokens, output_tokens))), False
         while True:
-            wait = max(self.pacing.earliest_send(), self.run_pause.until) - self.clock()
-            for limit, amount in charges:
-                wait = max(wait, limit.bucket.seconds_until_available(amount))
+            wait, binding = self.until_room(charges)
             room = self.output_tokens is None or self.charging.admits(max_tokens)
             if wait <= 0 and room:
-                for limit, amount in charges:
-                    limit.bucket.take(amount)
-                self.charging.in_flight += max_tokens
-                self.pacing.sent(self.requests.bucket.rate)
+                self.take(charges, max_tokens)
+                if not waited:  # nothing holds the run back now
+                    self.binding, self.bound_sends = None, 0
                 return
+            self.bound_by(binding)
+            waited = True
             if room:
                 await asyncio.sleep(wait)
             else:  # until a request in flight ends
@@ -2221,7 +2252,8 @@ class RateLimiter:
             self.output_tokens.bucket.give_back(output_tokens)
 
     def describe(self) -> str:
-        return self.pacing.describe()
+        """The rates in force, the one the sends wait for marked."""
+        return ", ".join(limit.describe() + (" (binding)" if limit is self.binding else "") for limit in self.limits)
 
 
 class InputCalibration:

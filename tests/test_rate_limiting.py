@@ -380,3 +380,24 @@ def test_fifteen_minutes_of_nothing_but_429s_gives_up():
 ])
 def test_each_interruption_has_its_exit_code_and_its_grace_period(cause, exit_code, cuts):
     assert (cause.exit_code, cause.cuts_requests_in_flight) == (exit_code, cuts)
+
+
+def test_the_limit_that_holds_the_run_back_is_named_once(captured_logs, monkeypatch):
+    monkeypatch.setattr(app.log, "threshold", app.LOG_LEVELS["INFO"])  # whatever level an earlier run left
+    clock = Clock()
+    settings = app.Settings(max_requests_per_minute=1200, max_tokens_per_minute=16_000)
+    limiter = app.RateLimiter(settings, clock=clock)
+    charges = [(limiter.requests, 1), (limiter.input_tokens, 100)]  # 16,000 tokens/min allow 160 of these a minute
+
+    for _ in range(60):
+        wait, binding = limiter.until_room(charges)
+        if wait > 0:
+            limiter.bound_by(binding)
+            clock.now += wait
+        limiter.take(charges, 0)
+
+    assert limiter.binding is limiter.input_tokens
+    assert limiter.describe() == "1,200 requests/min, 16,000 input tokens/min (binding)"
+    told = [line for line in captured_logs if "holds the run back" in line]
+    assert told == [("INFO 16,000 input tokens/min is what holds the run back: if your limit is higher, raise "
+                    "--max_tokens_per_minute (or set it to auto).")]
