@@ -2476,10 +2476,13 @@ class PartialJson:
         value = cls(text).value()
         return {} if value is CUT else value
 
+    def skip_space(self) -> None:
+        while self.at < len(self.text) and self.text[self.at] in " \t\r\n":
+            self.at += 1
+
     def value(self) -> Any:
         text = self.text
-        while self.at < len(text) and text[self.at] in " \t\r\n":
-            self.at += 1
+        self.skip_space()
         if self.at == len(text):
             return CUT
         char = text[self.at]
@@ -2538,8 +2541,7 @@ class PartialJson:
     def punctuation(self, char: str, expected: bool = False) -> bool:
         """Whether `char` comes next (read past it); at the end, False; `expected` and something else: ValueError."""
         text = self.text
-        while self.at < len(text) and text[self.at] in " \t\r\n":
-            self.at += 1
+        self.skip_space()
         if self.at < len(text) and text[self.at] == char:
             self.at += 1
             return True
