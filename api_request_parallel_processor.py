@@ -1721,8 +1721,6 @@ class LineReader:
                 continue
             try:  # whatever one line does to the parser, the estimate or the hash, it is that line's problem
                 body, metadata = parse_request(raw)
-                if problem := version_problem(body, self.version):
-                    raise BadLine(problem)
                 payload = json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")
                 encoded_metadata = None if metadata is None else json.dumps(metadata, ensure_ascii=False,
                                                                             allow_nan=False).encode()
@@ -1730,6 +1728,8 @@ class LineReader:
                 if resuming and answered.claim(request_hash, line_hash):
                     self.stats.already_done += 1
                     continue
+                if problem := version_problem(body, self.version):  # a line answered already needs no check
+                    raise BadLine(problem)
                 job = Job(line_number, body, payload, metadata, encoded_metadata,
                           estimate(body) if estimate else NOT_ESTIMATED, request_hash=request_hash,
                           line_hash=line_hash, sent=payload)
