@@ -2635,9 +2635,6 @@ async def read_event_stream(response: aiohttp.ClientResponse, timeout: float, cl
         size += len(chunk)
         if size > MAX_RESPONSE_BYTES:
             raise ResponseTooLarge()
-        if clock() - progress_at > timeout:
-            return Attempt(error=f"nothing but pings for {timeout:g} s (the request may still be worked on)",
-                           retryable=True, timed_out=True, headers=response.headers, maybe_billed=True)
         pending += chunk
         if b"\n" not in chunk:  # a long event, arriving in pieces
             continue
@@ -2660,6 +2657,9 @@ async def read_event_stream(response: aiohttp.ClientResponse, timeout: float, cl
                 name, data = "", []
         if message.error is not None or message.stopped:
             break
+        if clock() - progress_at > timeout:  # after this piece's events: one of them may be the progress
+            return Attempt(error=f"nothing but pings for {timeout:g} s (the request may still be worked on)",
+                           retryable=True, timed_out=True, headers=response.headers, maybe_billed=True)
     if message.error is not None:
         kind = message.error.get("type", "error")
         status = STREAM_ERROR_STATUSES.get(kind, 500)
