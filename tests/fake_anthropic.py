@@ -1,6 +1,8 @@
 """A fake Anthropic Messages API on 127.0.0.1, faithful where the processor's behaviour depends on it.
 
-- Checks `x-api-key` (401) and `anthropic-version` (400); validates bodies the way the API does,
+- Checks `x-api-key` (401), `anthropic-version` (400; 2026-10-21 refuses sampling parameters, a document in an
+  assistant message and citations on user text) and `anthropic-beta` (known names only); validates bodies the way
+  the API does (`max_tokens` 0 warms the cache; system-role messages pass),
   rejecting unknown top-level keys and unknown `metadata` keys with 400 "Extra inputs are not permitted",
   and, for Sonnet 5 and later, non-default `temperature`, `top_p`, `top_k` and manual extended thinking.
 - Enforces continuous token buckets for requests, input tokens and output tokens, each holding
