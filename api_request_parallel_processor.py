@@ -2145,8 +2145,9 @@ class Pacing:
         if sped_up:
             log.info("No 429 for {:.0f} s: speeding back up to {}.", RECOVERY_SECONDS, self.describe())
 
-    def describe(self) -> str:
-        return ", ".join(limit.describe() for limit in self.limits)
+    def describe(self, binding: Limit | None = None) -> str:
+        """The rates in force, the one the sends wait for (`binding`) marked."""
+        return ", ".join(limit.describe() + (" (binding)" if limit is binding else "") for limit in self.limits)
 
 
 class RateLimiter:
@@ -2252,8 +2253,7 @@ class RateLimiter:
             self.output_tokens.bucket.give_back(output_tokens)
 
     def describe(self) -> str:
-        """The rates in force, the one the sends wait for marked."""
-        return ", ".join(limit.describe() + (" (binding)" if limit is self.binding else "") for limit in self.limits)
+        return self.pacing.describe(self.binding)
 
 
 class InputCalibration:
@@ -3225,7 +3225,7 @@ class Processor:
         if result.unusable_address and not self.answered and not self.stats.interrupted_by:
             log.error("Cannot use {}: {}. Nothing was ever answered there: check --request_url and the network. "
                       "Stopping; every line is left for the next run.", urlsplit(self.settings.request_url).hostname,
-                      result.unusable_address)
+                      redact(result.unusable_address, self.settings.api_key))  # a redirect's target may echo it
             self.interrupt(Interruption.UNUSABLE_ADDRESS)
         self.answered |= result.status is not None and not result.unusable_address
         lane.attempt_ended(job, result)

@@ -36,10 +36,10 @@ import api_request_parallel_processor as app
 # -- the key stays home ----------------------------------------------------------------------------
 
 
-def test_a_redirect_is_never_followed_with_the_key(tmp_path, fake_server):
+def test_a_redirect_is_never_followed_with_the_key(tmp_path, fake_server, captured_logs):
     with Listener() as elsewhere:
-        async def redirect(request, body):
-            return web.Response(status=307, headers={"location": elsewhere.url + "/v1/messages"})
+        async def redirect(request, body):  # a hostile target echoes the key it was sent
+            return web.Response(status=307, headers={"location": f"{elsewhere.url}/v1/messages?k={API_KEY}"})
 
         fake = fake_server(hostile=redirect)
         requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(5)])
@@ -47,6 +47,8 @@ def test_a_redirect_is_never_followed_with_the_key(tmp_path, fake_server):
         stats = run_in_process(requests_path, fake)
 
         assert elsewhere.seen == []
+        assert any("it redirects (HTTP 307)" in line for line in captured_logs)
+        assert not any(API_KEY in line for line in captured_logs)
         assert stats.exit_code == 2 and stats.interrupted_by is app.Interruption.UNUSABLE_ADDRESS
         assert outputs(requests_path) == ([], [])  # every line is left for the next run
 
