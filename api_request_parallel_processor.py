@@ -244,6 +244,8 @@ class Settings:
     grace_period: float = flag(30.0, "on Ctrl+C, SIGTERM or SIGHUP, seconds to let requests in flight finish",
                                positive_number)
     start_over: bool = flag(False, "move earlier results aside and send every line again (default: resume)")
+    retry_failed: bool = flag(False, "send again the lines that failed in earlier runs for a reason of their own (a "
+                                     "400, 403, 404, 413, an invalid line), which reruns skip")
     prices: str | None = flag(None, 'JSON file of price rows in USD per million tokens, e.g. {"claude-sonnet-5-5": '
                                     '{"input": 2, "output": 10}} (see the README for cache and long-prompt prices)')
     max_cost: float | None = flag(None, "USD this run may spend at most: it stops sending before its cost could pass "
@@ -1084,6 +1086,93 @@ def saved_token_ratios(results_path: str) -> dict[str, float]:
     except (OSError, ValueError, TypeError, AttributeError):
         return {}
 
+
+
+def failure_identity(request: Any, metadata: Any) -> int | None:
+    """Identifies a failed line by what its error record holds: a request by content (hash_request), a line that
+    could not be read by its text (hash_line). None for what cannot be hashed."""
+    try:
+        if isinstance(request, str):
+            return hash_line(request.encode("utf-8", "surrogatepass"))
+        return hash_request(request, metadata)
+    except (TypeError, ValueError, RecursionError):
+        return None
+
+
+def permanent_failure(line: bytes) -> int | None:
+    """The identity of an error record marked permanent; None for any other line (a transient failure's record,
+    an older run's record without the mark, a torn line)."""
+    try:
+        record = json.loads(line)
+        permanent = isinstance(record, list) and len(record) == 4 and record[3].get("permanent") is True
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return failure_identity(record[0], record[2]) if permanent else None
+
+
+class RememberedFailures:
+    """The failures of earlier runs that were the lines' own, marked `"permanent": true` in their error records (the
+    API refused the request: a 400, 403, 404, 413; or the line cannot be sent): their records stay in the errors
+    file, and a rerun does not send them again while they are unchanged (--retry_failed does). A line is known by
+    what its record holds (failure_identity), so it is matched wherever it now is in the file; a line that appears
+    twice needs two records. Records of the other failures (retries used up on 5xx, the network) are dropped when a
+    run starts: their lines are sent again."""
+
+    def __init__(self, path: str, unmatched: dict[int, list[int]] | None = None) -> None:
+        self.path = path
+        self.unmatched = unmatched or {}  # identity -> offsets in the errors file of its records no line matched yet
+
+    @classmethod
+    def keep(cls, path: str) -> RememberedFailures:
+        """Rewrite an earlier run's errors file with only its permanent failures; a file left empty is removed."""
+        unmatched: dict[int, list[int]] = {}
+        if not Path(path).exists():
+            return cls(path)
+        with open(path, "rb") as old, open(path + ".tmp", "wb") as new:
+            for line in old:
+                identity = permanent_failure(line)
+                if identity is not None:
+                    unmatched.setdefault(identity, []).append(new.tell())
+                    new.write(line if line.endswith(b"\n") else line + b"\n")
+            kept = new.tell()
+        os.replace(path + ".tmp", path)
+        if not kept:
+            Path(path).unlink()
+        return cls(path, unmatched)
+
+    def __len__(self) -> int:
+        return sum(len(offsets) for offsets in self.unmatched.values())
+
+    def match(self, identity: int | None) -> list[Any] | None:
+        """The record of an earlier failure of this line, now matched (None when there is none left)."""
+        offsets = self.unmatched.get(identity) if identity is not None else None
+        if not offsets:
+            return None
+        try:
+            with open(self.path, "rb") as file:
+                file.seek(offsets.pop())
+                return json.loads(file.readline())
+        except (OSError, ValueError):  # the errors file changed under the run: the line is sent again
+            return None
+
+    def forget_unmatched(self) -> int:
+        """After a run that read every line: drop the records that no line matched (the line was changed or
+        removed since it failed). How many."""
+        dropped = {offset for offsets in self.unmatched.values() for offset in offsets}
+        if dropped:
+            with open(self.path, "rb") as old, open(self.path + ".tmp", "wb") as new:
+                offset = 0
+                for line in old:
+                    if offset not in dropped:
+                        new.write(line)
+                    offset += len(line)
+                kept = new.tell()
+            os.replace(self.path + ".tmp", self.path)
+            if not kept:
+                Path(self.path).unlink()
+        self.unmatched = {}
+        return len(dropped)
+
 # ==================================================================================================
 # Usage and cost
 # ==================================================================================================
@@ -1412,6 +1501,8 @@ class RunStats:
     batch: BatchProgress | None = None  # a batch run's own counters
     budget: Budget | None = None  # --max_cost
     input_changed: bool = False  # the requests file changed under the reader: the rest is left for the next run
+    failures_remembered: int = 0  # lines not sent because they failed in an earlier run for a reason of their own
+    read_to_end: bool = False  # every input line was read (and so matched with what earlier runs left)
 
     @property
     def elapsed(self) -> float:
@@ -1439,7 +1530,7 @@ class RunStats:
 
     @property
     def finished(self) -> int:
-        return self.succeeded + self.failed + self.bad_lines + self.already_done
+        return self.succeeded + self.failed + self.bad_lines + self.already_done + self.failures_remembered
 
     @property
     def exit_code(self) -> int:
@@ -1497,7 +1588,10 @@ class ResultSink(Protocol):
 
     def write_result(self, job: Job, response: dict[str, Any], raw: bytes) -> None: ...
 
-    def write_error(self, line_number: int, request: Any, messages: list[str], metadata: Any) -> None: ...
+    def write_error(self, line_number: int, request: Any, messages: list[str], metadata: Any,
+                    permanent: bool) -> None: ...
+
+    def failure_remembered(self, line_number: int, record: list[Any]) -> None: ...
 
     def close(self) -> None: ...
 
@@ -1572,8 +1666,14 @@ class ResultWriter:
             parts.append(job.encoded_metadata)
         self.write(True, b"[" + b",".join(parts) + b"]\n", (job.request_hash, job.line_hash))
 
-    def write_error(self, line_number: int, request: Any, messages: list[str], metadata: Any) -> None:
-        self.write(False, json.dumps([request, messages, metadata], ensure_ascii=False).encode("utf-8") + b"\n", None)
+    def write_error(self, line_number: int, request: Any, messages: list[str], metadata: Any,
+                    permanent: bool) -> None:
+        """`[request, messages, metadata, {"line": N, "permanent": bool}]`."""
+        record = [request, messages, metadata, {"line": line_number, "permanent": permanent}]
+        self.write(False, json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n", None)
+
+    def failure_remembered(self, line_number: int, record: list[Any]) -> None:
+        """Nothing to write: the record of an earlier run stays in the errors file."""
 
     def write(self, to_results: bool, record: bytes, entry: tuple[int, int | None] | None) -> None:
         if self.problem:  # behind the first record that could not be written
@@ -1618,11 +1718,12 @@ class ResultWriter:
             self.errors.close()
 
 
-def write_failure(sink: ResultSink, job: Job, reason: str) -> None:
-    """A line that failed for good, for either road: its error record, each attempt's message naming the line."""
+def write_failure(sink: ResultSink, job: Job, reason: str, permanent: bool = False) -> None:
+    """A line that failed for good, for either road: its error record, each attempt's message naming the line.
+    `permanent`: the request's own fault (see RememberedFailures), not sent again by a rerun."""
     log.error("line {}: failed ({}): {}", job.line_number, reason, job.errors[-1] if job.errors else "")
     sink.write_error(job.line_number, job.body, [f"line {job.line_number}, {message}" for message in job.errors],
-                     job.metadata)
+                     job.metadata, permanent)
 
 
 @dataclass
@@ -1660,11 +1761,15 @@ class ResultCollector:
         if self.files is not None:
             self.files.write_result(job, response, raw)
 
-    def write_error(self, line_number: int, request: Any, messages: list[str], metadata: Any) -> None:
+    def write_error(self, line_number: int, request: Any, messages: list[str], metadata: Any,
+                    permanent: bool) -> None:
         if line_number:
             self.results[line_number - 1] = RequestResult(request, None, messages, metadata)
         if self.files is not None:
-            self.files.write_error(line_number, request, messages, metadata)
+            self.files.write_error(line_number, request, messages, metadata, permanent)
+
+    def failure_remembered(self, line_number: int, record: list[Any]) -> None:
+        self.results[line_number - 1] = RequestResult(record[0], None, record[1], record[2])
 
     @property
     def problem(self) -> str:
@@ -1696,12 +1801,13 @@ class LineReader:
     """Turns input lines into jobs, for either road: lines done by an earlier run are skipped (a line seen
     before, without even parsing it), and bad lines are written to the errors file on the spot."""
 
-    def __init__(self, lines: Iterable[tuple[int, Any]], resume_index: ResumeIndex, writer: ResultSink,
-                 stats: RunStats, settings: Settings) -> None:
+    def __init__(self, lines: Iterable[tuple[int, Any]], resume_index: ResumeIndex, failures: RememberedFailures,
+                 writer: ResultSink, stats: RunStats, settings: Settings) -> None:
         self.version = settings.anthropic_version  # whose rules a line must keep (version_problem)
         self.betas = settings.betas or ()  # every job's, before its line's own
         self.lines = lines
         self.resume_index = resume_index
+        self.failures = failures
         self.writer = writer
         self.stats = stats
 
@@ -1728,6 +1834,8 @@ class LineReader:
                 if resuming and answered.claim(request_hash, line_hash):
                     self.stats.already_done += 1
                     continue
+                if self.failures.unmatched and self.remembered(line_number, request_hash):
+                    continue
                 if problem := version_problem(body, self.version):  # a line answered already needs no check
                     raise BadLine(problem)
                 job = Job(line_number, body, payload, metadata, encoded_metadata,
@@ -1742,10 +1850,19 @@ class LineReader:
                 self.reject(line_number, raw, line_problem(error))
                 continue
             yield job
+        self.stats.read_to_end = True
+
+    def remembered(self, line_number: int, identity: int | None) -> bool:
+        """Whether this line failed in an earlier run for a reason of its own (RememberedFailures): then it is
+        counted, and its record stays as it is."""
+        record = self.failures.match(identity)
+        if record is None:
+            return False
+        self.writer.failure_remembered(line_number, record)
+        self.stats.failures_remembered += 1
+        return True
 
     def reject(self, line_number: int, raw: bytes | Any, problem: str) -> None:
-        message = f"line {line_number}: {problem}; not sent"
-        log.warning("{}", message)
         if isinstance(raw, bytes):
             raw = raw.decode("utf-8", errors="replace").rstrip("\r\n")
         else:
@@ -1753,7 +1870,11 @@ class LineReader:
                 json.dumps(raw, allow_nan=False)
             except Exception:  # noqa: BLE001 - not JSON, or too deep for it: its outline
                 raw = reprlib.repr(raw)
-        self.writer.write_error(line_number, raw, [message], None)
+        if self.failures.unmatched and self.remembered(line_number, failure_identity(raw, None)):
+            return
+        message = f"line {line_number}: {problem}; not sent"
+        log.warning("{}", message)
+        self.writer.write_error(line_number, raw, [message], None, True)
         self.stats.bad_lines += 1
 
 
@@ -2336,6 +2457,13 @@ class Attempt:
     @cached_property
     def rate_figures(self) -> Figures | None:
         return None if self.headers is None else rate_figures(self.headers)
+
+    @property
+    def refused(self) -> bool:
+        """The API refused the request itself (a 400, 403, 404, 413: a 4xx not worth retrying): sent unchanged, it
+        would be refused again. Not a page from something that is not the API."""
+        return self.status is not None and 400 <= self.status < 500 and not self.retryable \
+            and not self.unusable_address
 
     @property
     def server_side(self) -> bool:
@@ -3103,8 +3231,8 @@ class Processor:
     (ReadyJobs) or for room in a lane's queue; each lane's sender waits on its own limiter."""
 
     def __init__(self, settings: Settings, session: aiohttp.ClientSession, lines: Iterable[tuple[int, Any]],
-                 writer: ResultSink, resume_index: ResumeIndex, prices: dict[str, Price],
-                 clock: Clock = monotonic) -> None:
+                 writer: ResultSink, resume_index: ResumeIndex, failures: RememberedFailures,
+                 prices: dict[str, Price], clock: Clock = monotonic) -> None:
         self.settings = settings
         self.session = session
         self.writer = writer
@@ -3121,7 +3249,7 @@ class Processor:
         self.dispatcher: asyncio.Task[None] | None = None
         self.budget = Budget(settings.max_cost, prices) if settings.max_cost else None
         self.stats = RunStats(prices=prices, describe_limits=self.lanes.describe, budget=self.budget)
-        self.reader = LineReader(lines, resume_index, writer, self.stats, settings)
+        self.reader = LineReader(lines, resume_index, failures, writer, self.stats, settings)
         self.unsettled = 0  # jobs read but not yet written to either file
         self.unmarked_warned = False
         self.answered = False  # whether anything answered in this run, at an address that can be used
@@ -3278,7 +3406,7 @@ class Processor:
                           ORGANIZATION_REFUSALS[result.error_code])
             self.interrupt(decision.cause)  # the line stays unsent, like every other, for the next run
         elif decision.action == FAIL:
-            self.fail(job, "no attempts left" if result.retryable else "not retryable")
+            self.fail(job, "no attempts left" if result.retryable else "not retryable", permanent=result.refused)
         else:
             delay = decision.delay
             if decision.hold_all:
@@ -3290,10 +3418,10 @@ class Processor:
             log.debug("line {}: {}; retrying in {:.1f} s", job.line_number, message, delay)
             self.ready.add_later(job, delay)
 
-    def fail(self, job: Job, reason: str) -> None:
+    def fail(self, job: Job, reason: str, permanent: bool = False) -> None:
         if not job.errors:  # never sent: the run stopped first
             job.errors.append(f"not sent: {self.stats.stopped_reason}")
-        write_failure(self.writer, job, reason)
+        write_failure(self.writer, job, reason, permanent)
         self.stats.failed += 1
         self.settle(job, None)
 
@@ -3805,8 +3933,8 @@ class BatchRun:
     errored on the API's side, or expired, go into a follow-up batch, up to --max_attempts."""
 
     def __init__(self, settings: Settings, session: aiohttp.ClientSession, lines: Iterable[tuple[int, Any]],
-                 writer: ResultSink, resume_index: ResumeIndex, prices: dict[str, Price],
-                 clock: Clock = monotonic) -> None:
+                 writer: ResultSink, resume_index: ResumeIndex, failures: RememberedFailures,
+                 prices: dict[str, Price], clock: Clock = monotonic) -> None:
         self.settings = settings
         self.writer = writer
         self.clock = clock
@@ -3819,7 +3947,7 @@ class BatchRun:
         self.estimator = TokenEstimator() if self.budget else None  # the budget needs each request's input
         self.token_ratios = resume_index.token_ratios
         self.stats = RunStats(prices=prices, batch=self.progress, budget=self.budget)
-        self.reader = LineReader(lines, resume_index, writer, self.stats, settings)
+        self.reader = LineReader(lines, resume_index, failures, writer, self.stats, settings)
         self.open: dict[str, OpenBatch] = {}  # by key
         self.in_open_batches = SortedResults(array("Q"))  # the content of each request in an earlier run's batch
         self.waiting_lines: dict[int, list[int]] = {}  # content -> this run's line numbers of those requests
@@ -3890,7 +4018,7 @@ class BatchRun:
             if job.body["max_tokens"] == 0:  # the Batches API takes at least 1
                 job.errors.append("max_tokens 0 (warming the prompt cache) is not allowed in a batch: send this line "
                                   "without --batch")
-                self.fail(job, "not allowed in a batch")
+                self.fail(job, "not allowed in a batch", permanent=True)
                 continue
             job.attempts = 1
             if not self.within_budget(job):
@@ -4056,7 +4184,7 @@ class BatchRun:
         if problem:
             job.errors.append(f"batch {batch.record.batch_id}: {problem}")
         if action == FAIL:
-            self.fail(job, "not retryable")
+            self.fail(job, "not retryable", permanent=True)
         elif action == RETRY and self.within_budget(job):
             job.attempts += 1
             follow_up.add(job)
@@ -4067,8 +4195,8 @@ class BatchRun:
             self.progress.left_for_next_run += 1
         return 0.0
 
-    def fail(self, job: Job, reason: str) -> None:
-        write_failure(self.writer, job, reason)
+    def fail(self, job: Job, reason: str, permanent: bool = False) -> None:
+        write_failure(self.writer, job, reason, permanent)
         self.stats.failed += 1
 
     def results_size(self) -> int:
@@ -4097,6 +4225,12 @@ def write_terminal(text: str) -> None:
         pass
 
 
+def line_outcomes(stats: RunStats) -> str:
+    failed_before = f", {stats.failures_remembered:,} failed before" if stats.failures_remembered else ""
+    return (f"{stats.succeeded:,} succeeded, {stats.failed:,} failed, {stats.bad_lines:,} bad, "
+            f"{stats.already_done:,} done before{failed_before}")
+
+
 def batch_status(stats: RunStats) -> str:
     """A batch run's counts: what was written, and the open batches as the API last reported them."""
     batch = stats.batch
@@ -4106,9 +4240,9 @@ def batch_status(stats: RunStats) -> str:
         for kind, count in request_counts.items():
             counts[kind] = counts.get(kind, 0) + count
     open_counts = ", ".join(f"{count:,} {kind}" for kind, count in counts.items() if count)
-    return (f"{stats.succeeded:,} succeeded, {stats.failed:,} failed, {stats.bad_lines:,} bad, {stats.already_done:,} "
-            f"done before | {batch.submitted:,} batch(es) submitted ({batch.requests_submitted:,} requests), "
-            f"{batch.collected:,} collected, {len(batch.open):,} open" + (f" ({open_counts})" if open_counts else "")
+    return (f"{line_outcomes(stats)} | {batch.submitted:,} batch(es) submitted ({batch.requests_submitted:,} "
+            f"requests), {batch.collected:,} collected, {len(batch.open):,} open"
+            + (f" ({open_counts})" if open_counts else "")
             + f" | {batch.waiting:,} lines in earlier runs' batches, {batch.resubmitted:,} resubmitted, "
             f"{batch.left_for_next_run:,} left for the next run")
 
@@ -4136,8 +4270,7 @@ def status_line(stats: RunStats) -> str:
     ratios = "; input tokens " + ", ".join(
         f"{ratio:.2f}x" if len(stats.input_ratios) == 1 else f"{ratio:.2f}x ({model})"
         for model, ratio in sorted(stats.input_ratios.items())) + " cl100k_base" if stats.input_ratios else ""
-    return (f"{progress} | {stats.succeeded:,} succeeded, {stats.failed:,} failed, {stats.bad_lines:,} bad, "
-            f"{stats.already_done:,} done before, {stats.in_flight:,} in flight | {sent / minutes:,.0f} requests/min, "
+    return (f"{progress} | {line_outcomes(stats)}, {stats.in_flight:,} in flight | {sent / minutes:,.0f} requests/min, "
             f"{(totals.input_tokens + totals.cache_write_tokens) / minutes:,.0f} input tokens/min, "
             f"{totals.output_tokens / minutes:,.0f} output tokens/min (limits {stats.limits_in_force}{ratios}) | "
             f"{stats.retries:,} retries, {stats.rate_limited:,} rate-limited{per_model}")
@@ -4354,6 +4487,10 @@ def log_summary(stats: RunStats, settings: Settings) -> None:
     if stats.failed or stats.bad_lines:
         where = settings.errors_filepath if settings.save_filepath else "the errors of each result"
         log.warning("{:,} request(s) failed and {:,} line(s) were bad: see {}", stats.failed, stats.bad_lines, where)
+    if stats.failures_remembered:
+        log.info("{:,} line(s) failed in an earlier run for a reason of their own and were not sent again: their "
+                 "records stay in {} (--retry_failed sends them again).", stats.failures_remembered,
+                 settings.errors_filepath)
     if stats.rate_limited:
         log.warning("{:,} rate limit (429) responses: consider lower --max_*_per_minute figures.", stats.rate_limited)
     if stats.interrupted_by is Interruption.BUDGET:
@@ -4378,9 +4515,9 @@ def log_summary(stats: RunStats, settings: Settings) -> None:
 # ==================================================================================================
 
 
-def prepare_results_file(config: Settings) -> ResumeIndex:
-    """Before a run: set earlier results aside (--start_over) or repair them and index them for
-    resuming; the errors file is started afresh, since its lines are sent again."""
+def prepare_results_file(config: Settings) -> tuple[ResumeIndex, RememberedFailures]:
+    """Before a run: set earlier results aside (--start_over) or repair them and index them for resuming; keep the
+    failures to remember (RememberedFailures; none with --retry_failed), since the other lines are sent again."""
     if config.start_over:
         for path in (config.save_filepath, config.errors_filepath):
             moved = set_aside(path)
@@ -4394,8 +4531,10 @@ def prepare_results_file(config: Settings) -> ResumeIndex:
     if len(resume_index):
         log.info("Resuming: {} holds {:,} results from earlier runs; lines that match them are skipped.",
                  config.save_filepath, len(resume_index))
-    Path(config.errors_filepath).unlink(missing_ok=True)
-    return resume_index
+    if config.retry_failed:
+        Path(config.errors_filepath).unlink(missing_ok=True)
+    failures = RememberedFailures.keep(config.errors_filepath)
+    return resume_index, failures
 
 
 def require_no_open_batches(config: Settings) -> None:
@@ -4478,14 +4617,15 @@ def require_separate_files(config: Settings) -> None:
 
 
 async def run_processor(config: Settings, lines: Iterable[tuple[int, Any]], count_total: Callable[[], int],
-                        sink: ResultSink, resume_index: ResumeIndex, prices: dict[str, Price]) -> RunStats:
+                        sink: ResultSink, resume_index: ResumeIndex, failures: RememberedFailures,
+                        prices: dict[str, Price]) -> RunStats:
     """One session, one processor, with its progress reporter, line counter and signal handlers."""
     connector = aiohttp.TCPConnector(limit=config.max_concurrent_requests)
     timeout = aiohttp.ClientTimeout(total=config.request_timeout, sock_connect=CONNECT_TIMEOUT_SECONDS)
     live = on_terminal()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         road = BatchRun if config.batch else Processor
-        processor = road(config, session, lines, sink, resume_index, prices)
+        processor = road(config, session, lines, sink, resume_index, failures, prices)
         counter = asyncio.create_task(asyncio.to_thread(count_total))
         counter.add_done_callback(lambda task: task.cancelled() or task.exception() is not None  # the total is
                                   or setattr(processor.stats, "total", task.result()))  # only for the progress line
@@ -4524,12 +4664,13 @@ async def run(config: Settings, lines: Iterable[tuple[int, Any]], count_total: C
                  config.max_output_tokens_per_minute or "the reported", config.max_attempts)
     if config.save_filepath is None:
         assert collector is not None, "a run without a results file must collect its results"
-        stats = await run_processor(config, lines, count_total, collector, ResumeIndex(), prices)
+        stats = await run_processor(config, lines, count_total, collector, ResumeIndex(), RememberedFailures(""),
+                                    prices)
     else:
         try:
             with run_lock(config.save_filepath):
                 require_no_open_batches(config)
-                resume_index = prepare_results_file(config)
+                resume_index, failures = prepare_results_file(config)
                 files = ResultWriter(config.save_filepath, config.errors_filepath, resume_index)
                 sink: ResultSink = files
                 if collector is not None:
@@ -4537,12 +4678,14 @@ async def run(config: Settings, lines: Iterable[tuple[int, Any]], count_total: C
                     sink = collector
                 learned: dict[str, float] = {}
                 try:
-                    stats = await run_processor(config, lines, count_total, sink, resume_index, prices)
+                    stats = await run_processor(config, lines, count_total, sink, resume_index, failures, prices)
                     learned = stats.input_ratios
                 finally:
                     unwritten = await write_unwritten(files, config.grace_period)
                     sink.close()
                     save_index(resume_index, config.save_filepath, learned)
+                if stats.read_to_end:
+                    failures.forget_unmatched()
                 if unwritten and stats.interrupted_by is None:  # e.g. the last records of a run that ended
                     stats.interrupted_by = Interruption.WRITE_FAILED
         except OSError as error:

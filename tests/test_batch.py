@@ -160,6 +160,23 @@ def test_no_wait_submits_then_collects_with_the_documented_exit_codes(tmp_path, 
     assert run_cli(*args).returncode == 0 and len(fake.batches) == 3  # all done: nothing more to submit
 
 
+def test_nightly_no_wait_runs_pay_once_for_the_lines_the_api_refuses(tmp_path, fake_server):
+    fake = fake_server(batch_seconds=600)
+    refused = [request("refused", 5, model="claude-unknown-1"), request("refused too", 6, model="claude-unknown-2")]
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"question {i}", i) for i in range(5)] + refused)
+
+    nights = [run_in_process(requests_path, fake, no_wait=True, **FAST).exit_code for _ in range(2)]
+    end_batches(fake)
+    nights += [run_in_process(requests_path, fake, no_wait=True, **FAST).exit_code for _ in range(3)]
+
+    assert nights == [4, 4, 1, 0, 0]  # processing, processing, collected with 2 failures, then nothing new
+    assert len(fake.batches) == 1
+    each_submitted_once(fake)
+    results, errors = outputs(requests_path)
+    assert len(results) == 5 and sorted(record[2]["row"] for record in errors) == [5, 6]
+    assert all(record[3]["permanent"] and "not_found_error" in record[1][0] for record in errors)
+
+
 def test_a_direct_run_refuses_while_batches_are_open(tmp_path, fake_server):
     fake = fake_server(batch_seconds=30)
     requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"question {i}", i) for i in range(5)])

@@ -41,8 +41,9 @@ def test_non_retryable_errors_fail_at_once_with_the_reason(tmp_path, fake_server
     results, errors = outputs(requests_path)
     assert [record[2] for record in results] == [{"row": 4}]
     (error,) = errors
-    sent, messages, metadata = error
+    sent, messages, metadata, failure = error
     assert metadata == {"row": 3} and sent == request(f"[[always:{fault}]]")
+    assert failure == {"line": 1, "permanent": True}  # the request's own fault: a rerun does not send it again
     assert len(messages) == 1  # no attempts were spent on a request that cannot succeed
     assert messages[0].startswith(f"line 1, attempt 1: {status}") and "request-id req_fake" in messages[0]
     assert stats.failed == 1 and stats.exit_code == 1
@@ -56,6 +57,7 @@ def test_retryable_failure_gives_up_after_max_attempts_with_one_message_per_atte
     assert [message.split(":")[0] for message in error[1]] == ["line 1, attempt 1", "line 1, attempt 2",
                                                                "line 1, attempt 3"]
     assert "non-JSON body" in error[1][0] and "502 Bad Gateway" in error[1][0]
+    assert error[3] == {"line": 1, "permanent": False}  # the server's fault: the next run sends it again
     assert fake.stats.received == 3 and stats.failed == 1
 
 

@@ -348,6 +348,23 @@ def test_one_rule_decides_after_each_status_and_error_code(attempt, action, coun
     assert last.action == (app.FAIL if action == app.RETRY and counted else action)  # a 429 uses up no attempt
 
 
+@pytest.mark.parametrize(("attempt", "refused"), [
+    (outcome(400, "invalid_request_error"), True),
+    (outcome(403, "permission_error"), True),
+    (outcome(404, "not_found_error"), True),
+    (outcome(413, "request_too_large"), True),
+    (outcome(400, headers={"x-should-retry": "true"}), False),
+    (outcome(429, "rate_limit_error"), False),
+    (outcome(500, headers={"x-should-retry": "false"}), False),  # the server's failure, though not to be retried
+    (app.interpret_response(404, {}, b"<html>Not Found</html>"), False),  # a page from something else
+    (NETWORK_FAILURE, False),
+    (TIMED_OUT, False),
+])
+def test_a_failure_is_the_requests_own_only_when_the_api_refused_the_request(attempt, refused):
+    """A refused request is remembered across runs (RememberedFailures); any other failure is sent again."""
+    assert attempt.refused is refused
+
+
 @pytest.mark.parametrize(("attempt", "outage_seconds", "action", "counted", "hold_all"), [
     (outcome(503), 10.0, app.RETRY, False, True),  # an outage's failure: every sender waits, no attempt used
     (NETWORK_FAILURE, 10.0, app.RETRY, False, True),

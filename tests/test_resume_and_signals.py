@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
@@ -17,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import SCRIPT, cli_args, outputs, read_jsonl, request, run_cli, run_in_process, write_jsonl
+from conftest import API_KEY, SCRIPT, cli_args, outputs, read_jsonl, request, run_cli, run_in_process, write_jsonl
 
 import api_request_parallel_processor as app
 
@@ -157,18 +158,77 @@ def test_a_torn_last_line_is_repaired_and_its_request_sent_again(tmp_path, fake_
     assert fake.stats.bodies_seen[-1]["messages"][0]["content"] == f"q{torn_row}"
 
 
-def test_failed_lines_are_retried_on_rerun_and_the_errors_file_describes_the_latest_run(tmp_path, fake_server):
+def test_transient_failures_are_sent_again_by_the_next_run(tmp_path, fake_server):
     fake = fake_server()
-    requests_path = write_jsonl(tmp_path / "r.jsonl", [request("[[fault:400x1]] flaky", 0), request("fine", 1)])
-    first = run_in_process(requests_path, fake)
-    assert first.failed == 1 and len(outputs(requests_path)[1]) == 1
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request("[[fault:502x2]] flaky", 0), request("fine", 1)])
+    first = run_in_process(requests_path, fake, max_attempts=2)
+    assert first.failed == 1 and first.exit_code == 1 and len(outputs(requests_path)[1]) == 1
 
-    second = run_in_process(requests_path, fake)
+    second = run_in_process(requests_path, fake, max_attempts=2)
 
     assert second.succeeded == 1 and second.already_done == 1 and second.exit_code == 0
     results, errors = outputs(requests_path)
     assert errors == [] and not (tmp_path / "r_results_errors.jsonl").exists()
     assert sorted(record[2]["row"] for record in results) == [0, 1]
+
+
+def failing_file(tmp_path: Path) -> Path:
+    """Two requests the API refuses, a line that is not JSON, and two fine ones."""
+    return write_jsonl(tmp_path / "r.jsonl", [request("[[always:400]] refused", 0), request("fine", 1), "{oops",
+                                              request("[[always:404]] not found", 2), request("fine too", 3)])
+
+
+def test_the_lines_own_failures_are_remembered_and_not_paid_for_again(tmp_path, fake_server, captured_logs):
+    fake = fake_server()
+    requests_path = failing_file(tmp_path)
+
+    runs = [run_in_process(requests_path, fake) for _ in range(3)]
+
+    assert [stats.exit_code for stats in runs] == [1, 0, 0]  # only the run that wrote new failures says 1
+    assert fake.stats.received == 4  # the two refused lines were sent once in all
+    assert [(stats.failed, stats.bad_lines, stats.failures_remembered) for stats in runs] == [(2, 1, 0), (0, 0, 3),
+                                                                                                (0, 0, 3)]
+    errors = outputs(requests_path)[1]
+    assert sorted(record[3]["line"] for record in errors) == [1, 3, 4]  # each record kept once
+    assert all(record[3]["permanent"] for record in errors)
+    assert sum("3 line(s) failed in an earlier run" in line and "--retry_failed" in line for line in captured_logs) == 2
+
+    again = run_in_process(requests_path, fake, retry_failed=True)
+
+    assert again.exit_code == 1 and (again.failed, again.bad_lines, again.failures_remembered) == (2, 1, 0)
+    assert fake.stats.received == 6 and len(outputs(requests_path)[1]) == 3
+
+
+def test_a_failed_line_changed_since_is_sent_and_its_old_record_dropped(tmp_path, fake_server):
+    fake = fake_server()
+    requests_path = failing_file(tmp_path)
+    run_in_process(requests_path, fake)
+    lines = requests_path.read_text().splitlines()
+    lines[2] = json.dumps(request("fixed", 9))  # the line that was not JSON, mended
+    lines.insert(0, json.dumps(request("[[always:400]] refused", 0)))  # a repeat needs its own record
+    requests_path.write_text("\n".join(lines) + "\n")
+
+    stats = run_in_process(requests_path, fake)
+
+    assert (stats.succeeded, stats.failed, stats.failures_remembered, stats.exit_code) == (1, 1, 2, 1)
+    results, errors = outputs(requests_path)
+    assert sorted(record[2]["row"] for record in results) == [1, 3, 9]
+    assert sorted(record[2]["row"] for record in errors) == [0, 0, 2]  # the mended line's record is gone
+    assert run_in_process(requests_path, fake).exit_code == 0
+
+
+def test_a_list_run_returns_the_remembered_failures_without_sending_them(tmp_path, fake_server):
+    fake = fake_server()
+    requests = [request("[[always:400]] refused", 0), request("fine", 1), request("bad", max_tokens=None)]
+    options = {"request_url": fake.url, "api_key": API_KEY, "save_filepath": str(tmp_path / "out.jsonl")}
+    first = asyncio.run(app.process_requests(requests, **options))
+
+    second = asyncio.run(app.process_requests(requests, **options))
+
+    assert fake.stats.received == 2
+    assert [result.ok for result in second] == [False, True, False]
+    assert [result.errors for result in second] == [result.errors for result in first]
+    assert "HTTP 400" in second[0].errors[0] and "max_tokens" in second[2].errors[0]
 
 
 def test_start_over_moves_earlier_results_aside_and_sends_everything(tmp_path, fake_server):

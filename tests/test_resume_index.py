@@ -148,7 +148,7 @@ def test_the_learned_token_ratio_carries_over_to_the_dry_run_and_the_next_run(tm
                     "--dry_run", "--save_filepath", str(tmp_path / "none.jsonl"))
     assert "Claude counts about 1.40x)" in fresh.stdout
     processor = app.Processor(app.Settings(api_key="k"), None, [], app.ResultCollector([]),
-                              app.ResumeIndex.load(str(results_path)), {})
+                              app.ResumeIndex.load(str(results_path)), app.RememberedFailures(""), {})
     assert processor.lanes["claude-sonnet-5-5"].calibration.ratio == pytest.approx(learned)
 
 
