@@ -743,14 +743,61 @@ def parse_request(raw: bytes | Any) -> tuple[dict[str, Any], Any]:
             raise BadLine(f"not valid JSON ({error})") from None
     if not isinstance(raw, dict):
         raise BadLine(f"expected a JSON object, got {type(raw).__name__}")
-    body = dict(raw)  # a copy: a caller's dict is never changed
-    metadata = body.pop("metadata", None)
+    if "params" in raw and "messages" not in raw:  # a Message Batches request: {"custom_id": ..., "params": {...}}
+        if not isinstance(raw["params"], dict):
+            raise BadLine("a Message Batches request's params must be an object")
+        body = dict(raw["params"])  # sent as it is, its own `metadata` (user_id) included, as the Batches API would
+        metadata = {"custom_id": raw["custom_id"]} if "custom_id" in raw else None
+    else:
+        body = dict(raw)  # a copy: a caller's dict is never changed
+        metadata = body.pop("metadata", None)
     if metadata is not None and not isinstance(metadata, dict):
         raise BadLine(f"metadata must be an object, got {type(metadata).__name__}")
     problem = find_body_problem(body)
     if problem:
         raise BadLine(problem)
     return body, metadata
+
+
+OPENAI_MODELS = ("gpt-", "o1", "o3", "o4", "chatgpt-")  # the start of OpenAI's model ids...
+OPENAI_FIELDS = ("max_completion_tokens", "response_format", "frequency_penalty", "presence_penalty", "logprobs", "n",
+                 "seed", "functions", "logit_bias")  # ...and fields of OpenAI's requests that the Messages API lacks
+EXPECTED_FORMAT = ("this tool reads JSON Lines, one Messages API request per line: {\"model\": \"claude-sonnet-5-5\", "
+                   "\"max_tokens\": 1024, \"messages\": [{\"role\": \"user\", \"content\": \"...\"}]}")
+FROM_OPENAI = ("set 'model' to a Claude model (e.g. claude-sonnet-5-5), add 'max_tokens', move a system message to a "
+               "top-level 'system', and leave out OpenAI's own fields")
+
+
+def foreign_format(first: bytes | Any) -> str | None:
+    """What a requests file is, from its first line (or a list, from its first item), when it is in a neighbouring
+    format rather than this tool's: a JSON array or a pretty-printed object, a CSV, OpenAI's chat or batch requests.
+    A sentence saying so and what to do; None otherwise (a line that is merely wrong is that line's error)."""
+    array = f"looks like a JSON array: {EXPECTED_FORMAT} (jq -c '.[]' file.json > file.jsonl converts it)"
+    if isinstance(first, bytes):
+        text = first.strip()
+        if text == b"[":
+            return array
+        if text == b"{":
+            return (f"looks like a JSON object written over several lines: {EXPECTED_FORMAT} (jq -c . file.json > "
+                    "file.jsonl puts each on one line)")
+        try:
+            first = load_json(first)
+        except (ValueError, RecursionError):
+            return f"looks like CSV or another text table: {EXPECTED_FORMAT}" if b"," in text and not text.startswith(
+                (b"{", b"[")) else None
+    if isinstance(first, list) and first and isinstance(first[0], dict):
+        return array
+    if not isinstance(first, dict):
+        return None
+    if "body" in first and ("url" in first or "method" in first):
+        return (f"looks like a line of an OpenAI batch file: {EXPECTED_FORMAT}. To convert it, take each line's "
+                f"body, {FROM_OPENAI}")
+    model, extra = first.get("model"), [name for name in OPENAI_FIELDS if name in first]
+    if isinstance(model, str) and model.startswith(OPENAI_MODELS) or extra:
+        named = f" ({', '.join(extra)})" if extra else ""
+        return (f"looks like an OpenAI chat request (model {model!r}): {EXPECTED_FORMAT}. To convert it, "
+                f"{FROM_OPENAI}{named}")
+    return None
 
 
 def line_problem(error: Exception) -> str:
@@ -4593,14 +4640,18 @@ def install_signal_handlers(on_signal: Callable[[Interruption], None]) -> Callab
     return restore
 
 
-def require_file(path: str) -> None:
-    """The requests file exists and can be read: nothing is created or sent otherwise."""
+def require_requests_file(path: str) -> None:
+    """The requests file exists, can be read, and is not in a neighbouring format (foreign_format): nothing is
+    created or sent otherwise."""
     if not Path(path).is_file():
         raise ConfigError(f"requests file not found (or not a file): {path}")
     try:
-        open(path, "rb").close()
+        first = next((raw for _, raw in read_lines(path)), None)
     except OSError as error:
         raise ConfigError(f"cannot read the requests file {path}: {error.strerror}") from None
+    problem = foreign_format(first) if first is not None else None
+    if problem:
+        raise ConfigError(f"{path}: its first line {problem}")
 
 
 def require_separate_files(config: Settings) -> None:
@@ -4701,7 +4752,7 @@ async def process_api_requests_from_file(requests_filepath: str, **settings: Any
     that already have a result in the results file are skipped. Returns the run's counters; raises
     ConfigError for a missing key or file, a bad setting, or a results file another run is using."""
     config = Settings(requests_filepath=requests_filepath, **settings)
-    require_file(requests_filepath)
+    require_requests_file(requests_filepath)
     return await run(config, read_lines(requests_filepath), lambda: count_request_lines(requests_filepath))
 
 
@@ -4713,6 +4764,8 @@ async def process_requests(requests: Iterable[dict[str, Any]], **settings: Any) 
     Keyword arguments take the command-line flags' names and defaults."""
     items = list(requests)
     config = Settings(**settings)
+    if items and (problem := foreign_format(items[0])):
+        raise ConfigError(f"the first request {problem}")
     if config.batch and config.save_filepath is None:
         raise ConfigError("batch=True needs a save_filepath: the batch records live beside it, so that a rerun "
                           "collects the batches instead of paying for them twice")
@@ -4726,7 +4779,7 @@ def main(argv: list[str] | None = None) -> int:
     arguments = vars(build_argument_parser().parse_args(argv))
     try:
         config = Settings(**arguments)  # every setting checked before anything is logged or read
-        require_file(config.requests_filepath)
+        require_requests_file(config.requests_filepath)
         if config.dry_run:
             return print_dry_run(config)
         logger.remove()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import codecs
 import json
 from collections import Counter
 
@@ -93,6 +95,51 @@ def test_bad_lines_are_reported_by_line_number_and_do_not_stop_the_others(tmp_pa
     assert errors[0][0] == "{this is not json"  # the raw line, for a line that could not be parsed
     assert stats.bad_lines == 10 and stats.exit_code == 1
     assert fake.stats.received == 2
+
+
+def test_a_message_batches_file_runs_as_it_is_with_a_byte_order_mark_and_crlf_line_ends(tmp_path, fake_server):
+    fake = fake_server()
+    lines = [json.dumps({"custom_id": f"row-{i}", "params": request(f"question {i}")}) for i in range(3)]
+    requests_path = tmp_path / "r.jsonl"
+    requests_path.write_bytes(codecs.BOM_UTF8 + "\r\n".join(lines).encode() + b"\r\n")
+
+    stats = run_in_process(requests_path, fake)
+
+    results, errors = outputs(requests_path)
+    assert stats.exit_code == 0 and errors == []
+    assert sorted(record[2]["custom_id"] for record in results) == ["row-0", "row-1", "row-2"]  # the custom_id kept
+    assert all(record[0] == request(record[1]["content"][0]["text"].removeprefix("Echo: ")) for record in results)
+    assert all(set(body) == {"model", "max_tokens", "messages"} for body in fake.stats.bodies_seen)
+
+
+OPENAI_CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "text"}}
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (json.dumps([request("a"), request("b")]), "looks like a JSON array"),
+    ("[\n" + json.dumps(request("a")) + ",", "looks like a JSON array"),
+    ("{\n" + json.dumps(request("a"))[1:], "a JSON object written over several lines"),
+    ("id,prompt\n1,hello\n", "looks like CSV"),
+    (json.dumps(OPENAI_CHAT), "an OpenAI chat request (model 'gpt-4o'): this tool reads JSON Lines"),
+    (json.dumps({"custom_id": "1", "method": "POST", "url": "/v1/chat/completions", "body": OPENAI_CHAT}),
+     "a line of an OpenAI batch file"),
+])
+def test_a_file_in_a_neighbouring_format_gets_one_message_and_nothing_is_sent(tmp_path, fake_server, capsys, content,
+                                                                             expected):
+    fake = fake_server()
+    requests_path = tmp_path / "r.jsonl"
+    requests_path.write_text(content + "\n" + json.dumps(request("fine")) + "\n")
+
+    exit_code = app.main(["--requests_filepath", str(requests_path), "--request_url", fake.url, "--api_key", "k"])
+
+    error = capsys.readouterr().err
+    assert exit_code == 2 and error.count("\n") == 1 and expected in error and "its first line" in error
+    assert fake.stats.received == 0 and not (tmp_path / "r_results.jsonl").exists()
+
+
+def test_a_list_of_openai_requests_is_refused_with_what_to_change(fake_server):
+    with pytest.raises(app.ConfigError, match="add 'max_tokens'.*\\(response_format\\)"):
+        asyncio.run(app.process_requests([OPENAI_CHAT], request_url=fake_server().url, api_key="k"))
 
 
 def test_request_shapes_pass_through_unchanged(tmp_path, fake_server):
