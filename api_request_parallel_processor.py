@@ -28,6 +28,7 @@ The map: one line per section of this file, in order, each the title of its bann
 - Prompt caching: each cached prefix warmed by one request before the others fan out; the caching check.
 - The direct road: a sender per model, a task per attempt, every line settled exactly once.
 - The Message Batches road: --batch, at half price; spooled, journaled, collected by custom_id, none twice.
+- Answers out: --export and export_rows, one row per input line in input order, in bounded memory.
 - Reporting: the status line, the cost summary and the dry run.
 - Entry points: `process_api_requests_from_file` and `process_requests` to await (a notebook too); `main()`.
 """
@@ -38,6 +39,8 @@ import argparse
 import asyncio
 import bisect
 import codecs
+import csv
+import difflib
 import errno
 import hashlib
 import heapq
@@ -56,20 +59,20 @@ import threading
 import time
 import zlib
 from array import array
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from enum import Enum
-from functools import cached_property, partial
+from functools import cache, cached_property, partial
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-__all__ = ["ConfigError", "RequestResult", "RunStats", "Settings", "main", "process_api_requests_from_file",
-           "process_requests"]
+__all__ = ["ConfigError", "RequestResult", "RunStats", "Settings", "export_rows", "main",
+           "process_api_requests_from_file", "process_requests"]
 
 # Run as a command (`python api_request_parallel_processor.py ...`, or `%run` in IPython), or pasted into a
 # notebook cell: a kernel runs a cell as `__main__` too, but a cell has no `__file__`. There this file is a
@@ -179,6 +182,12 @@ def requests_per_batch(value: str | int) -> int:
     return number
 
 
+def export_path(value: str) -> str:
+    if not value.endswith((".csv", ".jsonl")):
+        raise ValueError(f"{value!r} must end in .csv or .jsonl")
+    return value
+
+
 def url_problem(url: str) -> str | None:
     """Why a request URL cannot be used at all, or None."""
     try:
@@ -251,6 +260,11 @@ class Settings:
     max_cost: float | None = flag(None, "USD this run may spend at most: it stops sending before its cost could pass "
                                         "them (a rerun spends up to it again; exit code 5)", positive_number)
     dry_run: bool = flag(False, "validate the file and estimate tokens, duration and cost; no key, no network")
+    export: str | None = flag(None, "after the run, write one row per input line, in input order, to this .csv or "
+                                    ".jsonl file: line, metadata, status, text, stop reason, tokens, cost, error",
+                              export_path)
+    export_only: bool = flag(False, "with --export: write it from the results and errors files as they are, and "
+                                    "send nothing (no key needed)")
     batch: bool = flag(False, "send through the Message Batches API: half price, results usually within the hour")
     batch_size: int = flag(MAX_BATCH_REQUESTS, f"with --batch: requests per batch, at most {MAX_BATCH_REQUESTS:,} "
                                                "(smaller batches give results sooner)", requests_per_batch)
@@ -269,6 +283,8 @@ class Settings:
                     raise ConfigError(f"{setting.name}: {problem}") from None
         if self.no_wait and not self.batch:
             raise ConfigError("no_wait applies to batch runs only: add batch (--batch)")
+        if self.export_only and not self.export:
+            raise ConfigError("export_only needs export (--export answers.csv)")
         if self.save_filepath is None and self.requests_filepath is not None:
             self.save_filepath = default_save_filepath(self.requests_filepath)
 
@@ -729,6 +745,35 @@ def version_problem(body: dict[str, Any], version: str) -> str | None:
     return None
 
 
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0}  # top_k has none: any value of it is not the default
+# What models refuse with a 400 whatever the API version, as of PRICES_AS_OF, by model-id prefix (by_model_prefix):
+# the dry run warns of it; a run sends the line, and the API has the last word.
+MODEL_RULES = {
+    "claude-sonnet-5": "fixed sampling",  # Sonnet 5 and later: non-default sampling, manual extended thinking
+    **dict.fromkeys(("claude-opus-5-5", "claude-fable-5-1", "claude-fable-5-2", "claude-mythos-5-1",
+                     "claude-mythos-5-2"), "always thinking"),  # no thinking turned off or budgeted, no forced tool
+}
+
+
+def model_problem(body: dict[str, Any]) -> str | None:
+    """The first parameter of this body that its model refuses (MODEL_RULES), or None."""
+    model, rule = body["model"], by_model_prefix(body["model"], MODEL_RULES)
+    thinking = body.get("thinking") if isinstance(body.get("thinking"), dict) else {}
+    if rule == "fixed sampling":
+        for name in SAMPLING_PARAMETERS:
+            if name in body and body[name] != SAMPLING_DEFAULTS.get(name):
+                return f"{model} refuses a non-default '{name}': leave it out"
+        if thinking.get("type") == "enabled":
+            return f"{model} refuses manual extended thinking (its thinking is adaptive): leave 'thinking' out"
+    if rule == "always thinking":
+        if thinking.get("type") in ("enabled", "disabled"):
+            return f"{model} cannot turn thinking off or budget it by hand: leave 'thinking' out"
+        tool_choice = body.get("tool_choice") if isinstance(body.get("tool_choice"), dict) else {}
+        if tool_choice.get("type") in ("any", "tool"):
+            return f"{model} refuses a forced tool_choice ('{tool_choice['type']}'): use 'auto'"
+    return None
+
+
 def parse_request(raw: bytes | Any) -> tuple[dict[str, Any], Any]:
     """Parse and check one input: a line of the file (bytes), or an item of a list given to
     process_requests. Returns (body to send, the user's metadata or None); raises BadLine."""
@@ -870,6 +915,20 @@ def read_lines(path: str) -> Iterator[tuple[int, bytes]]:
         if parts and not (raw := b"".join(parts)).isspace():
             yield line_number + 1, raw
 
+
+def require_requests_file(path: str) -> None:
+    """The requests file exists, can be read, and is not in a neighbouring format (foreign_format): nothing is
+    created or sent otherwise."""
+    if not Path(path).is_file():
+        raise ConfigError(f"requests file not found (or not a file): {path}")
+    try:
+        first = next((raw for _, raw in read_lines(path)), None)
+    except OSError as error:
+        raise ConfigError(f"cannot read the requests file {path}: {error.strerror}") from None
+    problem = foreign_format(first) if first is not None else None
+    if problem:
+        raise ConfigError(f"{path}: its first line {problem}")
+
 # ==================================================================================================
 # Resume index
 # ==================================================================================================
@@ -914,6 +973,23 @@ def crc_of_file(path: str, end: int, start: int = 0, crc: int = 0) -> int:
                 break
             crc, left = zlib.crc32(buffer[:read], crc), left - read
     return crc
+
+
+def sort_pairs_by_chunk(pairs: array) -> None:
+    """Sort interleaved (key, value) pairs a chunk at a time, in place, for merged_pairs: no transient copy of
+    more than a chunk."""
+    for start in range(0, len(pairs), 2 * INDEX_CHUNK):
+        chunk = pairs[start:start + 2 * INDEX_CHUNK]
+        ordered = sorted(zip(chunk[::2], chunk[1::2]))
+        pairs[start:start + len(chunk)] = array("Q", (value for pair in ordered for value in pair))
+
+
+def merged_pairs(pairs: array, *others: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """Every (key, value) pair of `others` (each in key order) and of `pairs` (sorted by sort_pairs_by_chunk), in
+    key order."""
+    view = memoryview(pairs)  # slices of it copy nothing
+    chunks = (view[start:start + 2 * INDEX_CHUNK] for start in range(0, len(pairs), 2 * INDEX_CHUNK))
+    return heapq.merge(*others, *(zip(chunk[::2], chunk[1::2]) for chunk in chunks))
 
 
 def read_result_records(path: str | None, start: int = 0) -> Iterator[tuple[int, list[Any]]]:
@@ -1079,7 +1155,7 @@ class ResumeIndex(SortedResults):
         ratios = {**self.token_ratios, **token_ratios}
         if not self.changed and ratios == self.token_ratios:
             return
-        self.sort_added()
+        sort_pairs_by_chunk(self.added)
         self.slots = None  # the run is over: make room for the new table
         total = len(self) + len(self.added) // 2
         slots = zeros("I", slot_count(total))
@@ -1089,7 +1165,7 @@ class ResumeIndex(SortedResults):
             file.write(b" " * INDEX_HEADER_BYTES)
             for section in (0, 1):  # the contents, then the lines, from two passes of the same merge
                 chunk = array("Q")
-                for position, pair in enumerate(self.merged_pairs()):
+                for position, pair in enumerate(self.all_pairs()):
                     chunk.append(pair[section] & LINE_BITS if section else pair[0])
                     if section and pair[1] & LINE_BITS:
                         insert_slot(slots, pair[1] & LINE_BITS, position)
@@ -1108,19 +1184,10 @@ class ResumeIndex(SortedResults):
             file.write(header.ljust(INDEX_HEADER_BYTES - 1) + b"\n")
         os.replace(path + ".tmp", path)
 
-    def sort_added(self) -> None:
-        """Sort the new results by content a chunk at a time, in place (see merged_pairs)."""
-        for start in range(0, len(self.added), 2 * INDEX_CHUNK):
-            chunk = self.added[start:start + 2 * INDEX_CHUNK]
-            pairs = sorted(zip(chunk[::2], chunk[1::2]))
-            self.added[start:start + len(chunk)] = array("Q", (value for pair in pairs for value in pair))
-
-    def merged_pairs(self) -> Iterator[tuple[int, int]]:
+    def all_pairs(self) -> Iterator[tuple[int, int]]:
         """(content, line) of every result, in content order: the saved ones, the extra ones and the new ones
-        (sorted by sort_added, one chunk at a time)."""
-        chunks = (self.added[start:start + 2 * INDEX_CHUNK] for start in range(0, len(self.added), 2 * INDEX_CHUNK))
-        added = [zip(chunk[::2], chunk[1::2]) for chunk in chunks]
-        return heapq.merge(zip(self.contents, self.lines), zip(self.extra.contents, self.extra.lines), *added)
+        (sorted by sort_pairs_by_chunk)."""
+        return merged_pairs(self.added, zip(self.contents, self.lines), zip(self.extra.contents, self.extra.lines))
 
 
 def saved_token_ratios(results_path: str) -> dict[str, float]:
@@ -1170,22 +1237,32 @@ class RememberedFailures:
         self.unmatched = unmatched or {}  # identity -> offsets in the errors file of its records no line matched yet
 
     @classmethod
+    def read(cls, path: str) -> RememberedFailures:
+        """The permanent failures of an errors file, as it is."""
+        unmatched: dict[int, list[int]] = {}
+        offset = 0
+        with open(path, "rb") if Path(path).is_file() else nullcontext(()) as file:
+            for line in file:
+                identity = permanent_failure(line)
+                if identity is not None:
+                    unmatched.setdefault(identity, []).append(offset)
+                offset += len(line)
+        return cls(path, unmatched)
+
+    @classmethod
     def keep(cls, path: str) -> RememberedFailures:
         """Rewrite an earlier run's errors file with only its permanent failures; a file left empty is removed."""
-        unmatched: dict[int, list[int]] = {}
-        if not Path(path).exists():
+        if not Path(path).is_file():
             return cls(path)
         with open(path, "rb") as old, open(path + ".tmp", "wb") as new:
             for line in old:
-                identity = permanent_failure(line)
-                if identity is not None:
-                    unmatched.setdefault(identity, []).append(new.tell())
+                if permanent_failure(line) is not None:
                     new.write(line if line.endswith(b"\n") else line + b"\n")
             kept = new.tell()
         os.replace(path + ".tmp", path)
         if not kept:
             Path(path).unlink()
-        return cls(path, unmatched)
+        return cls.read(path)
 
     def __len__(self) -> int:
         return sum(len(offsets) for offsets in self.unmatched.values())
@@ -1294,6 +1371,9 @@ PRICE_TABLE: dict[str, Price] = {
     "claude-haiku-4-5": price_row(1.00, 5.00, 1.25, 2.00, 0.10),
     "claude-3-5-haiku": price_row(0.80, 4.00, 1.00, 1.60, 0.08),
 }
+
+
+CURRENT_MODELS = ("claude-fable-5-2", "claude-opus-5-5", "claude-sonnet-5-5", "claude-haiku-5-5")  # PRICES_AS_OF
 
 
 PRICE_FIELDS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
@@ -1773,6 +1853,13 @@ def write_failure(sink: ResultSink, job: Job, reason: str, permanent: bool = Fal
                      job.metadata, permanent)
 
 
+def message_text(message: Any) -> str:
+    """The text blocks of a message, joined; empty for anything else."""
+    blocks = message.get("content") if isinstance(message, dict) else None
+    return "".join(block.get("text", "") for block in blocks if isinstance(block, dict)) \
+        if isinstance(blocks, list) else ""
+
+
 @dataclass
 class RequestResult:
     """One request's outcome, as process_requests returns it, in the order of the requests given."""
@@ -1789,8 +1876,7 @@ class RequestResult:
     @property
     def text(self) -> str:
         """The text blocks of the response, joined; empty when there is no response."""
-        blocks = (self.response or {}).get("content") or []
-        return "".join(block.get("text", "") for block in blocks if isinstance(block, dict))
+        return message_text(self.response)
 
 
 class ResultCollector:
@@ -4251,8 +4337,162 @@ class BatchRun:
         return path.stat().st_size if path.exists() else 0
 
 # ==================================================================================================
+# Answers out
+# ==================================================================================================
+
+# One row per input line, in input order, from the results and errors files as they are (--export, export_rows):
+# the records are found by the content of their request, as a rerun finds them, in two sorted arrays (16 bytes a
+# record), and read back one at a time, so a million lines are exported in bounded memory.
+
+EXPORT_COLUMNS = ("line", "status", "model", "text", "stop_reason", "input_tokens", "cache_write_tokens",
+                  "cache_read_tokens", "output_tokens", "cost_usd", "error")  # the metadata's fields after `line`
+ANSWERED, FAILED, PENDING = "answered", "failed", "pending"
+
+
+class RecordFinder:
+    """The records of a results or errors file by the identity of their request (`identify`): each found once, so
+    a request that appears three times is matched to three records, as a rerun matches them."""
+
+    def __init__(self, path: str, identify: Callable[[list[Any]], int | None]) -> None:
+        pairs = array("Q")  # interleaved (identity, offset)
+        self.file = open(path, "rb") if Path(path).exists() else None  # noqa: SIM115 - read through the export
+        offset = 0
+        for line in self.file or ():
+            try:
+                record = json.loads(line)
+                identity = identify(record) if isinstance(record, list) and len(record) >= 2 else None
+            except (ValueError, TypeError, RecursionError):
+                identity = None
+            if identity is not None:
+                pairs.extend((identity, offset))
+            offset += len(line)
+        sort_pairs_by_chunk(pairs)
+        self.found = SortedResults(array("Q"), array("Q"))  # `lines` holding each record's offset here
+        for identity, offset in merged_pairs(pairs):
+            self.found.contents.append(identity)
+            self.found.lines.append(offset)
+
+    def take(self, identity: int | None) -> list[Any] | None:
+        """The next record of this request not taken yet; None when there is none."""
+        position = self.found.claim_position(identity) if identity is not None else -1
+        if position < 0 or self.file is None:
+            return None
+        self.file.seek(self.found.lines[position] & LINE_BITS)
+        return json.loads(self.file.readline())
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def metadata_column(key: str) -> str:
+    """A metadata field's column: its name, unless it is one of the row's own."""
+    return f"metadata.{key}" if key in EXPORT_COLUMNS else key
+
+
+def export_row(line_number: int, raw: bytes, results: RecordFinder, errors: RecordFinder,
+               price_of: Callable[[str], Price | None], batch: bool) -> dict[str, Any]:
+    """One input line's row: its metadata's fields, and its answer, its failure or neither (pending)."""
+    try:
+        body, metadata = parse_request(raw)
+        identity: int | None = hash_request(body, metadata)
+        problem = ""
+    except Exception as error:  # noqa: BLE001 - see line_problem
+        body, metadata, problem = {}, None, line_problem(error)
+        identity = failure_identity(raw.decode("utf-8", errors="replace").rstrip("\r\n"), None)
+    row = {"line": line_number, **{metadata_column(key): value for key, value in (metadata or {}).items()}}
+    answer = results.take(identity) if not problem else None
+    failure = errors.take(identity) if answer is None else None
+    row.update(dict.fromkeys(EXPORT_COLUMNS[1:]), status=PENDING, model=body.get("model"))
+    if answer is not None:
+        message = answer[1] if isinstance(answer[1], dict) else {}
+        model, usage = message.get("model") or body.get("model"), ModelUsage()
+        price = price_of(model) if isinstance(model, str) else None
+        cost = usage.add(message.get("usage") if isinstance(message.get("usage"), dict) else {}, price,
+                         body.get("inference_geo") == "us", batch)
+        row.update(status=ANSWERED, model=model, text=message_text(message), stop_reason=message.get("stop_reason"),
+                   input_tokens=usage.input_tokens, cache_write_tokens=usage.cache_write_tokens,
+                   cache_read_tokens=usage.cache_read_tokens, output_tokens=usage.output_tokens,
+                   cost_usd=round(cost, 6) if price is not None else None)
+    elif failure is not None:
+        messages = failure[1] if isinstance(failure[1], list) and failure[1] else ["failed"]
+        row.update(status=FAILED, error=str(messages[-1]))
+    elif problem:
+        row.update(status=FAILED, error=f"line {line_number}: {problem}; not sent")
+    return row
+
+
+def exported_rows(config: Settings) -> Iterator[dict[str, Any]]:
+    assert config.requests_filepath is not None and config.save_filepath is not None
+    price_of = cache(partial(price_for, prices=load_prices(config.prices)))
+    results = RecordFinder(config.save_filepath, lambda record: hash_request(record[0], record[2] if len(record) > 2
+                                                                              else None))
+    errors = RecordFinder(config.errors_filepath, lambda record: failure_identity(record[0], record[2]
+                                                                                 if len(record) > 2 else None))
+    try:
+        for line_number, raw in read_lines(config.requests_filepath):
+            if raw is INPUT_CHANGED:
+                log.warning("The requests file changed while it was exported: line {:,} and the rest are left out.",
+                            line_number)
+                return
+            yield export_row(line_number, raw, results, errors, price_of, config.batch)
+    finally:
+        results.close()
+        errors.close()
+
+
+def export_rows(requests_filepath: str, **settings: Any) -> Iterator[dict[str, Any]]:
+    """One dict per input line of a requests file, in input order: `line`, the fields of its metadata, `status`
+    (answered, failed or pending), `model`, the answer's `text`, `stop_reason`, its tokens, `cost_usd` (at the
+    list price, or the batch price with batch=True) and the `error` of a failed line. Reads the results and errors
+    files as they are (keyword arguments: the flags' names); sends nothing and needs no key. In a notebook,
+    `pandas.DataFrame(export_rows("requests.jsonl"))`."""
+    config = Settings(requests_filepath=requests_filepath, **settings)
+    require_requests_file(requests_filepath)
+    return exported_rows(config)
+
+
+def export_cell(value: Any) -> Any:
+    """A CSV cell: a list or an object as JSON, not as Python writes it."""
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
+
+
+def write_rows(rows: Iterator[dict[str, Any]], path: str, requests_path: str) -> Counter[str]:
+    statuses = Counter[str]()
+    with open(path + ".tmp", "w", encoding="utf-8", newline="") as file:
+        if path.endswith(".csv"):
+            names: dict[str, None] = {}
+            for _, raw in read_lines(requests_path):
+                with suppress(Exception):
+                    names.update(dict.fromkeys(map(metadata_column, parse_request(raw)[1] or ())))
+            writer = csv.DictWriter(file, ["line", *names, *EXPORT_COLUMNS[1:]], extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                statuses[row["status"]] += 1
+                writer.writerow({key: export_cell(value) for key, value in row.items()})
+        else:
+            for row in rows:
+                statuses[row["status"]] += 1
+                file.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(path + ".tmp", path)
+    return statuses
+
+# ==================================================================================================
 # Reporting
 # ==================================================================================================
+
+
+def write_export(config: Settings) -> Counter[str]:
+    """--export: export_rows to a .csv or .jsonl file, written beside it and renamed into place; the rows by
+    status. A CSV's header needs every metadata field first: one more pass over the requests file finds them."""
+    assert config.requests_filepath is not None and config.export is not None
+    try:
+        statuses = write_rows(exported_rows(config), config.export, config.requests_filepath)
+    except OSError as error:
+        raise ConfigError(f"cannot write the export {config.export}: {error.strerror}") from None
+    log.info("Exported {:,} rows to {} ({:,} answered, {:,} failed, {:,} pending), in input order.",
+             sum(statuses.values()), config.export, statuses[ANSWERED], statuses[FAILED], statuses[PENDING])
+    return statuses
 
 
 CLEAR_LINE = "\r\x1b[K"  # carriage return, then erase to the end of the line
@@ -4390,6 +4630,7 @@ class ModelPlan:
     cache_read_tokens: int = 0  # ...and the others read it
     max_output_tokens: int = 0
     prefixes: set[int] = field(default_factory=set)
+    first_line: int = 0  # the first line of this model, to name it
     low: ModelUsage = field(default_factory=ModelUsage)
     high: ModelUsage = field(default_factory=ModelUsage)
 
@@ -4478,26 +4719,50 @@ def print_dry_run(config: Settings) -> int:
     estimator = TokenEstimator()
     plans: dict[str, ModelPlan] = {}
     bad: list[str] = []
+    warned: list[str] = []
     budget = BudgetCoverage(config.max_cost)
+    answered = ResumeIndex() if config.start_over else ResumeIndex.load(config.save_filepath)
+    failures = RememberedFailures.read(config.errors_filepath if not (config.start_over or config.retry_failed)
+                                       else "")
+    done = failed_before = 0
     for line_number, raw in read_lines(config.requests_filepath):
         if raw is INPUT_CHANGED:
             bad.append(f"line {line_number}: the file changed while it was read; not read")
             break
+        if len(answered) and answered.claim_line(hash_line(raw)):
+            done += 1
+            continue
         try:
-            body, _ = parse_request(raw)
+            body, metadata = parse_request(raw)
+            request_hash = hash_request(body, metadata)
+            if len(answered) and answered.claim(request_hash, None):
+                done += 1
+                continue
+            if failures.match(request_hash) is not None:
+                failed_before += 1
+                continue
             if problem := version_problem(body, config.anthropic_version):
                 raise BadLine(problem)
             estimate = estimator.estimate(body)
         except Exception as error:  # noqa: BLE001 - see line_problem
-            bad.append(f"line {line_number}: {line_problem(error)}")
+            if failures.match(failure_identity(raw.decode("utf-8", errors="replace").rstrip("\r\n"), None)):
+                failed_before += 1
+            else:
+                bad.append(f"line {line_number}: {line_problem(error)}")
             continue
+        if problem := model_problem(body):
+            warned.append(f"line {line_number}: {problem}")
         model = body["model"]
         plan = plans.get(model) or plans.setdefault(model, ModelPlan(
             learned.get(model, model_facts(model).tokens_per_cl100k), price_for(model, prices), model in learned))
+        plan.first_line = plan.first_line or line_number
         budget.add(*plan.add(estimate, body, config.batch))
     valid = sum(plan.requests for plan in plans.values())
-    print(f"Dry run of {config.requests_filepath}: {valid:,} valid lines, {len(bad):,} bad "
-          f"(read in {time.perf_counter() - started:.2f} s). Nothing was sent.")
+    earlier = (f" Skipped: {done:,} line(s) with a result in {config.save_filepath}" if done else "") + (
+        f"{', and' if done else ' Skipped:'} {failed_before:,} that failed for good in an earlier run (--retry_failed "
+        "sends them)" if failed_before else "") + ("." if done or failed_before else "")
+    print(f"Dry run of {config.requests_filepath}: {valid:,} line(s) to send, {len(bad):,} bad "
+          f"(read in {time.perf_counter() - started:.2f} s). Nothing was sent.{earlier}")
     for model, plan in sorted(plans.items()):
         cost = (f"${plan.low.cost:,.2f} to ${plan.high.cost:,.2f}" if plan.price is not None
                 else "no price known: give one with --prices")
@@ -4518,11 +4783,17 @@ def print_dry_run(config: Settings) -> int:
     if config.max_cost and plans:
         print(budget.describe() if all(p.price for p in plans.values()) else "--max_cost needs the price of every "
               "model: give the models without one a price with --prices, or the run stops at their first line.")
-    for problem in bad[:20]:
-        print(f"  bad {problem}")
-    if len(bad) > 20:
-        print(f"  ... and {len(bad) - 20:,} more bad lines")
-    return 1 if bad else 0
+    for model, plan in sorted(plans.items()):
+        known = [*CURRENT_MODELS, *prices]
+        if plan.price is None and (nearest := difflib.get_close_matches(model, known, n=1, cutoff=0.8)):
+            print(f"  {model} (first on line {plan.first_line:,}) is not a model this tool knows: did you mean "
+                  f"{nearest[0]}?")
+    for kind, problems in (("bad", bad), ("400 expected:", warned)):
+        for problem in problems[:20]:
+            print(f"  {kind} {problem}")
+        if len(problems) > 20:
+            print(f"  ... and {len(problems) - 20:,} more")
+    return 1 if bad or warned else 0
 
 
 def log_summary(stats: RunStats, settings: Settings) -> None:
@@ -4640,31 +4911,26 @@ def install_signal_handlers(on_signal: Callable[[Interruption], None]) -> Callab
     return restore
 
 
-def require_requests_file(path: str) -> None:
-    """The requests file exists, can be read, and is not in a neighbouring format (foreign_format): nothing is
-    created or sent otherwise."""
-    if not Path(path).is_file():
-        raise ConfigError(f"requests file not found (or not a file): {path}")
-    try:
-        first = next((raw for _, raw in read_lines(path)), None)
-    except OSError as error:
-        raise ConfigError(f"cannot read the requests file {path}: {error.strerror}") from None
-    problem = foreign_format(first) if first is not None else None
-    if problem:
-        raise ConfigError(f"{path}: its first line {problem}")
+def same_file(path: str, other: str) -> bool:
+    return Path(path).resolve() == Path(other).resolve() or Path(path).exists() and Path(other).exists() \
+        and os.path.samefile(path, other)
 
 
 def require_separate_files(config: Settings) -> None:
-    """No file the run writes (results, errors, index, lock, log, batch records) may be the requests file."""
+    """No file the run writes (results, errors, index, lock, log, batch records) may be the requests file, and the
+    export may be none of them."""
     if config.requests_filepath is None or config.save_filepath is None:
         return
-    requests = Path(config.requests_filepath).resolve()
     results = config.save_filepath
-    for role, path in (("results", results), ("errors", config.errors_filepath), ("index", index_path(results)),
-                       ("lock", results + ".lock"), ("log", results + ".log"), ("batch records",
-                                                                               str(batch_folder(results)))):
-        if Path(path).resolve() == requests or Path(path).exists() and os.path.samefile(path, requests):
+    roles = (("requests", config.requests_filepath), ("results", results), ("errors", config.errors_filepath),
+             ("index", index_path(results)), ("lock", results + ".lock"), ("log", results + ".log"),
+             ("batch records", str(batch_folder(results))))
+    for role, path in roles[1:]:
+        if same_file(path, config.requests_filepath):
             raise ConfigError(f"the {role} file {path} would be the requests file: choose another --save_filepath")
+    for role, path in roles if config.export else ():
+        if same_file(config.export, path):
+            raise ConfigError(f"--export {config.export} would overwrite the {role} file: choose another name")
 
 
 async def run_processor(config: Settings, lines: Iterable[tuple[int, Any]], count_total: Callable[[], int],
@@ -4697,6 +4963,8 @@ async def run(config: Settings, lines: Iterable[tuple[int, Any]], count_total: C
     processor, and the summary."""
     if config.dry_run:
         raise ConfigError("dry_run is for the command line (--dry_run): it prints, and sends nothing")
+    if config.export_only:
+        raise ConfigError("export_only is for the command line (--export_only): in Python, export_rows gives the rows")
     require_separate_files(config)
     config.api_key = resolve_api_key(config.api_key)
     prices = load_prices(config.prices)
@@ -4742,6 +5010,8 @@ async def run(config: Settings, lines: Iterable[tuple[int, Any]], count_total: C
         except OSError as error:
             raise ConfigError(f"cannot write results to {config.save_filepath}: {error.strerror}") from None
     log_summary(stats, config)
+    if config.export and config.requests_filepath:
+        write_export(config)
     return stats
 
 
@@ -4764,6 +5034,8 @@ async def process_requests(requests: Iterable[dict[str, Any]], **settings: Any) 
     Keyword arguments take the command-line flags' names and defaults."""
     items = list(requests)
     config = Settings(**settings)
+    if config.export:
+        raise ConfigError("export applies to a requests file (the results of a list come back in its order)")
     if items and (problem := foreign_format(items[0])):
         raise ConfigError(f"the first request {problem}")
     if config.batch and config.save_filepath is None:
@@ -4788,6 +5060,10 @@ def main(argv: list[str] | None = None) -> int:
             sink = config.save_filepath + ".log"
             print(f"stderr is closed: the log goes to {sink}", flush=True)
         logger.add(sink, level=config.logging_level, format="{time:YYYY-MM-DD HH:mm:ss} | {level: <8} | {message}")
+        if config.export_only:
+            require_separate_files(config)
+            write_export(config)
+            return 0
         return asyncio.run(process_api_requests_from_file(**arguments)).exit_code
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

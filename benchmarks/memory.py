@@ -9,13 +9,18 @@
    run and its peak RSS. That run rebuilds the index. Then one line is appended and the run resumes again,
    now with the index: the same figures. `--script` measures another copy of the script (an older commit,
    say) on the same files.
+4. Exports every line's answer to a CSV in input order (--export_only), from a results file written in another
+   order: prints the time and peak RSS for the whole file, and for its first 10,000 lines as the reference, and
+   checks that the rows are all there, in order.
 
-    python benchmarks/memory.py [--lines 1000000] [--seconds 20] [--script path/to/script.py] [--only resume]
+    python benchmarks/memory.py [--lines 1000000] [--seconds 20] [--script path/to/script.py]
+                                [--only streaming|resume|export]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import signal
@@ -23,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import suppress
 from pathlib import Path
 
 from _common import API_KEY, ROOT, cpu_seconds, small_request, write_requests
@@ -51,12 +57,14 @@ def finish(process: subprocess.Popen[bytes]) -> float:
     return usage.ru_maxrss / 1024
 
 
-def write_results(path: Path, count: int) -> None:
-    """Result records for the first `count` generated requests, as a finished run would have left them."""
+def write_results(path: Path, count: int, reverse: bool = False) -> None:
+    """Result records for the first `count` generated requests, as a finished run would have left them (in
+    reverse order: as answers arriving in another order than the lines)."""
     with open(path, "w") as file:
         for start_index in range(0, count, 10_000):
             lines = []
-            for i in range(start_index, min(count, start_index + 10_000)):
+            chunk = range(start_index, min(count, start_index + 10_000))
+            for i in (reversed(range(count - chunk.stop, count - chunk.start)) if reverse else chunk):
                 body = small_request(i)
                 metadata = body.pop("metadata")
                 response = {"id": f"msg_{i:08d}", "type": "message", "role": "assistant", "model": body["model"],
@@ -87,17 +95,17 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--script", type=Path, default=SCRIPT, help="the script to measure")
-    parser.add_argument("--only", choices=["streaming", "resume"], help="run one part only")
+    parser.add_argument("--only", choices=["streaming", "resume", "export"], help="run one part only")
     args = parser.parse_args()
     SCRIPT = args.script
     with tempfile.TemporaryDirectory() as folder, ServerThread(FakeConfig(latency=(0.05, 0.1))) as fake:
         requests_path = write_requests(Path(folder) / "requests.jsonl", args.lines)
         size_mb = requests_path.stat().st_size / 1e6
         print(f"input:                       {args.lines:,} lines, {size_mb:,.0f} MB")
-        if args.only != "resume":
+        if args.only in (None, "streaming"):
             measure_streaming(requests_path, fake, Path(folder), args.seconds)
 
-        if args.only != "streaming":
+        if args.only in (None, "resume"):
             results_path = Path(folder) / "resume.jsonl"
             write_results(results_path, args.lines - 1)
             print(f"results file:                {args.lines - 1:,} records, "
@@ -106,6 +114,9 @@ def main() -> None:
             with open(requests_path, "a") as file:
                 file.write(json.dumps(small_request(args.lines)) + "\n")
             resume(requests_path, results_path, fake, "with the index")
+
+        if args.only in (None, "export"):
+            measure_export(Path(folder), args.lines)
 
 
 def measure_streaming(requests_path: Path, fake, folder: Path, seconds: float) -> None:
@@ -131,6 +142,32 @@ def measure_streaming(requests_path: Path, fake, folder: Path, seconds: float) -
     stop(process)
     print(f"waiting at 60/min:           {cpu_used:.2f} CPU s in {seconds:g} s = {100 * share:.1f}% of a core "
           "(target < 5%)")
+
+
+def measure_export(folder: Path, lines: int) -> None:
+    for count in (10_000, lines):
+        requests_path = write_requests(folder / f"export-{count}.jsonl", count)
+        results_path = folder / f"export-{count}_results.jsonl"
+        write_results(results_path, count, reverse=True)
+        export_path = folder / f"export-{count}.csv"
+        started = time.monotonic()
+        process = subprocess.Popen([sys.executable, str(SCRIPT), "--requests_filepath", str(requests_path),
+                                    "--export", str(export_path), "--export_only", "--logging_level", "WARNING"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        rss = 0.0  # the child's own high-water mark: wait4's figure counts this process's memory, copied by fork
+        while process.poll() is None:
+            with suppress(OSError, StopIteration):
+                status = Path(f"/proc/{process.pid}/status").read_text().splitlines()
+                rss = max(rss, int(next(line for line in status if line.startswith("VmHWM")).split()[1]) / 1024)
+            time.sleep(0.05)
+        elapsed = time.monotonic() - started
+        with open(export_path, newline="") as file:
+            rows = csv.DictReader(file)
+            in_order = all(int(row["line"]) == number and row["status"] == "answered"
+                           and row["text"] == f"8 * {number - 1} = {8 * (number - 1)}"
+                           for number, row in enumerate(rows, start=1)) and rows.line_num == count + 1
+        print(f"export to CSV, {count:>9,} lines: {elapsed:5.1f} s, peak RSS {rss:4.0f} MB, every row answered and "
+              f"in input order: {in_order}, exit code {process.returncode}")
 
 
 if __name__ == "__main__":

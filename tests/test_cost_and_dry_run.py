@@ -161,7 +161,7 @@ def test_dry_run_reports_per_model_without_key_or_network_and_writes_nothing(tmp
 
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "11 valid lines, 0 bad" in out and "Nothing was sent" in out
+    assert "11 line(s) to send, 0 bad" in out and "Nothing was sent" in out
     assert "claude-sonnet-5-5: 10 requests" in out and "1 distinct cached prefix;" in out
     assert "Claude counts about 1.40x" in out and "Claude counts about 1.30x" in out  # per model family
     assert "claude-haiku-4-5: 1 requests" in out
@@ -184,7 +184,7 @@ def test_dry_run_lists_bad_lines_and_exits_1(tmp_path):
     requests_path = write_jsonl(tmp_path / "r.jsonl", [request("ok"), "{broken", {"model": "m", "max_tokens": 1}])
     result = run_cli("--requests_filepath", str(requests_path), "--dry_run", "--max_tokens_per_minute", "auto")
     assert result.returncode == 1
-    assert "1 valid lines, 2 bad" in result.stdout
+    assert "1 line(s) to send, 2 bad" in result.stdout
     assert "bad line 2: not valid JSON" in result.stdout
     assert "bad line 3: missing or invalid 'messages'" in result.stdout
     assert "cautious starting figures of 'auto'" in result.stdout
@@ -205,6 +205,46 @@ def test_the_dry_run_reports_lines_the_api_version_refuses(tmp_path):
     current = run_cli("--requests_filepath", str(requests_path), "--dry_run")
     older = run_cli("--requests_filepath", str(requests_path), "--dry_run", "--anthropic_version", "2023-06-01")
 
-    assert current.returncode == 1 and "1 valid lines, 1 bad" in current.stdout
+    assert current.returncode == 1 and "1 line(s) to send, 1 bad" in current.stdout
     assert "line 2: API version 2026-10-21 does not accept 'temperature'" in current.stdout
-    assert older.returncode == 0 and "2 valid lines, 0 bad" in older.stdout
+    assert older.returncode == 1 and "2 line(s) to send, 0 bad" in older.stdout  # sent, and then...
+    assert "400 expected: line 2: claude-sonnet-5-5 refuses a non-default 'temperature'" in older.stdout  # ...refused
+
+
+THINK = {"type": "enabled", "budget_tokens": 2048}
+
+
+@pytest.mark.parametrize(("model", "extra", "problem"), [
+    ("claude-sonnet-5-5", {"temperature": 1.0, "top_p": 1.0}, None),  # the defaults
+    ("claude-sonnet-5-5", {"top_k": 1}, "refuses a non-default 'top_k'"),
+    ("claude-sonnet-5", {"thinking": THINK}, "refuses manual extended thinking"),
+    ("claude-sonnet-5-5-20261001", {"thinking": {"type": "adaptive"}}, None),
+    ("claude-opus-5-5", {"thinking": {"type": "disabled"}}, "cannot turn thinking off"),
+    ("claude-fable-5-2", {"thinking": THINK}, "cannot turn thinking off or budget it"),
+    ("claude-fable-5-1", {"tool_choice": {"type": "any"}}, "refuses a forced tool_choice ('any')"),
+    ("claude-mythos-5-2", {"tool_choice": {"type": "tool", "name": "f"}}, "refuses a forced tool_choice ('tool')"),
+    ("claude-opus-5-5", {"tool_choice": {"type": "auto"}}, None),
+    ("claude-fable-5", {"thinking": {"type": "disabled"}}, None),  # Fable 5 still turns it off
+    ("claude-opus-5", {"temperature": 0.2}, None),
+])
+def test_what_each_model_refuses_is_one_table(model, extra, problem):
+    found = app.model_problem(request("x", model=model, **extra))
+    assert found == problem if problem is None else problem in found
+
+
+def test_the_dry_run_counts_what_a_rerun_would_send_and_names_a_misspelt_model(tmp_path, fake_server):
+    fake = fake_server()
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request("a", 0), request("[[always:400]] b", 1)])
+    run_in_process(requests_path, fake)
+    write_jsonl(tmp_path / "more.jsonl", [request("c", 2, model="claude-sonnet-5.5")])
+    with open(requests_path, "a") as file:
+        file.write((tmp_path / "more.jsonl").read_text())
+
+    result = run_cli("--requests_filepath", str(requests_path), "--dry_run")
+    again = run_cli("--requests_filepath", str(requests_path), "--dry_run", "--retry_failed")
+
+    assert "1 line(s) to send, 0 bad" in result.stdout
+    assert "Skipped: 1 line(s) with a result in" in result.stdout and "and 1 that failed for good" in result.stdout
+    assert "claude-sonnet-5.5 (first on line 3) is not a model this tool knows: did you mean claude-sonnet-5-5?" \
+        in result.stdout
+    assert "2 line(s) to send" in again.stdout and "failed for good" not in again.stdout

@@ -173,7 +173,7 @@ def test_the_dry_run_reports_hostile_lines_too(tmp_path):
 
     done = run_cli("--requests_filepath", str(requests_path), "--dry_run")
 
-    assert done.returncode == 1 and "1 valid lines, 1 bad" in done.stdout
+    assert done.returncode == 1 and "1 line(s) to send, 1 bad" in done.stdout
     assert "line 1: nested too deeply to be read" in done.stdout and "Traceback" not in done.stderr
 
 

@@ -142,7 +142,7 @@ def test_the_learned_token_ratio_carries_over_to_the_dry_run_and_the_next_run(tm
     learned = app.saved_token_ratios(str(results_path))["claude-sonnet-5-5"]
     assert 1.5 < learned < 2.5  # the fake counts 1.7x cl100k_base, plus a few tokens per message
 
-    result = run_cli("--requests_filepath", str(requests_path), "--dry_run")
+    result = run_cli("--requests_filepath", str(requests_path), "--dry_run", "--start_over")  # as if sent again
     assert f"Claude counts about {learned:.2f}x, as learned by earlier runs" in result.stdout, result.stdout
     fresh = run_cli("--requests_filepath", str(ROOT / "examples" / "test_requests_to_parallel_process.jsonl"),
                     "--dry_run", "--save_filepath", str(tmp_path / "none.jsonl"))
