@@ -249,7 +249,8 @@ class Settings:
                                                     "top_k; 2023-06-01 keeps the older rules", api_version)
     betas: tuple[str, ...] | None = flag(None, "beta features for every request, comma-separated (sent as "
                                                "anthropic-beta; a line's own \"betas\" list adds to them)", beta_names)
-    status_interval: float = flag(30.0, "seconds between status lines when stderr is not a terminal", positive_number)
+    status_interval: float | None = flag(None, "seconds between status lines when stderr is not a terminal "
+                                               "(default: 30, or 5 in a notebook)", positive_number)
     grace_period: float = flag(30.0, "on Ctrl+C, SIGTERM or SIGHUP, seconds to let requests in flight finish",
                                positive_number)
     start_over: bool = flag(False, "move earlier results aside and send every line again (default: resume)")
@@ -371,6 +372,14 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
+def in_notebook() -> bool:
+    """Whether this runs in a Jupyter kernel (a notebook, JupyterLab, VS Code's notebooks)."""
+    return "ipykernel" in sys.modules
+
+
+NOTEBOOK_FORMAT = "{time:HH:mm:ss} {level: <7} {message}"  # no colours, no code locations: one short line each
+
+
 class RunLog:
     """Log through loguru, but emit nothing below the run's level.
 
@@ -380,12 +389,34 @@ class RunLog:
 
     def __init__(self) -> None:
         self.threshold = LOG_LEVELS["INFO"]
+        self.default_handler: int | None = 0  # loguru's own handler, while it is as loguru installed it
         self.trace, self.debug, self.info, self.warning, self.error = (  # partials in C: no frame, no descriptor
             partial(self.emit, level) for level in ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR"))
 
     def emit(self, level: str, message: str, *args: Any) -> None:
         if LOG_LEVELS[level] >= self.threshold:
             logger.opt(depth=1).log(level, message, *args)  # where the caller logged, not this line
+
+    @contextmanager
+    def compact_in_notebook(self) -> Iterator[None]:
+        """In a notebook whose loguru is as imported, a run's lines in NOTEBOOK_FORMAT instead of loguru's (colours,
+        module:function:line), and loguru's default handler back afterwards. Handlers of the user's own are theirs:
+        once loguru's default is gone, nothing is changed."""
+        if not in_notebook() or self.default_handler is None:
+            yield
+            return
+        try:
+            logger.remove(self.default_handler)
+        except ValueError:  # the user has configured loguru
+            self.default_handler = None
+            yield
+            return
+        compact = logger.add(sys.stderr, level="DEBUG", format=NOTEBOOK_FORMAT, colorize=False)
+        try:
+            yield
+        finally:
+            logger.remove(compact)
+            self.default_handler = logger.add(sys.stderr)  # loguru's default handler, as it was
 
 
 log = RunLog()
@@ -4579,6 +4610,9 @@ def terminal_width() -> int:
         return 80
 
 
+STATUS_SECONDS, NOTEBOOK_STATUS_SECONDS = 30.0, 5.0  # between status lines, where no line is rewritten in place
+
+
 async def report_progress(stats: RunStats, interval: float, live: bool) -> None:
     """On a terminal, one line rewritten every second, as wide as the terminal at most; elsewhere (cron, a log
     file, a notebook), an ordinary log line every `interval` seconds, free of control characters."""
@@ -4816,6 +4850,9 @@ def log_summary(stats: RunStats, settings: Settings) -> None:
         log.warning("Stopped at the budget: {}. The budget counts this run's spending only: a rerun with the same "
                     "--max_cost spends up to it again. {} are left for a rerun with a larger --max_cost (exit code "
                     "5).", stats.budget.describe(), left)
+    elif stats.interrupted_by and not settings.save_filepath:
+        log.warning("The requests without a result say why in their errors; nothing was saved to a file, so calling "
+                    "again sends every request again (give save_filepath to send only those).")
     elif stats.interrupted_by:
         fix = {Interruption.UNUSABLE_ADDRESS: " once --request_url is right",
                Interruption.NO_PRICE: " once --prices gives every model a price"}.get(stats.interrupted_by, "")
@@ -4946,7 +4983,8 @@ async def run_processor(config: Settings, lines: Iterable[tuple[int, Any]], coun
         counter = asyncio.create_task(asyncio.to_thread(count_total))
         counter.add_done_callback(lambda task: task.cancelled() or task.exception() is not None  # the total is
                                   or setattr(processor.stats, "total", task.result()))  # only for the progress line
-        reporter = asyncio.create_task(report_progress(processor.stats, config.status_interval, live))
+        interval = config.status_interval or (NOTEBOOK_STATUS_SECONDS if in_notebook() else STATUS_SECONDS)
+        reporter = asyncio.create_task(report_progress(processor.stats, interval, live))
         restore_signals = install_signal_handlers(processor.interrupt)
         try:
             return await processor.run()
@@ -5023,7 +5061,8 @@ async def process_api_requests_from_file(requests_filepath: str, **settings: Any
     ConfigError for a missing key or file, a bad setting, or a results file another run is using."""
     config = Settings(requests_filepath=requests_filepath, **settings)
     require_requests_file(requests_filepath)
-    return await run(config, read_lines(requests_filepath), lambda: count_request_lines(requests_filepath))
+    with log.compact_in_notebook():
+        return await run(config, read_lines(requests_filepath), lambda: count_request_lines(requests_filepath))
 
 
 async def process_requests(requests: Iterable[dict[str, Any]], **settings: Any) -> list[RequestResult]:
@@ -5042,7 +5081,8 @@ async def process_requests(requests: Iterable[dict[str, Any]], **settings: Any) 
         raise ConfigError("batch=True needs a save_filepath: the batch records live beside it, so that a rerun "
                           "collects the batches instead of paying for them twice")
     collector = ResultCollector(items)
-    stats = await run(config, enumerate(items, start=1), lambda: len(items), collector)
+    with log.compact_in_notebook():
+        stats = await run(config, enumerate(items, start=1), lambda: len(items), collector)
     return collector.finish(config.save_filepath, stats)
 
 

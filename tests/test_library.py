@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import socket
 import subprocess
 import sys
 
@@ -144,3 +145,17 @@ def test_a_save_file_with_a_foreign_line_still_returns_every_result(tmp_path, fa
 
     assert [result.text for result in results] == ["Echo: q0", "Echo: q1"] and fake.stats.received == 2
     assert sum("1 line(s) of" in line and "not result records" in line for line in captured_logs) == 2
+
+
+def test_an_interrupted_list_run_says_a_call_sends_everything_again_unless_saved(captured_logs):
+    listener = socket.socket()  # a port where nothing listens: the run stops at once, nothing answered
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()
+
+    results = asyncio.run(app.process_requests([request("x")], request_url=f"http://127.0.0.1:{port}/v1/messages",
+                                               api_key=API_KEY))
+
+    assert not results[0].ok and "not sent" in results[0].errors[0]
+    assert any("calling again sends every request again (give save_filepath" in line for line in captured_logs)
+    assert not any("Run the same command again" in line for line in captured_logs)

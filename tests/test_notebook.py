@@ -32,7 +32,7 @@ def run_cell(client: Any, code: str, timeout: float = 60) -> tuple[str, list[dic
 
 
 def test_the_whole_file_in_a_cell_defines_everything_and_the_next_cell_awaits_it(fake_server):
-    fake = fake_server()
+    fake = fake_server(latency=(0.5, 0.5))
     manager, client = jupyter_client.manager.start_new_kernel(kernel_name="python3")
     try:
         status, errors, printed = run_cell(client, SCRIPT.read_text(encoding="utf-8"))
@@ -40,6 +40,7 @@ def test_the_whole_file_in_a_cell_defines_everything_and_the_next_cell_awaits_it
         assert "usage" not in "".join(printed) and "error" not in "".join(printed)  # argparse never ran
 
         status, errors, printed = run_cell(client, f"""
+NOTEBOOK_STATUS_SECONDS = 0.2  # instead of 5 s: the status lines of a short run, sooner
 requests = [{{"model": "claude-sonnet-5-5", "max_tokens": 50, "metadata": {{"x": x}},
              "messages": [{{"role": "user", "content": f"How much is 8 * {{x}}?"}}]}} for x in range(3)]
 results = await process_requests(requests, request_url={fake.url!r}, api_key={API_KEY!r})
@@ -49,7 +50,13 @@ print([(result.metadata["x"], result.text) for result in results])
         output = "".join(printed)
         assert "[(0, 'Echo: How much is 8 * 0?'), (1, 'Echo: How much is 8 * 1?'), (2, 'Echo: How much is 8 * 2?')]" \
             in output
-        assert "Finished after" in output  # the run's summary reaches the notebook through loguru
+        assert "INFO    Finished after" in output  # the run's summary reaches the notebook through loguru...
+        assert "INFO    Status: " in output  # ...with status lines between the start and the summary...
+        assert "\x1b[" not in output and "process_requests:" not in output  # ...without colours or code locations
+
+        status, errors, printed = run_cell(client, "from loguru import logger; logger.info('the user logs')")
+        user_line = "".join(printed)
+        assert "the user logs" in user_line and "<module>" in user_line and "\x1b[" in user_line  # loguru's own again
     finally:
         client.stop_channels()
         manager.shutdown_kernel(now=True)
