@@ -2119,7 +2119,8 @@ SHARED_LIMIT_STEP_SECONDS = 1.0  # an answer showing a limit used up slows its m
 LIMIT_UNITS = {"requests": "requests/min", "input-tokens": "input tokens/min", "output-tokens": "output tokens/min"}
 LIMIT_FLAGS = {"requests": "--max_requests_per_minute", "input-tokens": "--max_tokens_per_minute",
                "output-tokens": "--max_output_tokens_per_minute"}
-BINDING_SENDS = 20  # sends in a row that wait for one limit: it holds the run back
+BINDING_SENDS = 20  # sends in a row that wait for one limit: it holds the run back...
+FAR_ABOVE = 2.0  # ...and the limit the API reports is this many times the user's figure or more: auto would use it
 
 
 class TokenBucket:
@@ -2474,8 +2475,12 @@ class RateLimiter:
         self.binding = limit
         if limit is not None and not limit.auto and self.bound_sends == BINDING_SENDS and limit.name not in self.told:
             self.told.add(limit.name)
-            log.info("{} is what holds the run back: if your limit is higher, raise {} (or set it to auto).",
-                     limit.describe(), LIMIT_FLAGS[limit.name])
+            if limit.reported is not None and limit.reported >= FAR_ABOVE * limit.configured:
+                log.info("{} is what holds the run back, and the API reports a limit of {:,.0f}: set {} auto to run "
+                         "at it.", limit.describe(), limit.reported, LIMIT_FLAGS[limit.name])
+            else:
+                log.info("{} is what holds the run back: if your limit is higher, raise {} (or set it to auto).",
+                         limit.describe(), LIMIT_FLAGS[limit.name])
 
     def take(self, charges: list[tuple[Limit, float]], max_tokens: int) -> None:
         for limit, amount in charges:

@@ -399,11 +399,22 @@ def test_each_interruption_has_its_exit_code_and_its_grace_period(cause, exit_co
     assert (cause.exit_code, cause.cuts_requests_in_flight) == (exit_code, cuts)
 
 
-def test_the_limit_that_holds_the_run_back_is_named_once(captured_logs, monkeypatch):
+RAISE_IT = ("16,000 input tokens/min is what holds the run back: if your limit is higher, raise "
+            "--max_tokens_per_minute (or set it to auto).")
+
+
+@pytest.mark.parametrize(("reported", "advice"), [
+    (None, RAISE_IT),
+    (30_000, RAISE_IT),  # under twice the figure: a raise, if the real limit is higher
+    (450_000, ("16,000 input tokens/min is what holds the run back, and the API reports a limit of 450,000: set "
+               "--max_tokens_per_minute auto to run at it.")),
+])
+def test_the_limit_that_holds_the_run_back_is_named_once(captured_logs, monkeypatch, reported, advice):
     monkeypatch.setattr(app.log, "threshold", app.LOG_LEVELS["INFO"])  # whatever level an earlier run left
     clock = Clock()
     settings = app.Settings(max_requests_per_minute=1200, max_tokens_per_minute=16_000)
     limiter = app.RateLimiter(settings, clock=clock)
+    limiter.input_tokens.reported = reported
     charges = [(limiter.requests, 1), (limiter.input_tokens, 100)]  # 16,000 tokens/min allow 160 of these a minute
 
     for _ in range(60):
@@ -416,5 +427,4 @@ def test_the_limit_that_holds_the_run_back_is_named_once(captured_logs, monkeypa
     assert limiter.binding is limiter.input_tokens
     assert limiter.describe() == "1,200 requests/min, 16,000 input tokens/min (binding)"
     told = [line for line in captured_logs if "holds the run back" in line]
-    assert told == [("INFO 16,000 input tokens/min is what holds the run back: if your limit is higher, raise "
-                    "--max_tokens_per_minute (or set it to auto).")]
+    assert told == [f"INFO {advice}"]
