@@ -257,7 +257,7 @@ class Settings:
     retry_failed: bool = flag(False, "send again the lines that failed in earlier runs for a reason of their own (a "
                                      "400, 403, 404, 413, an invalid line), which reruns skip")
     prices: str | None = flag(None, 'JSON file of price rows in USD per million tokens, e.g. {"claude-sonnet-5-5": '
-                                    '{"input": 2, "output": 10}} (see the README for cache and long-prompt prices)')
+                                    '{"input": 2, "output": 10}} (cache and long-prompt prices: docs/guide.md)')
     max_cost: float | None = flag(None, "USD this run may spend at most: it stops sending before its cost could pass "
                                         "them (a rerun spends up to it again; exit code 5)", positive_number)
     dry_run: bool = flag(False, "validate the file and estimate tokens, duration and cost; no key, no network")
@@ -328,10 +328,10 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog="api_request_parallel_processor.py",
         description="Send a JSONL file of Anthropic Messages API requests in parallel, under your rate limits.",
-        epilog="exit codes: 0 every line succeeded; 1 some failed (see the errors file); 2 a usage or configuration "
-               "error, or results that cannot be written; 3 stopped by an outage, or lines left for the next run; 4 "
-               "batches still processing; 5 stopped at the budget; 6 the API refuses the organization (a spend cap); "
-               "130/143/129 interrupted. Codes 3 and up: run the same command again to go on.",
+        epilog="exit codes: 0 every line succeeded; 1 this run wrote new failures (see the errors file); 2 a usage "
+               "or configuration error, or results that cannot be written; 3 stopped by an outage, or lines left for "
+               "the next run; 4 batches still processing; 5 stopped at the budget; 6 the API refuses the organization "
+               "(a spend cap); 130/143/129 interrupted. Codes 3 and up: run the same command again to go on.",
     )
     for setting in fields(Settings):
         options = {key: value for key, value in setting.metadata.items() if key != "parse"}
@@ -1692,12 +1692,13 @@ class RunStats:
 
     @property
     def exit_code(self) -> int:
-        """0 every line succeeded, 1 some failed, 2 the key was rejected, the address cannot be used or the results
-        cannot be written (to fix first), 3 stopped by an outage or by 15 minutes of nothing but 429s, or the
-        requests file changed under the reader, 130, 143 or 129 interrupted by SIGINT, SIGTERM or SIGHUP (3 and up:
-        rerun to continue). A batch run adds 4: batches are still processing (--no_wait), and 3 for lines left for
-        the next run (their batch was canceled, or it expired or failed on the API's side more often than
-        --max_attempts). 5: stopped at the budget. 6: the API refuses every request of the organization."""
+        """0 every line succeeded, 1 this run wrote new failures (the permanent ones of earlier runs, skipped, do
+        not count), 2 the key was rejected, the address cannot be used or the results cannot be written (to fix
+        first), 3 stopped by an outage or by 15 minutes of nothing but 429s, or the requests file changed under the
+        reader, 130, 143 or 129 interrupted by SIGINT, SIGTERM or SIGHUP (3 and up: rerun to continue). A batch run
+        adds 4: batches are still processing (--no_wait), and 3 for lines left for the next run (their batch was
+        canceled, or it expired or failed on the API's side more often than --max_attempts). 5: stopped at the
+        budget. 6: the API refuses every request of the organization."""
         if self.interrupted_by is not None:
             return self.interrupted_by.exit_code
         if self.key_rejected:
