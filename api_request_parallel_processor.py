@@ -69,7 +69,7 @@ from enum import Enum
 from functools import cache, cached_property, partial
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 __all__ = ["ConfigError", "RequestResult", "RunStats", "Settings", "export_rows", "main",
            "process_api_requests_from_file", "process_requests"]
@@ -151,6 +151,11 @@ def positive_number(value: str | float) -> float:
 def per_minute_limit(value: str | float) -> float | str:
     """A per-minute limit: a positive number, or 'auto' to run at the limits the API reports."""
     return AUTO if str(value).strip().lower() == AUTO else positive_number(value)
+
+
+def per_minute_text(value: float | str | None) -> str:
+    """A per-minute limit as the log shows it: 1,200, auto, or (None) the reported one."""
+    return "the reported" if value is None else value if isinstance(value, str) else f"{value:,.0f}"
 
 
 def whole_number(value: str | int) -> int:
@@ -292,6 +297,12 @@ class Settings:
     @property
     def errors_filepath(self) -> str:
         return str(Path(self.save_filepath).with_suffix("")) + "_errors.jsonl"
+
+
+def without_userinfo(url: str) -> str:
+    """A URL fit for the log: without the user and password a proxy's URL may hold."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def unencrypted_host(url: str) -> str | None:
@@ -3522,7 +3533,7 @@ class Processor:
             self.admitted_at = self.clock()
         if result.unusable_address and not self.answered and not self.stats.interrupted_by:
             log.error("Cannot use {}: {}. Nothing was ever answered there: check --request_url and the network. "
-                      "Stopping; every line is left for the next run.", urlsplit(self.settings.request_url).hostname,
+                      "Stopping; every line is left for the next run.", without_userinfo(self.settings.request_url),
                       redact(result.unusable_address, self.settings.api_key))  # a redirect's target may echo it
             self.interrupt(Interruption.UNUSABLE_ADDRESS)
         self.answered |= result.status is not None and not result.unusable_address
@@ -5023,8 +5034,9 @@ async def run(config: Settings, lines: Iterable[tuple[int, Any]], count_total: C
     else:
         log.info("Processing {} -> {} at up to {} requests/min, {} input tokens/min and {} output tokens/min "
                  "({} attempts per request)", config.requests_filepath or "a list of requests",
-                 config.save_filepath or "memory", config.max_requests_per_minute, config.max_tokens_per_minute,
-                 config.max_output_tokens_per_minute or "the reported", config.max_attempts)
+                 config.save_filepath or "memory", per_minute_text(config.max_requests_per_minute),
+                 per_minute_text(config.max_tokens_per_minute), per_minute_text(config.max_output_tokens_per_minute),
+                 config.max_attempts)
     if config.save_filepath is None:
         assert collector is not None, "a run without a results file must collect its results"
         stats = await run_processor(config, lines, count_total, collector, ResumeIndex(), RememberedFailures(""),

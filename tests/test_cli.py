@@ -168,7 +168,9 @@ def test_an_unresolvable_host_stops_the_run_at_once_with_exit_2_and_leaves_every
                      "--request_url", "https://api.anthropic.invalid/v1/messages")
     assert result.returncode == 2 and time.monotonic() - started < 10
     (line,) = [line for line in result.stderr.splitlines() if "ERROR" in line]
-    assert "Cannot use api.anthropic.invalid: the host name does not resolve" in line
+    assert "Cannot use https://api.anthropic.invalid/v1/messages: the host name does not resolve" in line
+    assert app.without_userinfo("https://user:secret@proxy.example:8443/v1/messages?x=1") == \
+        "https://proxy.example:8443/v1/messages?x=1"
     assert "unencrypted" not in result.stderr and "Traceback" not in result.stderr
     assert outputs(requests_path) == ([], [])  # nothing failed: every line is left for the next run
 
