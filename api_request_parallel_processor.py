@@ -18,7 +18,7 @@ The map: one line per section of this file, in order, each the title of its bann
 - Configuration and command line: the flags, each declared once in Settings (the cookbook's first); the one clock.
 - Token estimation: tiktoken's cl100k_base scaled per model, each cached prefix named; the facts per model.
 - Reading requests: the input streamed line by line; a bad line is an error naming its line number.
-- Resume index: the results already saved, checked beside the results file; a rerun skips answered lines.
+- Resume index: the results already saved, and the failures to remember; a rerun skips both.
 - Usage and cost: the dated price table (a row per model, long-prompt tiers) and what each response cost.
 - Run counters: what a run did, and why it stopped early (the exit codes).
 - Writing results: one unbuffered write per record; the reader of lines into jobs; a lock per results file.
@@ -243,7 +243,8 @@ class Settings:
     max_attempts: int = flag(5, "attempts per request before it goes to the errors file", whole_number)
     logging_level: int | str = flag("INFO", "TRACE, DEBUG, INFO, ... or a number (20 = INFO)", parse_logging_level)
     use_caching: bool = flag(False, "if a cached prefix turns out not to be cached, hold new requests 10 s so you "
-                                    "can stop the run (True/False; bare flag = True)", parse_bool, nargs="?",
+                                    "can stop the run (True/False; bare flag = True; default: False)", parse_bool,
+                             nargs="?",
                              const=True)
     max_output_tokens_per_minute: float | str | None = flag(
         None, "output tokens/min: a number or 'auto' (default: the limit the API reports)", per_minute_limit)
@@ -1241,7 +1242,6 @@ def saved_token_ratios(results_path: str) -> dict[str, float]:
         return {model: float(ratio) for model, ratio in ratios.items() if 0.25 <= float(ratio) <= 4.0}
     except (OSError, ValueError, TypeError, AttributeError):
         return {}
-
 
 
 def failure_identity(request: Any, metadata: Any) -> int | None:
@@ -4525,10 +4525,6 @@ def write_rows(rows: Iterator[dict[str, Any]], path: str, requests_path: str) ->
     os.replace(path + ".tmp", path)
     return statuses
 
-# ==================================================================================================
-# Reporting
-# ==================================================================================================
-
 
 def write_export(config: Settings) -> Counter[str]:
     """--export: export_rows to a .csv or .jsonl file, written beside it and renamed into place; the rows by
@@ -4541,6 +4537,10 @@ def write_export(config: Settings) -> Counter[str]:
     log.info("Exported {:,} rows to {} ({:,} answered, {:,} failed, {:,} pending), in input order.",
              sum(statuses.values()), config.export, statuses[ANSWERED], statuses[FAILED], statuses[PENDING])
     return statuses
+
+# ==================================================================================================
+# Reporting
+# ==================================================================================================
 
 
 CLEAR_LINE = "\r\x1b[K"  # carriage return, then erase to the end of the line
@@ -4785,7 +4785,7 @@ def print_dry_run(config: Settings) -> int:
             continue
         try:
             body, metadata = parse_request(raw)
-            request_hash = hash_request(body, metadata)
+            request_hash = hash_request(body, metadata) if len(answered) or failures.unmatched else None
             if len(answered) and answered.claim(request_hash, None):
                 done += 1
                 continue
