@@ -2010,10 +2010,10 @@ class LineReader:
                 if resuming and answered.claim(request_hash, line_hash):
                     self.stats.already_done += 1
                     continue
+                if problem := version_problem(body, self.version):  # a line answered already needs no check
+                    raise BadLine(problem)  # (remembered by its text: under another version it is sent)
                 if self.failures.unmatched and self.remembered(line_number, request_hash):
                     continue
-                if problem := version_problem(body, self.version):  # a line answered already needs no check
-                    raise BadLine(problem)
                 job = Job(line_number, body, payload, metadata, encoded_metadata,
                           estimate(body) if estimate else NOT_ESTIMATED, request_hash=request_hash,
                           line_hash=line_hash, sent=payload)
@@ -4789,11 +4789,11 @@ def print_dry_run(config: Settings) -> int:
             if len(answered) and answered.claim(request_hash, None):
                 done += 1
                 continue
+            if problem := version_problem(body, config.anthropic_version):
+                raise BadLine(problem)
             if failures.match(request_hash) is not None:
                 failed_before += 1
                 continue
-            if problem := version_problem(body, config.anthropic_version):
-                raise BadLine(problem)
             estimate = estimator.estimate(body)
         except Exception as error:  # noqa: BLE001 - see line_problem
             if failures.match(failure_identity(raw.decode("utf-8", errors="replace").rstrip("\r\n"), None)):

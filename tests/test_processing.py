@@ -488,6 +488,7 @@ def test_lines_the_api_version_refuses_are_not_sent_and_the_older_version_sends_
     rerun = run_in_process(requests_path, fake, anthropic_version="2023-06-01")
 
     assert rerun.exit_code == 0 and rerun.succeeded == 4 and fake.stats.versions_seen["2023-06-01"] == 4
+    assert outputs(requests_path)[1] == []  # the records of the refusals, remembered by the lines' text, are gone
 
 
 def test_betas_go_in_the_header_never_the_body_and_the_record_keeps_the_line(tmp_path, fake_server):
