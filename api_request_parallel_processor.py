@@ -1255,15 +1255,58 @@ def failure_identity(request: Any, metadata: Any) -> int | None:
         return None
 
 
-def permanent_failure(line: bytes) -> int | None:
-    """The identity of an error record marked permanent; None for any other line (a transient failure's record,
-    an older run's record without the mark, a torn line)."""
-    try:
-        record = json.loads(line)
-        permanent = isinstance(record, list) and len(record) == 4 and record[3].get("permanent") is True
-    except (ValueError, AttributeError, RecursionError):
-        return None
-    return failure_identity(record[0], record[2]) if permanent else None
+def permanent_identity(record: list[Any]) -> int | None:
+    """The identity of an error record marked permanent (failure_identity); None for any other record (a transient
+    failure's, an older version's without the mark)."""
+    mark = record[3] if len(record) == 4 else None
+    return failure_identity(record[0], record[2]) if isinstance(mark, dict) and mark.get("permanent") is True \
+        else None
+
+
+class RecordFinder:
+    """The records of a results or errors file by an identity (`identify`, None for a record to leave out), in two
+    sorted arrays of 8 bytes a record each (the identities and the records' offsets): each record is taken once, so
+    a request that appears three times is matched to three records, as a rerun matches them. The file is opened
+    when a record is first taken."""
+
+    def __init__(self, path: str, identify: Callable[[list[Any]], int | None]) -> None:
+        self.path = path
+        self.file: Any = None
+        pairs = array("Q")  # interleaved (identity, offset)
+        offset = 0
+        with open(path, "rb") if Path(path).is_file() else nullcontext(()) as lines:
+            for line in lines:
+                try:
+                    record = json.loads(line)
+                    identity = identify(record) if isinstance(record, list) and len(record) >= 2 else None
+                except (ValueError, TypeError, RecursionError):
+                    identity = None
+                if identity is not None:
+                    pairs.extend((identity, offset))
+                offset += len(line)
+        sort_pairs_by_chunk(pairs)
+        self.found = SortedResults(array("Q"), array("Q"))  # `lines` holding each record's offset here
+        for identity, offset in merged_pairs(pairs):
+            self.found.contents.append(identity)
+            self.found.lines.append(offset)
+        self.left = len(self.found.contents)  # records not taken yet
+
+    def take(self, identity: int | None) -> list[Any] | None:
+        """The next record of this identity not taken yet; None when there is none."""
+        position = self.found.claim_position(identity) if identity is not None and self.left else -1
+        if position < 0:
+            return None
+        self.left -= 1
+        self.file = self.file or open(self.path, "rb")  # noqa: SIM115 - kept open until close()
+        self.file.seek(self.found.lines[position] & LINE_BITS)
+        return json.loads(self.file.readline())
+
+    def untaken_offsets(self) -> set[int]:
+        return {offset & LINE_BITS for offset in self.found.lines if not offset & CLAIMED}
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 class RememberedFailures:
@@ -1274,57 +1317,38 @@ class RememberedFailures:
     twice needs two records. Records of the other failures (retries used up on 5xx, the network) are dropped when a
     run starts: their lines are sent again."""
 
-    def __init__(self, path: str, unmatched: dict[int, list[int]] | None = None) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
-        self.unmatched = unmatched or {}  # identity -> offsets in the errors file of its records no line matched yet
-
-    @classmethod
-    def read(cls, path: str) -> RememberedFailures:
-        """The permanent failures of an errors file, as it is."""
-        unmatched: dict[int, list[int]] = {}
-        offset = 0
-        with open(path, "rb") if Path(path).is_file() else nullcontext(()) as file:
-            for line in file:
-                identity = permanent_failure(line)
-                if identity is not None:
-                    unmatched.setdefault(identity, []).append(offset)
-                offset += len(line)
-        return cls(path, unmatched)
+        self.records = RecordFinder(path, permanent_identity)
 
     @classmethod
     def keep(cls, path: str) -> RememberedFailures:
         """Rewrite an earlier run's errors file with only its permanent failures; a file left empty is removed."""
-        if not Path(path).is_file():
-            return cls(path)
-        with open(path, "rb") as old, open(path + ".tmp", "wb") as new:
-            for line in old:
-                if permanent_failure(line) is not None:
-                    new.write(line if line.endswith(b"\n") else line + b"\n")
-            kept = new.tell()
-        os.replace(path + ".tmp", path)
-        if not kept:
-            Path(path).unlink()
-        return cls.read(path)
+        if Path(path).is_file():
+            with open(path, "rb") as old, open(path + ".tmp", "wb") as new:
+                for line in old:
+                    with suppress(ValueError, TypeError, RecursionError):
+                        if permanent_identity(json.loads(line)) is not None:
+                            new.write(line if line.endswith(b"\n") else line + b"\n")
+                kept = new.tell()
+            os.replace(path + ".tmp", path)
+            if not kept:
+                Path(path).unlink()
+        return cls(path)
 
     def __len__(self) -> int:
-        return sum(len(offsets) for offsets in self.unmatched.values())
+        """The records no line has matched yet."""
+        return self.records.left
 
     def match(self, identity: int | None) -> list[Any] | None:
         """The record of an earlier failure of this line, now matched (None when there is none left)."""
-        offsets = self.unmatched.get(identity) if identity is not None else None
-        if not offsets:
-            return None
-        try:
-            with open(self.path, "rb") as file:
-                file.seek(offsets.pop())
-                return json.loads(file.readline())
-        except (OSError, ValueError):  # the errors file changed under the run: the line is sent again
-            return None
+        return self.records.take(identity)
 
-    def forget_unmatched(self) -> int:
-        """After a run that read every line: drop the records that no line matched (the line was changed or
-        removed since it failed). How many."""
-        dropped = {offset for offsets in self.unmatched.values() for offset in offsets}
+    def finish(self, read_to_end: bool) -> None:
+        """After a run. If it read every line, drop the records that no line matched: the line was changed or
+        removed since it failed."""
+        self.records.close()
+        dropped = self.records.untaken_offsets() if read_to_end else set()
         if dropped:
             with open(self.path, "rb") as old, open(self.path + ".tmp", "wb") as new:
                 offset = 0
@@ -1336,8 +1360,6 @@ class RememberedFailures:
             os.replace(self.path + ".tmp", self.path)
             if not kept:
                 Path(self.path).unlink()
-        self.unmatched = {}
-        return len(dropped)
 
 # ==================================================================================================
 # Usage and cost
@@ -2012,7 +2034,7 @@ class LineReader:
                     continue
                 if problem := version_problem(body, self.version):  # a line answered already needs no check
                     raise BadLine(problem)  # (remembered by its text: under another version it is sent)
-                if self.failures.unmatched and self.remembered(line_number, request_hash):
+                if self.failures and self.remembered(line_number, request_hash):
                     continue
                 job = Job(line_number, body, payload, metadata, encoded_metadata,
                           estimate(body) if estimate else NOT_ESTIMATED, request_hash=request_hash,
@@ -2046,7 +2068,7 @@ class LineReader:
                 json.dumps(raw, allow_nan=False)
             except Exception:  # noqa: BLE001 - not JSON, or too deep for it: its outline
                 raw = reprlib.repr(raw)
-        if self.failures.unmatched and self.remembered(line_number, failure_identity(raw, None)):
+        if self.failures and self.remembered(line_number, failure_identity(raw, None)):
             return
         message = f"line {line_number}: {problem}; not sent"
         log.warning("{}", message)
@@ -4389,48 +4411,12 @@ class BatchRun:
 # ==================================================================================================
 
 # One row per input line, in input order, from the results and errors files as they are (--export, export_rows):
-# the records are found by the content of their request, as a rerun finds them, in two sorted arrays (16 bytes a
-# record), and read back one at a time, so a million lines are exported in bounded memory.
+# each line's records are found by the content of its request (RecordFinder), as a rerun finds them, and read back
+# one at a time, so a million lines are exported in bounded memory.
 
 EXPORT_COLUMNS = ("line", "status", "model", "text", "stop_reason", "input_tokens", "cache_write_tokens",
                   "cache_read_tokens", "output_tokens", "cost_usd", "error")  # the metadata's fields after `line`
 ANSWERED, FAILED, PENDING = "answered", "failed", "pending"
-
-
-class RecordFinder:
-    """The records of a results or errors file by the identity of their request (`identify`): each found once, so
-    a request that appears three times is matched to three records, as a rerun matches them."""
-
-    def __init__(self, path: str, identify: Callable[[list[Any]], int | None]) -> None:
-        pairs = array("Q")  # interleaved (identity, offset)
-        self.file = open(path, "rb") if Path(path).exists() else None  # noqa: SIM115 - read through the export
-        offset = 0
-        for line in self.file or ():
-            try:
-                record = json.loads(line)
-                identity = identify(record) if isinstance(record, list) and len(record) >= 2 else None
-            except (ValueError, TypeError, RecursionError):
-                identity = None
-            if identity is not None:
-                pairs.extend((identity, offset))
-            offset += len(line)
-        sort_pairs_by_chunk(pairs)
-        self.found = SortedResults(array("Q"), array("Q"))  # `lines` holding each record's offset here
-        for identity, offset in merged_pairs(pairs):
-            self.found.contents.append(identity)
-            self.found.lines.append(offset)
-
-    def take(self, identity: int | None) -> list[Any] | None:
-        """The next record of this request not taken yet; None when there is none."""
-        position = self.found.claim_position(identity) if identity is not None else -1
-        if position < 0 or self.file is None:
-            return None
-        self.file.seek(self.found.lines[position] & LINE_BITS)
-        return json.loads(self.file.readline())
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
 
 
 def metadata_column(key: str) -> str:
@@ -4773,8 +4759,7 @@ def print_dry_run(config: Settings) -> int:
     warned: list[str] = []
     budget = BudgetCoverage(config.max_cost)
     answered = ResumeIndex() if config.start_over else ResumeIndex.load(config.save_filepath)
-    failures = RememberedFailures.read(config.errors_filepath if not (config.start_over or config.retry_failed)
-                                       else "")
+    failures = RememberedFailures(config.errors_filepath if not (config.start_over or config.retry_failed) else "")
     done = failed_before = 0
     for line_number, raw in read_lines(config.requests_filepath):
         if raw is INPUT_CHANGED:
@@ -4785,7 +4770,7 @@ def print_dry_run(config: Settings) -> int:
             continue
         try:
             body, metadata = parse_request(raw)
-            request_hash = hash_request(body, metadata) if len(answered) or failures.unmatched else None
+            request_hash = hash_request(body, metadata) if len(answered) or len(failures) else None
             if len(answered) and answered.claim(request_hash, None):
                 done += 1
                 continue
@@ -4808,6 +4793,7 @@ def print_dry_run(config: Settings) -> int:
             learned.get(model, model_facts(model).tokens_per_cl100k), price_for(model, prices), model in learned))
         plan.first_line = plan.first_line or line_number
         budget.add(*plan.add(estimate, body, config.batch))
+    failures.finish(read_to_end=False)  # a dry run changes no file
     valid = sum(plan.requests for plan in plans.values())
     earlier = (f" Skipped: {done:,} line(s) with a result in {config.save_filepath}" if done else "") + (
         f"{', and' if done else ' Skipped:'} {failed_before:,} that failed for good in an earlier run (--retry_failed "
@@ -5059,8 +5045,7 @@ async def run(config: Settings, lines: Iterable[tuple[int, Any]], count_total: C
                     unwritten = await write_unwritten(files, config.grace_period)
                     sink.close()
                     save_index(resume_index, config.save_filepath, learned)
-                if stats.read_to_end:
-                    failures.forget_unmatched()
+                failures.finish(stats.read_to_end)
                 if unwritten and stats.interrupted_by is None:  # e.g. the last records of a run that ended
                     stats.interrupted_by = Interruption.WRITE_FAILED
         except OSError as error:
