@@ -1258,7 +1258,7 @@ def failure_identity(request: Any, metadata: Any) -> int | None:
 def permanent_identity(record: list[Any]) -> int | None:
     """The identity of an error record marked permanent (failure_identity); None for any other record (a transient
     failure's, an older version's without the mark)."""
-    mark = record[3] if len(record) == 4 else None
+    mark = record[3] if isinstance(record, list) and len(record) == 4 else None
     return failure_identity(record[0], record[2]) if isinstance(mark, dict) and mark.get("permanent") is True \
         else None
 

@@ -217,6 +217,19 @@ def test_a_failed_line_changed_since_is_sent_and_its_old_record_dropped(tmp_path
     assert run_in_process(requests_path, fake).exit_code == 0
 
 
+def test_an_errors_file_with_other_lines_keeps_only_the_permanent_records(tmp_path):
+    path = tmp_path / "e.jsonl"
+    kept = '["x", ["line 1: bad"], null, {"line": 1, "permanent": true}]'
+    lines = ['{"a": 1, "b": 2, "c": 3, "d": 4}', "[1, 2, 3, 4]", "not json", kept,
+             '["y", ["m"], null, {"line": 2, "permanent": false}]', '["z", ["m"], null]']
+    path.write_text("".join(line + "\n" for line in lines))
+
+    failures = app.RememberedFailures.keep(str(path))
+
+    assert len(failures) == 1 and path.read_text() == kept + "\n"
+    assert failures.match(app.failure_identity("x", None))[0] == "x" and len(failures) == 0
+
+
 def test_a_list_run_returns_the_remembered_failures_without_sending_them(tmp_path, fake_server):
     fake = fake_server()
     requests = [request("[[always:400]] refused", 0), request("fine", 1), request("bad", max_tokens=None)]
