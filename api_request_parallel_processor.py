@@ -3555,7 +3555,8 @@ class Processor:
             self.admitted_at = self.clock()
         if result.unusable_address and not self.answered and not self.stats.interrupted_by:
             log.error("Cannot use {}: {}. Nothing was ever answered there: check --request_url and the network. "
-                      "Stopping; every line is left for the next run.", without_userinfo(self.settings.request_url),
+                      "Stopping; every line is left for the next run.",
+                      redact(without_userinfo(self.settings.request_url), self.settings.api_key),
                       redact(result.unusable_address, self.settings.api_key))  # a redirect's target may echo it
             self.interrupt(Interruption.UNUSABLE_ADDRESS)
         self.answered |= result.status is not None and not result.unusable_address
