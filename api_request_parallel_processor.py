@@ -1244,6 +1244,26 @@ def saved_token_ratios(results_path: str) -> dict[str, float]:
         return {}
 
 
+def keep_lines(path: str, wanted: Callable[[int, bytes], bool]) -> None:
+    """Rewrite a file with only the lines `wanted` (given each line's offset and bytes), atomically; a file left
+    empty is removed."""
+    with open(path, "rb") as old, open(path + ".tmp", "wb") as new:
+        offset = 0
+        for line in old:
+            if wanted(offset, line):
+                new.write(line)
+            offset += len(line)
+        kept = new.tell()
+    os.replace(path + ".tmp", path)
+    if not kept:
+        Path(path).unlink()
+
+
+def line_text(raw: bytes) -> str:
+    """A line as the error record of a bad line keeps it: its text, an undecodable byte replaced."""
+    return raw.decode("utf-8", errors="replace").rstrip("\r\n")
+
+
 def failure_identity(request: Any, metadata: Any) -> int | None:
     """Identifies a failed line by what its error record holds: a request by content (hash_request), a line that
     could not be read by its text (hash_line). None for what cannot be hashed."""
@@ -1323,17 +1343,14 @@ class RememberedFailures:
 
     @classmethod
     def keep(cls, path: str) -> RememberedFailures:
-        """Rewrite an earlier run's errors file with only its permanent failures; a file left empty is removed."""
+        """Rewrite an earlier run's errors file with only its permanent failures."""
+        def permanent(_: int, line: bytes) -> bool:
+            with suppress(ValueError, TypeError, RecursionError):
+                return line.endswith(b"\n") and permanent_identity(json.loads(line)) is not None
+            return False
+
         if Path(path).is_file():
-            with open(path, "rb") as old, open(path + ".tmp", "wb") as new:
-                for line in old:
-                    with suppress(ValueError, TypeError, RecursionError):
-                        if permanent_identity(json.loads(line)) is not None:
-                            new.write(line if line.endswith(b"\n") else line + b"\n")
-                kept = new.tell()
-            os.replace(path + ".tmp", path)
-            if not kept:
-                Path(path).unlink()
+            keep_lines(path, permanent)
         return cls(path)
 
     def __len__(self) -> int:
@@ -1350,16 +1367,7 @@ class RememberedFailures:
         self.records.close()
         dropped = self.records.untaken_offsets() if read_to_end else set()
         if dropped:
-            with open(self.path, "rb") as old, open(self.path + ".tmp", "wb") as new:
-                offset = 0
-                for line in old:
-                    if offset not in dropped:
-                        new.write(line)
-                    offset += len(line)
-                kept = new.tell()
-            os.replace(self.path + ".tmp", self.path)
-            if not kept:
-                Path(self.path).unlink()
+            keep_lines(self.path, lambda offset, _: offset not in dropped)
 
 # ==================================================================================================
 # Usage and cost
@@ -2062,7 +2070,7 @@ class LineReader:
 
     def reject(self, line_number: int, raw: bytes | Any, problem: str) -> None:
         if isinstance(raw, bytes):
-            raw = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            raw = line_text(raw)
         else:
             try:
                 json.dumps(raw, allow_nan=False)
@@ -4434,7 +4442,7 @@ def export_row(line_number: int, raw: bytes, results: RecordFinder, errors: Reco
         problem = ""
     except Exception as error:  # noqa: BLE001 - see line_problem
         body, metadata, problem = {}, None, line_problem(error)
-        identity = failure_identity(raw.decode("utf-8", errors="replace").rstrip("\r\n"), None)
+        identity = failure_identity(line_text(raw), None)
     row = {"line": line_number, **{metadata_column(key): value for key, value in (metadata or {}).items()}}
     answer = results.take(identity) if not problem else None
     failure = errors.take(identity) if answer is None else None
@@ -4782,7 +4790,7 @@ def print_dry_run(config: Settings) -> int:
                 continue
             estimate = estimator.estimate(body)
         except Exception as error:  # noqa: BLE001 - see line_problem
-            if failures.match(failure_identity(raw.decode("utf-8", errors="replace").rstrip("\r\n"), None)):
+            if failures.match(failure_identity(line_text(raw), None)):
                 failed_before += 1
             else:
                 bad.append(f"line {line_number}: {line_problem(error)}")
