@@ -1762,22 +1762,6 @@ class RunStats:
         return f"not sent: {self.stopped_reason or 'the run was interrupted by ' + interruption}"
 
 
-def log_interruption(cause: Interruption, stats: RunStats, failing_for: float, grace_period: float) -> None:
-    """Why a direct run stops sending, and what becomes of its lines; the causes that are explained where they
-    arise (an address that cannot be used, a model without a price) are not said again."""
-    if cause is Interruption.OUTAGE:
-        log.error("No answer from the API for {}: stopping. The lines without a result are left for the next run: "
-                  "run the same command again once the API is back.", format_duration(failing_for))
-    elif cause is Interruption.ONLY_429S:
-        log.error("Nothing but 429s (rate limited) for {}: another program may be using the whole limit. Stopping; "
-                  "the lines without a result are left for the next run.", format_duration(failing_for))
-    elif cause is Interruption.BUDGET:
-        log.warning("The next request could take this run's cost past the budget: sending no new requests; the {} in "
-                    "flight finish and are saved. So far {}.", stats.in_flight, stats.budget.describe())
-    elif cause.is_signal:
-        log.warning("{}: sending no new requests; waiting up to {:g} s for the {} in flight (again to stop now).",
-                    cause.value, grace_period, stats.in_flight)
-
 # ==================================================================================================
 # Writing results
 # ==================================================================================================
@@ -3436,6 +3420,34 @@ class ReadyJobs:
         return waiting
 
 
+def log_interruption(cause: Interruption, stats: RunStats, failing_for: float, grace_period: float,
+                     detail: str = "") -> None:
+    """Why a direct run stops sending, and what becomes of its lines. `detail`: the address and why it cannot be
+    used, the organization's error code, or why the results cannot be written. A model without a price is
+    explained where it is found."""
+    if cause is Interruption.UNUSABLE_ADDRESS:
+        log.error("Cannot use {}. Nothing was ever answered there: check --request_url and the network. Stopping; "
+                  "every line is left for the next run.", detail)
+    elif cause is Interruption.ORGANIZATION_REFUSED:
+        log.error("The API refuses every request of the organization ({}): {}. Stopping; the lines without a result "
+                  "are left for the next run.", detail, ORGANIZATION_REFUSALS[detail])
+    elif cause is Interruption.WRITE_FAILED:
+        log.error("{}: sending no new requests. The answers of the {} request(s) in flight are kept in memory and "
+                  "written if room comes back within {:g} s.", detail, stats.in_flight, grace_period)
+    elif cause is Interruption.OUTAGE:
+        log.error("No answer from the API for {}: stopping. The lines without a result are left for the next run: "
+                  "run the same command again once the API is back.", format_duration(failing_for))
+    elif cause is Interruption.ONLY_429S:
+        log.error("Nothing but 429s (rate limited) for {}: another program may be using the whole limit. Stopping; "
+                  "the lines without a result are left for the next run.", format_duration(failing_for))
+    elif cause is Interruption.BUDGET:
+        log.warning("The next request could take this run's cost past the budget: sending no new requests; the {} in "
+                    "flight finish and are saved. So far {}.", stats.in_flight, stats.budget.describe())
+    elif cause.is_signal:
+        log.warning("{}: sending no new requests; waiting up to {:g} s for the {} in flight (again to stop now).",
+                    cause.value, grace_period, stats.in_flight)
+
+
 class Processor:
     """Orchestrates one direct run: reads the jobs, hands each to its model's lane, sends each attempt in its
     own task, and settles each job by the decisions made elsewhere (decide, ModelLane, PrefixWarmer).
@@ -3563,12 +3575,9 @@ class Processor:
         self.first_outcome.set()
         if result.status is not None and not result.rate_limited:
             self.admitted_at = self.clock()
-        if result.unusable_address and not self.answered and not self.stats.interrupted_by:
-            log.error("Cannot use {}: {}. Nothing was ever answered there: check --request_url and the network. "
-                      "Stopping; every line is left for the next run.",
-                      redact(without_userinfo(self.settings.request_url), self.settings.api_key),
-                      redact(result.unusable_address, self.settings.api_key))  # a redirect's target may echo it
-            self.interrupt(Interruption.UNUSABLE_ADDRESS)
+        if result.unusable_address and not self.answered:  # a redirect's target may echo the key
+            self.interrupt(Interruption.UNUSABLE_ADDRESS, redact(
+                f"{without_userinfo(self.settings.request_url)}: {result.unusable_address}", self.settings.api_key))
         self.answered |= result.status is not None and not result.unusable_address
         lane.attempt_ended(job, result)
         if self.outage.record(job.line_number, result):
@@ -3613,12 +3622,8 @@ class Processor:
             self.stop("the API rejected the key (HTTP 401 authentication_error): check ANTHROPIC_API_KEY")
         if self.stats.stopped_reason:
             self.fail(job, "run stopped")
-        elif decision.action == GIVE_UP:
-            if decision.cause is Interruption.ORGANIZATION_REFUSED and not self.stats.interrupted_by:
-                log.error("The API refuses every request of the organization ({}): {}. Stopping; the lines without "
-                          "a result are left for the next run.", result.error_code,
-                          ORGANIZATION_REFUSALS[result.error_code])
-            self.interrupt(decision.cause)  # the line stays unsent, like every other, for the next run
+        elif decision.action == GIVE_UP:  # the line stays unsent, like every other, for the next run
+            self.interrupt(decision.cause, result.error_code)
         elif decision.action == FAIL:
             self.fail(job, "no attempts left" if result.retryable else "not retryable", permanent=result.refused)
         else:
@@ -3652,20 +3657,20 @@ class Processor:
 
     # -- stopping ----------------------------------------------------------------------------------
 
-    def interrupt(self, cause: Interruption) -> None:
-        """A signal, an outage too long to wait out, an address that cannot be used, the budget or a model without
-        a price: stop sending, let requests in flight finish (see finish_in_flight), and leave everything unsent
-        for the next run.
-        A second signal abandons them at once."""
+    def interrupt(self, cause: Interruption, detail: str = "") -> None:
+        """A signal, an outage too long to wait out, or another Interruption: stop sending, let requests in flight
+        finish (see finish_in_flight), and leave everything unsent for the next run. A signal after that
+        abandons them at once; any other cause changes nothing more (their answers may be paid for already)."""
         if self.stats.interrupted_by:
-            log.warning("{} again: stopping now; {} request(s) in flight are abandoned, and the next run sends "
-                        "them again.", cause.value, len(self.tasks))
-            for task in self.tasks:
-                task.cancel()
+            if cause.is_signal:
+                log.warning("{} again: stopping now; {} request(s) in flight are abandoned, and the next run sends "
+                            "them again.", cause.value, len(self.tasks))
+                for task in self.tasks:
+                    task.cancel()
             return
         self.stats.interrupted_by = cause
         failing = self.outage.seconds if cause is Interruption.OUTAGE else self.clock() - self.admitted_at
-        log_interruption(cause, self.stats, failing, self.settings.grace_period)
+        log_interruption(cause, self.stats, failing, self.settings.grace_period, detail)
         self.ready.cancel_timers()
         if self.dispatcher is not None:
             self.dispatcher.cancel()
@@ -3675,10 +3680,7 @@ class Processor:
         """A record that cannot be written (a full disk) stops the spending at once; the answers of the requests
         in flight wait in memory (see ResultWriter)."""
         if self.writer.problem and self.stats.interrupted_by is None:
-            log.error("{}: sending no new requests. The answers of the {} request(s) in flight are kept in memory "
-                      "and written if room comes back within {:g} s.", self.writer.problem, self.stats.in_flight,
-                      self.settings.grace_period)
-            self.interrupt(Interruption.WRITE_FAILED)
+            self.interrupt(Interruption.WRITE_FAILED, self.writer.problem)
 
     def stop(self, reason: str) -> None:
         if not self.stats.stopped_reason:

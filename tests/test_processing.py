@@ -444,6 +444,31 @@ def test_a_spend_cap_stops_the_run_at_once_and_the_rerun_answers_every_line_once
     assert fake.stats.paid_twice == 0
 
 
+def test_more_refusals_of_the_organization_abandon_none_of_the_answers_in_flight(tmp_path, fake_server,
+                                                                                captured_logs):
+    async def on_hold(request, body):  # from the 21st request on, every one is refused (slowly, so that several
+        if fake.stats.received > 20:  # refusals come back while answers accepted before are still in flight)
+            await asyncio.sleep(0.3)
+            return fake.error(400, "invalid_request_error", "This organization is on hold.",
+                              details={"error_code": "organization_on_hold"})
+        return None
+
+    fake = fake_server(hostile=on_hold, latency=(0.2, 1.0))
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(60)])
+
+    stats = run_in_process(requests_path, fake, max_concurrent_requests=10)
+
+    results, errors = outputs(requests_path)
+    assert stats.interrupted_by is app.Interruption.ORGANIZATION_REFUSED and errors == []
+    assert fake.stats.received - 20 >= 2  # more than one refusal came back
+    assert not any("again: stopping now" in line for line in captured_logs)
+    assert len(results) == sum(fake.stats.answered.values()) == 20  # every answer accepted before the hold is saved
+
+    fake.config.hostile = None
+    run_in_process(requests_path, fake)
+    assert len(outputs(requests_path)[0]) == 60 and fake.stats.paid_twice == 0
+
+
 def test_requests_the_api_accepts_are_sent_cache_warming_and_system_messages(tmp_path, fake_server):
     fake = fake_server()
     rows = [request("warm the cache", 1, max_tokens=0),
