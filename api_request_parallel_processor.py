@@ -3129,10 +3129,14 @@ class OutageWatch:
     failing in a row with no answer or a 5xx, and nothing else heard for `OUTAGE_MIN_SECONDS`. In
     an outage every line's retries would run out within a minute, filling the errors file with
     lines that were never at fault; the processor holds every sender instead and does not count
-    the attempts against the lines."""
+    the attempts against the lines. It also keeps when the API last answered anything but a 429 (for the
+    15-minute rules of decide) and whether anything answered at all (an address that cannot be used, before
+    any answer, is a typo rather than an outage)."""
 
     def __init__(self, clock: Clock = monotonic) -> None:
         self.clock = clock
+        self.answered = False  # whether anything answered in this run, at an address that can be used
+        self.admitted_at = clock()  # when the API last answered anything but a 429
         self.failing_lines: set[int] = set()  # the lines that failed since the API last answered...
         self.since = 0.0  # ...since when...
         self.ongoing = False  # ...whether that makes an outage...
@@ -3141,6 +3145,9 @@ class OutageWatch:
 
     def record(self, line_number: int, attempt: Attempt) -> bool:
         """Every attempt's outcome; True when it makes an outage begin."""
+        self.answered |= attempt.status is not None and not attempt.unusable_address
+        if attempt.status is not None and not attempt.rate_limited:
+            self.admitted_at = self.clock()
         if attempt.timed_out:  # says nothing either way: the request reached a server that is still working
             return False
         if not attempt.server_side:  # the API answered: whatever it said, it is up
@@ -3160,6 +3167,10 @@ class OutageWatch:
     @property
     def seconds(self) -> float:
         return self.clock() - self.since
+
+    @property
+    def since_admitted(self) -> float:
+        return self.clock() - self.admitted_at
 
     @property
     def lasted(self) -> float | None:
@@ -3461,7 +3472,6 @@ class Processor:
         self.settings = settings
         self.session = session
         self.writer = writer
-        self.clock = clock
         self.headers = api_headers(settings)
         self.estimator = TokenEstimator()
         self.run_pause = RunPause(clock)
@@ -3477,10 +3487,8 @@ class Processor:
         self.reader = LineReader(lines, resume_index, failures, writer, self.stats, settings)
         self.unsettled = 0  # jobs read but not yet written to either file
         self.unmarked_warned = False
-        self.answered = False  # whether anything answered in this run, at an address that can be used
         self.first_outcome = asyncio.Event()  # set once the first attempt has come back, whatever it came to
         self.first_sent = False
-        self.admitted_at = clock()  # when the API last answered anything but a 429
 
     def read_jobs(self) -> Iterator[Job]:
         for job in self.reader.jobs(self.estimator.estimate):
@@ -3573,12 +3581,9 @@ class Processor:
             self.flight_slots.release()
             self.stats.in_flight -= 1
         self.first_outcome.set()
-        if result.status is not None and not result.rate_limited:
-            self.admitted_at = self.clock()
-        if result.unusable_address and not self.answered:  # a redirect's target may echo the key
+        if result.unusable_address and not self.outage.answered:  # a redirect's target may echo the key
             self.interrupt(Interruption.UNUSABLE_ADDRESS, redact(
                 f"{without_userinfo(self.settings.request_url)}: {result.unusable_address}", self.settings.api_key))
-        self.answered |= result.status is not None and not result.unusable_address
         lane.attempt_ended(job, result)
         if self.outage.record(job.line_number, result):
             log.warning("{} lines in a row got no answer or a 5xx (the last: {}): the API or the network is down. "
@@ -3612,14 +3617,16 @@ class Processor:
         if self.stats.interrupted_by and (result.retryable or result.unusable_address):
             log.debug("line {}: {}; left for the next run", job.line_number, message)
             return
-        decision = decide(result, job.attempts, self.settings.max_attempts, self.clock() - self.admitted_at,
+        decision = decide(result, job.attempts, self.settings.max_attempts, self.outage.since_admitted,
                           self.outage.lasted)
         if result.rate_limited:  # whether or not this one is retried; a ramp limit slows down as a blind 429 does
             lane.limiter.pause(retry_delay(result, job.attempts),
                                None if result.error_code == RAMP_LIMIT else result.rate_figures)
-        if decision.action == STOP:
+        if decision.action == STOP and not self.stats.stopped_reason:  # no call can succeed: said once
             self.stats.key_rejected = True
-            self.stop("the API rejected the key (HTTP 401 authentication_error): check ANTHROPIC_API_KEY")
+            self.stats.stopped_reason = ("the API rejected the key (HTTP 401 authentication_error): check "
+                                         "ANTHROPIC_API_KEY")
+            log.error("Stopping the run: {}", self.stats.stopped_reason)
         if self.stats.stopped_reason:
             self.fail(job, "run stopped")
         elif decision.action == GIVE_UP:  # the line stays unsent, like every other, for the next run
@@ -3669,7 +3676,7 @@ class Processor:
                     task.cancel()
             return
         self.stats.interrupted_by = cause
-        failing = self.outage.seconds if cause is Interruption.OUTAGE else self.clock() - self.admitted_at
+        failing = self.outage.seconds if cause is Interruption.OUTAGE else self.outage.since_admitted
         log_interruption(cause, self.stats, failing, self.settings.grace_period, detail)
         self.ready.cancel_timers()
         if self.dispatcher is not None:
@@ -3681,11 +3688,6 @@ class Processor:
         in flight wait in memory (see ResultWriter)."""
         if self.writer.problem and self.stats.interrupted_by is None:
             self.interrupt(Interruption.WRITE_FAILED, self.writer.problem)
-
-    def stop(self, reason: str) -> None:
-        if not self.stats.stopped_reason:
-            self.stats.stopped_reason = reason
-            log.error("Stopping the run: {}", reason)
 
     async def abandon_remaining(self, jobs: Iterator[Job]) -> None:
         """After a stop, every job not yet settled still ends in the errors file, with the reason."""
@@ -4139,6 +4141,44 @@ def reopen_batches(journal: BatchJournal) -> dict[str, OpenBatch]:
     return reopened
 
 
+def record_batch_stop(error: Exception, stats: RunStats, folder: Path) -> None:
+    """What an error that stops a batch run means for its exit code, and what the user is told: the batches
+    submitted go on either way, recorded in `folder`."""
+    if isinstance(error, KeyRejected):
+        stats.key_rejected = True
+        log.error("Stopping the run: the API rejected the key ({}): check ANTHROPIC_API_KEY", error)
+    elif isinstance(error, BatchRefused) and error.organization:
+        stats.interrupted_by = Interruption.ORGANIZATION_REFUSED
+        log.error("The API refuses every request of the organization ({}). Stopping; the batches are recorded in {} "
+                  "and the lines without a result are left for the next run.", error, folder)
+    elif isinstance(error, BatchRefused):
+        stats.stopped_reason = f"a batch endpoint refused a call: {error}"
+        log.error("Stopping the run: {}. The batches are recorded in {}; run again once this is fixed.",
+                  stats.stopped_reason, folder)
+    elif isinstance(error, BatchUnavailable):
+        stats.interrupted_by = Interruption.OUTAGE
+        log.error("The batch endpoints failed for {} (the last: {}): stopping. The batches are recorded in {}; run "
+                  "the same command again later.", format_duration(OUTAGE_MAX_SECONDS), error, folder)
+    else:  # the results, or the batch records beside them, cannot be written
+        stats.interrupted_by = Interruption.WRITE_FAILED
+        log.error("{}: stopping. The batches are recorded in {}; once there is room, the same command collects what "
+                  "could not be written.", f"cannot write {error.filename or folder}: {error.strerror}"
+                  if isinstance(error, OSError) else error, folder)
+
+
+def batch_result_item(line: bytes, key: str, size: int) -> tuple[int, dict[str, Any]]:
+    """A line of a batch's results: the number of its request in the batch `key` of `size` requests, and its
+    result. Raises ValueError, KeyError, TypeError or AttributeError for a line that is not one of them."""
+    item = load_json(line)
+    batch_key, _, number = item["custom_id"].rpartition("-")
+    n, result = int(number), item["result"]
+    if batch_key != key or not 0 <= n < size:
+        raise ValueError(f"custom_id {item['custom_id']!r} is not one of this batch's")
+    if not isinstance(result, dict):
+        raise TypeError(f"its result is {type(result).__name__}, not an object")
+    return n, result
+
+
 class BatchRun:
     """A run through the Message Batches API, writing the same files, in the same records, as a direct run.
 
@@ -4177,27 +4217,8 @@ class BatchRun:
             if not self.stats.interrupted_by:  # cancelled from outside, not by our signal handling
                 raise
             log.warning("Stopped waiting: the batches go on, and the same command collects them.")
-        except KeyRejected as error:
-            self.stats.key_rejected = True
-            log.error("Stopping the run: the API rejected the key ({}): check ANTHROPIC_API_KEY", error)
-        except BatchRefused as error:
-            if error.organization:
-                self.stats.interrupted_by = Interruption.ORGANIZATION_REFUSED
-                log.error("The API refuses every request of the organization ({}). Stopping; the batches are recorded "
-                          "in {} and the lines without a result are left for the next run.", error, self.folder)
-            else:
-                self.stats.stopped_reason = f"a batch endpoint refused a call: {error}"
-                log.error("Stopping the run: {}. The batches are recorded in {}; run again once this is fixed.",
-                          self.stats.stopped_reason, self.folder)
-        except (ResultsUnwritable, OSError) as error:  # the results, or the batch records beside them
-            self.stats.interrupted_by = Interruption.WRITE_FAILED
-            log.error("{}: stopping. The batches are recorded in {}; once there is room, the same command collects "
-                      "what could not be written.", error if isinstance(error, ResultsUnwritable) else
-                      f"cannot write {error.filename or self.folder}: {error.strerror}", self.folder)
-        except BatchUnavailable as error:
-            self.stats.interrupted_by = Interruption.OUTAGE
-            log.error("The batch endpoints failed for {} (the last: {}): stopping. The batches are recorded in {}; "
-                      "run the same command again later.", format_duration(OUTAGE_MAX_SECONDS), error, self.folder)
+        except (KeyRejected, BatchRefused, ResultsUnwritable, OSError, BatchUnavailable) as error:
+            record_batch_stop(error, self.stats, self.folder)
         finally:
             self.journal.compact()
         return self.stats
@@ -4315,13 +4336,12 @@ class BatchRun:
         """Write every result of an ended batch. Writing may have begun in a run that was stopped: the results
         written since then are not written again. A download cut off is read again, skipping what was read."""
         record, spool = batch.record, batch.spool
+        written_before: Counter[int] = Counter()  # by the content of their requests
         if record.results_from is None:
             self.journal.append(step="collecting", key=record.key, results_from=self.results_size())
-            written_before: dict[int, int] = {}
         else:
-            written_before = {}
-            for fingerprint, _ in read_result_records(self.results_path, record.results_from):
-                written_before[fingerprint] = written_before.get(fingerprint, 0) + 1
+            written_before.update(request_hash for request_hash, _ in read_result_records(self.results_path,
+                                                                                          record.results_from))
         if self.budget is not None and not batch.earlier_run:  # its answers' cost is counted as they are written
             self.budget.release(batch.most_cost, requests=len(spool))
         settled = bytearray(len(spool))
@@ -4361,18 +4381,12 @@ class BatchRun:
             follow_up.seal()
             follow_up.delete()
 
-    def settle_result(self, line: bytes, batch: OpenBatch, settled: bytearray, written_before: dict[int, int],
+    def settle_result(self, line: bytes, batch: OpenBatch, settled: bytearray, written_before: Counter[int],
                       follow_up: BatchSpool) -> float:
         """One result, to the results file, the errors file, a follow-up batch, or the next run; with --max_cost,
         the most it can cost in the follow-up batch."""
         try:
-            item = load_json(line)
-            key, _, number = item["custom_id"].rpartition("-")
-            n, result = int(number), item["result"]
-            if key != batch.record.key or not 0 <= n < len(settled):
-                raise ValueError(f"custom_id {item['custom_id']!r} is not one of this batch's")
-            if not isinstance(result, dict):
-                raise TypeError(f"its result is {type(result).__name__}, not an object")
+            n, result = batch_result_item(line, batch.record.key, len(settled))
         except (ValueError, KeyError, TypeError, AttributeError) as problem:
             if line.strip():
                 log.warning("Batch {}: a result line that cannot be used ({}); skipped.", batch.record.batch_id,
@@ -4383,7 +4397,7 @@ class BatchRun:
         settled[n] = 1
         job = batch.spool.job(n)
         kind = result.get("type")
-        if kind == "succeeded" and written_before.get(job.request_hash):  # by the run that began writing these
+        if kind == "succeeded" and written_before[job.request_hash]:  # by the run that began writing these
             written_before[job.request_hash] -= 1
             return 0.0
         if batch.earlier_run:  # the input may have changed since: the line number is this run's (0: gone from it)

@@ -307,6 +307,26 @@ def test_each_batch_result_that_did_not_succeed_has_one_fate(result, attempts, a
     assert app.decide_batch_result(result, attempts, max_attempts=5) == (action, problem)
 
 
+@pytest.mark.parametrize(("line", "expected"), [
+    (b'{"custom_id": "k1-3", "result": {"type": "expired"}}', (3, {"type": "expired"})),
+    (b'{"custom_id": "k1-b-0", "result": {}}', ValueError),  # another batch's
+    (b'{"custom_id": "k1-4", "result": {}}', ValueError),  # past the batch's 4 requests
+    (b'{"custom_id": "k1--1", "result": {}}', ValueError),
+    (b'{"custom_id": "k1-x", "result": {}}', ValueError),
+    (b'{"custom_id": "k1-0", "result": "succeeded"}', TypeError),
+    (b'{"custom_id": "k1-0"}', KeyError),
+    (b'{"custom_id": 7, "result": {}}', AttributeError),
+    (b'["k1-0"]', TypeError),
+    (b'{"custom_id": "k1-0", "res', ValueError),  # a line cut off
+])
+def test_a_result_line_is_one_of_the_batchs_requests_or_an_error(line, expected):
+    if isinstance(expected, tuple):
+        assert app.batch_result_item(line, "k1", 4) == expected
+    else:
+        with pytest.raises(expected):
+            app.batch_result_item(line, "k1", 4)
+
+
 def test_a_batch_refuses_max_tokens_0_per_line(tmp_path, fake_server):
     fake = fake_server()
     requests_path = write_jsonl(tmp_path / "r.jsonl", [request("warm", 1, max_tokens=0), request("fine", 2)])
