@@ -19,7 +19,7 @@ The map: one line per section of this file, in order, each the title of its bann
 - Token estimation: tiktoken's cl100k_base scaled per model, each cached prefix named; the facts per model.
 - Reading requests: the input streamed line by line; a bad line is an error naming its line number.
 - Resume index: the results already saved, and the failures to remember; a rerun skips both.
-- Usage and cost: the dated price table (a row per model, long-prompt tiers) and what each response cost.
+- Usage and cost: the dated price table (a row per model, long-prompt tiers), the models retiring, each answer's cost.
 - Run counters: what a run did, and why it stopped early (the exit codes).
 - Writing results: one unbuffered write per record; the reader of lines into jobs; a lock per results file.
 - Rate limiting: token buckets per model and limit, the API's headers as the truth, slowing down and recovering.
@@ -63,7 +63,7 @@ from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field, fields
-from datetime import datetime
+from datetime import date, datetime, timezone
 from email.utils import parsedate_to_datetime
 from enum import Enum
 from functools import cache, cached_property, partial
@@ -1449,6 +1449,29 @@ PRICE_TABLE: dict[str, Price] = {
 
 
 CURRENT_MODELS = ("claude-fable-5-2", "claude-opus-5-5", "claude-sonnet-5-5", "claude-haiku-5-5")  # PRICES_AS_OF
+# As of PRICES_AS_OF, the day from which the API answers 404 not_found_error to a model (None: before that date), by
+# alias (a dated id is its alias: claude-opus-4-20250514 is Opus 4); no entry covers another model, as a prefix would.
+MODEL_RETIREMENTS: dict[str, date | None] = {
+    "claude-opus-4": None, "claude-opus-4-0": None, "claude-opus-4-1": None,
+    "claude-sonnet-4-5": date(2026, 11, 30), "claude-opus-4-5": date(2027, 1, 22),
+}
+RETIREMENT_NOTICE_DAYS = 60  # a model that retires sooner than this draws a warning
+
+
+def retirement_notice(model: str, today: date) -> tuple[bool, str] | None:
+    """Whether `model` has retired by `today` (the API answers 404 to it) and what to tell the user, if it has or
+    retires within RETIREMENT_NOTICE_DAYS; None otherwise."""
+    alias = DATED_ID.sub("", model)
+    if alias not in MODEL_RETIREMENTS:
+        return None
+    day, family = MODEL_RETIREMENTS[alias], alias.split("-")[1]
+    successor = next((current for current in CURRENT_MODELS if f"-{family}-" in current), CURRENT_MODELS[0])
+    if day is None or day <= today:
+        return True, f"{model} is retired: the API answers 404 not_found_error to it; use {successor}"
+    if (day - today).days > RETIREMENT_NOTICE_DAYS:
+        return None
+    return False, (f"{model} retires on {day:%d %B %Y} (in {(day - today).days} day(s)): from then on the API answers "
+                   f"404 not_found_error to it; move to {successor}")
 
 
 PRICE_FIELDS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
@@ -2003,6 +2026,7 @@ class LineReader:
         self.failures = failures
         self.writer = writer
         self.stats = stats
+        self.models: set[str] = set()  # seen: each is checked against MODEL_RETIREMENTS once
 
     def jobs(self, estimate: Callable[[dict[str, Any]], TokenEstimate] | None = None) -> Iterator[Job]:
         """The jobs still to do; `estimate` gives each its token estimate (the batch road needs none)."""
@@ -2030,6 +2054,10 @@ class LineReader:
                     raise BadLine(problem)  # (remembered by its text: under another version it is sent)
                 if self.failures and self.remembered(line_number, request_hash):
                     continue
+                if body["model"] not in self.models:
+                    self.models.add(body["model"])
+                    if notice := retirement_notice(body["model"], datetime.now(timezone.utc).date()):
+                        log.warning("Line {}: {}.", line_number, notice[1])
                 job = Job(line_number, body, payload, metadata, encoded_metadata,
                           estimate(body) if estimate else NOT_ESTIMATED, request_hash=request_hash,
                           line_hash=line_hash, sent=payload)
@@ -4847,17 +4875,22 @@ def print_dry_run(config: Settings) -> int:
     if config.max_cost and plans:
         print(budget.describe() if all(p.price for p in plans.values()) else "--max_cost needs the price of every "
               "model: give the models without one a price with --prices, or the run stops at their first line.")
+    retired = False
     for model, plan in sorted(plans.items()):
         known = [*CURRENT_MODELS, *prices]
         if plan.price is None and (nearest := difflib.get_close_matches(model, known, n=1, cutoff=0.8)):
             print(f"  {model} (first on line {plan.first_line:,}) is not a model this tool knows: did you mean "
                   f"{nearest[0]}?")
+        if notice := retirement_notice(model, datetime.now(timezone.utc).date()):
+            retired |= notice[0]
+            print(f"  {'404 expected:' if notice[0] else 'note:'} {plan.requests:,} line(s), the first on line "
+                  f"{plan.first_line:,}: {notice[1]}")
     for kind, problems in (("bad", bad), ("400 expected:", warned)):
         for problem in problems[:20]:
             print(f"  {kind} {problem}")
         if len(problems) > 20:
             print(f"  ... and {len(problems) - 20:,} more")
-    return 1 if bad or warned else 0
+    return 1 if bad or warned or retired else 0
 
 
 def log_summary(stats: RunStats, settings: Settings) -> None:

@@ -248,3 +248,38 @@ def test_the_dry_run_counts_what_a_rerun_would_send_and_names_a_misspelt_model(t
     assert "claude-sonnet-5.5 (first on line 3) is not a model this tool knows: did you mean claude-sonnet-5-5?" \
         in result.stdout
     assert "2 line(s) to send" in again.stdout and "failed for good" not in again.stdout
+
+
+@pytest.mark.parametrize(("model", "today", "expected"), [
+    ("claude-opus-4-1", "2026-11-29",
+     (True, "claude-opus-4-1 is retired: the API answers 404 not_found_error to it; use claude-opus-5-5")),
+    ("claude-opus-4-20250514", "2020-01-01", True),  # Opus 4 by its dated id: retired before the table's date
+    ("claude-sonnet-4-5-20250929", "2026-11-29", False),  # the day before
+    ("claude-sonnet-4-5", "2026-11-30", True),  # the day itself
+    ("claude-opus-4-5", "2026-11-22", None),  # 61 days ahead: not yet
+    ("claude-opus-4-5", "2026-11-23", False),  # 60 days ahead
+    ("claude-opus-4-6", "2030-01-01", None),  # no entry covers another model, as a prefix would
+    ("claude-sonnet-5-5", "2030-01-01", None),
+    ("my-model", "2030-01-01", None),
+])
+def test_a_model_retired_or_retiring_soon_is_named_with_its_successor(model, today, expected):
+    notice = app.retirement_notice(model, app.date.fromisoformat(today))
+    assert (notice if notice is None or isinstance(expected, tuple) else notice[0]) == expected
+    if notice is not None and not notice[0]:
+        assert "retires on" in notice[1] and "from then on the API answers 404" in notice[1]
+
+
+def test_lines_for_a_retired_model_are_named_by_the_dry_run_and_the_run(tmp_path, fake_server, captured_logs):
+    lines = [request(f"q{i}", i, model="claude-opus-4-1-20250805") for i in range(3)] + [request("fine", 3)]
+    requests_path = write_jsonl(tmp_path / "r.jsonl", lines)
+
+    dry_run = run_cli("--requests_filepath", str(requests_path), "--dry_run")
+    run_in_process(requests_path, fake_server())
+
+    assert dry_run.returncode == 1
+    assert ("404 expected: 3 line(s), the first on line 1: claude-opus-4-1-20250805 is retired: the API answers 404 "
+            "not_found_error to it; use claude-opus-5-5") in dry_run.stdout
+    warnings = [line for line in captured_logs if "is retired" in line]
+    assert len(warnings) == 1  # once per model, not per line
+    assert warnings[0] == ("WARNING Line 1: claude-opus-4-1-20250805 is retired: the API answers 404 not_found_error "
+                           "to it; use claude-opus-5-5.")
