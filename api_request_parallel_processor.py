@@ -726,10 +726,11 @@ def reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-STRICT_JSON = json.JSONDecoder(parse_constant=reject_constant)  # made once: json.loads with a hook makes one a call
-REQUEST_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False)  # a request as sent (made once too: json.dumps
-CANONICAL_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"))  # with options makes
-# one a call, a fifth of the cost of encoding a small request)
+# Made once: json.loads with a hook, or json.dumps with options, makes a decoder or an encoder a call (a fifth of
+# the cost of encoding a small request).
+STRICT_JSON = json.JSONDecoder(parse_constant=reject_constant)
+REQUEST_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False)  # a request as sent
+CANONICAL_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"))  # its identity
 
 
 def load_json(raw: bytes | bytearray | str) -> Any:
