@@ -4170,7 +4170,7 @@ def reopen_batches(journal: BatchJournal) -> dict[str, OpenBatch]:
     return reopened
 
 
-def record_batch_stop(error: Exception, stats: RunStats, folder: Path) -> None:
+def report_batch_stop(error: Exception, stats: RunStats, folder: Path) -> None:
     """What an error that stops a batch run means for its exit code, and what the user is told: the batches
     submitted go on either way, recorded in `folder`."""
     if isinstance(error, KeyRejected):
@@ -4247,7 +4247,7 @@ class BatchRun:
                 raise
             log.warning("Stopped waiting: the batches go on, and the same command collects them.")
         except (KeyRejected, BatchRefused, ResultsUnwritable, OSError, BatchUnavailable) as error:
-            record_batch_stop(error, self.stats, self.folder)
+            report_batch_stop(error, self.stats, self.folder)
         finally:
             self.journal.compact()
         return self.stats
