@@ -18,10 +18,10 @@ BLIND_429_SLOWING = ("A 429 that shows no exhausted limit (no rate-limit headers
 
 @pytest.mark.parametrize("fault", ["529", "500", "502", "drop", "truncated", "slow", "429", "408", "409"])
 def test_each_retryable_fault_is_retried_until_it_succeeds(tmp_path, fake_server, fault):
-    fake = fake_server(slow_seconds=1.0)
+    fake = fake_server(slow_seconds=2.0)
     requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"[[fault:{fault}x2]] please", 7, max_tokens=16)])
 
-    stats = run_in_process(requests_path, fake, request_timeout=0.5)  # 16 max_tokens: a plain request
+    stats = run_in_process(requests_path, fake, request_timeout=1.0)  # 16 max_tokens: a plain request
 
     results, errors = outputs(requests_path)
     assert errors == []

@@ -24,11 +24,11 @@ def plain_answer(url: str, body: dict) -> dict:
 
 
 def test_answers_longer_than_the_timeout_are_streamed_once_and_saved_as_plain_answers(tmp_path, fake_server):
-    fake = fake_server(seconds_per_token=0.05, ping_seconds=0.1, output_tokens=30)  # 1.5 s per answer
+    fake = fake_server(seconds_per_token=0.1, ping_seconds=0.1, output_tokens=30)  # 3 s per answer
     rows = [request(f"{RICH if i % 2 else ''} question {i}", i, max_tokens=64_000) for i in range(20)]
     requests_path = write_jsonl(tmp_path / "r.jsonl", rows)
 
-    stats = run_in_process(requests_path, fake, request_timeout=0.5)
+    stats = run_in_process(requests_path, fake, request_timeout=1.5)  # 15 times the gap between two tokens
 
     results, errors = outputs(requests_path)
     assert errors == [] and len(results) == 20 and stats.succeeded == 20
@@ -58,20 +58,20 @@ def test_a_line_that_asks_for_a_stream_is_streamed_and_saved_as_written(tmp_path
 @pytest.mark.parametrize(("fault", "message"), [
     ("stream_error", "an error event mid-stream (after HTTP 200): overloaded_error: Overloaded"),
     ("stream_drop", "network error"),
-    ("stream_stall", "no event for 0.5 s"),
+    ("stream_stall", "no event for 1 s"),
 ])
 def test_a_stream_that_fails_halfway_is_retried_and_nothing_partial_is_saved(tmp_path, fake_server, fault, message):
-    fake = fake_server(slow_seconds=1.0, ping_seconds=0.1)
+    fake = fake_server(slow_seconds=2.0, ping_seconds=0.1)
     requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"{RICH} [[fault:{fault}x2]] go", 7, stream=True)])
 
-    stats = run_in_process(requests_path, fake, request_timeout=0.5)
+    stats = run_in_process(requests_path, fake, request_timeout=1.0)
 
     results, errors = outputs(requests_path)
     assert errors == [] and len(results) == 1 and stats.retries == 2 and fake.stats.faults[fault] == 2
     assert len(results[0][1]["content"]) == 3
     (collected,) = app.asyncio.run(app.process_requests(
         [request(f"{RICH} [[always:{fault}]] go", stream=True)], request_url=fake.url, api_key=API_KEY,
-        max_attempts=2, request_timeout=0.5, max_requests_per_minute=60_000))
+        max_attempts=2, request_timeout=1.0, max_requests_per_minute=60_000))
     assert collected.response is None and len(collected.errors) == 2
     assert all(message in error for error in collected.errors), collected.errors
 
