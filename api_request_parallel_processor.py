@@ -15,17 +15,18 @@ Example:
 Add --batch to send the same file through the Message Batches API instead, at half the price.
 
 The map: one line per section of this file, in order, each the title of its banner.
-- Configuration and command line: the flags, each declared once in Settings (the cookbook's first); the one clock.
+- Configuration and command line: each flag declared once in Settings (the cookbook's first); exit codes; the clock.
 - Token estimation: tiktoken's cl100k_base scaled per model, each cached prefix named; the facts per model.
 - Reading requests: the input streamed line by line; a bad line is an error naming its line number.
 - Resume index: the results already saved, and the failures to remember; a rerun skips both.
 - Usage and cost: the dated price table (a row per model, long-prompt tiers), the models retiring, each answer's cost.
-- Run counters: what a run did, and why it stopped early (the exit codes).
+- Run counters: what a run did, and why it stopped early: every stop one value of Stop, with its exit code.
 - Writing results: one unbuffered write per record; the reader of lines into jobs; a lock per results file.
 - Rate limiting: token buckets per model and limit, the API's headers as the truth, slowing down and recovering.
 - The API call: one attempt, plain or streamed (rebuilt into the plain message), classified as the API documents.
 - Retry decisions: retry, fail, stop or give up, one rule for every call; outages told from bad luck.
 - Prompt caching: each cached prefix warmed by one request before the others fan out; the caching check.
+- A run's skeleton: what both roads share, the reader, the budget, failing a line, and stopping.
 - The direct road: a sender per model, a task per attempt, every line settled exactly once.
 - The Message Batches road: --batch, at half price; spooled, journaled, collected by custom_id, none twice.
 - Answers out: --export and export_rows, one row per input line in input order, in bounded memory.
@@ -317,6 +318,28 @@ def unencrypted_host(url: str) -> str | None:
         return parts.hostname
 
 
+# The one table of exit codes: --help shows it, and a test holds the README's table to it.
+EXIT_CODES = {
+    0: "every line succeeded",
+    1: "this run wrote new failures (requests failed, or lines were bad): see the errors file. A rerun that only "
+       "skips the permanent failures of earlier runs exits 0",
+    2: "a usage or configuration error: a bad flag, a missing key or file, another run on the same results file, a "
+       "--request_url that cannot be used, a key the API rejected, a batch endpoint's refusal, a model without a "
+       "price under --max_cost; or results that cannot be written (a full disk)",
+    3: "stopped by an outage, or by 15 minutes of nothing but 429s; or lines left for the next run (the requests "
+       "file was rewritten while it was read; with --batch, batches canceled, or lines expired or errored on the "
+       "API's side --max_attempts times)",
+    4: "with --batch: batches are still processing (--no_wait); run the same command again later to collect them",
+    5: "stopped at the budget (--max_cost): the lines without a result are left for a rerun with a larger budget",
+    6: "the API refuses every request of the organization (a spend cap or limit reached, the organization on hold, "
+       "its encryption key disabled): the log names the code and what to do",
+    129: "interrupted by SIGHUP (a closed terminal)",
+    130: "interrupted by Ctrl+C (SIGINT)",
+    143: "interrupted by SIGTERM",
+}
+RERUN_CODES = "codes 3 and up: run the same command again to go on"
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag prints one line (not the whole usage block) and exits 2."""
 
@@ -340,10 +363,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog="api_request_parallel_processor.py",
         description="Send a JSONL file of Anthropic Messages API requests in parallel, under your rate limits.",
-        epilog="exit codes: 0 every line succeeded; 1 this run wrote new failures (see the errors file); 2 a usage "
-               "or configuration error, or results that cannot be written; 3 stopped by an outage, or lines left for "
-               "the next run; 4 batches still processing; 5 stopped at the budget; 6 the API refuses the organization "
-               "(a spend cap); 130/143/129 interrupted. Codes 3 and up: run the same command again to go on.",
+        epilog="exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items())
+               + f". {RERUN_CODES.capitalize()}.",
     )
     for setting in fields(Settings):
         options = {key: value for key, value in setting.metadata.items() if key != "parse"}
@@ -1597,12 +1618,10 @@ class Budget:
     def most_cost(self, job: Job, tokens_per_cl100k: float, prefix_warm: bool, batch: bool = False) -> float | None:
         """The most the job's request can cost: its input as Claude counts it (its estimate at `tokens_per_cl100k`,
         with a margin), the cached prefix read if warm, else written at its TTL's price, and all of its max_tokens
-        produced. None, said in the log, when its model has no price: a budgeted run cannot go on."""
+        produced. None when its model has no price: a budgeted run cannot go on (Stop.NO_PRICE)."""
         body, estimate = job.body, job.estimate
         price = price_for(body["model"], self.prices)
         if price is None:
-            log.error("--max_cost needs the price of every model, and {} has none: give it with --prices. Stopping; "
-                      "the lines without a result are left for the next run.", body["model"])
             return None
         ratio = tokens_per_cl100k * BUDGET_INPUT_MARGIN
         prefix, ttl = estimate.cached_prefix * ratio, estimate.prefix[1] if estimate.prefix else 0.0
@@ -1614,11 +1633,11 @@ class Budget:
     def admits(self, most: float) -> bool:
         return self.spent + self.reserved + most <= self.limit
 
-    async def wait_for_room(self, most: float) -> bool:
-        """Reserve `most` once the budget has room for it, waiting for requests in flight to end while it has
-        not; False, with nothing reserved, when none is left in flight and it still has not."""
+    async def wait_for_room(self, most: float, wait: bool = True) -> bool:
+        """Reserve `most` once the budget has room for it, waiting (if `wait`) for requests in flight to end while it
+        has not; False, with nothing reserved, when none is left in flight and it still has not."""
         while not self.admits(most):
-            if not self.in_flight:
+            if not self.in_flight or not wait:
                 return False
             self.released.clear()
             await self.released.wait()
@@ -1646,41 +1665,90 @@ class Budget:
 
 OUTAGE_MAX_SECONDS = 900.0  # ...which the run waits out for 15 minutes at most
 
+INTERRUPTS, FAILS, ENDS = "interrupts", "fails", "ends"  # what a stop does to the lines without a result (see Stop)
 
-class Interruption(Enum):
-    """Why a run stopped early, every line without a result left for the next run; the value says it in words."""
 
-    SIGINT = "SIGINT"
-    SIGTERM = "SIGTERM"
-    SIGHUP = "SIGHUP"  # the terminal closed, an ssh session dropped: as graceful as SIGTERM
-    OUTAGE = "an outage"  # the API stayed down longer than OUTAGE_MAX_SECONDS...
-    ONLY_429S = "nothing but 429s"  # ...or answered nothing but 429s for as long (another program takes the limit)
-    UNUSABLE_ADDRESS = "an address that cannot be used"  # the first attempts cannot connect: a typo, not an outage
-    BUDGET = "the budget (--max_cost)"  # the next request could take the run's cost past it
-    NO_PRICE = "a model without a price"  # with --max_cost, every model needs one
-    WRITE_FAILED = "a results file that cannot be written"  # a full disk, a file replaced during the run
-    ORGANIZATION_REFUSED = "a refusal of the whole organization"  # a spend cap reached, an organization on hold
+class Stop(Enum):
+    """Every reason a run ends with lines that have no result, on either road: its exit code (EXIT_CODES), what it
+    does, its level and what the log says when it happens (log_stop fills in the facts). INTERRUPTS: no new request
+    goes, the requests in flight get the grace period (all the time they need after the budget's stop, which are
+    paid for), and the lines without a result are left for the next run. FAILS: no call can succeed, so every line
+    left goes to the errors file. ENDS: the run ended as it should, with lines left for the next one."""
 
-    @property
-    def exit_code(self) -> int:
-        """130, 143 and 129 for the signals (128 + their number), 3 for a rerun later, 2 for a setting to fix, 5
-        for a rerun with a larger budget, 6 for a rerun once the organization's account allows it."""
-        if self.is_signal:
-            return 128 + signal.Signals[self.value].value
-        if self is Interruption.BUDGET:
-            return 5
-        if self is Interruption.ORGANIZATION_REFUSED:
-            return 6
-        return 2 if self in (Interruption.UNUSABLE_ADDRESS, Interruption.NO_PRICE, Interruption.WRITE_FAILED) else 3
+    SIGINT = 130, INTERRUPTS, "WARNING", "SIGINT: sending no new requests."
+    SIGTERM = 143, INTERRUPTS, "WARNING", "SIGTERM: sending no new requests."
+    SIGHUP = 129, INTERRUPTS, "WARNING", "SIGHUP: sending no new requests."  # a closed terminal, a dropped ssh
+    KEY_REJECTED = 2, FAILS, "ERROR", "Stopping the run: the API rejected the key ({detail}): check ANTHROPIC_API_KEY."
+    UNUSABLE_ADDRESS = 2, INTERRUPTS, "ERROR", ("Cannot use {detail}. Nothing was ever answered there: check "
+                                                "--request_url and the network. Stopping.")
+    NO_PRICE = 2, INTERRUPTS, "ERROR", ("--max_cost needs the price of every model, and {detail} has none: give it "
+                                        "with --prices. Stopping.")
+    WRITE_FAILED = 2, INTERRUPTS, "ERROR", "{detail}: sending no new requests."
+    BATCH_REFUSED = 2, INTERRUPTS, "ERROR", ("A batch endpoint refused a call: {detail}. Stopping; run again once "
+                                             "this is fixed.")
+    OUTAGE = 3, INTERRUPTS, "ERROR", ("No answer from the API for {lasted} (the last: {detail}): stopping. Run the "
+                                      "same command again once it is back.")
+    ONLY_429S = 3, INTERRUPTS, "ERROR", ("Nothing but 429s (rate limited) for {lasted}: another program may be using "
+                                         "the whole limit. Stopping.")
+    INPUT_CHANGED = 3, ENDS, "WARNING", ("The requests file changed while it was read (rewritten in place?): line "
+                                         "{detail} and the rest are left for the next run.")
+    LEFT_FOR_NEXT_RUN = 3, ENDS, "WARNING", ("{detail} line(s) were left for the next run (canceled, or expired or "
+                                             "errored on the API's side --max_attempts times): run the same command "
+                                             "again to send them.")
+    BATCHES_OPEN = 4, ENDS, "INFO", "{detail}: run the same command again later to collect them."
+    BUDGET = 5, INTERRUPTS, "WARNING", ("The next request could take this run's cost past the budget: sending no new "
+                                        "requests. So far {budget}.")
+    ORGANIZATION_REFUSED = 6, INTERRUPTS, "ERROR", ("The API refuses every request of the organization ({detail}): "
+                                                    "{advice}. Stopping.")
+
+    def __init__(self, exit_code: int, kind: str, level: str, message: str) -> None:
+        self.exit_code, self.kind, self.level, self.message = exit_code, kind, level, message
 
     @property
     def is_signal(self) -> bool:
         return self.name.startswith("SIG")
 
     @property
+    def words(self) -> str:
+        """The stop as the summary and a line's record name it: "Stopped (outage)", "the run stopped (SIGINT)"."""
+        return self.name if self.is_signal else self.name.lower().replace("_", " ")
+
+    @property
     def cuts_requests_in_flight(self) -> bool:
         """Whether the requests in flight get only the grace period: all but the budget's, which are paid for."""
-        return self is not Interruption.BUDGET
+        return self.kind == INTERRUPTS and self is not Stop.BUDGET
+
+    def outranks(self, other: Stop | None) -> bool:
+        """Whether this stop says more of the run than `other`: the first interruption stands, a failing stop
+        comes next, and an ending with the higher exit code last."""
+        rank = {ENDS: 0, FAILS: 1, INTERRUPTS: 2}
+        return other is None or (rank[self.kind], self.kind == ENDS and self.exit_code) > (
+            rank[other.kind], other.kind == ENDS and other.exit_code)
+
+
+# Error codes (`error.details.error_code`, as SDK 2.10.0's error classes name them) that refuse every request of the
+# organization, whatever the request, for longer than a run waits: what to do about each.
+ORGANIZATION_REFUSALS = {
+    "enforced_spend_limit_reached": "the monthly spend cap of the organization's tier is reached: requests fail until "
+                                    "00:00 UTC on the 1st of next month, unless the tier is raised in the Console",
+    "contract_spend_limit_reached": "the contract's spend limit is reached: ask your account team to raise it",
+    "linked_organization_spend_limit_reached": "the linked organization's spend limit is reached: raise it in the "
+                                               "Console",
+    "linked_organization_billing_unavailable": "the linked organization's billing is unavailable: see Billing in "
+                                               "the Console",
+    "organization_on_hold": "the organization is on hold: see the Console, or contact Anthropic's support",
+    "cmek_key_disabled": "the organization's customer-managed encryption key is disabled: enable it",
+    "cmek_key_network_blocked": "the organization's customer-managed encryption key cannot be reached: check its "
+                                "network policy",
+}
+
+
+def log_stop(stop: Stop, detail: str = "", fate: str = "", **facts: Any) -> None:
+    """What the log says when a run stops, on either road: the stop's message with the moment's facts, then `fate`,
+    what becomes of the work under way. `detail` is the stop's particulars (an address, an error code, a problem)."""
+    advice = ORGANIZATION_REFUSALS.get(detail, "") if stop is Stop.ORGANIZATION_REFUSED else ""
+    message = stop.message.format(detail=detail, advice=advice, **facts)
+    log.emit(stop.level, "{}", f"{message} {fate}" if fate else message)
 
 
 @dataclass
@@ -1714,9 +1782,7 @@ class RunStats:
     already_done: int = 0  # lines skipped because an earlier run saved their result
     total: int | None = None  # non-blank input lines, once counted
     started: float = field(default_factory=monotonic)
-    stopped_reason: str = ""
-    key_rejected: bool = False
-    interrupted_by: Interruption | None = None
+    stop: Stop | None = None  # why the run ended with lines left without a result (stop_with)
     describe_limits: Callable[[], str] = lambda: ""  # the rates in force now, by model
     prefixes_cached: int = 0  # cached prefixes warmed whose response wrote or read the cache...
     prefixes_not_cached: int = 0  # ...and those whose response did neither
@@ -1726,7 +1792,6 @@ class RunStats:
     model_prices: dict[str, Price | None] = field(default_factory=dict)  # price_for each model seen, once
     batch: BatchProgress | None = None  # a batch run's own counters
     budget: Budget | None = None  # --max_cost
-    input_changed: bool = False  # the requests file changed under the reader: the rest is left for the next run
     failures_remembered: int = 0  # lines not sent because they failed in an earlier run for a reason of their own
     read_to_end: bool = False  # every input line was read (and so matched with what earlier runs left)
 
@@ -1759,31 +1824,33 @@ class RunStats:
         return self.succeeded + self.failed + self.bad_lines + self.already_done + self.failures_remembered
 
     @property
+    def interrupted(self) -> bool:
+        return self.stop is not None and self.stop.kind == INTERRUPTS
+
+    @property
+    def failing_unsent(self) -> bool:
+        return self.stop is not None and self.stop.kind == FAILS
+
+    def stop_with(self, stop: Stop) -> bool:
+        """Record why the run stops, unless an earlier stop says more (Stop.outranks); whether it was recorded."""
+        if stop.outranks(self.stop):
+            self.stop = stop
+            return True
+        return False
+
+    @property
     def exit_code(self) -> int:
-        """0 every line succeeded, 1 this run wrote new failures (the permanent ones of earlier runs, skipped, do
-        not count), 2 the key was rejected, the address cannot be used or the results cannot be written (to fix
-        first), 3 stopped by an outage or by 15 minutes of nothing but 429s, or the requests file changed under the
-        reader, 130, 143 or 129 interrupted by SIGINT, SIGTERM or SIGHUP (3 and up: rerun to continue). A batch run
-        adds 4: batches are still processing (--no_wait), and 3 for lines left for the next run (their batch was
-        canceled, or it expired or failed on the API's side more often than --max_attempts). 5: stopped at the
-        budget. 6: the API refuses every request of the organization."""
-        if self.interrupted_by is not None:
-            return self.interrupted_by.exit_code
-        if self.key_rejected:
-            return 2
-        if self.batch is not None and self.batch.open:
-            return 4
-        if self.batch is not None and self.batch.left_for_next_run or self.input_changed:
-            return 3
-        return 0 if self.failed == 0 and self.bad_lines == 0 and not self.stopped_reason else 1
+        """The stop's exit code, else 1 when this run wrote new failures, else 0 (see EXIT_CODES)."""
+        if self.stop is not None:
+            return self.stop.exit_code
+        return 1 if self.failed or self.bad_lines else 0
 
     @property
     def unsent_reason(self) -> str:
         """Why a line has neither a result nor an error record at the end of this run."""
-        if self.batch is not None and not self.stopped_reason and not self.interrupted_by:
+        if self.stop is None or self.stop.kind == ENDS:
             return "no result yet: its message batch is still processing, or it was left for the next run"
-        interruption = self.interrupted_by.value if self.interrupted_by else ""
-        return f"not sent: {self.stopped_reason or 'the run was interrupted by ' + interruption}"
+        return f"not sent: the run stopped ({self.stop.words})"
 
 
 # ==================================================================================================
@@ -2019,8 +2086,11 @@ class LineReader:
     before, without even parsing it), and bad lines are written to the errors file on the spot."""
 
     def __init__(self, lines: Iterable[tuple[int, Any]], resume_index: ResumeIndex, failures: RememberedFailures,
-                 writer: ResultSink, stats: RunStats, settings: Settings) -> None:
+                 writer: ResultSink, stats: RunStats, settings: Settings, stop: Callable[[Stop, str], None],
+                 say: Callable[..., None] = log.warning) -> None:
         self.version = settings.anthropic_version  # whose rules a line must keep (version_problem)
+        self.stop = stop  # the road's, for a requests file that changes under the reader
+        self.say = say  # each bad line and each retiring model, once (a dry run counts them instead)
         self.betas = settings.betas or ()  # every job's, before its line's own
         self.lines = lines
         self.resume_index = resume_index
@@ -2034,9 +2104,7 @@ class LineReader:
         answered = self.resume_index
         for line_number, raw in self.lines:
             if raw is INPUT_CHANGED:
-                log.warning("The requests file changed while it was read (rewritten in place?): line {:,} and the "
-                            "rest are left for the next run.", line_number)
-                self.stats.input_changed = True
+                self.stop(Stop.INPUT_CHANGED, f"{line_number:,}")
                 return
             line_hash = hash_line(raw)
             resuming = len(answered) > 0
@@ -2058,7 +2126,7 @@ class LineReader:
                 if body["model"] not in self.models:
                     self.models.add(body["model"])
                     if notice := retirement_notice(body["model"], datetime.now(timezone.utc).date()):
-                        log.warning("Line {}: {}.", line_number, notice[1])
+                        self.say("Line {}: {}.", line_number, notice[1])
                 job = Job(line_number, body, payload, metadata, encoded_metadata,
                           estimate(body) if estimate else NOT_ESTIMATED, request_hash=request_hash,
                           line_hash=line_hash, sent=payload)
@@ -2094,7 +2162,7 @@ class LineReader:
         if self.failures and self.remembered(line_number, failure_identity(raw, None)):
             return
         message = f"line {line_number}: {problem}; not sent"
-        log.warning("{}", message)
+        self.say("{}", message)
         self.writer.write_error(line_number, raw, [message], None, True)
         self.stats.bad_lines += 1
 
@@ -2603,49 +2671,6 @@ class RateLimiter:
         return self.pacing.describe(self.binding)
 
 
-class InputCalibration:
-    """The running ratio of input tokens the API counted to what we estimated, for one model.
-
-    cl100k_base undercounts Claude's tokens by 15-45%, by model family; applying the learned ratio to new
-    estimates keeps the input-token bucket honest. Until the first response, `prior` stands in."""
-
-    def __init__(self, prior: float = 1.0) -> None:
-        self.prior = prior
-        self.estimated = 0
-        self.actual = 0
-
-    @property
-    def ratio(self) -> float:
-        if self.estimated < 1:
-            return self.prior
-        return min(4.0, max(0.25, self.actual / self.estimated))
-
-    def record(self, estimated: int, actual: int) -> None:
-        if estimated > 0:
-            self.estimated += estimated
-            self.actual += actual
-
-    def scale(self, estimate: int) -> int:
-        return max(1, math.ceil(estimate * self.ratio))
-
-
-class OutputExpectation:
-    """The output a request is expected to produce: the mean `usage.output_tokens` so far, bounded by
-    its `max_tokens`; `max_tokens` itself until the first response says better."""
-
-    def __init__(self) -> None:
-        self.total = 0
-        self.responses = 0
-
-    def record(self, output_tokens: int) -> None:
-        self.total += output_tokens
-        self.responses += 1
-
-    def expected(self, max_tokens: int) -> int:
-        if not self.responses:
-            return max_tokens
-        return max(1, min(max_tokens, math.ceil(self.total / self.responses)))
-
 # ==================================================================================================
 # The API call
 # ==================================================================================================
@@ -2977,14 +3002,14 @@ async def read_body(response: aiohttp.ClientResponse) -> bytes:
     return b"".join(parts)
 
 
-async def read_event_stream(response: aiohttp.ClientResponse, timeout: float, clock: Clock = monotonic) -> Attempt:
+async def read_event_stream(response: aiohttp.ClientResponse, timeout: float) -> Attempt:
     """Read a 200's server-sent events into the message a plain request would have returned. An `error`
     event, or a stream that ends (or breaks) before `message_stop`, is a failed attempt: nothing partial
     is ever returned as a result. So is a stream with nothing but pings for `timeout` seconds (a silent one
     is cut by the connection's own timeout), and one past MAX_RESPONSE_BYTES."""
     message = StreamedMessage()
     name, data, pending = "", [], bytearray()
-    size, progress_at = 0, clock()
+    size, progress_at = 0, monotonic()
     async for chunk in response.content.iter_any():
         size += len(chunk)
         if size > MAX_RESPONSE_BYTES:
@@ -3007,11 +3032,11 @@ async def read_event_stream(response: aiohttp.ClientResponse, timeout: float, cl
                     return Attempt(error=f"a malformed {name or 'stream'} event ({type(error).__name__}: {error})",
                                    retryable=True, headers=response.headers, maybe_billed=True)
                 if name != "ping":
-                    progress_at = clock()
+                    progress_at = monotonic()
                 name, data = "", []
         if message.error is not None or message.stopped:
             break
-        if clock() - progress_at > timeout:  # after this piece's events: one of them may be the progress
+        if monotonic() - progress_at > timeout:  # after this piece's events: one of them may be the progress
             return Attempt(error=f"nothing but pings for {timeout:g} s (the request may still be worked on)",
                            retryable=True, timed_out=True, headers=response.headers, maybe_billed=True)
     if message.error is not None:
@@ -3089,35 +3114,20 @@ def backoff_seconds(attempt_number: int) -> float:
     return min(0.5 * 2 ** (attempt_number - 1), 8.0) * (1 - 0.25 * random.random())
 
 
-RETRY, FAIL, STOP, GIVE_UP = "retry", "fail", "stop", "give up"
-# Error codes (`error.details.error_code`, as SDK 2.10.0's error classes name them) that refuse every request of the
-# organization, whatever the request, for longer than a run waits: what to do about each.
-ORGANIZATION_REFUSALS = {
-    "enforced_spend_limit_reached": "the monthly spend cap of the organization's tier is reached: requests fail until "
-                                    "00:00 UTC on the 1st of next month, unless the tier is raised in the Console",
-    "contract_spend_limit_reached": "the contract's spend limit is reached: ask your account team to raise it",
-    "linked_organization_spend_limit_reached": "the linked organization's spend limit is reached: raise it in the "
-                                               "Console",
-    "linked_organization_billing_unavailable": "the linked organization's billing is unavailable: see Billing in "
-                                               "the Console",
-    "organization_on_hold": "the organization is on hold: see the Console, or contact Anthropic's support",
-    "cmek_key_disabled": "the organization's customer-managed encryption key is disabled: enable it",
-    "cmek_key_network_blocked": "the organization's customer-managed encryption key cannot be reached: check its "
-                                "network policy",
-}
+RETRY, FAIL, STOP, GIVE_UP = "retry", "fail", "stop", "give up"  # GIVE_UP: a batch's line, left for the next run
 RAMP_LIMIT = "ramp_limit_exceeded"  # a 429 for growing too fast: slow down, as after an acceleration limit
 
 
 @dataclass(frozen=True)
 class Decision:
-    """What to do after a failed attempt. RETRY after `delay`; FAIL the line (the errors file); STOP the run (the
-    key is rejected: no call can succeed); GIVE_UP, leaving the lines for the next run, because of `cause`."""
+    """What to do after a failed attempt: RETRY after `delay`; FAIL the line (the errors file); STOP the run, for
+    `cause`."""
 
     action: str
     delay: float = 0.0
     counted: bool = True  # whether the attempt uses up one of the line's attempts
     hold_all: bool = False  # an outage: every sender waits, probing the API (see OutageWatch.probe_delay)
-    cause: Interruption | None = None
+    cause: Stop | None = None
 
 
 def retry_delay(attempt: Attempt, attempts: int) -> float:
@@ -3134,19 +3144,19 @@ def decide(attempt: Attempt, attempts: int, max_attempts: float, since_answered:
     the run's trouble, not the line's, and are bounded in time instead (`since_answered`: how long the API has
     answered nothing but 429s)."""
     if attempt.authentication_failed:
-        return Decision(STOP)
+        return Decision(STOP, cause=Stop.KEY_REJECTED)
     if attempt.error_code in ORGANIZATION_REFUSALS:
-        return Decision(GIVE_UP, cause=Interruption.ORGANIZATION_REFUSED)
+        return Decision(STOP, cause=Stop.ORGANIZATION_REFUSED)
     if not attempt.retryable:
         return Decision(FAIL)
     delay = retry_delay(attempt, attempts)
     if attempt.rate_limited:  # a retry-after that would outlast the 15 minutes gives up now, not after the wait
         if since_answered + delay > OUTAGE_MAX_SECONDS:
-            return Decision(GIVE_UP, cause=Interruption.ONLY_429S)
+            return Decision(STOP, cause=Stop.ONLY_429S)
         return Decision(RETRY, delay, counted=False)
     if attempt.server_side and outage_seconds is not None:
         if outage_seconds + delay > OUTAGE_MAX_SECONDS:
-            return Decision(GIVE_UP, cause=Interruption.OUTAGE)
+            return Decision(STOP, cause=Stop.OUTAGE)
         return Decision(RETRY, delay, counted=False, hold_all=True)
     if attempts >= max_attempts:
         return Decision(FAIL)
@@ -3316,6 +3326,79 @@ def check_caching(job: Job, usage: dict[str, Any], prefix_tokens: int, stats: Ru
     return pause
 
 # ==================================================================================================
+# A run's skeleton
+# ==================================================================================================
+
+
+class RunStopped(Exception):
+    """Raised where a stop is found deep in a road's work (a batch endpoint's refusal, a full disk): the road's
+    `run` routes it to `interrupt`, as a direct road's decisions are routed there."""
+
+    def __init__(self, stop: Stop, detail: str = "", lasted: float = 0.0) -> None:
+        super().__init__(detail)
+        self.stop, self.detail, self.lasted = stop, detail, lasted
+
+
+class Road:
+    """What both roads share: the reader of the input, the budget, the counters, failing a line, and stopping. A road
+    does its own `work` in one task, says what a stop leaves of it (`fate`), and winds down (`wind_down`)."""
+
+    budget_waits = True  # a request over the budget waits for those in flight to end (batches end much later)
+
+    def __init__(self, settings: Settings, lines: Iterable[tuple[int, Any]], writer: ResultSink,
+                 resume_index: ResumeIndex, failures: RememberedFailures, prices: dict[str, Price],
+                 batch: BatchProgress | None = None) -> None:
+        self.settings = settings
+        self.writer = writer
+        self.budget = Budget(settings.max_cost, prices) if settings.max_cost else None
+        self.stats = RunStats(prices=prices, batch=batch, budget=self.budget)
+        self.reader = LineReader(lines, resume_index, failures, writer, self.stats, settings, self.interrupt)
+        self.task: asyncio.Task[None] | None = None
+
+    async def run(self) -> RunStats:
+        self.task = asyncio.create_task(self.work())
+        try:
+            await self.task
+        except asyncio.CancelledError:
+            if not self.stats.interrupted:  # cancelled from outside, not by a stop of ours
+                raise
+        except RunStopped as stopped:
+            self.interrupt(stopped.stop, stopped.detail, stopped.lasted)
+        await self.wind_down()
+        return self.stats
+
+    def interrupt(self, stop: Stop, detail: str = "", lasted: float = 0.0) -> None:
+        """Stop the run (see Stop), said once: the first interruption stands, and a signal after it is the user's
+        second word (`stop_now`)."""
+        if self.stats.interrupted and stop.is_signal:
+            self.stop_now(stop)
+        if not self.stats.stop_with(stop):
+            return
+        budget = self.budget.describe() if self.budget else ""
+        log_stop(stop, redact(detail, self.settings.api_key), self.fate(stop), lasted=format_duration(lasted),
+                 budget=budget)
+        if stop.kind == INTERRUPTS:
+            self.halt(stop)
+
+    async def within_budget(self, job: Job, tokens_per_cl100k: float, prefix_warm: bool) -> bool:
+        """With --max_cost, reserve the most the job's attempt can cost (see Budget); False, the run stopped, when
+        the budget cannot take it or its model has no price."""
+        if self.budget is None:
+            return True
+        most = self.budget.most_cost(job, tokens_per_cl100k, prefix_warm, self.settings.batch)
+        if most is None or not await self.budget.wait_for_room(most, self.budget_waits):
+            self.interrupt(Stop.NO_PRICE if most is None else Stop.BUDGET, job.body["model"])
+            return False
+        job.most_cost = most
+        return True
+
+    def fail(self, job: Job, reason: str, permanent: bool = False) -> None:
+        if not job.errors:  # never sent: the run stopped first
+            job.errors.append(self.stats.unsent_reason)
+        write_failure(self.writer, job, reason, permanent)
+        self.stats.failed += 1
+
+# ==================================================================================================
 # The direct road
 # ==================================================================================================
 
@@ -3325,24 +3408,36 @@ LANE_BACKLOG = 100  # jobs read ahead for each model: while one model is paused,
 
 class ModelLane:
     """What a run keeps for each model, since the API limits each model class on its own and each model counts
-    tokens its own way: the limiter, the learned input-token ratio and the expected output, which it charges a
-    job before sending and corrects from each attempt's end; and its own queue of jobs with a sender task, so
-    that a model paused by a 429 holds up no other model."""
+    tokens its own way: the limiter; the ratio of input tokens the API counted to cl100k_base's (which undercounts
+    Claude's by 15-45%, by family; `prior` until the first answer) and the mean output of its answers (max_tokens
+    until then), from which it charges a job before sending and corrects from each attempt's end; and its own
+    queue of jobs with a sender task, so that a model paused by a 429 holds up no other model."""
 
-    def __init__(self, limiter: RateLimiter, calibration: InputCalibration) -> None:
+    def __init__(self, limiter: RateLimiter, prior: float = 1.0) -> None:
         self.limiter = limiter
-        self.calibration = calibration
-        self.outputs = OutputExpectation()
+        self.prior = prior
+        self.estimated = self.counted = 0  # input tokens of the answers so far, by cl100k_base and by the API
+        self.produced = self.answers = 0  # output tokens of the answers so far, and how many
         self.waiting: asyncio.Queue[Job] = asyncio.Queue(LANE_BACKLOG)
         self.sender: asyncio.Task[None] | None = None
         self.sending: Job | None = None  # the job the sender is waiting to send
+
+    @property
+    def input_ratio(self) -> float:
+        return self.prior if self.estimated < 1 else min(4.0, max(0.25, self.counted / self.estimated))
+
+    def scale_input(self, estimate: int) -> int:
+        return max(1, math.ceil(estimate * self.input_ratio))
+
+    def expected_output(self, max_tokens: int) -> int:
+        return max(1, min(max_tokens, math.ceil(self.produced / self.answers))) if self.answers else max_tokens
 
     async def acquire(self, job: Job, input_tokens: int) -> None:
         """Wait until the model's limits allow the job's next attempt, counting `input_tokens` by cl100k_base."""
         max_tokens = job.body["max_tokens"]
         job.estimated_input_tokens = input_tokens
-        job.charged_input_tokens = self.calibration.scale(input_tokens)
-        job.charged_output_tokens = self.outputs.expected(max_tokens) if self.limiter.output_tokens else 0
+        job.charged_input_tokens = self.scale_input(input_tokens)
+        job.charged_output_tokens = self.expected_output(max_tokens) if self.limiter.output_tokens else 0
         await self.limiter.acquire(job.charged_input_tokens, job.charged_output_tokens, max_tokens)
 
     def attempt_ended(self, job: Job, attempt: Attempt) -> None:
@@ -3359,8 +3454,11 @@ class ModelLane:
         if usage:
             counted = (usage.get("input_tokens") or 0) + (usage.get("cache_creation_input_tokens") or 0)
             produced = usage.get("output_tokens") or 0
-            self.calibration.record(job.estimated_input_tokens, counted)
-            self.outputs.record(produced)
+            if job.estimated_input_tokens > 0:
+                self.estimated += job.estimated_input_tokens
+                self.counted += counted
+            self.produced += produced
+            self.answers += 1
             self.limiter.correct(job.charged_input_tokens - counted, job.charged_output_tokens - produced)
         self.limiter.recover()
 
@@ -3369,12 +3467,11 @@ class ModelLanes:
     """Every model's lane, made when its first job comes, each with a sender task that takes its jobs in order
     and hands each to `send`, which waits until the model's limits allow it."""
 
-    def __init__(self, settings: Settings, token_ratios: dict[str, float], run_pause: RunPause, clock: Clock,
+    def __init__(self, settings: Settings, token_ratios: dict[str, float], run_pause: RunPause,
                  send: Callable[[ModelLane, Job], Awaitable[None]]) -> None:
         self.settings = settings
         self.token_ratios = token_ratios  # learned by earlier runs, by model
         self.run_pause = run_pause
-        self.clock = clock
         self.send = send
         self.by_model: dict[str, ModelLane] = {}
         self.configured = RateLimiter(settings).describe()
@@ -3382,8 +3479,7 @@ class ModelLanes:
     def __getitem__(self, model: str) -> ModelLane:
         if model not in self.by_model:
             prior = self.token_ratios.get(model) or model_facts(model).tokens_per_cl100k
-            limiter = RateLimiter(self.settings, self.run_pause, self.clock)
-            self.by_model[model] = ModelLane(limiter, InputCalibration(prior))
+            self.by_model[model] = ModelLane(RateLimiter(self.settings, self.run_pause), prior)
         return self.by_model[model]
 
     async def put(self, job: Job) -> None:
@@ -3460,35 +3556,7 @@ class ReadyJobs:
         return waiting
 
 
-def log_interruption(cause: Interruption, stats: RunStats, failing_for: float, grace_period: float,
-                     detail: str = "") -> None:
-    """Why a direct run stops sending, and what becomes of its lines. `detail`: the address and why it cannot be
-    used, the organization's error code, or why the results cannot be written. A model without a price is
-    explained where it is found."""
-    if cause is Interruption.UNUSABLE_ADDRESS:
-        log.error("Cannot use {}. Nothing was ever answered there: check --request_url and the network. Stopping; "
-                  "every line is left for the next run.", detail)
-    elif cause is Interruption.ORGANIZATION_REFUSED:
-        log.error("The API refuses every request of the organization ({}): {}. Stopping; the lines without a result "
-                  "are left for the next run.", detail, ORGANIZATION_REFUSALS[detail])
-    elif cause is Interruption.WRITE_FAILED:
-        log.error("{}: sending no new requests. The answers of the {} request(s) in flight are kept in memory and "
-                  "written if room comes back within {:g} s.", detail, stats.in_flight, grace_period)
-    elif cause is Interruption.OUTAGE:
-        log.error("No answer from the API for {}: stopping. The lines without a result are left for the next run: "
-                  "run the same command again once the API is back.", format_duration(failing_for))
-    elif cause is Interruption.ONLY_429S:
-        log.error("Nothing but 429s (rate limited) for {}: another program may be using the whole limit. Stopping; "
-                  "the lines without a result are left for the next run.", format_duration(failing_for))
-    elif cause is Interruption.BUDGET:
-        log.warning("The next request could take this run's cost past the budget: sending no new requests; the {} in "
-                    "flight finish and are saved. So far {}.", stats.in_flight, stats.budget.describe())
-    elif cause.is_signal:
-        log.warning("{}: sending no new requests; waiting up to {:g} s for the {} in flight (again to stop now).",
-                    cause.value, grace_period, stats.in_flight)
-
-
-class Processor:
+class Processor(Road):
     """Orchestrates one direct run: reads the jobs, hands each to its model's lane, sends each attempt in its
     own task, and settles each job by the decisions made elsewhere (decide, ModelLane, PrefixWarmer).
 
@@ -3497,23 +3565,20 @@ class Processor:
 
     def __init__(self, settings: Settings, session: aiohttp.ClientSession, lines: Iterable[tuple[int, Any]],
                  writer: ResultSink, resume_index: ResumeIndex, failures: RememberedFailures,
-                 prices: dict[str, Price], clock: Clock = monotonic) -> None:
-        self.settings = settings
+                 prices: dict[str, Price]) -> None:
+        super().__init__(settings, lines, writer, resume_index, failures, prices)
         self.session = session
-        self.writer = writer
         self.headers = api_headers(settings)
         self.estimator = TokenEstimator()
-        self.run_pause = RunPause(clock)
-        self.warmer = PrefixWarmer(clock)
-        self.outage = OutageWatch(clock)
-        self.lanes = ModelLanes(settings, resume_index.token_ratios, self.run_pause, clock, self.send)
+        self.run_pause = RunPause()
+        self.warmer = PrefixWarmer()
+        self.outage = OutageWatch()
+        self.lanes = ModelLanes(settings, resume_index.token_ratios, self.run_pause, self.send)
+        self.stats.describe_limits = self.lanes.describe
         self.ready = ReadyJobs()
         self.flight_slots = asyncio.Semaphore(settings.max_concurrent_requests)
         self.tasks: set[asyncio.Task[None]] = set()
-        self.dispatcher: asyncio.Task[None] | None = None
-        self.budget = Budget(settings.max_cost, prices) if settings.max_cost else None
-        self.stats = RunStats(prices=prices, describe_limits=self.lanes.describe, budget=self.budget)
-        self.reader = LineReader(lines, resume_index, failures, writer, self.stats, settings)
+        self.jobs = self.read_jobs()
         self.unsettled = 0  # jobs read but not yet written to either file
         self.unmarked_warned = False
         self.first_outcome = asyncio.Event()  # set once the first attempt has come back, whatever it came to
@@ -3527,27 +3592,14 @@ class Processor:
 
     # -- sending -----------------------------------------------------------------------------------
 
-    async def run(self) -> RunStats:
-        jobs = self.read_jobs()
-        self.dispatcher = asyncio.create_task(self.dispatch_all(jobs))
-        try:
-            await self.dispatcher
-        except asyncio.CancelledError:
-            if not self.stats.interrupted_by:  # cancelled from outside, not by our signal handling
-                raise
-        if self.stats.stopped_reason:
-            await self.abandon_remaining(jobs)
-        await self.lanes.stop()
-        await self.finish_in_flight()
-        return self.stats
-
-    async def dispatch_all(self, jobs: Iterator[Job]) -> None:
+    async def work(self) -> None:
+        """Dispatch every job: a ready one first, else the next of the input, each to its model's lane."""
         file_done = False
-        while not self.stats.stopped_reason:
+        while not self.stats.failing_unsent:
             self.check_writing()  # a bad line's record too
             job = self.ready.next()
             if job is None and not file_done and self.warmer.parked < self.settings.max_concurrent_requests:
-                job = next(jobs, None)  # parked requests are bounded: past that, wait for them first
+                job = next(self.jobs, None)  # parked requests are bounded: past that, wait for them first
                 file_done = job is None
             if job is None:
                 if self.unsettled == 0:
@@ -3567,7 +3619,7 @@ class Processor:
         task; a job whose turn comes once the run has stopped goes to the errors file. The first request goes
         alone, for a few seconds at most: its response's headers tell the limits before a burst could overrun
         them."""
-        if not self.stats.stopped_reason:
+        if not self.stats.failing_unsent:
             if self.first_sent and not self.first_outcome.is_set():
                 await wait_for_event(self.first_outcome, FIRST_REQUEST_ALONE_SECONDS)
             self.first_sent = True
@@ -3575,7 +3627,8 @@ class Processor:
             estimate = job.estimate  # cache reads do not count against the input-token limit
             await lane.acquire(job, max(1, estimate.total - estimate.cached_prefix if self.warmer.is_warm(job)
                                         else estimate.total))
-            if not self.stats.stopped_reason and await self.within_budget(lane, job):
+            if not self.stats.failing_unsent and await self.within_budget(job, lane.input_ratio,
+                                                                             self.warmer.is_warm(job)):
                 job.attempts += 1
                 self.stats.in_flight += 1
                 log.trace("line {}: attempt {} sent (estimated {} input tokens)",
@@ -3585,20 +3638,8 @@ class Processor:
                 task.add_done_callback(self.tasks.discard)
                 return
             self.flight_slots.release()
-        if self.stats.stopped_reason:
+        if self.stats.failing_unsent:
             self.fail(job, "run stopped")  # else the budget stopped the run: the line is left for the next one
-
-    async def within_budget(self, lane: ModelLane, job: Job) -> bool:
-        """With --max_cost, reserve the most the job's attempt can cost (see Budget); False, the run stopped, when
-        the budget cannot take it."""
-        if self.budget is None:
-            return True
-        most = self.budget.most_cost(job, lane.calibration.ratio, self.warmer.is_warm(job))
-        if most is None or not await self.budget.wait_for_room(most):
-            self.interrupt(Interruption.BUDGET if most is not None else Interruption.NO_PRICE)
-            return False
-        job.most_cost = most
-        return True
 
     async def attempt(self, lane: ModelLane, job: Job) -> None:
         try:
@@ -3611,8 +3652,8 @@ class Processor:
             self.stats.in_flight -= 1
         self.first_outcome.set()
         if result.unusable_address and not self.outage.answered:  # a redirect's target may echo the key
-            self.interrupt(Interruption.UNUSABLE_ADDRESS, redact(
-                f"{without_userinfo(self.settings.request_url)}: {result.unusable_address}", self.settings.api_key))
+            self.interrupt(Stop.UNUSABLE_ADDRESS, f"{without_userinfo(self.settings.request_url)}: "
+                                                  f"{result.unusable_address}")
         lane.attempt_ended(job, result)
         if self.outage.record(job.line_number, result):
             log.warning("{} lines in a row got no answer or a 5xx (the last: {}): the API or the network is down. "
@@ -3631,7 +3672,7 @@ class Processor:
     def succeed(self, lane: ModelLane, job: Job, response: dict[str, Any], raw: bytes) -> None:
         usage = response.get("usage") if isinstance(response.get("usage"), dict) else {}
         lane.answered(job, usage)
-        self.stats.input_ratios[job.body["model"]] = lane.calibration.ratio
+        self.stats.input_ratios[job.body["model"]] = lane.input_ratio
         self.stats.add_usage(job.body["model"], usage, us_only=job.body.get("inference_geo") == "us")
         self.writer.write_result(job, response, raw)
         self.stats.succeeded += 1
@@ -3643,7 +3684,7 @@ class Processor:
         job.errors.append(message)
         if result.rate_limited:
             self.stats.rate_limited += 1
-        if self.stats.interrupted_by and (result.retryable or result.unusable_address):
+        if self.stats.interrupted and (result.retryable or result.unusable_address):
             log.debug("line {}: {}; left for the next run", job.line_number, message)
             return
         decision = decide(result, job.attempts, self.settings.max_attempts, self.outage.since_admitted,
@@ -3651,15 +3692,14 @@ class Processor:
         if result.rate_limited:  # whether or not this one is retried; a ramp limit slows down as a blind 429 does
             lane.limiter.pause(retry_delay(result, job.attempts),
                                None if result.error_code == RAMP_LIMIT else result.rate_figures)
-        if decision.action == STOP and not self.stats.stopped_reason:  # no call can succeed: said once
-            self.stats.key_rejected = True
-            self.stats.stopped_reason = ("the API rejected the key (HTTP 401 authentication_error): check "
-                                         "ANTHROPIC_API_KEY")
-            log.error("Stopping the run: {}", self.stats.stopped_reason)
-        if self.stats.stopped_reason:
+        if decision.action == STOP:  # the line stays unsent, like every other, for the next run
+            lasted = self.outage.seconds if decision.cause is Stop.OUTAGE else self.outage.since_admitted
+            self.interrupt(decision.cause, result.error_code if decision.cause is Stop.ORGANIZATION_REFUSED
+                           else result.error, lasted)
+        if self.stats.failing_unsent:
             self.fail(job, "run stopped")
-        elif decision.action == GIVE_UP:  # the line stays unsent, like every other, for the next run
-            self.interrupt(decision.cause, result.error_code)
+        elif decision.action == STOP:
+            return
         elif decision.action == FAIL:
             self.fail(job, "no attempts left" if result.retryable else "not retryable", permanent=result.refused)
         else:
@@ -3674,10 +3714,7 @@ class Processor:
             self.ready.add_later(job, delay)
 
     def fail(self, job: Job, reason: str, permanent: bool = False) -> None:
-        if not job.errors:  # never sent: the run stopped first
-            job.errors.append(f"not sent: {self.stats.stopped_reason}")
-        write_failure(self.writer, job, reason, permanent)
-        self.stats.failed += 1
+        super().fail(job, reason, permanent)
         self.settle(job, None)
 
     def settle(self, job: Job, usage: dict[str, Any] | None) -> None:
@@ -3686,45 +3723,61 @@ class Processor:
             for released in self.warmer.settled(job, usage is not None):
                 self.ready.add(released)
             if usage is not None:
-                prefix_tokens = self.lanes[job.body["model"]].calibration.scale(job.estimate.cached_prefix)
+                prefix_tokens = self.lanes[job.body["model"]].scale_input(job.estimate.cached_prefix)
                 self.run_pause.extend(check_caching(job, usage, prefix_tokens, self.stats, self.settings.use_caching))
         if self.unsettled == 0:
             self.ready.add(None)  # wake the dispatcher if it waits
 
     # -- stopping ----------------------------------------------------------------------------------
 
-    def interrupt(self, cause: Interruption, detail: str = "") -> None:
-        """A signal, an outage too long to wait out, or another Interruption: stop sending, let requests in flight
-        finish (see finish_in_flight), and leave everything unsent for the next run. A signal after that
-        abandons them at once; any other cause changes nothing more (their answers may be paid for already)."""
-        if self.stats.interrupted_by:
-            if cause.is_signal:
-                log.warning("{} again: stopping now; {} request(s) in flight are abandoned, and the next run sends "
-                            "them again.", cause.value, len(self.tasks))
-                for task in self.tasks:
-                    task.cancel()
-            return
-        self.stats.interrupted_by = cause
-        failing = self.outage.seconds if cause is Interruption.OUTAGE else self.outage.since_admitted
-        log_interruption(cause, self.stats, failing, self.settings.grace_period, detail)
+    def fate(self, stop: Stop) -> str:
+        """What a stop leaves of the requests in flight."""
+        in_flight, grace = self.stats.in_flight, self.settings.grace_period
+        if stop.kind == FAILS:
+            return "Every line without a result goes to the errors file; the same command sends them again."
+        if stop.kind == ENDS or not in_flight:
+            return ""
+        if stop is Stop.WRITE_FAILED:
+            return (f"The answers of the {in_flight} request(s) in flight are kept in memory and written if room comes "
+                    f"back within {grace:g} s.")
+        if stop.cuts_requests_in_flight:
+            return f"Waiting up to {grace:g} s for the {in_flight} in flight (again to stop now)."
+        return f"The {in_flight} in flight finish and are saved."
+
+    def halt(self, stop: Stop) -> None:
+        """Send nothing more: every job not yet sent is left for the next run."""
         self.ready.cancel_timers()
-        if self.dispatcher is not None:
-            self.dispatcher.cancel()
+        if self.task is not None:
+            self.task.cancel()
         self.lanes.cancel()
+
+    def stop_now(self, signal_stop: Stop) -> None:
+        """A second signal abandons the requests in flight (any other cause changes nothing: they may be paid)."""
+        log.warning("{} again: stopping now; {} request(s) in flight are abandoned, and the next run sends them again.",
+                    signal_stop.name, len(self.tasks))
+        for task in self.tasks:
+            task.cancel()
 
     def check_writing(self) -> None:
         """A record that cannot be written (a full disk) stops the spending at once; the answers of the requests
         in flight wait in memory (see ResultWriter)."""
-        if self.writer.problem and self.stats.interrupted_by is None:
-            self.interrupt(Interruption.WRITE_FAILED, self.writer.problem)
+        if self.writer.problem and not self.stats.interrupted:
+            self.interrupt(Stop.WRITE_FAILED, self.writer.problem)
 
-    async def abandon_remaining(self, jobs: Iterator[Job]) -> None:
-        """After a stop, every job not yet settled still ends in the errors file, with the reason."""
+    async def wind_down(self) -> None:
+        """After a stop that fails the lines left (see Stop), every job not yet settled goes to the errors file; then
+        the senders stop, and the requests in flight finish."""
+        if self.stats.failing_unsent:
+            await self.abandon_remaining()
+        await self.lanes.stop()
+        await self.finish_in_flight()
+
+    async def abandon_remaining(self) -> None:
         for job in self.ready.cancel_timers():
             self.fail(job, "run stopped")
         while (job := self.ready.next()) is not None:
             self.fail(job, "run stopped")
-        for job in [*await self.lanes.stop(), *self.warmer.release_all(), *jobs]:
+        for job in [*await self.lanes.stop(), *self.warmer.release_all(), *self.jobs]:
             self.fail(job, "run stopped")
 
     async def finish_in_flight(self) -> None:
@@ -3733,7 +3786,7 @@ class Processor:
         again by the next run."""
         if not self.tasks:
             return
-        if self.stats.interrupted_by is None or not self.stats.interrupted_by.cuts_requests_in_flight:
+        if self.stats.stop is None or not self.stats.stop.cuts_requests_in_flight:
             await asyncio.gather(*self.tasks)
             return
         _, cut_off = await asyncio.wait(self.tasks, timeout=self.settings.grace_period)
@@ -3757,27 +3810,6 @@ BATCH_DOWNLOAD_TRIES = 5  # a results download that keeps missing results is rea
 BATCH_RECORDS_KEPT_DAYS = 7  # the journal forgets finished batches after this long
 UPLOAD_CHUNK_BYTES = 1 << 20
 SERVER_SIDE_ERRORS = frozenset({"api_error", "overloaded_error"})  # errored results worth resubmitting
-
-
-class KeyRejected(Exception):
-    """The API answered 401: no call will succeed until the key is fixed."""
-
-
-class BatchRefused(Exception):
-    """A batch endpoint refused a call for good (a 4xx other than 401, 408, 409 and 429): the API's message;
-    `organization` when it refuses every call of the organization (see ORGANIZATION_REFUSALS)."""
-
-    def __init__(self, problem: str, organization: bool = False) -> None:
-        super().__init__(problem)
-        self.organization = organization
-
-
-class BatchUnavailable(Exception):
-    """The batch endpoints failed for OUTAGE_MAX_SECONDS in a row."""
-
-
-class ResultsUnwritable(Exception):
-    """A record could not be written (a full disk): no more batches are submitted or collected."""
 
 
 class DownloadCut(Exception):
@@ -4017,9 +4049,8 @@ class BatchClient:
     too), each call retried as the API documents: a 429 after its `retry-after`, a 5xx or a network failure
     with backoff, for up to OUTAGE_MAX_SECONDS; a 401 stops the run."""
 
-    def __init__(self, session: aiohttp.ClientSession, settings: Settings, clock: Clock = monotonic) -> None:
+    def __init__(self, session: aiohttp.ClientSession, settings: Settings) -> None:
         self.session = session
-        self.clock = clock
         self.url = settings.request_url.rstrip("/") + "/batches"
         self.headers = api_headers(settings)
         self.timeout = settings.request_timeout
@@ -4031,7 +4062,7 @@ class BatchClient:
                    headers: dict[str, str] | None = None) -> dict[str, Any]:
         """The call's JSON answer. A create (`upload`) whose answer never came may have made the batch all the
         same: before each new try, `made` looks for it."""
-        started, tries = self.clock(), 0
+        started, tries = monotonic(), 0
         while True:
             attempt = await send_attempt(self.session, url, headers or self.headers, upload() if upload else None,
                                          self.timeout, method=method)
@@ -4053,17 +4084,15 @@ class BatchClient:
         """How long to wait before trying a failed call again, by `decide`: every failure worth another try (a
         timeout and a 408 too) is bounded by time, OUTAGE_MAX_SECONDS, not by a count. Raises when the call must
         not be tried again."""
-        failing = self.clock() - started
+        failing = monotonic() - started
         decision = decide(attempt, tries, math.inf, failing, failing)
         problem = redact(attempt.error, self.api_key)
-        if decision.action == STOP:
-            raise KeyRejected(problem)
         if decision.action == FAIL:
-            raise BatchRefused(problem)
-        if decision.cause is Interruption.ORGANIZATION_REFUSED:
-            raise BatchRefused(f"{problem}: {ORGANIZATION_REFUSALS[attempt.error_code]}", organization=True)
-        if decision.action == GIVE_UP or failing > OUTAGE_MAX_SECONDS:
-            raise BatchUnavailable(problem)
+            raise RunStopped(Stop.BATCH_REFUSED, problem)
+        if decision.cause is Stop.ORGANIZATION_REFUSED:
+            raise RunStopped(decision.cause, attempt.error_code)
+        if decision.action == STOP or failing > OUTAGE_MAX_SECONDS:
+            raise RunStopped(decision.cause or Stop.OUTAGE, problem, failing)
         return decision.delay
 
     async def create(self, spool: BatchSpool, record: BatchRecord, known: set[str]) -> dict[str, Any]:
@@ -4170,31 +4199,6 @@ def reopen_batches(journal: BatchJournal) -> dict[str, OpenBatch]:
     return reopened
 
 
-def report_batch_stop(error: Exception, stats: RunStats, folder: Path) -> None:
-    """What an error that stops a batch run means for its exit code, and what the user is told: the batches
-    submitted go on either way, recorded in `folder`."""
-    if isinstance(error, KeyRejected):
-        stats.key_rejected = True
-        log.error("Stopping the run: the API rejected the key ({}): check ANTHROPIC_API_KEY", error)
-    elif isinstance(error, BatchRefused) and error.organization:
-        stats.interrupted_by = Interruption.ORGANIZATION_REFUSED
-        log.error("The API refuses every request of the organization ({}). Stopping; the batches are recorded in {} "
-                  "and the lines without a result are left for the next run.", error, folder)
-    elif isinstance(error, BatchRefused):
-        stats.stopped_reason = f"a batch endpoint refused a call: {error}"
-        log.error("Stopping the run: {}. The batches are recorded in {}; run again once this is fixed.",
-                  stats.stopped_reason, folder)
-    elif isinstance(error, BatchUnavailable):
-        stats.interrupted_by = Interruption.OUTAGE
-        log.error("The batch endpoints failed for {} (the last: {}): stopping. The batches are recorded in {}; run "
-                  "the same command again later.", format_duration(OUTAGE_MAX_SECONDS), error, folder)
-    else:  # the results, or the batch records beside them, cannot be written
-        stats.interrupted_by = Interruption.WRITE_FAILED
-        log.error("{}: stopping. The batches are recorded in {}; once there is room, the same command collects what "
-                  "could not be written.", f"cannot write {error.filename or folder}: {error.strerror}"
-                  if isinstance(error, OSError) else error, folder)
-
-
 def batch_result_item(line: bytes, key: str, size: int) -> tuple[int, dict[str, Any]]:
     """A line of a batch's results: the number of its request in the batch `key` of `size` requests, and its
     result. Raises ValueError, KeyError, TypeError or AttributeError for a line that is not one of them."""
@@ -4208,7 +4212,7 @@ def batch_result_item(line: bytes, key: str, size: int) -> tuple[int, dict[str, 
     return n, result
 
 
-class BatchRun:
+class BatchRun(Road):
     """A run through the Message Batches API, writing the same files, in the same records, as a direct run.
 
     In order: settle the intents an earlier run left without an answer (adopt the batch if the API made it);
@@ -4217,40 +4221,49 @@ class BatchRun:
     the open batches, with a growing interval, and write each one's results as soon as it ends. Results
     errored on the API's side, or expired, go into a follow-up batch, up to --max_attempts."""
 
+    budget_waits = False  # what the batches hold is released only as they are collected
+
     def __init__(self, settings: Settings, session: aiohttp.ClientSession, lines: Iterable[tuple[int, Any]],
                  writer: ResultSink, resume_index: ResumeIndex, failures: RememberedFailures,
-                 prices: dict[str, Price], clock: Clock = monotonic) -> None:
-        self.settings = settings
-        self.writer = writer
-        self.clock = clock
+                 prices: dict[str, Price]) -> None:
+        self.progress = BatchProgress()
+        super().__init__(settings, lines, writer, resume_index, failures, prices, self.progress)
         self.results_path = settings.save_filepath or ""
         self.folder = batch_folder(self.results_path)
         self.journal = BatchJournal(self.folder)
-        self.client = BatchClient(session, settings, clock)
-        self.progress = BatchProgress()
-        self.budget = Budget(settings.max_cost, prices) if settings.max_cost else None
+        self.client = BatchClient(session, settings)
         self.estimator = TokenEstimator() if self.budget else None  # the budget needs each request's input
         self.token_ratios = resume_index.token_ratios
-        self.stats = RunStats(prices=prices, batch=self.progress, budget=self.budget)
-        self.reader = LineReader(lines, resume_index, failures, writer, self.stats, settings)
         self.open: dict[str, OpenBatch] = {}  # by key
         self.in_open_batches = SortedResults(array("Q"))  # the content of each request in an earlier run's batch
         self.waiting_lines: dict[int, list[int]] = {}  # content -> this run's line numbers of those requests
-        self.task: asyncio.Task[None] | None = None
 
-    async def run(self) -> RunStats:
-        self.task = asyncio.create_task(self.steps())
+    async def work(self) -> None:
         try:
-            await self.task
-        except asyncio.CancelledError:
-            if not self.stats.interrupted_by:  # cancelled from outside, not by our signal handling
-                raise
-            log.warning("Stopped waiting: the batches go on, and the same command collects them.")
-        except (KeyRejected, BatchRefused, ResultsUnwritable, OSError, BatchUnavailable) as error:
-            report_batch_stop(error, self.stats, self.folder)
-        finally:
-            self.journal.compact()
-        return self.stats
+            await self.steps()
+        except OSError as error:  # the batch records beside the results
+            raise RunStopped(Stop.WRITE_FAILED, f"cannot write {error.filename or self.folder}: {error.strerror}") \
+                from None
+
+    def fate(self, stop: Stop) -> str:
+        return "" if stop.kind == ENDS else f"The batches submitted go on, recorded in {self.folder}: the same " \
+                                            "command collects them."
+
+    def halt(self, stop: Stop) -> None:
+        """A signal stops the waiting (never the batches); the budget's stop, only the submitting."""
+        if stop.is_signal and self.task is not None:
+            self.task.cancel()
+
+    def stop_now(self, signal_stop: Stop) -> None:
+        """Nothing is in flight to abandon: a second signal changes nothing more."""
+
+    async def wind_down(self) -> None:
+        if self.progress.open:
+            self.interrupt(Stop.BATCHES_OPEN, f"{len(self.progress.open):,} batch(es) are still processing "
+                                              f"({self.progress.processing:,} requests)")
+        elif self.progress.left_for_next_run:
+            self.interrupt(Stop.LEFT_FOR_NEXT_RUN, f"{self.progress.left_for_next_run:,}")
+        self.journal.compact()
 
     async def steps(self) -> None:
         await adopt_intents(self.journal, self.client)
@@ -4262,13 +4275,6 @@ class BatchRun:
         await self.submit_new_lines()
         await self.wait_and_collect()
 
-    def interrupt(self, cause: Interruption) -> None:
-        """A signal: stop waiting (never the batches). A second one changes nothing more."""
-        if self.stats.interrupted_by is None or not self.stats.interrupted_by.is_signal:
-            self.stats.interrupted_by = cause
-            if self.task is not None:
-                self.task.cancel()
-
     # -- submitting --------------------------------------------------------------------------------
 
     async def submit_new_lines(self) -> None:
@@ -4276,7 +4282,7 @@ class BatchRun:
         most_cost = 0.0  # of the requests in `spool`
         for job in self.reader.jobs():
             if self.writer.problem:  # a bad line's record: its answers could not be written either
-                raise ResultsUnwritable(self.writer.problem)
+                raise RunStopped(Stop.WRITE_FAILED, self.writer.problem)
             if self.in_open_batches.claim_position(job.request_hash) >= 0:
                 self.waiting_lines.setdefault(job.request_hash, []).append(job.line_number)
                 self.progress.waiting += 1
@@ -4287,7 +4293,7 @@ class BatchRun:
                 self.fail(job, "not allowed in a batch", permanent=True)
                 continue
             job.attempts = 1
-            if not self.within_budget(job):
+            if not await self.within_batch_budget(job):
                 break  # this line and the rest are left for the next run
             if spool is not None and not spool.fits(job, self.settings.batch_size):
                 await self.submit(spool, most_cost)
@@ -4298,26 +4304,14 @@ class BatchRun:
         if spool is not None:
             await self.submit(spool, most_cost)
 
-    def within_budget(self, job: Job) -> bool:
-        """With --max_cost, reserve the most the job can cost at the batch price, if the budget has room for it;
-        False, with the run stopped, when it has not (or the job's model has no price)."""
+    async def within_batch_budget(self, job: Job) -> bool:
+        """Road.within_budget at the batch price, for a job that carries no estimate (batches are not paced)."""
         if self.budget is None:
             return True
         model = job.body["model"]
-        job.estimate = self.estimator.estimate(job.body)  # the batch road's jobs carry none (not rate-limited)
-        most = self.budget.most_cost(job, self.token_ratios.get(model) or model_facts(model).tokens_per_cl100k,
-                                     prefix_warm=False, batch=True)
-        if most is None or not self.budget.admits(most):
-            if self.stats.interrupted_by is None:  # said once: the follow-ups of later batches may find no room too
-                cause = Interruption.BUDGET if most is not None else Interruption.NO_PRICE
-                if cause is Interruption.BUDGET:
-                    log.warning("The next request could take this run's cost past the budget: no more batches are "
-                                "submitted ({} so far, not counting the open batches).", self.budget.describe())
-                self.stats.interrupted_by = cause
-            return False
-        self.budget.reserve(most)
-        job.most_cost = most
-        return True
+        job.estimate = self.estimator.estimate(job.body)
+        return await self.within_budget(job, self.token_ratios.get(model) or model_facts(model).tokens_per_cl100k,
+                                        prefix_warm=False)
 
     async def submit(self, spool: BatchSpool, most_cost: float = 0.0) -> None:
         spool.seal()
@@ -4325,13 +4319,15 @@ class BatchRun:
         record = self.journal.records[spool.key]
         try:
             batch = await self.client.create(spool, record, self.journal.batch_ids())
-        except BatchRefused as error:
+        except RunStopped as stopped:
+            if stopped.stop not in (Stop.BATCH_REFUSED, Stop.ORGANIZATION_REFUSED):
+                raise
             self.journal.append(step="done", key=spool.key, outcome="refused")
-            if error.organization:  # not the lines' fault: they are left for the next run
+            if stopped.stop is Stop.ORGANIZATION_REFUSED:  # not the lines' fault: they are left for the next run
                 spool.delete()
                 raise
             for job in spool.jobs():
-                job.errors.append(f"the batch was refused: {error}")
+                job.errors.append(f"the batch was refused: {stopped.detail}")
                 self.fail(job, "batch refused")
             if self.budget is not None:
                 self.budget.release(most_cost, requests=len(spool))
@@ -4375,12 +4371,12 @@ class BatchRun:
             self.budget.release(batch.most_cost, requests=len(spool))
         settled = bytearray(len(spool))
         follow_up, follow_up_cost = BatchSpool.create(self.folder), 0.0
-        started, tries = self.clock(), 0
+        started, tries = monotonic(), 0
         while settled.count(0):
             tries += 1
             try:
                 async for line in self.client.result_lines(status["results_url"]):
-                    follow_up_cost += self.settle_result(line, batch, settled, written_before, follow_up)
+                    follow_up_cost += await self.settle_result(line, batch, settled, written_before, follow_up)
                 if not settled.count(0) or tries >= BATCH_DOWNLOAD_TRIES:
                     break
                 problem, delay = f"{settled.count(0):,} results missing", backoff_seconds(tries)
@@ -4390,7 +4386,7 @@ class BatchRun:
                         "twice.", record.batch_id, redact(problem, self.settings.api_key))
             await asyncio.sleep(delay)
         if self.writer.problem:  # the batch stays open: the next run writes what this one could not
-            raise ResultsUnwritable(self.writer.problem)
+            raise RunStopped(Stop.WRITE_FAILED, self.writer.problem)
         if settled.count(0):
             log.error("{:,} results of batch {} could not be read; their lines are left for the next run.",
                       settled.count(0), record.batch_id)
@@ -4410,7 +4406,7 @@ class BatchRun:
             follow_up.seal()
             follow_up.delete()
 
-    def settle_result(self, line: bytes, batch: OpenBatch, settled: bytearray, written_before: Counter[int],
+    async def settle_result(self, line: bytes, batch: OpenBatch, settled: bytearray, written_before: Counter[int],
                       follow_up: BatchSpool) -> float:
         """One result, to the results file, the errors file, a follow-up batch, or the next run; with --max_cost,
         the most it can cost in the follow-up batch."""
@@ -4444,7 +4440,7 @@ class BatchRun:
             job.errors.append(f"batch {batch.record.batch_id}: {problem}")
         if action == FAIL:
             self.fail(job, "not retryable", permanent=True)
-        elif action == RETRY and self.within_budget(job):
+        elif action == RETRY and await self.within_batch_budget(job):
             job.attempts += 1
             follow_up.add(job)
             self.progress.resubmitted += 1
@@ -4453,10 +4449,6 @@ class BatchRun:
             log.debug("line {}: {} in batch {}; left for the next run", job.line_number, kind, batch.record.batch_id)
             self.progress.left_for_next_run += 1
         return 0.0
-
-    def fail(self, job: Job, reason: str, permanent: bool = False) -> None:
-        write_failure(self.writer, job, reason, permanent)
-        self.stats.failed += 1
 
     def results_size(self) -> int:
         path = Path(self.results_path)
@@ -4802,6 +4794,23 @@ class BudgetCoverage:
                 "sending before it passes the budget (exit code 5), and a rerun goes on from there.")
 
 
+class DryRunSink:
+    """Where a dry run's LineReader settles the lines it would not send: nothing is written, and the bad lines'
+    messages are kept to print."""
+
+    problem = ""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def write_error(self, line_number: int, request: Any, messages: list[str], metadata: Any,
+                    permanent: bool) -> None:
+        self.messages.append(messages[0])
+
+    def failure_remembered(self, line_number: int, record: list[Any]) -> None:
+        """Counted by the reader; nothing to print."""
+
+
 def print_dry_run(config: Settings) -> int:
     """Read and validate the whole file, with no key and no network, and print per model the requests,
     estimated tokens, distinct cached prefixes and cost range, and the expected duration under the
@@ -4811,45 +4820,25 @@ def print_dry_run(config: Settings) -> int:
     started = time.perf_counter()
     estimator = TokenEstimator()
     plans: dict[str, ModelPlan] = {}
-    bad: list[str] = []
     warned: list[str] = []
     budget = BudgetCoverage(config.max_cost)
     answered = ResumeIndex() if config.start_over else ResumeIndex.load(config.save_filepath)
     failures = RememberedFailures(config.errors_filepath if not (config.start_over or config.retry_failed) else "")
-    done = failed_before = 0
-    for line_number, raw in read_lines(config.requests_filepath):
-        if raw is INPUT_CHANGED:
-            bad.append(f"line {line_number}: the file changed while it was read; not read")
-            break
-        if len(answered) and answered.claim_line(hash_line(raw)):
-            done += 1
-            continue
-        try:
-            body, metadata = parse_request(raw)
-            request_hash = hash_request(body, metadata) if len(answered) or len(failures) else None
-            if len(answered) and answered.claim(request_hash, None):
-                done += 1
-                continue
-            if problem := version_problem(body, config.anthropic_version):
-                raise BadLine(problem)
-            if failures.match(request_hash) is not None:
-                failed_before += 1
-                continue
-            estimate = estimator.estimate(body)
-        except Exception as error:  # noqa: BLE001 - see line_problem
-            if failures.match(failure_identity(line_text(raw), None)):
-                failed_before += 1
-            else:
-                bad.append(f"line {line_number}: {line_problem(error)}")
-            continue
+    stats, unsent = RunStats(), DryRunSink()
+    reader = LineReader(read_lines(config.requests_filepath), answered, failures, unsent, stats, config,
+                        lambda stop, detail: unsent.messages.append(f"line {detail}: the file changed while it was "
+                                                                    "read; not read"),
+                        say=lambda *_: None)  # a run's rules of what to send and skip, counted instead of logged
+    for job in reader.jobs(estimator.estimate):
+        body, model = job.body, job.body["model"]
         if problem := model_problem(body):
-            warned.append(f"line {line_number}: {problem}")
-        model = body["model"]
+            warned.append(f"line {job.line_number}: {problem}")
         plan = plans.get(model) or plans.setdefault(model, ModelPlan(
             learned.get(model, model_facts(model).tokens_per_cl100k), price_for(model, prices), model in learned))
-        plan.first_line = plan.first_line or line_number
-        budget.add(*plan.add(estimate, body, config.batch))
+        plan.first_line = plan.first_line or job.line_number
+        budget.add(*plan.add(job.estimate, body, config.batch))
     failures.finish(read_to_end=False)  # a dry run changes no file
+    bad, done, failed_before = unsent.messages, stats.already_done, stats.failures_remembered
     valid = sum(plan.requests for plan in plans.values())
     earlier = (f" Skipped: {done:,} line(s) with a result in {config.save_filepath}" if done else "") + (
         f"{', and' if done else ' Skipped:'} {failed_before:,} that failed for good in an earlier run (--retry_failed "
@@ -4895,7 +4884,8 @@ def print_dry_run(config: Settings) -> int:
 
 
 def log_summary(stats: RunStats, settings: Settings) -> None:
-    verb = f"Interrupted by {stats.interrupted_by.value}" if stats.interrupted_by else "Finished"
+    verb = "Finished" if not stats.interrupted else f"Interrupted by {stats.stop.name}" if stats.stop.is_signal \
+        else f"Stopped ({stats.stop.words})"
     log.info("{} after {:.1f} s: {}", verb, stats.elapsed, status_line(stats))
     log_costs(stats)
     if settings.save_filepath:
@@ -4909,25 +4899,18 @@ def log_summary(stats: RunStats, settings: Settings) -> None:
                  settings.errors_filepath)
     if stats.rate_limited:
         log.warning("{:,} rate limit (429) responses: consider lower --max_*_per_minute figures.", stats.rate_limited)
-    if stats.interrupted_by is Interruption.BUDGET:
+    if stats.stop is Stop.BUDGET:
         left = f"{stats.total - stats.finished:,} line(s)" if stats.total else "the lines without a result"
         log.warning("Stopped at the budget: {}. The budget counts this run's spending only: a rerun with the same "
                     "--max_cost spends up to it again. {} are left for a rerun with a larger --max_cost (exit code "
                     "5).", stats.budget.describe(), left)
-    elif stats.interrupted_by and not settings.save_filepath:
+    elif stats.interrupted and not settings.save_filepath:
         log.warning("The requests without a result say why in their errors; nothing was saved to a file, so calling "
                     "again sends every request again (give save_filepath to send only those).")
-    elif stats.interrupted_by:
-        fix = {Interruption.UNUSABLE_ADDRESS: " once --request_url is right",
-               Interruption.NO_PRICE: " once --prices gives every model a price"}.get(stats.interrupted_by, "")
+    elif stats.interrupted:
+        fix = {Stop.UNUSABLE_ADDRESS: " once --request_url is right",
+               Stop.NO_PRICE: " once --prices gives every model a price"}.get(stats.stop, "")
         log.warning("Run the same command again{} to send the lines that have no result yet.", fix)
-    elif stats.batch is not None and stats.batch.open:
-        log.info("{:,} batch(es) are still processing ({:,} requests): run the same command again later to collect "
-                 "them (exit code 4).", len(stats.batch.open), stats.batch.processing)
-    elif stats.batch is not None and stats.batch.left_for_next_run:
-        log.warning("{:,} line(s) were left for the next run (canceled, or expired or errored on the API's side "
-                    "{} times): run the same command again to send them (exit code 3).",
-                    stats.batch.left_for_next_run, settings.max_attempts)
 
 # ==================================================================================================
 # Entry points
@@ -4990,12 +4973,12 @@ async def write_unwritten(files: ResultWriter, patience: float) -> int:
     return unwritten
 
 
-def install_signal_handlers(on_signal: Callable[[Interruption], None]) -> Callable[[], None]:
+def install_signal_handlers(on_signal: Callable[[Stop], None]) -> Callable[[], None]:
     """Route SIGINT, SIGTERM and SIGHUP to `on_signal` for the run's duration; returns the undo. Where the
     loop cannot take signals (not the main thread, Windows), the run keeps the host's handling."""
     loop = asyncio.get_running_loop()
     previous: dict[signal.Signals, Any] = {}
-    for cause in (cause for cause in Interruption if cause.is_signal and hasattr(signal, cause.name)):
+    for cause in (cause for cause in Stop if cause.is_signal and hasattr(signal, cause.name)):
         number = getattr(signal, cause.name)
         try:
             handler = signal.getsignal(number)
@@ -5107,8 +5090,8 @@ async def run(config: Settings, lines: Iterable[tuple[int, Any]], count_total: C
                     sink.close()
                     save_index(resume_index, config.save_filepath, learned)
                 failures.finish(stats.read_to_end)
-                if unwritten and stats.interrupted_by is None:  # e.g. the last records of a run that ended
-                    stats.interrupted_by = Interruption.WRITE_FAILED
+                if unwritten:  # e.g. the last records of a run that ended
+                    stats.stop_with(Stop.WRITE_FAILED)
         except OSError as error:
             raise ConfigError(f"cannot write results to {config.save_filepath}: {error.strerror}") from None
     log_summary(stats, config)

@@ -45,7 +45,7 @@ def test_a_run_stops_before_its_bill_passes_the_budget_and_a_rerun_answers_the_r
 
     stats = run_in_process(requests_path, fake, max_cost=BUDGET, request_timeout=1.0, max_attempts=8)
 
-    assert stats.exit_code == 5 and stats.interrupted_by is app.Interruption.BUDGET
+    assert stats.exit_code == 5 and stats.stop is app.Stop.BUDGET
     assert fake.stats.billed <= BUDGET  # never over...
     assert fake.stats.billed >= 0.8 * BUDGET and stats.budget.spent >= fake.stats.billed  # ...nor far under
     answered = rows_answered(requests_path)

@@ -49,7 +49,7 @@ def test_a_redirect_is_never_followed_with_the_key(tmp_path, fake_server, captur
         assert elsewhere.seen == []
         assert any("it redirects (HTTP 307)" in line for line in captured_logs)
         assert not any(API_KEY in line for line in captured_logs)
-        assert stats.exit_code == 2 and stats.interrupted_by is app.Interruption.UNUSABLE_ADDRESS
+        assert stats.exit_code == 2 and stats.stop is app.Stop.UNUSABLE_ADDRESS
         assert outputs(requests_path) == ([], [])  # every line is left for the next run
 
 
@@ -290,7 +290,7 @@ def test_answers_wait_in_memory_until_room_comes_back(tmp_path, fake_server):
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
     saved = whole_records(results_path)
-    assert stats.exit_code == 2 and stats.interrupted_by is app.Interruption.WRITE_FAILED
+    assert stats.exit_code == 2 and stats.stop is app.Stop.WRITE_FAILED
     assert len(saved) == sum(fake.stats.answered.values())  # every answer paid for was saved
     stats = run_in_process(requests_path, fake)
     assert stats.exit_code == 0 and fake.stats.paid_twice == 0
@@ -315,7 +315,7 @@ def test_a_results_file_replaced_during_the_run_stops_it(tmp_path, fake_server):
     stats = run_in_process(requests_path, fake, max_requests_per_minute=3000)
     helper.join()
 
-    assert stats.exit_code == 2 and stats.interrupted_by is app.Interruption.WRITE_FAILED
+    assert stats.exit_code == 2 and stats.stop is app.Stop.WRITE_FAILED
     rerun = run_in_process(requests_path, fake)
     assert rerun.exit_code == 0
     assert sorted(record[2]["row"] for record in whole_records(results_path)) == list(range(200))
@@ -390,7 +390,7 @@ def test_a_requests_file_rewritten_in_place_is_never_read_as_a_chimera(tmp_path,
 
     sent = [json.dumps(body, sort_keys=True) for body in fake.stats.bodies_seen]
     known = {json.dumps({k: v for k, v in row.items() if k != "metadata"}, sort_keys=True) for row in old + new}
-    assert stats.exit_code == 3 and stats.input_changed and stats.succeeded < 300
+    assert stats.exit_code == 3 and stats.stop is app.Stop.INPUT_CHANGED and stats.succeeded < 300
     assert all(body in known for body in sent)
     rerun = run_in_process(requests_path, fake)
     assert rerun.exit_code == 0 and rerun.succeeded == 300 - rerun.already_done
@@ -482,6 +482,6 @@ def test_a_server_that_never_completes_connections_is_an_outage_not_a_long_wait(
         stats = asyncio.run(app.process_api_requests_from_file(str(requests_path), request_url=url, api_key=API_KEY,
                                                                grace_period=1))
 
-    assert stats.exit_code == 3 and stats.interrupted_by is app.Interruption.OUTAGE
+    assert stats.exit_code == 3 and stats.stop is app.Stop.OUTAGE
     assert outputs(requests_path) == ([], [])  # every line is left for the next run
     assert any("got no answer or a 5xx" in line and "no connection within 0.5 s" in line for line in captured_logs)

@@ -430,7 +430,7 @@ def test_a_spend_cap_stops_the_run_at_once_and_the_rerun_answers_every_line_once
     stats = run_in_process(requests_path, fake, max_requests_per_minute=6000, max_concurrent_requests=5)
 
     results, errors = outputs(requests_path)
-    assert stats.exit_code == 6 and stats.interrupted_by is app.Interruption.ORGANIZATION_REFUSED
+    assert stats.exit_code == 6 and stats.stop is app.Stop.ORGANIZATION_REFUSED
     assert any("refuses every request of the organization (enforced_spend_limit_reached)" in line
                and "until 00:00 UTC on the 1st of next month" in line for line in captured_logs)
     assert errors == [] and 15 <= len(results) <= 21 and capped["refused"] <= 5  # the requests in flight at most
@@ -459,7 +459,7 @@ def test_more_refusals_of_the_organization_abandon_none_of_the_answers_in_flight
     stats = run_in_process(requests_path, fake, max_concurrent_requests=10)
 
     results, errors = outputs(requests_path)
-    assert stats.interrupted_by is app.Interruption.ORGANIZATION_REFUSED and errors == []
+    assert stats.stop is app.Stop.ORGANIZATION_REFUSED and errors == []
     assert fake.stats.received - 20 >= 2  # more than one refusal came back
     assert not any("again: stopping now" in line for line in captured_logs)
     assert len(results) == sum(fake.stats.answered.values()) == 20  # every answer accepted before the hold is saved

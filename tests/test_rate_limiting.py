@@ -52,10 +52,10 @@ def test_usage_correction_gives_back_or_charges_more():
 
 
 def test_learned_ratio_scales_new_estimates():
-    calibration = app.InputCalibration()
-    assert calibration.scale(100) == 100
-    calibration.record(estimated=1000, actual=1300)
-    assert calibration.ratio == pytest.approx(1.3) and calibration.scale(100) == 130
+    lane = app.ModelLane(limiter=None)
+    assert lane.scale_input(100) == 100
+    lane.estimated, lane.counted = 1000, 1300  # what the answers so far counted: 1.3 times the estimate
+    assert lane.input_ratio == pytest.approx(1.3) and lane.scale_input(100) == 130
 
 
 def test_retry_after_forms():
@@ -105,11 +105,10 @@ def test_a_200_that_is_not_a_message_is_retried_not_saved():
 
 
 def test_output_expectation_learns_the_mean_bounded_by_max_tokens():
-    expectation = app.OutputExpectation()
-    assert expectation.expected(1024) == 1024  # nothing known yet: assume the worst
-    for produced in (80, 120, 100):
-        expectation.record(produced)
-    assert expectation.expected(1024) == 100 and expectation.expected(50) == 50
+    lane = app.ModelLane(limiter=None)
+    assert lane.expected_output(1024) == 1024  # nothing known yet: assume the worst
+    lane.produced, lane.answers = 80 + 120 + 100, 3
+    assert lane.expected_output(1024) == 100 and lane.expected_output(50) == 50
 
 
 def test_rate_limit_headers_are_read_with_the_tokens_fallback():
@@ -320,11 +319,11 @@ def outcome(status: int | None, kind: str = "api_error", headers: dict | None = 
     (outcome(408, "timeout_error"), app.RETRY, True),
     (outcome(409, "conflict"), app.RETRY, True),
     (outcome(429, "rate_limit_error"), app.RETRY, False),  # the run's pacing problem, not the line's
-    (outcome(429, "rate_limit_error", error_code="enforced_spend_limit_reached"), app.GIVE_UP, True),
-    (outcome(429, "rate_limit_error", error_code="contract_spend_limit_reached"), app.GIVE_UP, True),
-    (outcome(402, "billing_error", error_code="linked_organization_spend_limit_reached"), app.GIVE_UP, True),
-    (outcome(400, "invalid_request_error", error_code="organization_on_hold"), app.GIVE_UP, True),
-    (outcome(400, "invalid_request_error", error_code="cmek_key_disabled"), app.GIVE_UP, True),
+    (outcome(429, "rate_limit_error", error_code="enforced_spend_limit_reached"), app.STOP, True),
+    (outcome(429, "rate_limit_error", error_code="contract_spend_limit_reached"), app.STOP, True),
+    (outcome(402, "billing_error", error_code="linked_organization_spend_limit_reached"), app.STOP, True),
+    (outcome(400, "invalid_request_error", error_code="organization_on_hold"), app.STOP, True),
+    (outcome(400, "invalid_request_error", error_code="cmek_key_disabled"), app.STOP, True),
     (outcome(429, "rate_limit_error", error_code="ramp_limit_exceeded"), app.RETRY, False),
     (outcome(400, "invalid_request_error", error_code="a_code_from_the_future"), app.FAIL, True),
     (outcome(500), app.RETRY, True),
@@ -370,33 +369,23 @@ def test_a_failure_is_the_requests_own_only_when_the_api_refused_the_request(att
     (NETWORK_FAILURE, 10.0, app.RETRY, False, True),
     (TIMED_OUT, 10.0, app.FAIL, True, False),  # a timeout says nothing of an outage: its last attempt is used up
     (outcome(400, "invalid_request_error"), 10.0, app.FAIL, True, False),
-    (outcome(503), 901.0, app.GIVE_UP, True, False),  # 15 minutes down: left for the next run
+    (outcome(503), 901.0, app.STOP, True, False),  # 15 minutes down: left for the next run
 ])
 def test_an_outage_holds_every_sender_then_gives_up_after_fifteen_minutes(attempt, outage_seconds, action, counted,
                                                                           hold_all):
     decision = app.decide(attempt, attempts=5, max_attempts=5, since_answered=0.0, outage_seconds=outage_seconds)
     assert (decision.action, decision.counted, decision.hold_all) == (action, counted, hold_all)
-    if action == app.GIVE_UP:
-        assert decision.cause is app.Interruption.OUTAGE and decision.cause.exit_code == 3
+    if action == app.STOP:
+        assert decision.cause is app.Stop.OUTAGE and decision.cause.exit_code == 3
 
 
 def test_fifteen_minutes_of_nothing_but_429s_gives_up():
     limited = outcome(429, "rate_limit_error")  # retry-after: 7
     assert app.decide(limited, 1, 5, since_answered=892.0, outage_seconds=None).action == app.RETRY
     decision = app.decide(limited, 1, 5, since_answered=894.0, outage_seconds=None)  # the wait would end past 900 s
-    assert decision.action == app.GIVE_UP and decision.cause is app.Interruption.ONLY_429S
+    assert decision.action == app.STOP and decision.cause is app.Stop.ONLY_429S
     an_hour = outcome(429, "rate_limit_error", {"retry-after": "3600"})  # honoured, but not past the 15 minutes
-    assert app.decide(an_hour, 1, 5, since_answered=0.0, outage_seconds=None).action == app.GIVE_UP
-
-
-@pytest.mark.parametrize(("cause", "exit_code", "cuts"), [
-    (app.Interruption.SIGINT, 130, True), (app.Interruption.SIGTERM, 143, True), (app.Interruption.SIGHUP, 129, True),
-    (app.Interruption.OUTAGE, 3, True),
-    (app.Interruption.ONLY_429S, 3, True), (app.Interruption.UNUSABLE_ADDRESS, 2, True),
-    (app.Interruption.NO_PRICE, 2, True), (app.Interruption.BUDGET, 5, False),
-])
-def test_each_interruption_has_its_exit_code_and_its_grace_period(cause, exit_code, cuts):
-    assert (cause.exit_code, cause.cuts_requests_in_flight) == (exit_code, cuts)
+    assert app.decide(an_hour, 1, 5, since_answered=0.0, outage_seconds=None).action == app.STOP
 
 
 RAISE_IT = ("16,000 input tokens/min is what holds the run back: if your limit is higher, raise "

@@ -149,7 +149,7 @@ def test_the_learned_token_ratio_carries_over_to_the_dry_run_and_the_next_run(tm
     assert "Claude counts about 1.40x)" in fresh.stdout
     processor = app.Processor(app.Settings(api_key="k"), None, [], app.ResultCollector([]),
                               app.ResumeIndex.load(str(results_path)), app.RememberedFailures(""), {})
-    assert processor.lanes["claude-sonnet-5-5"].calibration.ratio == pytest.approx(learned)
+    assert processor.lanes["claude-sonnet-5-5"].input_ratio == pytest.approx(learned)
 
 
 def test_many_results_survive_a_save_and_a_load_whatever_order_they_came_in(tmp_path, monkeypatch):
