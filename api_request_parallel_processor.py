@@ -19,7 +19,7 @@ The map: one line per section of this file, in order, each the title of its bann
 - Token estimation: tiktoken's cl100k_base scaled per model, each cached prefix named; the facts per model.
 - Reading requests: the input streamed line by line; a bad line is an error naming its line number.
 - Resume index: the results already saved, and the failures to remember; a rerun skips both.
-- Usage and cost: the dated price table (a row per model, long-prompt tiers), the models retiring, each answer's cost.
+- Models and cost: the dated model table (price, tokenizer, cache minimum, retirement, refusals); each answer's cost.
 - Run counters: what a run did, and why it stopped early: every stop one value of Stop, with its exit code.
 - Writing results: one unbuffered write per record; the reader of lines into jobs; a lock per results file.
 - Rate limiting: token buckets per model and limit, the API's headers as the truth, slowing down and recovering.
@@ -666,48 +666,6 @@ class TokenEstimator:
         return sum(self.text(json.dumps(block)) if where == "tool" else self.value(block) for where, block in blocks)
 
 
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the tool assumes of a model where no response has said better: Claude's tokens per cl100k_base
-    token (the starting point of a run's learned ratio, and the dry run's count), and the shortest prefix
-    the model caches (None: not published)."""
-
-    tokens_per_cl100k: float
-    min_cacheable_tokens: int | None
-
-
-DEFAULT_MODEL_FACTS = ModelFacts(1.3, None)  # Claude's tokenizer counts ~1.15-1.3x cl100k_base on English
-
-
-MODEL_FACTS = {  # by model-id prefix, the longest match wins; as of PRICES_AS_OF
-    "claude-sonnet-5": ModelFacts(1.4, 1024),  # Sonnet 5 and 5.5: the new tokenizer, ~1.35-1.45x
-    "claude-sonnet-4": ModelFacts(1.3, 1024),
-    "claude-opus-4-0": ModelFacts(1.3, 1024),
-    "claude-opus-4-1": ModelFacts(1.3, 1024),
-    "claude-opus-4-5": ModelFacts(1.3, 4096),
-    "claude-opus-4-6": ModelFacts(1.3, 4096),
-    "claude-opus-4-7": ModelFacts(1.3, 4096),
-    "claude-opus-4-8": ModelFacts(1.3, 1024),  # Opus 4.8 lowered the minimum from 4,096
-    "claude-haiku-4-5": ModelFacts(1.3, 4096),
-    "claude-3-5-haiku": ModelFacts(1.3, 2048),
-}
-
-
-DATED_ID = re.compile(r"-\d{8}$")  # a model id's release date
-
-
-def by_model_prefix(model: str, table: dict[str, Any]) -> Any:
-    """The entry of a table keyed by model-id prefix whose longest prefix matches `model`, or None. A dated id is its
-    alias (`claude-fable-5-20260601` is `claude-fable-5`), and a prefix ends where a part of the id does:
-    `claude-fable-5` covers `claude-fable-5-1`, `claude-fable-5-2` does not cover Fable 5's dated id."""
-    alias = DATED_ID.sub("", model)
-    matches = [prefix for prefix in table if alias == prefix or alias.startswith(prefix + "-")]
-    return table[max(matches, key=len)] if matches else None
-
-
-def model_facts(model: str) -> ModelFacts:
-    return by_model_prefix(model, MODEL_FACTS) or DEFAULT_MODEL_FACTS
-
 # ==================================================================================================
 # Reading requests
 # ==================================================================================================
@@ -810,35 +768,6 @@ def version_problem(body: dict[str, Any], version: str) -> str | None:
                     isinstance(part, dict) and part.get("type") == "text" and part.get("citations")
                     for part in inner):
                 return f"API version {version} does not accept citations on a user's text (messages[{index}]){keep}"
-    return None
-
-
-SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0}  # top_k has none: any value of it is not the default
-# What models refuse with a 400 whatever the API version, as of PRICES_AS_OF, by model-id prefix (by_model_prefix):
-# the dry run warns of it; a run sends the line, and the API has the last word.
-MODEL_RULES = {
-    "claude-sonnet-5": "fixed sampling",  # Sonnet 5 and later: non-default sampling, manual extended thinking
-    **dict.fromkeys(("claude-opus-5-5", "claude-fable-5-1", "claude-fable-5-2", "claude-mythos-5-1",
-                     "claude-mythos-5-2"), "always thinking"),  # no thinking turned off or budgeted, no forced tool
-}
-
-
-def model_problem(body: dict[str, Any]) -> str | None:
-    """The first parameter of this body that its model refuses (MODEL_RULES), or None."""
-    model, rule = body["model"], by_model_prefix(body["model"], MODEL_RULES)
-    thinking = body.get("thinking") if isinstance(body.get("thinking"), dict) else {}
-    if rule == "fixed sampling":
-        for name in SAMPLING_PARAMETERS:
-            if name in body and body[name] != SAMPLING_DEFAULTS.get(name):
-                return f"{model} refuses a non-default '{name}': leave it out"
-        if thinking.get("type") == "enabled":
-            return f"{model} refuses manual extended thinking (its thinking is adaptive): leave 'thinking' out"
-    if rule == "always thinking":
-        if thinking.get("type") in ("enabled", "disabled"):
-            return f"{model} cannot turn thinking off or budget it by hand: leave 'thinking' out"
-        tool_choice = body.get("tool_choice") if isinstance(body.get("tool_choice"), dict) else {}
-        if tool_choice.get("type") in ("any", "tool"):
-            return f"{model} refuses a forced tool_choice ('{tool_choice['type']}'): use 'auto'"
     return None
 
 
@@ -1395,11 +1324,11 @@ class RememberedFailures:
             keep_lines(self.path, lambda offset, _: offset not in dropped)
 
 # ==================================================================================================
-# Usage and cost
+# Models and cost
 # ==================================================================================================
 
 
-PRICES_AS_OF = "2026-11-28"  # the date of the table below; --prices adds to it or corrects it
+PRICES_AS_OF = "2026-11-28"  # the date of the model table (MODELS); --prices adds to its prices or corrects them
 CACHE_MULTIPLIERS = {"cache_write_5m": 1.25, "cache_write_1h": 2.0, "cache_read": 0.1}  # of the input price
 US_ONLY_MULTIPLIER = 1.1  # `"inference_geo": "us"` (US-only inference), on every kind of token
 BATCH_MULTIPLIER = 0.5  # the Message Batches API, on every kind of token
@@ -1441,54 +1370,113 @@ def price_row(input: float, output: float, cache_write_5m: float | None = None, 
 SONNET_4_LONG_PROMPT = (200_000, price_row(6, 22.50))  # Sonnet 4 and 4.5 over 200K input tokens (the 1M context)
 
 
-# Anthropic's list prices on PRICES_AS_OF, by model-id prefix (the longest prefix that matches a model wins):
-#                                input output  write 5m  write 1h  read
-PRICE_TABLE: dict[str, Price] = {
-    "claude-fable-5-2": price_row(8.00, 40.00, 10.00, 16.00, 0.20),  # released 9 November 2026
-    "claude-mythos-5-2": price_row(8.00, 40.00, 10.00, 16.00, 0.20),
-    "claude-fable-5-1": price_row(10.00, 50.00, 12.50, 20.00, 0.25),
-    "claude-mythos-5-1": price_row(10.00, 50.00, 12.50, 20.00, 0.25),
-    "claude-fable-5": price_row(10.00, 50.00, 12.50, 20.00, 1.00),
-    "claude-mythos-5": price_row(10.00, 50.00, 12.50, 20.00, 1.00),
-    "claude-opus-5-5": price_row(4.00, 20.00, 5.00, 8.00, 0.20),
-    "claude-opus-5": price_row(5.00, 25.00, 6.25, 10.00, 0.50),
-    "claude-opus-4-8": price_row(5.00, 25.00, 6.25, 10.00, 0.50),
-    "claude-opus-4-7": price_row(5.00, 25.00, 6.25, 10.00, 0.50),
-    "claude-opus-4-6": price_row(5.00, 25.00, 6.25, 10.00, 0.50),
-    "claude-opus-4-5": price_row(5.00, 25.00, 6.25, 10.00, 0.50),
-    "claude-opus-4-1": price_row(15.00, 75.00, 18.75, 30.00, 1.50),  # retired on the Claude API
-    "claude-opus-4-0": price_row(15.00, 75.00, 18.75, 30.00, 1.50),  # retired on the Claude API
-    "claude-opus-4": price_row(15.00, 75.00, 18.75, 30.00, 1.50),  # Opus 4 (by its dated id); retired
-    "claude-sonnet-5": price_row(2.00, 10.00, 2.50, 4.00, 0.20),  # Sonnet 5 and Sonnet 5.5
-    "claude-sonnet-4-6": price_row(3.00, 15.00, 3.75, 6.00, 0.30),
-    "claude-sonnet-4-5": price_row(3.00, 15.00, 3.75, 6.00, 0.30, SONNET_4_LONG_PROMPT),  # retires 2026-11-30
-    "claude-sonnet-4-0": price_row(3.00, 15.00, 3.75, 6.00, 0.30, SONNET_4_LONG_PROMPT),
-    "claude-sonnet-4": price_row(3.00, 15.00, 3.75, 6.00, 0.30, SONNET_4_LONG_PROMPT),  # Sonnet 4 (by its dated id)
-    "claude-haiku-5-5": price_row(0.10, 0.50, long_prompt=(100_000, price_row(0.50, 2.50))),
-    "claude-haiku-4-5": price_row(1.00, 5.00, 1.25, 2.00, 0.10),
-    "claude-3-5-haiku": price_row(0.80, 4.00, 1.00, 1.60, 0.08),
+FABLE_5_2 = price_row(8.00, 40.00, 10.00, 16.00, 0.20)  # USD per million tokens: input, output, write 5m, write 1h,
+FABLE_5_1 = price_row(10.00, 50.00, 12.50, 20.00, 0.25)  # read (Fable and Mythos alike)
+FABLE_5 = price_row(10.00, 50.00, 12.50, 20.00, 1.00)
+OPUS_4_5 = price_row(5.00, 25.00, 6.25, 10.00, 0.50)  # Opus 4.5 to 4.8, and 5
+OPUS_4 = price_row(15.00, 75.00, 18.75, 30.00, 1.50)  # Opus 4 and 4.1
+SONNET_5 = price_row(2.00, 10.00, 2.50, 4.00, 0.20)  # Sonnet 5 and 5.5
+SONNET_4 = price_row(3.00, 15.00, 3.75, 6.00, 0.30, SONNET_4_LONG_PROMPT)  # Sonnet 4 and 4.5
+RETIRED = date.min  # a model's `retires`: before PRICES_AS_OF
+FIXED_SAMPLING = "fixed sampling"  # no non-default sampling, no manual extended thinking
+ALWAYS_THINKING = "always thinking"  # no thinking turned off or budgeted, no forced tool_choice
+
+
+@dataclass(frozen=True)
+class Model:
+    """A row of the model table: the list price; Claude's tokens per cl100k_base token, where a run's learned ratio
+    starts and the dry run counts (the tokenizer counts ~1.15-1.3x cl100k_base on English); the shortest prefix the
+    model caches (None: not published); the day from which the API answers 404 not_found_error to it (None: none
+    announced); what it refuses whatever the API version (model_problem)."""
+
+    price: Price | None
+    tokens_per_cl100k: float = 1.3
+    min_cacheable_tokens: int | None = None
+    retires: date | None = None
+    refuses: str = ""
+
+
+UNKNOWN_MODEL = Model(None)
+
+
+# Anthropic's models on PRICES_AS_OF, by model-id prefix (the longest prefix that matches a model wins, see
+# by_model_prefix): --prices adds to their prices or corrects them.
+MODELS: dict[str, Model] = {
+    "claude-fable-5-2": Model(FABLE_5_2, refuses=ALWAYS_THINKING),  # released 9 November 2026
+    "claude-mythos-5-2": Model(FABLE_5_2, refuses=ALWAYS_THINKING),
+    "claude-fable-5-1": Model(FABLE_5_1, refuses=ALWAYS_THINKING),
+    "claude-mythos-5-1": Model(FABLE_5_1, refuses=ALWAYS_THINKING),
+    "claude-fable-5": Model(FABLE_5),
+    "claude-mythos-5": Model(FABLE_5),
+    "claude-opus-5-5": Model(price_row(4.00, 20.00, 5.00, 8.00, 0.20), refuses=ALWAYS_THINKING),
+    "claude-opus-5": Model(OPUS_4_5),
+    "claude-opus-4-8": Model(OPUS_4_5, min_cacheable_tokens=1024),  # lowered from 4,096
+    "claude-opus-4-7": Model(OPUS_4_5, min_cacheable_tokens=4096),
+    "claude-opus-4-6": Model(OPUS_4_5, min_cacheable_tokens=4096),
+    "claude-opus-4-5": Model(OPUS_4_5, min_cacheable_tokens=4096, retires=date(2027, 1, 22)),
+    "claude-opus-4-1": Model(OPUS_4, min_cacheable_tokens=1024, retires=RETIRED),
+    "claude-opus-4-0": Model(OPUS_4, min_cacheable_tokens=1024, retires=RETIRED),
+    "claude-opus-4": Model(OPUS_4, min_cacheable_tokens=1024, retires=RETIRED),  # Opus 4 (by its dated id)
+    "claude-sonnet-5": Model(SONNET_5, 1.4, 1024, refuses=FIXED_SAMPLING),  # a new tokenizer, ~1.35-1.45x
+    "claude-sonnet-4-6": Model(price_row(3.00, 15.00, 3.75, 6.00, 0.30), min_cacheable_tokens=1024),
+    "claude-sonnet-4-5": Model(SONNET_4, min_cacheable_tokens=1024, retires=date(2026, 11, 30)),
+    "claude-sonnet-4-0": Model(SONNET_4, min_cacheable_tokens=1024),
+    "claude-sonnet-4": Model(SONNET_4, min_cacheable_tokens=1024),  # Sonnet 4 (by its dated id)
+    "claude-haiku-5-5": Model(price_row(0.10, 0.50, long_prompt=(100_000, price_row(0.50, 2.50)))),
+    "claude-haiku-4-5": Model(price_row(1.00, 5.00, 1.25, 2.00, 0.10), min_cacheable_tokens=4096),
+    "claude-3-5-haiku": Model(price_row(0.80, 4.00, 1.00, 1.60, 0.08), min_cacheable_tokens=2048),
 }
-
-
 CURRENT_MODELS = ("claude-fable-5-2", "claude-opus-5-5", "claude-sonnet-5-5", "claude-haiku-5-5")  # PRICES_AS_OF
-# As of PRICES_AS_OF, the day from which the API answers 404 not_found_error to a model (None: before that date), by
-# alias (a dated id is its alias: claude-opus-4-20250514 is Opus 4); no entry covers another model, as a prefix would.
-MODEL_RETIREMENTS: dict[str, date | None] = {
-    "claude-opus-4": None, "claude-opus-4-0": None, "claude-opus-4-1": None,
-    "claude-sonnet-4-5": date(2026, 11, 30), "claude-opus-4-5": date(2027, 1, 22),
-}
+
+
+DATED_ID = re.compile(r"-\d{8}$")  # a model id's release date
+
+
+def by_model_prefix(model: str, table: dict[str, Any]) -> Any:
+    """The entry of a table keyed by model-id prefix whose longest prefix matches `model`, or None. A dated id is its
+    alias (`claude-fable-5-20260601` is `claude-fable-5`), and a prefix ends where a part of the id does:
+    `claude-fable-5` covers `claude-fable-5-1`, `claude-fable-5-2` does not cover Fable 5's dated id."""
+    alias = DATED_ID.sub("", model)
+    matches = [prefix for prefix in table if alias == prefix or alias.startswith(prefix + "-")]
+    return table[max(matches, key=len)] if matches else None
+
+
+def model_facts(model: str) -> Model:
+    return by_model_prefix(model, MODELS) or UNKNOWN_MODEL
+
+
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0}  # top_k has none: any value of it is not the default
+def model_problem(body: dict[str, Any]) -> str | None:
+    """The first parameter of this body that its model refuses whatever the API version (Model.refuses), or None: the
+    dry run warns of it; a run sends the line, and the API has the last word."""
+    model, rule = body["model"], model_facts(body["model"]).refuses
+    thinking = body.get("thinking") if isinstance(body.get("thinking"), dict) else {}
+    if rule == FIXED_SAMPLING:
+        for name in SAMPLING_PARAMETERS:
+            if name in body and body[name] != SAMPLING_DEFAULTS.get(name):
+                return f"{model} refuses a non-default '{name}': leave it out"
+        if thinking.get("type") == "enabled":
+            return f"{model} refuses manual extended thinking (its thinking is adaptive): leave 'thinking' out"
+    if rule == ALWAYS_THINKING:
+        if thinking.get("type") in ("enabled", "disabled"):
+            return f"{model} cannot turn thinking off or budget it by hand: leave 'thinking' out"
+        tool_choice = body.get("tool_choice") if isinstance(body.get("tool_choice"), dict) else {}
+        if tool_choice.get("type") in ("any", "tool"):
+            return f"{model} refuses a forced tool_choice ('{tool_choice['type']}'): use 'auto'"
+    return None
+
+
 RETIREMENT_NOTICE_DAYS = 60  # a model that retires sooner than this draws a warning
 
 
 def retirement_notice(model: str, today: date) -> tuple[bool, str] | None:
     """Whether `model` has retired by `today` (the API answers 404 to it) and what to tell the user, if it has or
     retires within RETIREMENT_NOTICE_DAYS; None otherwise."""
-    alias = DATED_ID.sub("", model)
-    if alias not in MODEL_RETIREMENTS:
+    day, family = model_facts(model).retires, DATED_ID.sub("", model).split("-")[1]
+    if day is None:
         return None
-    day, family = MODEL_RETIREMENTS[alias], alias.split("-")[1]
     successor = next((current for current in CURRENT_MODELS if f"-{family}-" in current), CURRENT_MODELS[0])
-    if day is None or day <= today:
+    if day <= today:
         return True, f"{model} is retired: the API answers 404 not_found_error to it; use {successor}"
     if (day - today).days > RETIREMENT_NOTICE_DAYS:
         return None
@@ -1518,7 +1506,7 @@ def load_prices(path: str | None) -> dict[str, Price]:
     """The built-in table, plus or corrected by a JSON file of rows by model-id prefix, in USD per million
     tokens: {"prefix": {"input": x, "output": y}} at least; any of "cache_write_5m", "cache_write_1h",
     "cache_read" and a "long_prompt" row (with "over", its token threshold) may be added."""
-    prices = dict(PRICE_TABLE)
+    prices = {prefix: row.price for prefix, row in MODELS.items()}
     if path is None:
         return prices
     try:
@@ -2097,7 +2085,7 @@ class LineReader:
         self.failures = failures
         self.writer = writer
         self.stats = stats
-        self.models: set[str] = set()  # seen: each is checked against MODEL_RETIREMENTS once
+        self.models: set[str] = set()  # seen: each is checked for its retirement once
 
     def jobs(self, estimate: Callable[[dict[str, Any]], TokenEstimate] | None = None) -> Iterator[Job]:
         """The jobs still to do; `estimate` gives each its token estimate (the batch road needs none)."""
@@ -4706,7 +4694,7 @@ class ModelPlan:
     cost) the API would report, with Claude's count, from a typical share of max_tokens produced (`low`)
     to all of it (`high`). Each request is priced on its own, as the API bills it."""
 
-    tokens_per_cl100k: float = DEFAULT_MODEL_FACTS.tokens_per_cl100k
+    tokens_per_cl100k: float = UNKNOWN_MODEL.tokens_per_cl100k
     price: Price | None = None
     ratio_learned: bool = False  # tokens_per_cl100k from an earlier run's responses, not the family's figure
     requests: int = 0
