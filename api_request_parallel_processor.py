@@ -32,6 +32,19 @@ The map: one line per section of this file, in order, each the title of its bann
 - Answers out: --export and export_rows, one row per input line in input order, in bounded memory.
 - Reporting: the status line, the cost summary and the dry run.
 - Entry points: `process_api_requests_from_file` and `process_requests` to await (a notebook too); `main()`.
+
+A line's way, by name. Both roads: `read_lines`, then `LineReader.jobs`, which skips what a rerun skips (answered
+lines, by `ResumeIndex.claim_line` or `ResumeIndex.claim`; the remembered failures, by `RememberedFailures.match`)
+and fails a bad line (`parse_request`, `version_problem`). The direct road: `Processor.work` hands each job to
+`ModelLanes.put`; `Processor.send` waits in `ModelLane.acquire` (`RateLimiter.acquire`) and `Road.within_budget`;
+`Processor.attempt` calls `send_attempt`, which reads the answer (`interpret_response`, or `read_event_stream`);
+a failed attempt goes to `Processor.attempt_failed`, where `decide` says what to do: a 429, a 5xx or a 529 is
+retried after `retry_delay` (the server's retry-after, else `backoff_seconds`) through `ReadyJobs.add_later`.
+A job ends in `Processor.succeed` or `Road.fail`, and so in `ResultWriter.write_result` or `write_failure`. The
+batch road: `BatchRun.submit_new_lines` spools jobs (`BatchSpool.add`) and `BatchRun.submit` creates each batch
+(`BatchClient.call`, retried by `decide` in `BatchClient.retry_delay`); `BatchRun.collect` reads the results
+(`BatchClient.result_lines`) and `BatchRun.settle_result` writes each one, or fails it or sends it again as
+`decide_batch_result` says. A stop, on either road, is `Road.interrupt` with a `Stop`.
 """
 
 from __future__ import annotations

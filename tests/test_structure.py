@@ -45,3 +45,13 @@ def test_every_top_level_name_is_defined_before_any_use():
 def test_time_is_read_through_one_clock_and_the_public_names_exist():
     assert SOURCE.count("time.monotonic") == 1
     assert all(callable(getattr(app, name)) for name in app.__all__)
+
+
+def test_a_lines_way_names_only_what_the_file_defines():
+    """The docstring's paragraph of a line's way through the file names real functions, in backquotes."""
+    paragraph = (ast.get_docstring(TREE) or "").split("A line's way", 1)[1]
+    names = re.findall(r"`([A-Za-z_][\w.]*)`", paragraph)
+    assert len(names) >= 25 and "decide" in names and "backoff_seconds" in names
+    for name in names:
+        owner, _, member = name.partition(".")
+        assert hasattr(app, owner) and (not member or hasattr(getattr(app, owner), member)), name
