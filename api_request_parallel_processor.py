@@ -1973,9 +1973,9 @@ class ResultWriter:
             self.index.result_written(*entry, record)
 
     async def write_unwritten(self, patience: float, clock: Clock = monotonic) -> int:
-        """Try to write the records waiting in memory, again every second for `patience` seconds (room may come
-        back); the number that could not be."""
-        deadline = clock() + patience
+        """After a run whose records could not all be written: try again every second for `patience` seconds (room
+        may come back), and say what became of them; the number still unwritten."""
+        answers, deadline = sum(to_results for to_results, _, _ in self.unwritten), clock() + patience
         while self.unwritten:
             waiting, self.unwritten, self.problem = self.unwritten, [], ""
             for file in (self.results, self.errors):
@@ -1989,6 +1989,12 @@ class ResultWriter:
             if not self.unwritten or clock() >= deadline:
                 break
             await asyncio.sleep(min(UNWRITTEN_RETRY_SECONDS, max(0.0, deadline - clock())))
+        if self.unwritten:
+            lost = sum(to_results for to_results, _, _ in self.unwritten)
+            log.error("{}: {:,} answer(s) and {:,} error record(s) could not be saved; the next run sends those lines "
+                      "again (make room first).", self.problem, lost, len(self.unwritten) - lost)
+        elif answers:
+            log.warning("Room came back: the {:,} answer(s) kept in memory are saved.", answers)
         return len(self.unwritten)
 
     def close(self) -> None:
@@ -4958,22 +4964,6 @@ def save_index(index: ResumeIndex, results_path: str, token_ratios: dict[str, fl
                     error.strerror)
 
 
-async def write_unwritten(files: ResultWriter, patience: float) -> int:
-    """After a run whose records could not all be written: write them if room comes back within `patience`
-    seconds; say what became of them. The number still unwritten."""
-    if not files.problem:
-        return 0
-    waiting = sum(to_results for to_results, _, _ in files.unwritten)
-    unwritten = await files.write_unwritten(patience)
-    if unwritten:
-        lost = sum(to_results for to_results, _, _ in files.unwritten)
-        log.error("{}: {:,} answer(s) and {:,} error record(s) could not be saved; the next run sends those lines "
-                  "again (make room first).", files.problem, lost, unwritten - lost)
-    elif waiting:
-        log.warning("Room came back: the {:,} answer(s) kept in memory are saved.", waiting)
-    return unwritten
-
-
 def install_signal_handlers(on_signal: Callable[[Stop], None]) -> Callable[[], None]:
     """Route SIGINT, SIGTERM and SIGHUP to `on_signal` for the run's duration; returns the undo. Where the
     loop cannot take signals (not the main thread, Windows), the run keeps the host's handling."""
@@ -5087,7 +5077,7 @@ async def run(config: Settings, lines: Iterable[tuple[int, Any]], count_total: C
                     stats = await run_processor(config, lines, count_total, sink, resume_index, failures, prices)
                     learned = stats.input_ratios
                 finally:
-                    unwritten = await write_unwritten(files, config.grace_period)
+                    unwritten = await files.write_unwritten(config.grace_period)
                     sink.close()
                     save_index(resume_index, config.save_filepath, learned)
                 failures.finish(stats.read_to_end)
