@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import ROOT, outputs, request, run_cli, run_in_process, write_jsonl
@@ -283,3 +284,27 @@ def test_lines_for_a_retired_model_are_named_by_the_dry_run_and_the_run(tmp_path
     assert len(warnings) == 1  # once per model, not per line
     assert warnings[0] == ("WARNING Line 1: claude-opus-4-1-20250805 is retired: the API answers 404 not_found_error "
                            "to it; use claude-opus-5-5.")
+
+
+def test_the_dry_run_and_the_rerun_skip_the_same_lines(tmp_path, fake_server):
+    """Both read through LineReader: every skip rule (answered by bytes, answered by content, a remembered refusal, a
+    remembered bad line, a line the API version refuses, a repeat that needs a result of its own) counts alike."""
+    fake = fake_server()
+    answered, reordered = request("a", 0), request("c", 3)
+    first = [answered, request("[[always:400]] b", 1), "{broken", reordered]
+    requests_path = write_jsonl(tmp_path / "r.jsonl", first)
+    run_in_process(requests_path, fake)
+    sent_before = fake.stats.received
+    rerun = [answered, request("[[always:400]] b", 1), "{broken", dict(reversed(list(reordered.items()))),
+             request("sampled", 4, temperature=0.5), request("d", 5), answered]
+    write_jsonl(requests_path, rerun)
+
+    dry = run_cli("--requests_filepath", str(requests_path), "--dry_run")
+    stats = run_in_process(requests_path, fake)
+
+    counts = re.search(r"(\d+) line\(s\) to send, (\d+) bad .* Skipped: (\d+) line\(s\) with a result in .*, and (\d+) "
+                       r"that failed for good", dry.stdout)
+    assert counts is not None, dry.stdout
+    assert tuple(map(int, counts.groups())) == (2, 1, 2, 2)
+    assert (fake.stats.received - sent_before, stats.bad_lines, stats.already_done, stats.failures_remembered) == (
+        2, 1, 2, 2)
