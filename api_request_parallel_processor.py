@@ -1583,18 +1583,25 @@ MAX_USAGE_TOKENS = 100_000_000  # far above one request's tokens (a 1M context, 
 USAGE_COUNTS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
 
-def usage_problem(usage: Any) -> str | None:
-    """Why a message's usage cannot be believed, or None. Counted as it is, it would crash the run (a string),
-    stall it for good (a debt of 10^30 tokens in a limit) or bill a negative cost."""
-    if usage is None:
-        return None
-    if not isinstance(usage, dict):
-        return f"a usage that is {type(usage).__name__}, not an object"
+MESSAGE_FIELDS = (("id", str), ("model", str), ("content", list), ("usage", dict))
+
+
+def message_problem(message: Any) -> str | None:
+    """Why an answer cannot be saved, or None: it is not a Messages response as the SDK's Message requires one (id,
+    model, content a list, role assistant, type message, usage with its input and output tokens), or its usage
+    cannot be believed. Counted as it is, a usage could crash the run (a string), stall it for good (a debt of 10^30
+    tokens in a limit) or bill a negative cost."""
+    if not isinstance(message, dict):
+        return f"a body that is {type(message).__name__}, not a message"
+    missing = [name for name, kind in MESSAGE_FIELDS if not isinstance(message.get(name), kind)]
+    if missing or message.get("type") != "message" or message.get("role") != "assistant":
+        return f"a message without {', '.join(missing) or 'its type and role'}"
+    usage = message["usage"]
     split = usage.get("cache_creation") if isinstance(usage.get("cache_creation"), dict) else {}
     for name, value in [*((key, usage.get(key)) for key in USAGE_COUNTS),
                         ("cache_creation.ephemeral_1h_input_tokens", split.get("ephemeral_1h_input_tokens"))]:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or not 0 <= value <= MAX_USAGE_TOKENS):
+        if (value is not None or name in USAGE_COUNTS[:2]) and (
+                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_USAGE_TOKENS):
             return f"an impossible usage: {name} {reprlib.repr(value)}"
     return None
 
@@ -2764,10 +2771,27 @@ def snippet(raw: bytes, limit: int = 120) -> str:
     return repr(text[:limit] + ("..." if len(text) > limit else ""))
 
 
-def answer_attempt(message: dict[str, Any], raw: bytes, headers: Any) -> Attempt:
-    """A message answered (whole, or rebuilt from its stream): a success, unless its usage cannot be believed; then,
-    like a torn body, an attempt to make again."""
-    problem = usage_problem(message.get("usage"))
+# The status code that an error after a 200 (a body or a stream's `error` event) stands for, to classify it like the
+# same error before it.
+STREAM_ERROR_STATUSES = {"invalid_request_error": 400, "authentication_error": 401, "billing_error": 402,
+                         "permission_error": 403, "not_found_error": 404, "request_too_large": 413,
+                         "rate_limit_error": 429, "api_error": 500, "timeout_error": 504, "overloaded_error": 529}
+
+
+def error_attempt(error: dict[str, Any], headers: Any, where: str) -> Attempt:
+    """An error that came after a 200 (`where`), as the attempt its status would have been."""
+    kind, request_id = error.get("type", "error"), headers.get("request-id", "")
+    status = STREAM_ERROR_STATUSES.get(kind, 500)
+    return Attempt(error=f"{where}: {kind}: {error.get('message', '')}" + (f" (request-id {request_id})" if request_id
+                                                                           else ""),
+                   retryable=retryable_status(status), status=status, authentication_failed=status == 401,
+                   headers=headers, maybe_billed=True)
+
+
+def answer_attempt(message: Any, raw: bytes, headers: Any) -> Attempt:
+    """A message answered (whole, or rebuilt from its stream): a success, unless it cannot be saved (message_problem);
+    then, like a torn body, an attempt to make again, failed (not for good) once the attempts run out."""
+    problem = message_problem(message)
     if problem:
         return Attempt(error=f"HTTP 200 with {problem}", retryable=True, status=200, headers=headers,
                        maybe_billed=True)
@@ -2781,11 +2805,12 @@ def interpret_response(status: int, headers: Any, raw: bytes) -> Attempt:
         body = load_json(raw)
     except ValueError:
         body = None
+    if status == 200 and isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return error_attempt(body["error"], headers, "an error body after HTTP 200")
     if status == 200:
-        if isinstance(body, dict) and body.get("type") != "error":
-            return answer_attempt(body, raw, headers)
-        return Attempt(error=f"HTTP 200 with a body that is not a message (truncated?) {snippet(raw)}",
-                       retryable=True, status=status, headers=headers, maybe_billed=True)
+        return answer_attempt(body, raw, headers) if body is not None else Attempt(
+            error=f"HTTP 200 with a body that is not JSON (cut off?) {snippet(raw)}", retryable=True, status=status,
+            headers=headers, maybe_billed=True)
 
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
@@ -2833,12 +2858,6 @@ def stream_if_long(job: Job, timeout: float) -> None:
     job.streamed = streams(job.body, timeout)
     if job.streamed and job.body.get("stream") is not True:
         job.sent = json.dumps({**without_betas(job.body), "stream": True}, ensure_ascii=False).encode("utf-8")
-
-
-# The status code that an `error` event in a stream stands for, to classify it like the same error before it.
-STREAM_ERROR_STATUSES = {"invalid_request_error": 400, "authentication_error": 401, "billing_error": 402,
-                         "permission_error": 403, "not_found_error": 404, "request_too_large": 413,
-                         "rate_limit_error": 429, "api_error": 500, "timeout_error": 504, "overloaded_error": 529}
 
 
 JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -3047,13 +3066,7 @@ async def read_event_stream(response: aiohttp.ClientResponse, timeout: float) ->
             return Attempt(error=f"nothing but pings for {timeout:g} s (the request may still be worked on)",
                            retryable=True, timed_out=True, headers=response.headers, maybe_billed=True)
     if message.error is not None:
-        kind = message.error.get("type", "error")
-        status = STREAM_ERROR_STATUSES.get(kind, 500)
-        request_id = response.headers.get("request-id", "")
-        return Attempt(error=f"an error event mid-stream (after HTTP 200): {kind}: {message.error.get('message', '')}"
-                             + (f" (request-id {request_id})" if request_id else ""),
-                       retryable=retryable_status(status), status=status,
-                       authentication_failed=status == 401, headers=response.headers, maybe_billed=True)
+        return error_attempt(message.error, response.headers, "an error event mid-stream (after HTTP 200)")
     if not message.stopped or message.message is None:
         return Attempt(error="the stream ended before message_stop", retryable=True, headers=response.headers,
                        maybe_billed=True)
@@ -3840,10 +3853,8 @@ def decide_batch_result(result: dict[str, Any], attempts: int, max_attempts: int
             return FAIL, problem
     elif kind == "expired":
         problem = "expired (not processed within 24 hours)"
-    elif kind == "succeeded":  # with no message, or one whose usage cannot be believed
-        message = result.get("message")
-        usage = message.get("usage") if isinstance(message, dict) else None
-        problem = "succeeded with " + (usage_problem(usage) if isinstance(message, dict) else "no message")
+    elif kind == "succeeded":  # with an answer that cannot be saved (message_problem)
+        problem = f"succeeded with {message_problem(result.get('message'))}"
     else:
         return GIVE_UP, ""
     return (RETRY if attempts < max_attempts else GIVE_UP), problem
@@ -4436,7 +4447,7 @@ class BatchRun(Road):
             lines = self.waiting_lines.get(job.request_hash)
             job.line_number = lines.pop() if lines else 0
         message = result.get("message")
-        if kind == "succeeded" and isinstance(message, dict) and usage_problem(message.get("usage")) is None:
+        if kind == "succeeded" and message_problem(message) is None:
             self.writer.write_result(job, message, json.dumps(message, ensure_ascii=False).encode("utf-8"))
             self.stats.succeeded += 1
             self.stats.add_usage(job.body["model"], message.get("usage") or {},

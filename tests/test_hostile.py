@@ -207,6 +207,35 @@ def test_a_usage_that_cannot_be_believed_is_a_torn_answer(tmp_path, fake_server)
     assert stats.retries == 4 and stats.totals.cost >= 0
 
 
+def test_an_answer_without_content_is_never_saved_and_an_error_body_is_retried_as_its_error(tmp_path, fake_server):
+    async def hollow(request, body):
+        text = body["messages"][0]["content"]
+        message = {"id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
+                   "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn",
+                   "usage": {"input_tokens": 10, "output_tokens": 5}}
+        if text == "null":
+            return web.json_response({**message, "content": None})
+        if text == "missing":
+            return web.json_response({key: value for key, value in message.items() if key != "content"})
+        if text == "busy" and not hollow.busy:  # an overloaded_error in a 200's body, once
+            hollow.busy = True
+            return web.json_response({"type": "error", "error": {"type": "overloaded_error", "message": "busy"}})
+        return None
+
+    hollow.busy = False
+    fake = fake_server(hostile=hollow)
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(text, i) for i, text in
+                                                       enumerate(("null", "missing", "busy", "fine"))])
+
+    stats = run_in_process(requests_path, fake, max_attempts=2)
+
+    results, errors = outputs(requests_path)
+    assert stats.exit_code == 1 and sorted(record[2]["row"] for record in results) == [2, 3]
+    assert sorted(record[2]["row"] for record in errors) == [0, 1]
+    assert all(record[3]["permanent"] is False and "a message without content" in record[1][-1]
+               for record in errors)  # sent again by the next run
+
+
 def test_rate_limit_headers_that_cannot_be_true_do_not_stall_the_run(tmp_path, fake_server, captured_logs):
     async def lying_headers(request, body):
         message = {"id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],

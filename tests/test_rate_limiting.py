@@ -98,10 +98,30 @@ def test_x_should_retry_overrides_and_the_error_code_is_read():
     assert app.interpret_response(429, {}, error_body("rate_limit_error")).error_code == ""
 
 
-def test_a_200_that_is_not_a_message_is_retried_not_saved():
-    assert app.interpret_response(200, {}, b'{"id": "msg_1", "content": [').retryable is True
-    assert app.interpret_response(200, {}, b"[1, 2]").response is None
-    assert app.interpret_response(200, {}, b'{"type": "message"}').response == {"type": "message"}
+MESSAGE = {"id": "msg_1", "type": "message", "role": "assistant", "model": "m", "content": [],
+           "stop_reason": "end_turn", "usage": {"input_tokens": 3, "output_tokens": 1}}
+
+
+@pytest.mark.parametrize(("body", "problem"), [
+    (MESSAGE, None),
+    ({**MESSAGE, "content": None}, "HTTP 200 with a message without content"),
+    ({key: value for key, value in MESSAGE.items() if key != "content"}, "HTTP 200 with a message without content"),
+    ({key: value for key, value in MESSAGE.items() if key != "usage"}, "HTTP 200 with a message without usage"),
+    ({**MESSAGE, "usage": {"input_tokens": 3}}, "HTTP 200 with an impossible usage: output_tokens None"),
+    ({**MESSAGE, "role": "user"}, "HTTP 200 with a message without its type and role"),
+    ({"type": "message"}, "HTTP 200 with a message without id, model, content, usage"),
+    ([1, 2], "HTTP 200 with a body that is list, not a message"),
+    (b'{"id": "msg_1", "content": [', "HTTP 200 with a body that is not JSON (cut off?)"),
+    ({"type": "error", "error": {"type": "overloaded_error", "message": "busy"}},
+     "an error body after HTTP 200: overloaded_error: busy"),
+])
+def test_a_200_is_saved_only_if_it_is_a_message_and_an_error_body_is_that_error(body, problem):
+    attempt = app.interpret_response(200, {}, body if isinstance(body, bytes) else json.dumps(body).encode())
+    assert (attempt.response is None) is (problem is not None)
+    if problem is not None:
+        assert attempt.error.startswith(problem) and attempt.retryable and not attempt.refused
+    if problem and problem.startswith("an error body"):
+        assert attempt.status == 529 and attempt.server_side  # as an overloaded_error before the 200 would be
 
 
 def test_output_expectation_learns_the_mean_bounded_by_max_tokens():
