@@ -2788,17 +2788,25 @@ def error_attempt(error: dict[str, Any], headers: Any, where: str) -> Attempt:
                    headers=headers, maybe_billed=True)
 
 
-def answer_attempt(message: Any, raw: bytes, headers: Any) -> Attempt:
-    """A message answered (whole, or rebuilt from its stream): a success, unless it cannot be saved (message_problem);
-    then, like a torn body, an attempt to make again, failed (not for good) once the attempts run out."""
-    problem = message_problem(message)
+def object_problem(body: Any) -> str | None:
+    """Why the answer to a call of the batch endpoints cannot be used: it is not a JSON object."""
+    return None if isinstance(body, dict) else f"a body that is {type(body).__name__}, not an object"
+
+
+def answer_attempt(message: Any, raw: bytes, headers: Any, problem_of: Callable[[Any], str | None] = message_problem
+                   ) -> Attempt:
+    """An answer (whole, or a message rebuilt from its stream): a success, unless it cannot be used (`problem_of`:
+    message_problem, or object_problem for the batch endpoints); then, like a torn body, an attempt to make again,
+    failed (not for good) once the attempts run out."""
+    problem = problem_of(message)
     if problem:
         return Attempt(error=f"HTTP 200 with {problem}", retryable=True, status=200, headers=headers,
                        maybe_billed=True)
     return Attempt(response=message, raw=raw, status=200, headers=headers)
 
 
-def interpret_response(status: int, headers: Any, raw: bytes) -> Attempt:
+def interpret_response(status: int, headers: Any, raw: bytes,
+                       problem_of: Callable[[Any], str | None] = message_problem) -> Attempt:
     """Classify a complete HTTP response as the API documents its statuses."""
     request_id = headers.get("request-id", "")
     try:
@@ -2808,7 +2816,7 @@ def interpret_response(status: int, headers: Any, raw: bytes) -> Attempt:
     if status == 200 and isinstance(body, dict) and isinstance(body.get("error"), dict):
         return error_attempt(body["error"], headers, "an error body after HTTP 200")
     if status == 200:
-        return answer_attempt(body, raw, headers) if body is not None else Attempt(
+        return answer_attempt(body, raw, headers, problem_of) if body is not None else Attempt(
             error=f"HTTP 200 with a body that is not JSON (cut off?) {snippet(raw)}", retryable=True, status=status,
             headers=headers, maybe_billed=True)
 
@@ -3091,7 +3099,7 @@ def address_problem(error: aiohttp.ClientError) -> str:
 
 async def send_attempt(session: aiohttp.ClientSession, url: str, headers: dict[str, str],
                        payload: bytes | AsyncIterator[bytes] | None, timeout: float, streamed: bool = False,
-                       method: str = "POST") -> Attempt:
+                       method: str = "POST", problem_of: Callable[[Any], str | None] = message_problem) -> Attempt:
     """Call once (a POST of one request, or a call to the batch endpoints). Network failures, timeouts, torn
     bodies and broken streams become retryable attempts, never a crash. A plain request must be answered
     whole within `timeout`; a streamed one, or an upload streamed from disk (a batch), may take as long as
@@ -3106,7 +3114,7 @@ async def send_attempt(session: aiohttp.ClientSession, url: str, headers: dict[s
             status = response.status
             if streamed and response.status == 200 and response.content_type == "text/event-stream":
                 return await read_event_stream(response, timeout)
-            return interpret_response(response.status, response.headers, await read_body(response))
+            return interpret_response(response.status, response.headers, await read_body(response), problem_of)
     except aiohttp.ConnectionTimeoutError:  # never connected: nothing reached the API, as in an outage
         return Attempt(error=f"network error: no connection within {CONNECT_TIMEOUT_SECONDS:g} s", retryable=True)
     except ResponseTooLarge:
@@ -4083,7 +4091,7 @@ class BatchClient:
         started, tries = monotonic(), 0
         while True:
             attempt = await send_attempt(self.session, url, headers or self.headers, upload() if upload else None,
-                                         self.timeout, method=method)
+                                         self.timeout, method=method, problem_of=object_problem)
             if attempt.response is not None:
                 self.api_clock_ahead = api_clock_ahead(attempt.headers, self.api_clock_ahead)
                 return attempt.response
