@@ -68,7 +68,9 @@ import re
 import reprlib
 import signal
 import socket
+import stat
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -229,7 +231,10 @@ def usable_url(url: str) -> str:
 
 
 def default_save_filepath(requests_filepath: str) -> str:
-    """`x.jsonl` -> `x_results.jsonl`; any other name just gets `_results.jsonl` appended."""
+    """`x.jsonl` -> `x_results.jsonl`; any other name just gets `_results.jsonl` appended. Never beside a device
+    (`/dev/stdin`): the results, their index and lock would go in /dev."""
+    if os.path.abspath(requests_filepath).startswith(("/dev/", "/proc/")):
+        raise ConfigError(f"the requests file {requests_filepath} is not in a folder for results: give --save_filepath")
     if requests_filepath.endswith(".jsonl"):
         return requests_filepath[: -len(".jsonl")] + "_results.jsonl"
     return requests_filepath + "_results.jsonl"
@@ -4566,23 +4571,35 @@ def export_cell(value: Any) -> Any:
 
 
 def write_rows(rows: Iterator[dict[str, Any]], path: str, requests_path: str) -> Counter[str]:
+    """Into a temporary file of this export's own beside `path`, renamed over it once whole: two exports to one path
+    at once each end whole (the last renamed wins), and one killed leaves the file as it was."""
     statuses = Counter[str]()
-    with open(path + ".tmp", "w", encoding="utf-8", newline="") as file:
-        if path.endswith(".csv"):
-            names: dict[str, None] = {}
-            for _, raw in read_lines(requests_path):
-                with suppress(Exception):
-                    names.update(dict.fromkeys(map(metadata_column, parse_request(raw)[1] or ())))
-            writer = csv.DictWriter(file, ["line", *names, *EXPORT_COLUMNS[1:]], extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                statuses[row["status"]] += 1
-                writer.writerow({key: export_cell(value) for key, value in row.items()})
-        else:
-            for row in rows:
-                statuses[row["status"]] += 1
-                file.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(path + ".tmp", path)
+    folder, name = os.path.split(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(handle, 0o666 & ~umask)  # as open() would have made it
+    try:
+        with open(handle, "w", encoding="utf-8", newline="") as file:
+            if path.endswith(".csv"):
+                names: dict[str, None] = {}
+                for _, raw in read_lines(requests_path):
+                    with suppress(Exception):
+                        names.update(dict.fromkeys(map(metadata_column, parse_request(raw)[1] or ())))
+                writer = csv.DictWriter(file, ["line", *names, *EXPORT_COLUMNS[1:]], extrasaction="ignore")
+                writer.writeheader()
+                for row in rows:
+                    statuses[row["status"]] += 1
+                    writer.writerow({key: export_cell(value) for key, value in row.items()})
+            else:
+                for row in rows:
+                    statuses[row["status"]] += 1
+                    file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(temporary, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(temporary)
+        raise
     return statuses
 
 
@@ -4984,14 +5001,17 @@ def save_index(index: ResumeIndex, results_path: str, token_ratios: dict[str, fl
 
 
 def install_signal_handlers(on_signal: Callable[[Stop], None]) -> Callable[[], None]:
-    """Route SIGINT, SIGTERM and SIGHUP to `on_signal` for the run's duration; returns the undo. Where the
-    loop cannot take signals (not the main thread, Windows), the run keeps the host's handling."""
+    """Route SIGINT, SIGTERM and SIGHUP to `on_signal` for the run's duration; returns the undo. A signal ignored
+    when the run starts stays ignored (`nohup` ignores SIGHUP). Where the loop cannot take signals (not the main
+    thread, Windows), the run keeps the host's handling."""
     loop = asyncio.get_running_loop()
     previous: dict[signal.Signals, Any] = {}
     for cause in (cause for cause in Stop if cause.is_signal and hasattr(signal, cause.name)):
         number = getattr(signal, cause.name)
         try:
             handler = signal.getsignal(number)
+            if handler == signal.SIG_IGN:
+                continue
             loop.add_signal_handler(number, on_signal, cause)
             previous[number] = handler
         except (NotImplementedError, RuntimeError, ValueError):
@@ -5010,21 +5030,45 @@ def same_file(path: str, other: str) -> bool:
         and os.path.samefile(path, other)
 
 
-def require_separate_files(config: Settings) -> None:
-    """No file the run writes (results, errors, index, lock, log, batch records) may be the requests file, and the
-    export may be none of them."""
-    if config.requests_filepath is None or config.save_filepath is None:
+def file_problem(path: str) -> str | None:
+    """Why a file the run writes cannot be used, or None: one that exists must be a regular file this process can
+    write (/dev/null as the results would lose every answer, and send them all again on every rerun); one that does
+    not must be creatable."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        folder = Path(path).absolute().parent
+        while not folder.exists():
+            folder = folder.parent
+        return None if folder.is_dir() and os.access(folder, os.W_OK) else f"{folder} is not a folder it can write in"
+    except OSError as error:
+        return error.strerror
+    if stat.S_ISDIR(mode):
+        return "it is a directory"
+    if not stat.S_ISREG(mode):
+        return "it is not a regular file (a device, a FIFO or a socket): give a file's path"
+    return None if os.access(path, os.W_OK) else "permission denied"
+
+
+def require_usable_files(config: Settings) -> None:
+    """Before anything is sent: no file the run writes (results, errors, index, lock, log, batch records) may be the
+    requests file, the export may be none of them, and each that it writes (only the export with export_only) must
+    be usable (file_problem)."""
+    if config.save_filepath is None:
         return
     results = config.save_filepath
-    roles = (("requests", config.requests_filepath), ("results", results), ("errors", config.errors_filepath),
-             ("index", index_path(results)), ("lock", results + ".lock"), ("log", results + ".log"),
-             ("batch records", str(batch_folder(results))))
-    for role, path in roles[1:]:
-        if same_file(path, config.requests_filepath):
+    written = (("results", results), ("errors", config.errors_filepath), ("index", index_path(results)),
+               ("lock", results + ".lock"), ("log", results + ".log"))
+    for role, path in [*written, ("batch records", str(batch_folder(results)))]:
+        if config.requests_filepath and same_file(path, config.requests_filepath):
             raise ConfigError(f"the {role} file {path} would be the requests file: choose another --save_filepath")
-    for role, path in roles if config.export else ():
-        if same_file(config.export, path):
+    for role, path in [("requests", config.requests_filepath), *written] if config.export else ():
+        if path and same_file(config.export, path):
             raise ConfigError(f"--export {config.export} would overwrite the {role} file: choose another name")
+    for role, path in [*(() if config.export_only else written), *((("export", config.export),) if config.export
+                                                                   else ())]:
+        if problem := file_problem(path):
+            raise ConfigError(f"cannot write {role} to {path}: {problem}")
 
 
 async def run_processor(config: Settings, lines: Iterable[tuple[int, Any]], count_total: Callable[[], int],
@@ -5060,7 +5104,7 @@ async def run(config: Settings, lines: Iterable[tuple[int, Any]], count_total: C
         raise ConfigError("dry_run is for the command line (--dry_run): it prints, and sends nothing")
     if config.export_only:
         raise ConfigError("export_only is for the command line (--export_only): in Python, export_rows gives the rows")
-    require_separate_files(config)
+    require_usable_files(config)
     config.api_key = resolve_api_key(config.api_key)
     prices = load_prices(config.prices)
     log.threshold = config.logging_level
@@ -5158,7 +5202,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stderr is closed: the log goes to {sink}", flush=True)
         logger.add(sink, level=config.logging_level, format="{time:YYYY-MM-DD HH:mm:ss} | {level: <8} | {message}")
         if config.export_only:
-            require_separate_files(config)
+            require_usable_files(config)
             write_export(config)
             return 0
         return asyncio.run(process_api_requests_from_file(**arguments)).exit_code

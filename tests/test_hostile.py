@@ -10,6 +10,7 @@ import json
 import os
 import resource
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -514,3 +515,70 @@ def test_a_server_that_never_completes_connections_is_an_outage_not_a_long_wait(
     assert stats.exit_code == 3 and stats.stop is app.Stop.OUTAGE
     assert outputs(requests_path) == ([], [])  # every line is left for the next run
     assert any("got no answer or a 5xx" in line and "no connection within 0.5 s" in line for line in captured_logs)
+
+
+# -- paths that are not files, nohup, exports that meet -----------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["/dev/null", "link to /dev/null", "errors: a directory", "index: a FIFO"])
+def test_a_path_that_is_not_a_regular_file_is_refused_before_anything_is_sent(tmp_path, fake_server, where):
+    fake = fake_server()
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(3)])
+    results = tmp_path / "r_results.jsonl"
+    if where == "/dev/null":
+        results = Path("/dev/null")
+    elif where == "link to /dev/null":
+        results.symlink_to("/dev/null")
+    elif where == "errors: a directory":
+        (tmp_path / "r_results_errors.jsonl").mkdir()
+    else:
+        os.mkfifo(tmp_path / "r_results.jsonl.index")
+
+    result = subprocess.run([sys.executable, str(SCRIPT), "--requests_filepath", str(requests_path), "--save_filepath",
+                             str(results), "--request_url", fake.url, "--api_key", API_KEY],
+                            capture_output=True, text=True, timeout=60, check=False)
+
+    role = where.split(":")[0] if ":" in where else "results"
+    assert result.returncode == 2 and fake.stats.received == 0, result.stderr
+    assert result.stderr.startswith(f"error: cannot write {role} to ") and result.stderr.count("\n") == 1
+
+
+def test_a_requests_file_under_dev_needs_a_results_path(tmp_path):
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request("q", 0)])
+    with open(requests_path) as stdin:
+        result = subprocess.run([sys.executable, str(SCRIPT), "--requests_filepath", "/dev/stdin", "--api_key",
+                                 API_KEY], stdin=stdin, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2 and "give --save_filepath" in result.stderr
+    assert not Path("/dev/stdin_results.jsonl").exists()
+
+
+def test_under_nohup_a_hangup_is_ignored_and_the_run_finishes(tmp_path, fake_server):
+    fake = fake_server(latency=(0.05, 0.1))
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(60)])
+    process = subprocess.Popen(["nohup", sys.executable, str(SCRIPT), "--requests_filepath", str(requests_path),
+                                "--request_url", fake.url, "--api_key", API_KEY, "--max_requests_per_minute", "1200"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while fake.stats.received < 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGHUP)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0 and "SIGHUP" not in stderr, stderr
+    assert len(outputs(requests_path)[0]) == 60
+
+
+def test_two_exports_to_one_path_at_once_both_end_whole(tmp_path, fake_server):
+    fake = fake_server()
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i} " + "x" * 200, i) for i in range(3000)])
+    run_in_process(requests_path, fake, max_requests_per_minute=600_000)
+    export = tmp_path / "answers.jsonl"
+    args = [sys.executable, str(SCRIPT), "--requests_filepath", str(requests_path), "--export", str(export),
+            "--export_only"]
+
+    exports = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    codes = [process.wait(timeout=120) for process in exports]
+
+    assert codes == [0, 0]
+    rows = [json.loads(line) for line in export.read_text(encoding="utf-8").splitlines()]
+    assert [row["line"] for row in rows] == list(range(1, 3001)) and {row["status"] for row in rows} == {"answered"}
+    assert [path.name for path in tmp_path.iterdir() if path.name.endswith(".tmp")] == []
