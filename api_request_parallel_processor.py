@@ -3025,6 +3025,73 @@ class StreamedMessage:
             block["citations"] = [*(block.get("citations") or []), delta["citation"]]
 
 
+TICK_SECONDS = 0.5  # how often a run notes that it is running...
+PAUSE_SECONDS = 2.0  # ...and a longer gap than this between two notes is a pause
+
+
+class RunningTime:
+    """Seconds the process ran: its clock less the pauses it slept through (Ctrl+Z then fg, docker pause, a laptop
+    lid), which a tick every TICK_SECONDS shows as a gap. Timeouts count only this time: the answers that arrived
+    during a pause are read before a timeout can count the pause, so nothing in flight is paid for twice."""
+
+    def __init__(self, clock: Clock = monotonic) -> None:
+        self.clock = clock
+        self.ticked = clock()
+        self.paused = 0.0
+
+    def gap(self, now: float) -> float:
+        """The pause since the last tick, if there is one."""
+        gap = now - self.ticked - TICK_SECONDS
+        return gap if gap > PAUSE_SECONDS else 0.0
+
+    def tick(self) -> None:
+        now = self.clock()
+        self.paused += self.gap(now)
+        self.ticked = now
+
+    def now(self) -> float:
+        now = self.clock()
+        return now - self.paused - self.gap(now)  # a pause not yet ticked, as when a timer wakes first after it
+
+    async def keep_ticking(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            self.tick()
+
+
+class Watchdog:
+    """A timeout in running time (RunningTime), for the task that makes it: once `seconds` of it pass without
+    `progress()`, the task is cancelled and the `with` block raises TimeoutError. A timer that wakes after a pause
+    finds less time passed than it was set for, and waits on while the answers that came meanwhile are read."""
+
+    def __init__(self, seconds: float, running: RunningTime) -> None:
+        self.seconds, self.running = seconds, running
+        self.task, self.loop = asyncio.current_task(), asyncio.get_running_loop()
+        self.since, self.fired = running.now(), False
+        self.handle = self.loop.call_later(seconds, self.check)
+
+    def progress(self) -> None:
+        self.since = self.running.now()
+
+    def check(self) -> None:
+        left = self.seconds - (self.running.now() - self.since)
+        if left > 0:
+            self.handle = self.loop.call_later(left, self.check)
+        elif self.task is not None:
+            self.fired = True
+            self.task.cancel()
+
+    def __enter__(self) -> Watchdog:  # noqa: PYI034 - typing.Self is Python 3.11's
+        return self
+
+    def __exit__(self, kind: object, error: object, traceback: object) -> None:
+        self.handle.cancel()
+        if self.fired and kind is asyncio.CancelledError:
+            if hasattr(self.task, "uncancel"):  # Python 3.11 and later count the cancellation
+                self.task.uncancel()
+            raise TimeoutError from None
+
+
 class ResponseTooLarge(Exception):
     """A response (or a stream, or one line of batch results) went past MAX_RESPONSE_BYTES."""
 
@@ -3041,15 +3108,16 @@ async def read_body(response: aiohttp.ClientResponse) -> bytes:
     return b"".join(parts)
 
 
-async def read_event_stream(response: aiohttp.ClientResponse, timeout: float) -> Attempt:
+async def read_event_stream(response: aiohttp.ClientResponse, timeout: float, watchdog: Watchdog) -> Attempt:
     """Read a 200's server-sent events into the message a plain request would have returned. An `error`
     event, or a stream that ends (or breaks) before `message_stop`, is a failed attempt: nothing partial
-    is ever returned as a result. So is a stream with nothing but pings for `timeout` seconds (a silent one
-    is cut by the connection's own timeout), and one past MAX_RESPONSE_BYTES."""
+    is ever returned as a result. So is a stream with nothing but pings for `timeout` seconds of running time (a
+    silent one is cut by the `watchdog`, which each piece that arrives puts off), and one past MAX_RESPONSE_BYTES."""
     message = StreamedMessage()
     name, data, pending = "", [], bytearray()
-    size, progress_at = 0, monotonic()
+    size, progress_at, running = 0, watchdog.running.now(), watchdog.running
     async for chunk in response.content.iter_any():
+        watchdog.progress()
         size += len(chunk)
         if size > MAX_RESPONSE_BYTES:
             raise ResponseTooLarge()
@@ -3071,11 +3139,11 @@ async def read_event_stream(response: aiohttp.ClientResponse, timeout: float) ->
                     return Attempt(error=f"a malformed {name or 'stream'} event ({type(error).__name__}: {error})",
                                    retryable=True, headers=response.headers, maybe_billed=True)
                 if name != "ping":
-                    progress_at = monotonic()
+                    progress_at = running.now()
                 name, data = "", []
         if message.error is not None or message.stopped:
             break
-        if monotonic() - progress_at > timeout:  # after this piece's events: one of them may be the progress
+        if running.now() - progress_at > timeout:  # after this piece's events: one of them may be the progress
             return Attempt(error=f"nothing but pings for {timeout:g} s (the request may still be worked on)",
                            retryable=True, timed_out=True, headers=response.headers, maybe_billed=True)
     if message.error is not None:
@@ -3104,22 +3172,25 @@ def address_problem(error: aiohttp.ClientError) -> str:
 
 async def send_attempt(session: aiohttp.ClientSession, url: str, headers: dict[str, str],
                        payload: bytes | AsyncIterator[bytes] | None, timeout: float, streamed: bool = False,
-                       method: str = "POST", problem_of: Callable[[Any], str | None] = message_problem) -> Attempt:
+                       method: str = "POST", problem_of: Callable[[Any], str | None] = message_problem,
+                       running: RunningTime | None = None) -> Attempt:
     """Call once (a POST of one request, or a call to the batch endpoints). Network failures, timeouts, torn
     bodies and broken streams become retryable attempts, never a crash. A plain request must be answered
     whole within `timeout`; a streamed one, or an upload streamed from disk (a batch), may take as long as
-    it needs, but no progress (no event, pings included) for `timeout` seconds is a timeout."""
+    it needs, but no progress (no event, pings included) for `timeout` seconds is a timeout. With `running`
+    (a request's), the timeout counts only the time the process ran (Watchdog)."""
     status = None  # once the response has begun
     try:
-        silence = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_SECONDS,
-                                                    sock_read=timeout)}
         long = streamed or not isinstance(payload, (bytes, type(None)))
-        async with session.request(method, url, data=payload, headers=headers, allow_redirects=False,
-                                   **(silence if long else {})) as response:
-            status = response.status
-            if streamed and response.status == 200 and response.content_type == "text/event-stream":
-                return await read_event_stream(response, timeout)
-            return interpret_response(response.status, response.headers, await read_body(response), problem_of)
+        limits = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_SECONDS,
+                                       sock_read=None if running else timeout)
+        with Watchdog(timeout, running) if running else nullcontext() as watchdog:
+            async with session.request(method, url, data=payload, headers=headers, allow_redirects=False,
+                                       **({"timeout": limits} if long or running else {})) as response:
+                status = response.status
+                if streamed and response.status == 200 and response.content_type == "text/event-stream":
+                    return await read_event_stream(response, timeout, watchdog)
+                return interpret_response(response.status, response.headers, await read_body(response), problem_of)
     except aiohttp.ConnectionTimeoutError:  # never connected: nothing reached the API, as in an outage
         return Attempt(error=f"network error: no connection within {CONNECT_TIMEOUT_SECONDS:g} s", retryable=True)
     except ResponseTooLarge:
@@ -3387,17 +3458,22 @@ class Road:
         self.stats = RunStats(prices=prices, batch=batch, budget=self.budget)
         self.reader = LineReader(lines, resume_index, failures, writer, self.stats, settings, self.interrupt)
         self.task: asyncio.Task[None] | None = None
+        self.running = RunningTime()  # what the requests' timeouts count (a pause is not the API's silence)
 
     async def run(self) -> RunStats:
         self.task = asyncio.create_task(self.work())
+        ticking = asyncio.create_task(self.running.keep_ticking())
         try:
-            await self.task
-        except asyncio.CancelledError:
-            if not self.stats.interrupted:  # cancelled from outside, not by a stop of ours
-                raise
-        except RunStopped as stopped:
-            self.interrupt(stopped.stop, stopped.detail, stopped.lasted)
-        await self.wind_down()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                if not self.stats.interrupted:  # cancelled from outside, not by a stop of ours
+                    raise
+            except RunStopped as stopped:
+                self.interrupt(stopped.stop, stopped.detail, stopped.lasted)
+            await self.wind_down()
+        finally:
+            ticking.cancel()
         return self.stats
 
     def interrupt(self, stop: Stop, detail: str = "", lasted: float = 0.0) -> None:
@@ -3677,7 +3753,7 @@ class Processor(Road):
     async def attempt(self, lane: ModelLane, job: Job) -> None:
         try:
             result = await send_attempt(self.session, self.settings.request_url, with_betas(self.headers, job.betas),
-                                        job.sent, self.settings.request_timeout, job.streamed)
+                                        job.sent, self.settings.request_timeout, job.streamed, running=self.running)
         except Exception as error:  # noqa: BLE001 - even a bug of ours must leave the line in the errors file
             result = Attempt(error=f"unexpected error: {type(error).__name__}: {error}")
         finally:

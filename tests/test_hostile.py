@@ -582,3 +582,31 @@ def test_two_exports_to_one_path_at_once_both_end_whole(tmp_path, fake_server):
     rows = [json.loads(line) for line in export.read_text(encoding="utf-8").splitlines()]
     assert [row["line"] for row in rows] == list(range(1, 3001)) and {row["status"] for row in rows} == {"answered"}
     assert [path.name for path in tmp_path.iterdir() if path.name.endswith(".tmp")] == []
+
+
+# -- a paused process -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_pause_longer_than_the_timeout_pays_for_nothing_twice(tmp_path, fake_server, streamed):
+    """Ctrl+Z then fg, docker pause, a laptop lid: the answers that came during the pause are read, not timed out and
+    sent again. The fake answers in 1-1.5 s; the process stops for twice the 2.5 s timeout with ~100 in flight."""
+    fake = fake_server(latency=(1.0, 1.5))
+    extra = {"stream": True} if streamed else {}
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i, **extra) for i in range(150)])
+    process = subprocess.Popen([sys.executable, str(SCRIPT), "--requests_filepath", str(requests_path),
+                                "--request_url", fake.url, "--api_key", API_KEY, "--max_requests_per_minute", "60000",
+                                "--max_tokens_per_minute", "10000000", "--request_timeout", "2.5"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while fake.stats.received < 100 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGSTOP)
+    time.sleep(5.0)
+    answered_during_the_pause = sum(fake.stats.answered.values())
+    process.send_signal(signal.SIGCONT)
+    _, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == 0, stderr
+    assert answered_during_the_pause >= 90 and fake.stats.paid_twice == 0, stderr
+    assert len(outputs(requests_path)[0]) == 150
