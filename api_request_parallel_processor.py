@@ -109,8 +109,9 @@ except ImportError as missing:  # the command line says what to do; an importer 
 
 try:
     import fcntl  # the run lock; where it is missing (Windows), runs are simply not locked
+    import resource  # the file descriptors a run may open
 except ImportError:  # pragma: no cover
-    fcntl = None
+    fcntl = resource = None
 
 # ==================================================================================================
 # Configuration and command line
@@ -2719,6 +2720,7 @@ class Attempt:
     error_code: str = ""  # the error's `details.error_code`, where the API gives one
     maybe_billed: bool = False  # no answer says what it cost, though it may have been processed (a timeout, a 200
     # broken off)
+    out_of_files: bool = False  # this machine ran out of file descriptors: the run's trouble, not the line's
 
     @property
     def rate_limited(self) -> bool:
@@ -2739,7 +2741,8 @@ class Attempt:
     def server_side(self) -> bool:
         """No answer at all, or the server's own failure (5xx, 529 overloaded): nothing wrong with the request.
         Not a timeout: a request that times out was received and is being worked on."""
-        return self.retryable and not self.timed_out and (self.status is None or self.status >= 500)
+        return self.retryable and not self.timed_out and not self.out_of_files and (
+            self.status is None or self.status >= 500)
 
 
 def parse_retry_after(headers: Any) -> float | None:
@@ -3201,6 +3204,9 @@ async def send_attempt(session: aiohttp.ClientSession, url: str, headers: dict[s
         return Attempt(error=f"{waited} (the request may still be worked on)", retryable=True, timed_out=True,
                        maybe_billed=True)
     except aiohttp.ClientError as error:  # a 200 broken off was generated, and billed, all the same
+        if isinstance(error, aiohttp.ClientOSError) and error.errno in (errno.EMFILE, errno.ENFILE):
+            return Attempt(error=f"no connection: {error.strerror} (the file descriptors of this machine)",
+                           retryable=True, out_of_files=True)
         return Attempt(error=f"network error: {type(error).__name__}: {error}", retryable=True,
                        unusable_address=address_problem(error), maybe_billed=status == 200)
 
@@ -3254,6 +3260,8 @@ def decide(attempt: Attempt, attempts: int, max_attempts: float, since_answered:
     if not attempt.retryable:
         return Decision(FAIL)
     delay = retry_delay(attempt, attempts)
+    if attempt.out_of_files:
+        return Decision(RETRY, delay, counted=False)
     if attempt.rate_limited:  # a retry-after that would outlast the 15 minutes gives up now, not after the wait
         if since_answered + delay > OUTAGE_MAX_SECONDS:
             return Decision(STOP, cause=Stop.ONLY_429S)
@@ -5147,10 +5155,38 @@ def require_usable_files(config: Settings) -> None:
             raise ConfigError(f"cannot write {role} to {path}: {problem}")
 
 
+FILES_KEPT_OPEN = 16  # file descriptors a run keeps beside its connections: its files, the loop's, a resolver's
+
+
+def descriptor_room() -> int | None:
+    """How many more files this process may open, less FILES_KEPT_OPEN: its limit (RLIMIT_NOFILE, the soft one
+    raised to the hard one where it can be) less those open now. None where there is no such limit."""
+    if resource is None:  # pragma: no cover
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft == resource.RLIM_INFINITY:
+        return None
+    with suppress(OSError):
+        return soft - len(os.listdir("/proc/self/fd" if Path("/proc/self/fd").is_dir() else "/dev/fd")) \
+            - FILES_KEPT_OPEN
+    return None
+
+
 async def run_processor(config: Settings, lines: Iterable[tuple[int, Any]], count_total: Callable[[], int],
                         sink: ResultSink, resume_index: ResumeIndex, failures: RememberedFailures,
                         prices: dict[str, Price]) -> RunStats:
-    """One session, one processor, with its progress reporter, line counter and signal handlers."""
+    """One session, one processor, with its progress reporter, line counter and signal handlers. Requests in flight
+    stay within the file descriptors the process may open: past them, every connection would fail."""
+    room = descriptor_room()
+    if not config.batch and room is not None and room < config.max_concurrent_requests:
+        log.warning("This process may open only {:,} more files (ulimit -n): at most {:,} requests in flight, not the "
+                    "{:,} of --max_concurrent_requests.", room + FILES_KEPT_OPEN, max(room, 1),
+                    config.max_concurrent_requests)
+        config.max_concurrent_requests = max(room, 1)
     connector = aiohttp.TCPConnector(limit=config.max_concurrent_requests)
     timeout = aiohttp.ClientTimeout(total=config.request_timeout, sock_connect=CONNECT_TIMEOUT_SECONDS)
     live = on_terminal()

@@ -610,3 +610,25 @@ def test_a_pause_longer_than_the_timeout_pays_for_nothing_twice(tmp_path, fake_s
     assert process.returncode == 0, stderr
     assert answered_during_the_pause >= 90 and fake.stats.paid_twice == 0, stderr
     assert len(outputs(requests_path)[0]) == 150
+
+
+# -- few file descriptors ---------------------------------------------------------------------------
+
+
+def test_with_few_file_descriptors_the_run_slows_instead_of_failing_lines(tmp_path, fake_server):
+    """`ulimit -n 64` and the default 500 requests in flight: every line answered in one run."""
+    fake = fake_server(latency=(0.3, 0.6))  # at the rate given, ~900 would be in flight (the code before: exit 2)
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(1000)])
+
+    def few_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    result = subprocess.run([sys.executable, str(SCRIPT), "--requests_filepath", str(requests_path), "--request_url",
+                             fake.url, "--api_key", API_KEY, "--max_requests_per_minute", "120000",
+                             "--max_tokens_per_minute", "100000000"], preexec_fn=few_files, capture_output=True,
+                            text=True, timeout=120, check=False)
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "(ulimit -n): at most" in result.stderr and result.stderr.count("ulimit -n") == 1
+    results, errors = outputs(requests_path)
+    assert len(results) == 1000 and errors == []

@@ -355,6 +355,7 @@ def outcome(status: int | None, kind: str = "api_error", headers: dict | None = 
     (outcome(400, headers={"x-should-retry": "true"}), app.RETRY, True),
     (NETWORK_FAILURE, app.RETRY, True),
     (TIMED_OUT, app.RETRY, True),
+    (app.Attempt(error="no connection: Too many open files", retryable=True, out_of_files=True), app.RETRY, False),
 ])
 def test_one_rule_decides_after_each_status_and_error_code(attempt, action, counted):
     decision = app.decide(attempt, attempts=1, max_attempts=5, since_answered=0.0, outage_seconds=None)
