@@ -1700,10 +1700,10 @@ class Stop(Enum):
     WRITE_FAILED = 2, INTERRUPTS, "ERROR", "{detail}: sending no new requests."
     BATCH_REFUSED = 2, INTERRUPTS, "ERROR", ("A batch endpoint refused a call: {detail}. Stopping; run again once "
                                              "this is fixed.")
-    OUTAGE = 3, INTERRUPTS, "ERROR", ("No answer from the API for {lasted} (the last: {detail}): stopping. Run the "
-                                      "same command again once it is back.")
-    ONLY_429S = 3, INTERRUPTS, "ERROR", ("Nothing but 429s (rate limited) for {lasted}: another program may be using "
-                                         "the whole limit. Stopping.")
+    OUTAGE = 3, INTERRUPTS, "ERROR", ("No answer from the API for {lasted}{asked} (the last: {detail}): stopping. Run "
+                                      "the same command again once it is back.")
+    ONLY_429S = 3, INTERRUPTS, "ERROR", ("Nothing but 429s (rate limited) for {lasted}{asked}: another program may be "
+                                         "using the whole limit. Stopping.")
     INPUT_CHANGED = 3, ENDS, "WARNING", ("The requests file changed while it was read (rewritten in place?): line "
                                          "{detail} and the rest are left for the next run.")
     LEFT_FOR_NEXT_RUN = 3, ENDS, "WARNING", ("{detail} line(s) were left for the next run (canceled, or expired or "
@@ -3264,11 +3264,11 @@ def decide(attempt: Attempt, attempts: int, max_attempts: float, since_answered:
         return Decision(RETRY, delay, counted=False)
     if attempt.rate_limited:  # a retry-after that would outlast the 15 minutes gives up now, not after the wait
         if since_answered + delay > OUTAGE_MAX_SECONDS:
-            return Decision(STOP, cause=Stop.ONLY_429S)
+            return Decision(STOP, delay, cause=Stop.ONLY_429S)
         return Decision(RETRY, delay, counted=False)
     if attempt.server_side and outage_seconds is not None:
         if outage_seconds + delay > OUTAGE_MAX_SECONDS:
-            return Decision(STOP, cause=Stop.OUTAGE)
+            return Decision(STOP, delay, cause=Stop.OUTAGE)
         return Decision(RETRY, delay, counted=False, hold_all=True)
     if attempts >= max_attempts:
         return Decision(FAIL)
@@ -3446,9 +3446,9 @@ class RunStopped(Exception):
     """Raised where a stop is found deep in a road's work (a batch endpoint's refusal, a full disk): the road's
     `run` routes it to `interrupt`, as a direct road's decisions are routed there."""
 
-    def __init__(self, stop: Stop, detail: str = "", lasted: float = 0.0) -> None:
+    def __init__(self, stop: Stop, detail: str = "", lasted: float = 0.0, wait: float = 0.0) -> None:
         super().__init__(detail)
-        self.stop, self.detail, self.lasted = stop, detail, lasted
+        self.stop, self.detail, self.lasted, self.wait = stop, detail, lasted, wait
 
 
 class Road:
@@ -3478,22 +3478,24 @@ class Road:
                 if not self.stats.interrupted:  # cancelled from outside, not by a stop of ours
                     raise
             except RunStopped as stopped:
-                self.interrupt(stopped.stop, stopped.detail, stopped.lasted)
+                self.interrupt(stopped.stop, stopped.detail, stopped.lasted, stopped.wait)
             await self.wind_down()
         finally:
             ticking.cancel()
         return self.stats
 
-    def interrupt(self, stop: Stop, detail: str = "", lasted: float = 0.0) -> None:
+    def interrupt(self, stop: Stop, detail: str = "", lasted: float = 0.0, wait: float = 0.0) -> None:
         """Stop the run (see Stop), said once: the first interruption stands, and a signal after it is the user's
-        second word (`stop_now`)."""
+        second word (`stop_now`). `lasted`: how long the trouble has lasted; `wait`: what the API asked to wait more,
+        when that is what would outlast the 15 minutes a run waits."""
         if self.stats.interrupted and stop.is_signal:
             self.stop_now(stop)
         if not self.stats.stop_with(stop):
             return
         budget = self.budget.describe() if self.budget else ""
+        asked = f", and it asks to wait {format_duration(wait)} more" if wait else ""
         log_stop(stop, redact(detail, self.settings.api_key), self.fate(stop), lasted=format_duration(lasted),
-                 budget=budget)
+                 asked=asked, budget=budget)
         if stop.kind == INTERRUPTS:
             self.halt(stop)
 
@@ -3812,7 +3814,7 @@ class Processor(Road):
         if decision.action == STOP:  # the line stays unsent, like every other, for the next run
             lasted = self.outage.seconds if decision.cause is Stop.OUTAGE else self.outage.since_admitted
             self.interrupt(decision.cause, result.error_code if decision.cause is Stop.ORGANIZATION_REFUSED
-                           else result.error, lasted)
+                           else result.error, lasted, decision.delay)
         if self.stats.failing_unsent:
             self.fail(job, "run stopped")
         elif decision.action == STOP:
@@ -4207,7 +4209,7 @@ class BatchClient:
         if decision.cause is Stop.ORGANIZATION_REFUSED:
             raise RunStopped(decision.cause, attempt.error_code)
         if decision.action == STOP or failing > OUTAGE_MAX_SECONDS:
-            raise RunStopped(decision.cause or Stop.OUTAGE, problem, failing)
+            raise RunStopped(decision.cause or Stop.OUTAGE, problem, failing, decision.delay)
         return decision.delay
 
     async def create(self, spool: BatchSpool, record: BatchRecord, known: set[str]) -> dict[str, Any]:
@@ -5015,7 +5017,10 @@ def log_summary(stats: RunStats, settings: Settings) -> None:
         else f"Stopped ({stats.stop.words})"
     log.info("{} after {:.1f} s: {}", verb, stats.elapsed, status_line(stats))
     log_costs(stats)
-    if settings.save_filepath:
+    if settings.save_filepath and not Path(settings.save_filepath).is_file():
+        log.warning("{} is gone (moved or deleted during the run): the answers saved to it went with it.",
+                    settings.save_filepath)
+    elif settings.save_filepath and stats.succeeded:
         log.info("Results saved to {}", settings.save_filepath)
     if stats.failed or stats.bad_lines:
         where = settings.errors_filepath if settings.save_filepath else "the errors of each result"

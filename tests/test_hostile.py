@@ -10,6 +10,7 @@ import json
 import os
 import resource
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -352,6 +353,27 @@ def test_a_results_file_replaced_during_the_run_stops_it(tmp_path, fake_server):
     assert fake.stats.paid_twice <= 20
 
 
+def test_a_results_folder_deleted_during_the_run_is_not_said_to_hold_the_results(tmp_path, fake_server, captured_logs):
+    fake = fake_server(latency=(0.05, 0.1))
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"question {i}", i) for i in range(200)])
+    folder = tmp_path / "out"
+
+    def delete_it() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and fake.stats.received < 30:
+            time.sleep(0.01)
+        shutil.rmtree(folder)
+
+    helper = threading.Thread(target=delete_it)
+    helper.start()
+    stats = run_in_process(requests_path, fake, max_requests_per_minute=3000, save_filepath=str(folder / "r.jsonl"))
+    helper.join()
+
+    assert stats.exit_code == 2 and not any("Results saved" in line for line in captured_logs)
+    assert any(line.endswith("is gone (moved or deleted during the run): the answers saved to it went with it.")
+               for line in captured_logs)
+
+
 # -- files that are not what they seem -----------------------------------------------------------------
 
 
@@ -632,3 +654,18 @@ def test_with_few_file_descriptors_the_run_slows_instead_of_failing_lines(tmp_pa
     assert "(ulimit -n): at most" in result.stderr and result.stderr.count("ulimit -n") == 1
     results, errors = outputs(requests_path)
     assert len(results) == 1000 and errors == []
+
+
+def test_a_retry_after_past_the_fifteen_minutes_stops_at_once_and_says_so(tmp_path, fake_server, captured_logs):
+    async def a_day(request, body):
+        return web.json_response({"type": "error", "error": {"type": "rate_limit_error", "message": "later"}},
+                                 status=429, headers={"retry-after": "86400"})
+
+    fake = fake_server(hostile=a_day)
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(3)])
+
+    stats = run_in_process(requests_path, fake)
+
+    stopped = [line for line in captured_logs if line.startswith("ERROR Nothing but 429s")]
+    assert stats.exit_code == 3 and outputs(requests_path) == ([], [])  # every line left for the next run
+    assert len(stopped) == 1 and ", and it asks to wait 24h00m more:" in stopped[0], stopped

@@ -10,7 +10,7 @@ from conftest import ROOT, run_cli
 
 import api_request_parallel_processor as app
 
-FACTS = {"lasted": "15m00s", "budget": "$0.98 of the $1.00 budget"}
+FACTS = {"lasted": "15m00s", "asked": "", "budget": "$0.98 of the $1.00 budget"}
 
 
 @pytest.mark.parametrize(("stop", "exit_code", "cuts", "logged"), [
