@@ -2260,7 +2260,9 @@ AUTO_SAFETY_MARGIN = 0.97  # with "auto", run this close to the limits the API r
 TOKENS_REMAINING_ROUNDING = 500.0  # the API rounds token `remaining` figures to the nearest thousand
 SLOWDOWN = 0.9  # pushed back without being shown which limit is used up, every rate goes 10% slower...
 RECOVERY_SECONDS = 30.0  # ...and each 30 s without that wins a step back
-SHARED_LIMIT_STEP_SECONDS = 1.0  # an answer showing a limit used up slows its model a step, at most this often
+SHARED_LIMIT_STEP_SECONDS = 1.0  # the API's figures change a model's rates a step at most this often (share_step)
+SHARE_LOW, SHARE_HIGH = 0.25, 0.6  # an answer shows less of a limit's capacity left: slower; more: faster...
+SHARE_STEP = 0.8  # ...by this factor
 LIMIT_UNITS = {"requests": "requests/min", "input-tokens": "input tokens/min", "output-tokens": "output tokens/min"}
 LIMIT_FLAGS = {"requests": "--max_requests_per_minute", "input-tokens": "--max_tokens_per_minute",
                "output-tokens": "--max_output_tokens_per_minute"}
@@ -2368,10 +2370,14 @@ def limit_exhausted(figures: Figures, name: str) -> bool:
     return remaining is None or (remaining < 1 if name == "requests" else remaining <= 2 * TOKENS_REMAINING_ROUNDING)
 
 
-def limit_spent(figures: Figures, name: str) -> bool:
-    """Whether an answer shows nothing at all left of this limit."""
-    limit, remaining = figures.get(name, (None, None))
-    return (remaining or 0) < 1 < (limit or 0)
+def share_step(left: float, rate_limited: bool) -> float:
+    """The factor by which a model's rates change on an answer (or a 429 showing a limit used up) that shows `left`,
+    the smallest share of a limit's capacity left. The API's figures count every program of the organization, so a
+    limit running low while this run is paced under it means others spend from it too: each run that shares it
+    slows while it runs low and speeds up while plenty is left, and together they settle near it with few 429s."""
+    if rate_limited or left < SHARE_LOW:
+        return SHARE_STEP
+    return 1 / SHARE_STEP if left > SHARE_HIGH else 1.0
 
 
 class Limit:
@@ -2387,6 +2393,7 @@ class Limit:
         self.bucket = TokenBucket(self.configured, initial, clock)
         self.reported: float | None = None
         self.unbelievable: float | None = None  # the last reported limit too low to be true, once warned of
+        self.most_left = 0.0  # the most `remaining` reported: the API's bucket, as far as the answers show it
 
     def observe(self, limit: float | None, remaining: float | None) -> None:
         """Apply a response's figures. A limit below 1 a minute is no limit the API sets: ignored, with a
@@ -2412,6 +2419,13 @@ class Limit:
                 self.bucket.set_rate(rate)
         if remaining is not None:
             self.bucket.lower_to(remaining + (TOKENS_REMAINING_ROUNDING if self.name != "requests" else 0.0))
+            self.most_left = max(self.most_left, remaining)
+
+    def share_left(self, remaining: float | None) -> float | None:
+        """The share of the API's bucket a `remaining` leaves; None where the bucket is too small to tell (token
+        figures are rounded to the thousand)."""
+        enough = 2 if self.name == "requests" else 8 * TOKENS_REMAINING_ROUNDING
+        return None if remaining is None or self.most_left < enough else remaining / self.most_left
 
     def allowed_rate(self) -> float:
         """The rate the settings and the reported limit allow: the most the run may go at."""
@@ -2419,18 +2433,18 @@ class Limit:
             return self.configured
         return self.reported * AUTO_SAFETY_MARGIN if self.auto else min(self.configured, self.reported)
 
-    def slow_down(self) -> None:
-        self.bucket.set_rate(self.bucket.per_minute * SLOWDOWN)
+    def slow_down(self, factor: float = SLOWDOWN) -> None:
+        self.bucket.set_rate(self.bucket.per_minute * factor)
 
-    def speed_up(self) -> bool:
+    def speed_up(self, factor: float = 1 / SLOWDOWN) -> bool:
         """A step back towards the allowed rate; False when already there."""
         if self.bucket.per_minute >= self.allowed_rate():
             return False
-        self.bucket.set_rate(min(self.allowed_rate(), self.bucket.per_minute / SLOWDOWN))
+        self.bucket.set_rate(min(self.allowed_rate(), self.bucket.per_minute * factor))
         return True
 
-    def describe(self) -> str:
-        return f"{self.bucket.per_minute:,.0f} {LIMIT_UNITS[self.name]}"
+    def describe(self, factor: float = 1.0) -> str:
+        return f"{self.bucket.per_minute * factor:,.0f} {LIMIT_UNITS[self.name]}"
 
 
 class OutputCharging:
@@ -2508,7 +2522,8 @@ class Pacing:
         self.clock = clock
         self.paused_until = 0.0
         self.slowed_at: float | None = None  # the last slow-down; while set, some rate is below what is allowed
-        self.others_seen_at: float | None = None  # when an answer last showed a limit used up
+        self.blind_at = -math.inf  # the last 429 that showed no exhausted limit
+        self.shared_at: float | None = None  # when the API's figures last changed the rates (share)
         self.sends = 0  # sends so far, during the ramp up...
         self.ramp_started: float | None = None  # ...timed from the second send...
         self.ramp_next = 0.0  # ...and the earliest next send while it lasts
@@ -2541,7 +2556,7 @@ class Pacing:
         now = self.clock()
         slow_down = blind and now >= self.paused_until
         if blind:
-            self.slowed_at = now
+            self.slowed_at = self.blind_at = now
         self.paused_until = max(self.paused_until, now + seconds)
         for limit in self.limits:
             limit.bucket.lower_to(0.0)
@@ -2551,19 +2566,23 @@ class Pacing:
             log.warning("A 429 that shows no exhausted limit (no rate-limit headers, or capacity left: an "
                         "acceleration limit): slowing to {}.", self.describe())
 
-    def slow_down_for_others(self, spent: str) -> None:
-        """An answer shows the `spent` limit used up although this model is paced under it: something else spends
-        from the same limit, another program of the organization or another model name of the same class. Slow
-        every rate down as a blind 429 does, at most once a second, and win it back the same way."""
+    def share(self, factor: float) -> None:
+        """Change every rate by `factor` (share_step), at most once a second; faster only up to the allowed rates,
+        and not within RECOVERY_SECONDS of a blind 429 (which the figures do not explain)."""
         now = self.clock()
-        if self.others_seen_at is not None and now - self.others_seen_at < SHARED_LIMIT_STEP_SECONDS:
+        if factor == 1.0 or self.shared_at is not None and now - self.shared_at < SHARED_LIMIT_STEP_SECONDS:
             return
-        say = log.info if self.others_seen_at is None else log.debug
-        self.others_seen_at = self.slowed_at = now
+        if factor > 1.0:
+            sped_up = [limit.speed_up(factor) for limit in self.limits] if now - self.blind_at >= RECOVERY_SECONDS \
+                else []
+            self.shared_at = now if any(sped_up) else self.shared_at
+            return
+        if self.shared_at is None:
+            log.info("The API reports a limit running low although this run is paced under it: something else "
+                     "spends from it too. Slowing to {} while it does.", self.describe(factor=factor))
+        self.shared_at = self.slowed_at = now
         for limit in self.limits:
-            limit.slow_down()
-        say("The API reports its {} limit used up: something else spends from it too. Slowing to {}.", spent,
-            self.describe())
+            limit.slow_down(factor)
 
     def recover(self) -> None:
         """After a slow-down, each `RECOVERY_SECONDS` without another wins back a step, up to the allowed rates:
@@ -2576,9 +2595,9 @@ class Pacing:
         if sped_up:
             log.info("No 429 for {:.0f} s: speeding back up to {}.", RECOVERY_SECONDS, self.describe())
 
-    def describe(self, binding: Limit | None = None) -> str:
-        """The rates in force, the one the sends wait for (`binding`) marked."""
-        return ", ".join(limit.describe() + (" (binding)" if limit is binding else "") for limit in self.limits)
+    def describe(self, binding: Limit | None = None, factor: float = 1.0) -> str:
+        """The rates in force (times `factor`), the one the sends wait for (`binding`) marked."""
+        return ", ".join(limit.describe(factor) + (" (binding)" if limit is binding else "") for limit in self.limits)
 
 
 class RateLimiter:
@@ -2655,7 +2674,8 @@ class RateLimiter:
     def observe(self, figures: Figures, max_tokens: int, rate_limited: bool) -> None:
         """Every response's rate-limit figures (of a request asking for `max_tokens`). Where the API holds
         max_tokens, what the other requests in flight hold is not spent: their output will be charged as they
-        end. An answer (not a 429) that shows a limit spent means something else spends from it."""
+        end. The share of each limit left changes the rates (share_step), but for a 429 that shows none used up (it
+        is blind: see pause)."""
         if self.output_tokens is None and figures.get("output-tokens", (None,))[0]:
             self.output_tokens = Limit("output-tokens", AUTO, clock=self.clock)
             self.limits.append(self.output_tokens)
@@ -2664,10 +2684,12 @@ class RateLimiter:
             if remaining is not None and limit is self.output_tokens:
                 remaining += self.charging.others_holding(max_tokens)
             limit.observe(reported, remaining)
-        spent = [limit.name for limit in self.limits if limit_spent(figures, limit.name)
-                 and not (limit is self.output_tokens and self.charging.held)]
-        if spent and not rate_limited:
-            self.pacing.slow_down_for_others(spent[0])
+        shares = [limit.share_left(figures.get(limit.name, (None, None))[1]) for limit in self.limits
+                  if not (limit is self.output_tokens and self.charging.held)]
+        shares = [share for share in shares if share is not None]
+        exhausted = any(limit_exhausted(figures, limit.name) for limit in self.limits)
+        if shares and (exhausted or not rate_limited):
+            self.pacing.share(share_step(min(shares), rate_limited))
 
     def ended(self, max_tokens: int, figures: Figures | None, refused: bool) -> None:
         """An attempt's end, whatever it came to: its max_tokens are no longer in flight."""

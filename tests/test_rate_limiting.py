@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 
 import pytest
-from conftest import MODEL, read_jsonl, request, run_in_process, write_jsonl
+from conftest import API_KEY, MODEL, SCRIPT, read_jsonl, request, run_in_process, write_jsonl
 
 import api_request_parallel_processor as app
 
@@ -254,8 +257,11 @@ def test_pacing_pauses_on_429s_slows_down_when_blind_and_wins_the_rates_back():
         (16.5, pacing.recover, 105.5, [540, 54_000]),  # 16.5 s since the last blind 429: too soon
         (14.0, pacing.recover, 105.5, [600, 60_000]),  # 30.5 s: a step back, up to the configured rates
         (31.0, pacing.recover, 105.5, [600, 60_000]),  # nothing left to win back
-        (1.0, lambda: pacing.slow_down_for_others("requests"), 105.5, [540, 54_000]),  # another spends the limit
-        (0.5, lambda: pacing.slow_down_for_others("requests"), 105.5, [540, 54_000]),  # at most once a second
+        (1.0, lambda: pacing.share(0.8), 105.5, [480, 48_000]),  # another spends the limit
+        (0.5, lambda: pacing.share(0.8), 105.5, [480, 48_000]),  # at most once a second
+        (1.1, lambda: pacing.share(1.25), 105.5, [600, 60_000]),  # plenty left: back up to the allowed rates
+        (0.0, lambda: pacing.pause(2.0, blind=True), pytest.approx(169.6), [540, 54_000]),  # a blind 429...
+        (1.1, lambda: pacing.share(1.25), pytest.approx(169.6), [540, 54_000]),  # ...which the figures do not explain
     ]
     for seconds, event, earliest, rates in steps:
         clock.now += seconds
@@ -303,21 +309,28 @@ def test_with_max_tokens_held_the_requests_in_flight_fit_the_bucket(tmp_path, fa
         assert fake.stats.rate_limited == 0 and held == []
 
 
-def test_an_answer_showing_a_limit_used_up_slows_the_model_once_a_second(captured_logs):
+@pytest.mark.parametrize(("left", "rate_limited", "factor"), [
+    (0.0, True, 0.8), (1.0, True, 0.8),  # a 429 that shows a limit used up: others spend from it
+    (0.1, False, 0.8), (0.24, False, 0.8),  # running low
+    (0.25, False, 1.0), (0.6, False, 1.0),  # enough
+    (0.61, False, 1.25), (1.0, False, 1.25),  # plenty: a step back up (to the allowed rate at most)
+])
+def test_the_share_of_a_limit_left_steers_the_rates(left, rate_limited, factor):
+    assert app.share_step(left, rate_limited) == pytest.approx(factor)
+
+
+def test_runs_sharing_a_limit_slow_while_it_runs_low_and_speed_up_while_plenty_is_left(captured_logs):
     clock = Clock()
     limiter = app.RateLimiter(app.Settings(max_requests_per_minute=600), clock=clock)
-    full = app.rate_figures({"anthropic-ratelimit-requests-limit": "600",
-                             "anthropic-ratelimit-requests-remaining": "40"})
-    spent = {"requests": (600, 0)}  # another model name of the class spends too
     rates = []
-    for figures, rate_limited, seconds in ((full, False, 0), (spent, False, 0.1), (spent, False, 0.5),
-                                           (spent, True, 0.6), (spent, False, 0.6), (full, False, 0)):
+    for remaining, rate_limited, seconds in ((50, False, 0), (5, False, 0.1), (5, False, 0.5), (0, True, 0.6),
+                                             (50, False, 1.2), (50, False, 1.1), (50, False, 1.1)):
         clock.now += seconds
-        limiter.observe(figures, 64, rate_limited)
-        rates.append(limiter.requests.bucket.per_minute)
-    # slowed by the first spent answer, not again within the second, nor by a 429 (paced by its pause instead)
-    assert rates == [600, 540, 540, 540, 486, 486]
-    assert sum("something else spends from it too" in line for line in captured_logs) == 1  # then at DEBUG
+        limiter.observe({"requests": (600, remaining)}, 64, rate_limited)
+        rates.append(round(limiter.requests.bucket.per_minute))
+    # low: slower, once a second; a 429 showing the limit used up: slower; plenty left: faster, up to the 600 allowed
+    assert rates == [600, 480, 480, 384, 480, 600, 600]
+    assert sum("something else spends from it too" in line for line in captured_logs) == 1
 
 
 NETWORK_FAILURE = app.Attempt(error="network error: ClientOSError", retryable=True)
@@ -438,3 +451,23 @@ def test_the_limit_that_holds_the_run_back_is_named_once(captured_logs, monkeypa
     assert limiter.describe() == "1,200 requests/min, 16,000 input tokens/min (binding)"
     told = [line for line in captured_logs if "holds the run back" in line]
     assert told == [f"INFO {advice}"]
+
+
+def test_runs_that_share_a_limit_settle_near_it_with_few_429s(tmp_path, fake_server):
+    """Ten runs of 40 lines at once, each told the whole limit of 1,200 requests a minute: the API's figures show
+    each run the others' traffic, and together they stay near the limit (the code before: 0.6 429s an answer)."""
+    fake = fake_server(requests_per_minute=1200)
+    runs = []
+    for run in range(10):
+        requests_path = write_jsonl(tmp_path / f"r{run}.jsonl", [request(f"run {run} q{i}", i) for i in range(40)])
+        runs.append(subprocess.Popen([sys.executable, str(SCRIPT), "--requests_filepath", str(requests_path),
+                                      "--request_url", fake.url, "--api_key", API_KEY, "--max_requests_per_minute",
+                                      "1200", "--max_tokens_per_minute", "10000000"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    started = time.monotonic()
+    codes = [run.wait(timeout=120) for run in runs]
+
+    answered = sum(fake.stats.answered.values())
+    assert codes == [0] * 10 and answered == 400 and fake.stats.paid_twice == 0
+    assert fake.stats.rate_limited <= 0.25 * answered
+    assert time.monotonic() - started < 60  # 20 s at the limit: runs that never settle take minutes
