@@ -16,16 +16,16 @@ Add --batch to send the same file through the Message Batches API instead, at ha
 
 The map: one line per section of this file, in order, each the title of its banner.
 - Configuration and command line: each flag declared once in Settings (the cookbook's first); exit codes; the clock.
-- Token estimation: tiktoken's cl100k_base scaled per model, each cached prefix named; the facts per model.
+- Token estimation: tiktoken's cl100k_base, each cached prefix named and counted.
 - Reading requests: the input streamed line by line; a bad line is an error naming its line number.
 - Resume index: the results already saved, and the failures to remember; a rerun skips both.
 - Models and cost: the dated model table (price, tokenizer, cache minimum, retirement, refusals); each answer's cost.
 - Run counters: what a run did, and why it stopped early: every stop one value of Stop, with its exit code.
+- Prompt caching: breakpoints placed where lines share a prefix; each prefix warmed once, then read; the check.
 - Writing results: one unbuffered write per record; the reader of lines into jobs; a lock per results file.
 - Rate limiting: token buckets per model and limit, the API's headers as the truth, slowing down and recovering.
 - The API call: one attempt, plain or streamed (rebuilt into the plain message), classified as the API documents.
 - Retry decisions: retry, fail, stop or give up, one rule for every call; outages told from bad luck.
-- Prompt caching: each cached prefix warmed by one request before the others fan out; the caching check.
 - A run's skeleton: what both roads share, the reader, the budget, failing a line, and stopping.
 - The direct road: a sender per model, a task per attempt, every line settled exactly once.
 - The Message Batches road: --batch, at half price; spooled, journaled, collected by custom_id, none twice.
@@ -262,6 +262,8 @@ class Settings:
     max_tokens_per_minute: float | str = flag(16_000, "input tokens/min: a number or 'auto'", per_minute_limit)
     max_attempts: int = flag(5, "attempts per request before it goes to the errors file", whole_number)
     logging_level: int | str = flag("INFO", "TRACE, DEBUG, INFO, ... or a number (20 = INFO)", parse_logging_level)
+    auto_cache: bool = flag(True, "place a cache breakpoint where lines share a long prefix and mark none of their "
+                                  "own (on/off)", parse_bool)
     use_caching: bool = flag(False, "if a cached prefix turns out not to be cached, hold new requests 10 s so you "
                                     "can stop the run (True/False; bare flag = True; default: False)", parse_bool,
                              nargs="?",
@@ -711,6 +713,8 @@ class Job:
     streamed: bool = False  # sent as a stream (see streams()), as `sent`, which differs from `payload`...
     sent: bytes = b""  # ...when the stream is this tool's choice, not the user's: the record keeps `payload`
     betas: tuple[str, ...] = ()  # sent as the anthropic-beta header: --betas and the line's own, never in the body
+    auto_prefix: int | None = None  # the prefix automatic caching marked in `body` (AutoCache)...
+    written: dict[str, Any] | None = None  # ...and the body as written, then
 
 
 class BadLine(Exception):
@@ -878,9 +882,33 @@ def without_betas(body: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in body.items() if key != "betas"}
 
 
+def without_breakpoints(body: dict[str, Any]) -> dict[str, Any]:
+    """A body as its identity knows it: no `cache_control` (automatic caching places its own), and a string as
+    which the one text block that carried a breakpoint was written."""
+    def plain(value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        blocks = [{key: item for key, item in block.items() if key != "cache_control"} if isinstance(block, dict)
+                  else block for block in value]
+        one = blocks[0] if len(blocks) == 1 and isinstance(blocks[0], dict) else {}
+        return one["text"] if one.keys() == {"type", "text"} and one["type"] == "text" else blocks
+
+    bare = {key: value for key, value in body.items() if key != "cache_control"}
+    for name in ("tools", "system"):
+        if name in bare:
+            bare[name] = plain(bare[name])
+    if isinstance(bare.get("messages"), list):
+        bare["messages"] = [{**message, "content": plain(message.get("content"))} if isinstance(message, dict)
+                            else message for message in bare["messages"]]
+    return bare
+
+
 def hash_request(body: Any, metadata: Any) -> int:
-    """Identifies a request by content: the body as sent plus its metadata, key order ignored."""
+    """Identifies a request by content: the body as written plus its metadata, key order and breakpoints ignored
+    (without_breakpoints), so that a result is found whether or not automatic caching marked its request."""
     text = CANONICAL_JSON.encode([body, metadata])
+    if '"cache_control"' in text and isinstance(body, dict):
+        text = CANONICAL_JSON.encode([without_breakpoints(body), metadata])
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
 
 
@@ -950,7 +978,7 @@ def require_requests_file(path: str) -> None:
 # ==================================================================================================
 
 
-INDEX_FORMAT = "api_request_parallel_processor resume index 2"
+INDEX_FORMAT = "api_request_parallel_processor resume index 3"  # 3: breakpoints are no part of a request
 INDEX_HEADER_BYTES = 4096  # the header line, padded: written last, once the sections' CRC-32 is known
 INDEX_CHUNK = 65_536  # entries sorted or written at a time: no transient copy of a million entries
 CLAIMED = 1 << 63  # in ResumeIndex.lines, beside a line's 63-bit fingerprint: the result is claimed in this run
@@ -1868,6 +1896,211 @@ class RunStats:
 
 
 # ==================================================================================================
+# Prompt caching
+# ==================================================================================================
+
+
+AUTO_CACHE_MEMORY = 100_000  # prefixes automatic caching remembers (about 130 bytes each); older ones are forgotten
+UNKNOWN_MIN_CACHEABLE = 1024  # tokens: the shortest prefix a model caches, where the model table does not say
+ONE_HOUR_GAP_SECONDS = 240.0  # a prefix whose lines come further apart than this is cached for an hour
+TTL_CODES = {"": 0, "5m": 1, "1h": 2}  # a remembered prefix's lifetime, in the low bits beside its last line
+
+
+def block_key(where: str, block: Any) -> bytes:
+    """A block as a prefix's identity knows it: a string is the text block it stands for, which carries a
+    breakpoint the same way."""
+    return CANONICAL_JSON.encode([where, {"type": "text", "text": block} if isinstance(block, str) else block]).encode()
+
+
+def carries_breakpoint(block: Any) -> bool:
+    """Whether the API lets this block carry cache_control: not a thinking block, not an empty text."""
+    if isinstance(block, str):
+        return bool(block)
+    return isinstance(block, dict) and block.get("type") not in ("thinking", "redacted_thinking") and not (
+        block.get("type") == "text" and not block.get("text"))
+
+
+def with_breakpoint(body: dict[str, Any], index: int, ttl: str) -> dict[str, Any]:
+    """A copy of `body` (only the path to the block copied) with a breakpoint on its `index`-th block in the API's
+    order (prompt_blocks): a string system or message content becomes a one-block list to carry it."""
+    control = {"type": "ephemeral", **({"ttl": "1h"} if ttl == "1h" else {})}
+
+    def marked(blocks: list[Any], at: int) -> list[Any]:
+        block = {"type": "text", "text": blocks[at]} if isinstance(blocks[at], str) else blocks[at]
+        return [*blocks[:at], {**block, "cache_control": control}, *blocks[at + 1:]]
+
+    body = dict(body)
+    tools, system = body.get("tools") or [], body.get("system")
+    if index < len(tools):
+        body["tools"] = marked(tools, index)
+        return body
+    index -= len(tools)
+    blocks = system if isinstance(system, list) else [system] if system else []
+    if index < len(blocks):
+        body["system"] = marked(blocks, index)
+        return body
+    index -= len(blocks)
+    messages = body["messages"] = list(body["messages"])
+    for position, message in enumerate(messages):
+        content = message.get("content")
+        blocks = content if isinstance(content, list) else [content]
+        if index < len(blocks):
+            messages[position] = {**message, "content": marked(blocks, index)}
+            return body
+        index -= len(blocks)
+    raise IndexError("no such block")
+
+
+class AutoCache:
+    """Automatic caching, for the lines that mark no breakpoint (none anywhere): the longest prefix of a line, whole
+    blocks in the API's order (tools, system, messages) before its last turn, that an earlier line of the same model
+    also had, and that is at least the model's minimum, gets one breakpoint at its end. A prefix seen once goes
+    unmarked, as a write would cost 1.25 times for nothing; the second line to share it writes it, and the rest
+    read it at a tenth of the price (the warm-up of PrefixWarmer does the rest). Prefixes are known by a 64-bit hash
+    of their blocks, the last AUTO_CACHE_MEMORY of them, so a file of any length is read in bounded memory.
+
+    The lifetime is 5 minutes, unless a prefix's lines come further apart than ONE_HOUR_GAP_SECONDS at the run's rate
+    or the batch road sends them (whose results may come hours apart): a 1-hour write costs 2 times the input against
+    1.25, so it pays from the first rewrite it saves (1.25 + 1.25 > 2)."""
+
+    def __init__(self, requests_per_second: float, batch: bool) -> None:
+        self.per_second = requests_per_second  # the run's pace, to tell how far apart a prefix's lines come
+        self.batch = batch
+        self.seen: OrderedDict[int, int] = OrderedDict()  # prefix hash -> line last seen * 4 + its TTL_CODES
+        self.refused: set[int] = set()  # prefixes the API did not cache: left unmarked
+        self.estimator: TokenEstimator | None = None
+
+    def mark(self, body: dict[str, Any], line_number: int) -> tuple[dict[str, Any], int | None]:
+        """`body` with a breakpoint where it pays, and the prefix's hash; as it is, and None, where it does not."""
+        self.estimator = self.estimator or TokenEstimator()
+        blocks, last = list(prompt_blocks(body)), body["messages"][-1].get("content")
+        facts = model_facts(body["model"])
+        enough = (facts.min_cacheable_tokens or UNKNOWN_MIN_CACHEABLE) / facts.tokens_per_cl100k
+        hasher = hashlib.blake2b(body["model"].encode(), digest_size=8)
+        tokens, best = 0, None
+        for index, (where, block) in enumerate(blocks[:len(blocks) - (len(last) if isinstance(last, list) else 1)]):
+            hasher.update(block_key(where, block))
+            key = int.from_bytes(hasher.digest(), "big")
+            tokens += self.estimator.tokens_in([(where, block)])
+            earlier = self.seen.pop(key, None)
+            if earlier is not None and tokens >= enough and carries_breakpoint(block) and key not in self.refused:
+                best = index, key, earlier
+            self.seen[key] = line_number * 4 + (earlier & 3 if earlier is not None else 0)
+            if len(self.seen) > AUTO_CACHE_MEMORY:
+                self.seen.popitem(last=False)
+        if best is None:
+            return body, None
+        index, key, earlier = best
+        ttl = next(name for name, code in TTL_CODES.items() if code == earlier & 3)
+        if not ttl:
+            far = (line_number - (earlier >> 2)) / self.per_second > ONE_HOUR_GAP_SECONDS
+            ttl = "1h" if self.batch or far else "5m"
+        self.seen[key] = line_number * 4 + TTL_CODES[ttl]
+        return with_breakpoint(body, index, ttl), key
+
+    def refuse(self, key: int) -> bool:
+        """The API did not cache this prefix: no longer mark it. Whether this is news."""
+        news = key not in self.refused
+        self.refused.add(key)
+        return news
+
+
+
+@dataclass
+class CachedPrefix:
+    """A cached prefix's state in this run: being written (by `warming`, with requests parked
+    behind it), or warm until `warm_until`, after which it counts as cold again."""
+
+    warming: Job | None = None
+    parked: list[Job] = field(default_factory=list)
+    warm_until: float = 0.0
+
+
+class PrefixWarmer:
+    """Warm each cached prefix once, then fan out. The API creates a cache entry only once the response that
+    writes it has begun, so requests sent alongside it would each pay for writing their own. The first request
+    of a cold prefix goes alone; later ones with the same prefix are parked until its response, while requests
+    with other prefixes keep flowing. A prefix not read for its TTL counts as cold again."""
+
+    def __init__(self, clock: Clock = monotonic) -> None:
+        self.clock = clock
+        self.prefixes: dict[int, CachedPrefix] = {}
+        self.parked = 0  # requests waiting for their cached prefix to be written
+
+    def admit(self, job: Job) -> bool:
+        """Whether the job may be sent now; if not, it is parked until its prefix is written."""
+        key, ttl = job.estimate.prefix
+        state = self.prefixes.get(key)
+        now = self.clock()
+        if state is None or (state.warming is None and now >= state.warm_until):
+            self.prefixes[key] = CachedPrefix(warming=job)
+            return True
+        if state.warming is not None and state.warming is not job:
+            state.parked.append(job)
+            self.parked += 1
+            return False
+        if state.warming is None:
+            state.warm_until = now + ttl  # each read refreshes the entry
+        return True
+
+    def is_warm(self, job: Job) -> bool:
+        state = self.prefixes.get(job.estimate.prefix[0]) if job.estimate.prefix else None
+        return state is not None and state.warming is None
+
+    def is_warming(self, job: Job) -> bool:
+        state = self.prefixes.get(job.estimate.prefix[0]) if job.estimate.prefix else None
+        return state is not None and state.warming is job
+
+    def settled(self, job: Job, cached: bool) -> list[Job]:
+        """The job warming its prefix is done (see is_warming); the jobs it releases: every job parked behind it
+        once its answer wrote the entry (`cached`), or, failed for good, the next of them to warm it instead."""
+        key, ttl = job.estimate.prefix
+        state = self.prefixes[key]
+        if not cached:
+            state.warming = state.parked.pop(0) if state.parked else None
+            if state.warming is None:
+                del self.prefixes[key]
+                return []
+            self.parked -= 1
+            return [state.warming]
+        state.warming, state.warm_until = None, self.clock() + ttl
+        released, state.parked = state.parked, []
+        self.parked -= len(released)
+        return released
+
+    def release_all(self) -> list[Job]:
+        """Every parked job, for a run that stops."""
+        released = [job for state in self.prefixes.values() for job in state.parked]
+        for state in self.prefixes.values():
+            state.parked = []
+        self.parked = 0
+        return released
+
+
+def check_caching(job: Job, usage: dict[str, Any], prefix_tokens: int, stats: RunStats, use_caching: bool) -> float:
+    """Count whether a newly warmed prefix was cached. The first time one was not, warn with the likely reason
+    (the prefix below the model's minimum, by our estimate of `prefix_tokens`); with --use_caching (the
+    cookbook's behaviour), return the seconds to hold new sends so that the user can stop the run."""
+    written = usage.get("cache_creation_input_tokens") or 0
+    read = usage.get("cache_read_input_tokens") or 0
+    if written or read:
+        stats.prefixes_cached += 1
+        say = log.info if stats.prefixes_cached == 1 else log.debug  # the first one, then quietly
+        say("Prompt caching works: line {} wrote {:,} and read {:,} cached tokens.", job.line_number, written, read)
+        return 0.0
+    stats.prefixes_not_cached += 1
+    if stats.prefixes_not_cached > 1:
+        return 0.0
+    model = job.body["model"]
+    minimum = model_facts(model).min_cacheable_tokens
+    pause = CACHING_WARNING_PAUSE_SECONDS if use_caching else 0.0
+    log.warning("Line {} marks a cached prefix but its response shows no cache write or read: its cached prefix is "
+                "about {:,} tokens by our estimate; the minimum {}.{}", job.line_number, prefix_tokens,
+                f"for {model} is {minimum:,} tokens" if minimum else "is 1,024 to 4,096 tokens, by model",
+                f" Going on in {pause:g} s (press Ctrl+C to stop)." if pause else "")
+    return pause
+
+# ==================================================================================================
 # Writing results
 # ==================================================================================================
 
@@ -2107,8 +2340,9 @@ class LineReader:
 
     def __init__(self, lines: Iterable[tuple[int, Any]], resume_index: ResumeIndex, failures: RememberedFailures,
                  writer: ResultSink, stats: RunStats, settings: Settings, stop: Callable[[Stop, str], None],
-                 say: Callable[..., None] = log.warning) -> None:
+                 auto_cache: AutoCache | None = None, say: Callable[..., None] = log.warning) -> None:
         self.version = settings.anthropic_version  # whose rules a line must keep (version_problem)
+        self.auto_cache = auto_cache  # None: every body goes as written
         self.stop = stop  # the road's, for a requests file that changes under the reader
         self.say = say  # each bad line and each retiring model, once (a dry run counts them instead)
         self.betas = settings.betas or ()  # every job's, before its line's own
@@ -2147,9 +2381,14 @@ class LineReader:
                     self.models.add(body["model"])
                     if notice := retirement_notice(body["model"], datetime.now(timezone.utc).date()):
                         self.say("Line {}: {}.", line_number, notice[1])
+                written, auto_prefix = body, None
+                if self.auto_cache is not None and b'"cache_control"' not in payload:
+                    body, auto_prefix = self.auto_cache.mark(body, line_number)
+                    payload = REQUEST_JSON.encode(body).encode("utf-8") if auto_prefix is not None else payload
                 job = Job(line_number, body, payload, metadata, encoded_metadata,
                           estimate(body) if estimate else NOT_ESTIMATED, request_hash=request_hash,
-                          line_hash=line_hash, sent=payload)
+                          line_hash=line_hash, sent=payload, auto_prefix=auto_prefix,
+                          written=written if auto_prefix is not None else None)
                 if "betas" in body:  # a header, not a field: the record keeps the line as written
                     job.betas = tuple(dict.fromkeys([*self.betas, *beta_names(body["betas"])]))
                     job.sent = json.dumps(without_betas(body), ensure_ascii=False).encode("utf-8")
@@ -3361,105 +3600,6 @@ class OutageWatch:
         return self.probe_at - now
 
 # ==================================================================================================
-# Prompt caching
-# ==================================================================================================
-
-
-@dataclass
-class CachedPrefix:
-    """A cached prefix's state in this run: being written (by `warming`, with requests parked
-    behind it), or warm until `warm_until`, after which it counts as cold again."""
-
-    warming: Job | None = None
-    parked: list[Job] = field(default_factory=list)
-    warm_until: float = 0.0
-
-
-class PrefixWarmer:
-    """Warm each cached prefix once, then fan out. The API creates a cache entry only once the response that
-    writes it has begun, so requests sent alongside it would each pay for writing their own. The first request
-    of a cold prefix goes alone; later ones with the same prefix are parked until its response, while requests
-    with other prefixes keep flowing. A prefix not read for its TTL counts as cold again."""
-
-    def __init__(self, clock: Clock = monotonic) -> None:
-        self.clock = clock
-        self.prefixes: dict[int, CachedPrefix] = {}
-        self.parked = 0  # requests waiting for their cached prefix to be written
-
-    def admit(self, job: Job) -> bool:
-        """Whether the job may be sent now; if not, it is parked until its prefix is written."""
-        key, ttl = job.estimate.prefix
-        state = self.prefixes.get(key)
-        now = self.clock()
-        if state is None or (state.warming is None and now >= state.warm_until):
-            self.prefixes[key] = CachedPrefix(warming=job)
-            return True
-        if state.warming is not None and state.warming is not job:
-            state.parked.append(job)
-            self.parked += 1
-            return False
-        if state.warming is None:
-            state.warm_until = now + ttl  # each read refreshes the entry
-        return True
-
-    def is_warm(self, job: Job) -> bool:
-        state = self.prefixes.get(job.estimate.prefix[0]) if job.estimate.prefix else None
-        return state is not None and state.warming is None
-
-    def is_warming(self, job: Job) -> bool:
-        state = self.prefixes.get(job.estimate.prefix[0]) if job.estimate.prefix else None
-        return state is not None and state.warming is job
-
-    def settled(self, job: Job, cached: bool) -> list[Job]:
-        """The job warming its prefix is done (see is_warming); the jobs it releases: every job parked behind it
-        once its answer wrote the entry (`cached`), or, failed for good, the next of them to warm it instead."""
-        key, ttl = job.estimate.prefix
-        state = self.prefixes[key]
-        if not cached:
-            state.warming = state.parked.pop(0) if state.parked else None
-            if state.warming is None:
-                del self.prefixes[key]
-                return []
-            self.parked -= 1
-            return [state.warming]
-        state.warming, state.warm_until = None, self.clock() + ttl
-        released, state.parked = state.parked, []
-        self.parked -= len(released)
-        return released
-
-    def release_all(self) -> list[Job]:
-        """Every parked job, for a run that stops."""
-        released = [job for state in self.prefixes.values() for job in state.parked]
-        for state in self.prefixes.values():
-            state.parked = []
-        self.parked = 0
-        return released
-
-
-def check_caching(job: Job, usage: dict[str, Any], prefix_tokens: int, stats: RunStats, use_caching: bool) -> float:
-    """Count whether a newly warmed prefix was cached. The first time one was not, warn with the likely reason
-    (the prefix below the model's minimum, by our estimate of `prefix_tokens`); with --use_caching (the
-    cookbook's behaviour), return the seconds to hold new sends so that the user can stop the run."""
-    written = usage.get("cache_creation_input_tokens") or 0
-    read = usage.get("cache_read_input_tokens") or 0
-    if written or read:
-        stats.prefixes_cached += 1
-        say = log.info if stats.prefixes_cached == 1 else log.debug  # the first one, then quietly
-        say("Prompt caching works: line {} wrote {:,} and read {:,} cached tokens.", job.line_number, written, read)
-        return 0.0
-    stats.prefixes_not_cached += 1
-    if stats.prefixes_not_cached > 1:
-        return 0.0
-    model = job.body["model"]
-    minimum = model_facts(model).min_cacheable_tokens
-    pause = CACHING_WARNING_PAUSE_SECONDS if use_caching else 0.0
-    log.warning("Line {} marks a cached prefix but its response shows no cache write or read: its cached prefix is "
-                "about {:,} tokens by our estimate; the minimum {}.{}", job.line_number, prefix_tokens,
-                f"for {model} is {minimum:,} tokens" if minimum else "is 1,024 to 4,096 tokens, by model",
-                f" Going on in {pause:g} s (press Ctrl+C to stop)." if pause else "")
-    return pause
-
-# ==================================================================================================
 # A run's skeleton
 # ==================================================================================================
 
@@ -3471,6 +3611,14 @@ class RunStopped(Exception):
     def __init__(self, stop: Stop, detail: str = "", lasted: float = 0.0, wait: float = 0.0) -> None:
         super().__init__(detail)
         self.stop, self.detail, self.lasted, self.wait = stop, detail, lasted, wait
+
+
+def automatic_caching(settings: Settings) -> AutoCache | None:
+    """The run's AutoCache, at its request rate (with auto, the cautious starting one); None with --auto_cache off."""
+    if not settings.auto_cache:
+        return None
+    rate = settings.max_requests_per_minute
+    return AutoCache((AUTO_STARTING_LIMITS["requests"] if rate == AUTO else float(rate)) / 60, settings.batch)
 
 
 class Road:
@@ -3486,7 +3634,8 @@ class Road:
         self.writer = writer
         self.budget = Budget(settings.max_cost, prices) if settings.max_cost else None
         self.stats = RunStats(prices=prices, batch=batch, budget=self.budget)
-        self.reader = LineReader(lines, resume_index, failures, writer, self.stats, settings, self.interrupt)
+        self.reader = LineReader(lines, resume_index, failures, writer, self.stats, settings, self.interrupt,
+                                 automatic_caching(settings))
         self.task: asyncio.Task[None] | None = None
         self.running = RunningTime()  # what the requests' timeouts count (a pause is not the API's silence)
 
@@ -4979,7 +5128,7 @@ def print_dry_run(config: Settings) -> int:
     reader = LineReader(read_lines(config.requests_filepath), answered, failures, unsent, stats, config,
                         lambda stop, detail: unsent.messages.append(f"line {detail}: the file changed while it was "
                                                                     "read; not read"),
-                        say=lambda *_: None)  # a run's rules of what to send and skip, counted instead of logged
+                        automatic_caching(config), say=lambda *_: None)  # a run's rules, counted instead of logged
     for job in reader.jobs(estimator.estimate):
         body, model = job.body, job.body["model"]
         if problem := model_problem(body):

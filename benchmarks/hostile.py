@@ -7,8 +7,12 @@
    line, a stream block numbered 10^9, a stream of nothing but pings (--request_timeout 10): exit code, time and
    peak RSS of the run (VmHWM), beside a run that is answered normally.
 3. A server that never completes connections: how long until the run says the API or the network is down.
+4. A pause: the run stopped (SIGSTOP) for 25 s with about 100 requests in flight and --request_timeout 10, then
+   continued (SIGCONT): exit code and requests paid twice, plain and streamed.
+5. Runs that share a limit: ten runs of 60 lines at once on one 600 requests/minute limit, each told 600 (then
+   auto): 429s per answer, and the time against the 60 s the limit allows.
 
-    python benchmarks/hostile.py [--only disk|answers|connect]
+    python benchmarks/hostile.py [--only disk|answers|connect|pause|shared]
 """
 
 from __future__ import annotations
@@ -129,12 +133,59 @@ def never_connects(folder: Path) -> None:
         process.wait()
 
 
+def pause(folder: Path) -> None:
+    for extra in ({}, {"stream": True}):
+        requests_path = write_rows(folder / "pause.jsonl", [{"model": MODEL, "max_tokens": 64, **extra, "messages": [
+            {"role": "user", "content": f"q{i}"}]} for i in range(300)])
+        for leftover in folder.glob("pause_results*"):
+            leftover.unlink()
+        with ServerThread(FakeConfig(latency=(3.0, 5.0))) as fake:
+            process = subprocess.Popen([sys.executable, SCRIPT, "--requests_filepath", str(requests_path),
+                                        "--request_url", fake.url, "--api_key", API_KEY, "--request_timeout", "10",
+                                        "--max_requests_per_minute", "60000", "--max_tokens_per_minute", "10000000"],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            while fake.stats.received < 100:
+                time.sleep(0.01)
+            process.send_signal(signal.SIGSTOP)
+            time.sleep(25)
+            in_flight = fake.stats.received - sum(fake.stats.answered.values())
+            answered = sum(fake.stats.answered.values())
+            process.send_signal(signal.SIGCONT)
+            process.wait()
+            saved = len((folder / "pause_results.jsonl").read_bytes().splitlines())
+            print(f"a 25 s pause{', streamed' if extra else ''}: {answered} answered during it; exit "
+                  f"{process.returncode}, {saved} of 300 saved, paid twice: {fake.stats.paid_twice} (in flight still: "
+                  f"{in_flight})")
+
+
+def shared(folder: Path) -> None:
+    for told in ("600", "auto"):
+        with ServerThread(FakeConfig(requests_per_minute=600)) as fake:
+            runs, started = [], time.monotonic()
+            for run in range(10):
+                rows = [{"model": MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": f"run {run} q{i}"}]}
+                        for i in range(60)]
+                requests_path = write_rows(folder / f"shared{run}.jsonl", rows)
+                for leftover in folder.glob(f"shared{run}_results*"):
+                    leftover.unlink()
+                runs.append(subprocess.Popen([sys.executable, SCRIPT, "--requests_filepath", str(requests_path),
+                                              "--request_url", fake.url, "--api_key", API_KEY,
+                                              "--max_requests_per_minute", told, "--max_tokens_per_minute", "10000000"],
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            codes = {run.wait() for run in runs}
+            seconds, answered = time.monotonic() - started, sum(fake.stats.answered.values())
+            print(f"ten runs sharing 600 requests/min, each told {told}: exit {codes}, {answered} answered, "
+                  f"{fake.stats.rate_limited / answered:.2f} 429s an answer, {seconds:.1f} s "
+                  f"({seconds / 60:.2f} of the 60 s the limit allows)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("disk", "answers", "connect"))
+    parser.add_argument("--only", choices=("disk", "answers", "connect", "pause", "shared"))
     only = parser.parse_args().only
     with tempfile.TemporaryDirectory() as folder:
-        for name, measure in (("disk", full_disk), ("answers", hostile_answers), ("connect", never_connects)):
+        for name, measure in (("disk", full_disk), ("answers", hostile_answers), ("connect", never_connects),
+                              ("pause", pause), ("shared", shared)):
             if only in (None, name):
                 measure(Path(folder))
 
