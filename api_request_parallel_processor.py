@@ -1449,14 +1449,16 @@ UNKNOWN_MODEL = Model(None)
 # Anthropic's models on PRICES_AS_OF, by model-id prefix (the longest prefix that matches a model wins, see
 # by_model_prefix): --prices adds to their prices or corrects them.
 MODELS: dict[str, Model] = {
-    "claude-fable-5-2": Model(FABLE_5_2, refuses=ALWAYS_THINKING),  # released 9 November 2026
-    "claude-mythos-5-2": Model(FABLE_5_2, refuses=ALWAYS_THINKING),
-    "claude-fable-5-1": Model(FABLE_5_1, refuses=ALWAYS_THINKING),
-    "claude-mythos-5-1": Model(FABLE_5_1, refuses=ALWAYS_THINKING),
-    "claude-fable-5": Model(FABLE_5),
-    "claude-mythos-5": Model(FABLE_5),
-    "claude-opus-5-5": Model(price_row(4.00, 20.00, 5.00, 8.00, 0.20), refuses=ALWAYS_THINKING),
-    "claude-opus-5": Model(OPUS_4_5),
+    # The cache minimums of Fable and Mythos 5.1 and 5.2 and of Opus 5.5 are not published: their predecessors'.
+    "claude-fable-5-2": Model(FABLE_5_2, min_cacheable_tokens=512, refuses=ALWAYS_THINKING),  # released 9 Nov 2026
+    "claude-mythos-5-2": Model(FABLE_5_2, min_cacheable_tokens=512, refuses=ALWAYS_THINKING),
+    "claude-fable-5-1": Model(FABLE_5_1, min_cacheable_tokens=512, refuses=ALWAYS_THINKING),
+    "claude-mythos-5-1": Model(FABLE_5_1, min_cacheable_tokens=512, refuses=ALWAYS_THINKING),
+    "claude-fable-5": Model(FABLE_5, min_cacheable_tokens=512),
+    "claude-mythos-5": Model(FABLE_5, min_cacheable_tokens=512),
+    "claude-opus-5-5": Model(price_row(4.00, 20.00, 5.00, 8.00, 0.20), min_cacheable_tokens=512,
+                             refuses=ALWAYS_THINKING),
+    "claude-opus-5": Model(OPUS_4_5, min_cacheable_tokens=512),
     "claude-opus-4-8": Model(OPUS_4_5, min_cacheable_tokens=1024),  # lowered from 4,096
     "claude-opus-4-7": Model(OPUS_4_5, min_cacheable_tokens=4096),
     "claude-opus-4-6": Model(OPUS_4_5, min_cacheable_tokens=4096),
@@ -1469,7 +1471,8 @@ MODELS: dict[str, Model] = {
     "claude-sonnet-4-5": Model(SONNET_4, min_cacheable_tokens=1024, retires=date(2026, 11, 30)),
     "claude-sonnet-4-0": Model(SONNET_4, min_cacheable_tokens=1024),
     "claude-sonnet-4": Model(SONNET_4, min_cacheable_tokens=1024),  # Sonnet 4 (by its dated id)
-    "claude-haiku-5-5": Model(price_row(0.10, 0.50, long_prompt=(100_000, price_row(0.50, 2.50)))),
+    "claude-haiku-5-5": Model(price_row(0.10, 0.50, long_prompt=(100_000, price_row(0.50, 2.50))),
+                              min_cacheable_tokens=512),
     "claude-haiku-4-5": Model(price_row(1.00, 5.00, 1.25, 2.00, 0.10), min_cacheable_tokens=4096),
     "claude-3-5-haiku": Model(price_row(0.80, 4.00, 1.00, 1.60, 0.08), min_cacheable_tokens=2048),
 }
@@ -2077,10 +2080,12 @@ class PrefixWarmer:
         return released
 
 
-def check_caching(job: Job, usage: dict[str, Any], prefix_tokens: int, stats: RunStats, use_caching: bool) -> float:
+def check_caching(job: Job, usage: dict[str, Any], prefix_tokens: int, stats: RunStats, use_caching: bool,
+                  auto_cache: AutoCache | None = None) -> float:
     """Count whether a newly warmed prefix was cached. The first time one was not, warn with the likely reason
     (the prefix below the model's minimum, by our estimate of `prefix_tokens`); with --use_caching (the
-    cookbook's behaviour), return the seconds to hold new sends so that the user can stop the run."""
+    cookbook's behaviour), return the seconds to hold new sends so that the user can stop the run. A prefix that
+    automatic caching marked is no longer marked (said once a run)."""
     written = usage.get("cache_creation_input_tokens") or 0
     read = usage.get("cache_read_input_tokens") or 0
     if written or read:
@@ -2089,10 +2094,16 @@ def check_caching(job: Job, usage: dict[str, Any], prefix_tokens: int, stats: Ru
         say("Prompt caching works: line {} wrote {:,} and read {:,} cached tokens.", job.line_number, written, read)
         return 0.0
     stats.prefixes_not_cached += 1
-    if stats.prefixes_not_cached > 1:
-        return 0.0
     model = job.body["model"]
     minimum = model_facts(model).min_cacheable_tokens
+    if job.auto_prefix is not None and auto_cache is not None:
+        if auto_cache.refuse(job.auto_prefix) and len(auto_cache.refused) == 1:
+            log.info("Automatic caching: the prefix line {} shares with earlier lines was not cached (about {:,} "
+                     "tokens by our estimate; the minimum for {} is {:,}): it is no longer marked, nor any other the "
+                     "API does not cache.", job.line_number, prefix_tokens, model, minimum or UNKNOWN_MIN_CACHEABLE)
+        return 0.0
+    if stats.prefixes_not_cached > 1:
+        return 0.0
     pause = CACHING_WARNING_PAUSE_SECONDS if use_caching else 0.0
     log.warning("Line {} marks a cached prefix but its response shows no cache write or read: its cached prefix is "
                 "about {:,} tokens by our estimate; the minimum {}.{}", job.line_number, prefix_tokens,
@@ -4014,7 +4025,8 @@ class Processor(Road):
                 self.ready.add(released)
             if usage is not None:
                 prefix_tokens = self.lanes[job.body["model"]].scale_input(job.estimate.cached_prefix)
-                self.run_pause.extend(check_caching(job, usage, prefix_tokens, self.stats, self.settings.use_caching))
+                self.run_pause.extend(check_caching(job, usage, prefix_tokens, self.stats, self.settings.use_caching,
+                                                    self.reader.auto_cache))
         if self.unsettled == 0:
             self.ready.add(None)  # wake the dispatcher if it waits
 
@@ -5042,15 +5054,9 @@ class ModelPlan:
                                   batch) for expected, share in ((self.low, TYPICAL_OUTPUT_SHARE), (self.high, 1.0)))
 
 
-def expected_duration(config: Settings, plans: dict[str, ModelPlan]) -> str:
-    """How long the run should take under the configured limits, which apply to each model on its own (so
-    the slowest model sets the duration), and which limit binds. Batches know no per-minute limits."""
-    if config.batch:
-        batches = math.ceil(sum(plan.requests for plan in plans.values()) / config.batch_size)
-        return (f"Expected duration: {batches:,} batch(es) through the Message Batches API, which are not bound by "
-                "the per-minute limits; most end within the hour (at most 24 h), and each one's results are "
-                "written as it ends.")
-
+def binding_need(config: Settings, plans: dict[str, ModelPlan]) -> tuple[str, str, float, float]:
+    """The model and limit that set a direct run's duration, with what it needs of the limit and the limit: the
+    limits apply to each model on its own, so the slowest sets it; cache reads are free of the input-token limit."""
     def per_minute(value: float | str | None, name: str) -> float:
         return AUTO_STARTING_LIMITS[name] if value == AUTO else float(value)
 
@@ -5062,7 +5068,19 @@ def expected_duration(config: Settings, plans: dict[str, ModelPlan]) -> str:
         if config.max_output_tokens_per_minute is not None:
             needs.append((model, "output tokens/min", plan.low.output_tokens,
                           per_minute(config.max_output_tokens_per_minute, "output-tokens")))
-    model, name, amount, limit = max(needs, key=lambda need: need[2] / need[3])
+    return max(needs, key=lambda need: need[2] / need[3])
+
+
+def expected_duration(config: Settings, plans: dict[str, ModelPlan]) -> str:
+    """How long the run should take under the configured limits, which apply to each model on its own (so
+    the slowest model sets the duration), and which limit binds. Batches know no per-minute limits."""
+    if config.batch:
+        batches = math.ceil(sum(plan.requests for plan in plans.values()) / config.batch_size)
+        return (f"Expected duration: {batches:,} batch(es) through the Message Batches API, which are not bound by "
+                "the per-minute limits; most end within the hour (at most 24 h), and each one's results are "
+                "written as it ends.")
+
+    model, name, amount, limit = binding_need(config, plans)
     auto = AUTO in (config.max_requests_per_minute, config.max_tokens_per_minute, config.max_output_tokens_per_minute)
     return (f"Expected duration: about {format_duration(amount / limit * 60)}, bound by {name} ({limit:,.0f}/min"
             + (f" for {model})" if len(plans) > 1 else ")")
@@ -5120,6 +5138,8 @@ def print_dry_run(config: Settings) -> int:
     started = time.perf_counter()
     estimator = TokenEstimator()
     plans: dict[str, ModelPlan] = {}
+    written: dict[str, ModelPlan] = {}  # the same, as written: without automatic caching's breakpoints
+    marked, marked_lines = set(), 0  # the prefixes automatic caching marked, and on how many lines
     warned: list[str] = []
     budget = BudgetCoverage(config.max_cost)
     answered = ResumeIndex() if config.start_over else ResumeIndex.load(config.save_filepath)
@@ -5137,6 +5157,10 @@ def print_dry_run(config: Settings) -> int:
             learned.get(model, model_facts(model).tokens_per_cl100k), price_for(model, prices), model in learned))
         plan.first_line = plan.first_line or job.line_number
         budget.add(*plan.add(job.estimate, body, config.batch))
+        as_written = written.get(model) or written.setdefault(model, ModelPlan(plan.tokens_per_cl100k, plan.price))
+        as_written.add(estimator.estimate(job.written) if job.written else job.estimate, body, config.batch)
+        marked.update((job.auto_prefix,) if job.auto_prefix is not None else ())
+        marked_lines += job.auto_prefix is not None
     failures.finish(read_to_end=False)  # a dry run changes no file
     bad, done, failed_before = unsent.messages, stats.already_done, stats.failures_remembered
     valid = sum(plan.requests for plan in plans.values())
@@ -5162,6 +5186,12 @@ def print_dry_run(config: Settings) -> int:
               "max_tokens)." if all(p.price for p in plans.values())
               else "Estimated cost: unknown for the models without a price.")
         print(expected_duration(config, plans))
+    if marked_lines and all(plan.price for plan in written.values()):
+        need = binding_need(config, written)
+        before = "" if config.batch else f" and about {format_duration(need[2] / need[3] * 60)}"
+        print(f"Automatic caching: a breakpoint on {marked_lines:,} line(s) that share {len(marked):,} prefix(es), "
+              f"counted above; as written (--auto_cache off) ${sum(p.low.cost for p in written.values()):,.2f} to "
+              f"${sum(p.high.cost for p in written.values()):,.2f}{before}.")
     if config.max_cost and plans:
         print(budget.describe() if all(p.price for p in plans.values()) else "--max_cost needs the price of every "
               "model: give the models without one a price with --prices, or the run stops at their first line.")

@@ -308,3 +308,21 @@ def test_the_dry_run_and_the_rerun_skip_the_same_lines(tmp_path, fake_server):
     assert tuple(map(int, counts.groups())) == (2, 1, 2, 2)
     assert (fake.stats.received - sent_before, stats.bad_lines, stats.already_done, stats.failures_remembered) == (
         2, 1, 2, 2)
+
+
+def test_the_dry_run_prices_automatic_caching_at_most_half_the_cost_as_written(tmp_path):
+    prompt = "Read the contract and answer from it alone. Clause by clause, the parties agree as follows. " * 200
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"Question {i}?", i, system=prompt) for i in range(200)])
+
+    cached = run_cli("--requests_filepath", str(requests_path), "--dry_run")
+    as_written = run_cli("--requests_filepath", str(requests_path), "--dry_run", "--auto_cache", "off")
+
+    def estimate(output: str) -> tuple[float, float]:
+        low, high = re.search(r"Estimated cost: \$([\d,.]+) to \$([\d,.]+)", output).groups()
+        return float(low.replace(",", "")), float(high.replace(",", ""))
+
+    assert cached.returncode == as_written.returncode == 0
+    pairs = zip(estimate(cached.stdout), estimate(as_written.stdout))
+    assert all(with_it <= 0.5 * without for with_it, without in pairs)
+    assert "Automatic caching: a breakpoint on 199 line(s) that share 1 prefix(es)" in cached.stdout
+    assert "Automatic caching" not in as_written.stdout and "1 distinct cached prefix;" in cached.stdout
