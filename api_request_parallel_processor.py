@@ -1903,7 +1903,7 @@ class RunStats:
 # ==================================================================================================
 
 
-AUTO_CACHE_MEMORY = 100_000  # prefixes automatic caching remembers (about 130 bytes each); older ones are forgotten
+AUTO_CACHE_MEMORY = 100_000  # prefixes automatic caching remembers at most (about 100 bytes each); the oldest go
 UNKNOWN_MIN_CACHEABLE = 1024  # tokens: the shortest prefix a model caches, where the model table does not say
 ONE_HOUR_GAP_SECONDS = 240.0  # a prefix whose lines come further apart than this is cached for an hour
 TTL_CODES = {"": 0, "5m": 1, "1h": 2}  # a remembered prefix's lifetime, in the low bits beside its last line
@@ -1960,18 +1960,21 @@ class AutoCache:
     also had, and that is at least the model's minimum, gets one breakpoint at its end. A prefix seen once goes
     unmarked, as a write would cost 1.25 times for nothing; the second line to share it writes it, and the rest
     read it at a tenth of the price (the warm-up of PrefixWarmer does the rest). Prefixes are known by a 64-bit hash
-    of their blocks, the last AUTO_CACHE_MEMORY of them, so a file of any length is read in bounded memory.
+    of their blocks, in two generations of at most AUTO_CACHE_MEMORY / 2 each (a prefix seen again moves to the
+    young one; the old one is dropped when the young one is full), so a file of any length is read in bounded
+    memory.
 
     The lifetime is 5 minutes, unless a prefix's lines come further apart than ONE_HOUR_GAP_SECONDS at the run's rate
     or the batch road sends them (whose results may come hours apart): a 1-hour write costs 2 times the input against
     1.25, so it pays from the first rewrite it saves (1.25 + 1.25 > 2)."""
 
-    def __init__(self, requests_per_second: float, batch: bool) -> None:
+    def __init__(self, requests_per_second: float, batch: bool, estimator: TokenEstimator | None = None) -> None:
         self.per_second = requests_per_second  # the run's pace, to tell how far apart a prefix's lines come
         self.batch = batch
-        self.seen: OrderedDict[int, int] = OrderedDict()  # prefix hash -> line last seen * 4 + its TTL_CODES
+        self.young: dict[int, int] = {}  # prefix hash -> line last seen * 4 + its TTL_CODES...
+        self.old: dict[int, int] = {}  # ...and the generation before
         self.refused: set[int] = set()  # prefixes the API did not cache: left unmarked
-        self.estimator: TokenEstimator | None = None
+        self.estimator = estimator  # the run's, whose memo already knows the shared blocks
 
     def mark(self, body: dict[str, Any], line_number: int) -> tuple[dict[str, Any], int | None]:
         """`body` with a breakpoint where it pays, and the prefix's hash; as it is, and None, where it does not."""
@@ -1985,12 +1988,10 @@ class AutoCache:
             hasher.update(block_key(where, block))
             key = int.from_bytes(hasher.digest(), "big")
             tokens += self.estimator.tokens_in([(where, block)])
-            earlier = self.seen.pop(key, None)
+            earlier = self.young.get(key, self.old.get(key))
             if earlier is not None and tokens >= enough and carries_breakpoint(block) and key not in self.refused:
                 best = index, key, earlier
-            self.seen[key] = line_number * 4 + (earlier & 3 if earlier is not None else 0)
-            if len(self.seen) > AUTO_CACHE_MEMORY:
-                self.seen.popitem(last=False)
+            self.remember(key, line_number * 4 + (earlier & 3 if earlier is not None else 0))
         if best is None:
             return body, None
         index, key, earlier = best
@@ -1998,8 +1999,13 @@ class AutoCache:
         if not ttl:
             far = (line_number - (earlier >> 2)) / self.per_second > ONE_HOUR_GAP_SECONDS
             ttl = "1h" if self.batch or far else "5m"
-        self.seen[key] = line_number * 4 + TTL_CODES[ttl]
+        self.remember(key, line_number * 4 + TTL_CODES[ttl])
         return with_breakpoint(body, index, ttl), key
+
+    def remember(self, key: int, value: int) -> None:
+        self.young[key] = value
+        if len(self.young) >= AUTO_CACHE_MEMORY // 2:
+            self.old, self.young = self.young, {}
 
     def refuse(self, key: int) -> bool:
         """The API did not cache this prefix: no longer mark it. Whether this is news."""
@@ -3624,12 +3630,13 @@ class RunStopped(Exception):
         self.stop, self.detail, self.lasted, self.wait = stop, detail, lasted, wait
 
 
-def automatic_caching(settings: Settings) -> AutoCache | None:
+def automatic_caching(settings: Settings, estimator: TokenEstimator | None) -> AutoCache | None:
     """The run's AutoCache, at its request rate (with auto, the cautious starting one); None with --auto_cache off."""
     if not settings.auto_cache:
         return None
     rate = settings.max_requests_per_minute
-    return AutoCache((AUTO_STARTING_LIMITS["requests"] if rate == AUTO else float(rate)) / 60, settings.batch)
+    return AutoCache((AUTO_STARTING_LIMITS["requests"] if rate == AUTO else float(rate)) / 60, settings.batch,
+                     estimator)
 
 
 class Road:
@@ -3644,9 +3651,10 @@ class Road:
         self.settings = settings
         self.writer = writer
         self.budget = Budget(settings.max_cost, prices) if settings.max_cost else None
+        self.estimator = TokenEstimator() if self.budget or not batch else None  # a batch's budget needs it too
         self.stats = RunStats(prices=prices, batch=batch, budget=self.budget)
         self.reader = LineReader(lines, resume_index, failures, writer, self.stats, settings, self.interrupt,
-                                 automatic_caching(settings))
+                                 automatic_caching(settings, self.estimator))
         self.task: asyncio.Task[None] | None = None
         self.running = RunningTime()  # what the requests' timeouts count (a pause is not the API's silence)
 
@@ -3870,7 +3878,6 @@ class Processor(Road):
         super().__init__(settings, lines, writer, resume_index, failures, prices)
         self.session = session
         self.headers = api_headers(settings)
-        self.estimator = TokenEstimator()
         self.run_pause = RunPause()
         self.warmer = PrefixWarmer()
         self.outage = OutageWatch()
@@ -4532,7 +4539,6 @@ class BatchRun(Road):
         self.folder = batch_folder(self.results_path)
         self.journal = BatchJournal(self.folder)
         self.client = BatchClient(session, settings)
-        self.estimator = TokenEstimator() if self.budget else None  # the budget needs each request's input
         self.token_ratios = resume_index.token_ratios
         self.open: dict[str, OpenBatch] = {}  # by key
         self.in_open_batches = SortedResults(array("Q"))  # the content of each request in an earlier run's batch
@@ -5148,7 +5154,7 @@ def print_dry_run(config: Settings) -> int:
     reader = LineReader(read_lines(config.requests_filepath), answered, failures, unsent, stats, config,
                         lambda stop, detail: unsent.messages.append(f"line {detail}: the file changed while it was "
                                                                     "read; not read"),
-                        automatic_caching(config), say=lambda *_: None)  # a run's rules, counted instead of logged
+                        automatic_caching(config, estimator), say=lambda *_: None)  # a run's rules, counted
     for job in reader.jobs(estimator.estimate):
         body, model = job.body, job.body["model"]
         if problem := model_problem(body):
