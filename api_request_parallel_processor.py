@@ -1375,7 +1375,7 @@ class RememberedFailures:
 # ==================================================================================================
 
 
-PRICES_AS_OF = "2026-11-28"  # the date of the model table (MODELS); --prices adds to its prices or corrects them
+PRICES_AS_OF = "2026-12-07"  # the date of the model table (MODELS); --prices adds to its prices or corrects them
 CACHE_MULTIPLIERS = {"cache_write_5m": 1.25, "cache_write_1h": 2.0, "cache_read": 0.1}  # of the input price
 US_ONLY_MULTIPLIER = 1.1  # `"inference_geo": "us"` (US-only inference), on every kind of token
 BATCH_MULTIPLIER = 0.5  # the Message Batches API, on every kind of token
@@ -1422,7 +1422,7 @@ FABLE_5_1 = price_row(10.00, 50.00, 12.50, 20.00, 0.25)  # read (Fable and Mytho
 FABLE_5 = price_row(10.00, 50.00, 12.50, 20.00, 1.00)
 OPUS_4_5 = price_row(5.00, 25.00, 6.25, 10.00, 0.50)  # Opus 4.5 to 4.8, and 5
 OPUS_4 = price_row(15.00, 75.00, 18.75, 30.00, 1.50)  # Opus 4 and 4.1
-SONNET_5 = price_row(2.00, 10.00, 2.50, 4.00, 0.20)  # Sonnet 5 and 5.5
+SONNET_5 = price_row(2.00, 10.00, 2.50, 4.00, 0.20)
 SONNET_4 = price_row(3.00, 15.00, 3.75, 6.00, 0.30, SONNET_4_LONG_PROMPT)  # Sonnet 4 and 4.5
 RETIRED = date.min  # a model's `retires`: before PRICES_AS_OF
 FIXED_SAMPLING = "fixed sampling"  # no non-default sampling, no manual extended thinking
@@ -1466,6 +1466,8 @@ MODELS: dict[str, Model] = {
     "claude-opus-4-1": Model(OPUS_4, min_cacheable_tokens=1024, retires=RETIRED),
     "claude-opus-4-0": Model(OPUS_4, min_cacheable_tokens=1024, retires=RETIRED),
     "claude-opus-4": Model(OPUS_4, min_cacheable_tokens=1024, retires=RETIRED),  # Opus 4 (by its dated id)
+    "claude-sonnet-5-5": Model(price_row(2.00, 10.00, 2.50, 4.00, 0.10), 1.4, 1024, refuses=FIXED_SAMPLING),  # its
+    # cache reads at $0.10 since 7 October 2026
     "claude-sonnet-5": Model(SONNET_5, 1.4, 1024, refuses=FIXED_SAMPLING),  # a new tokenizer, ~1.35-1.45x
     "claude-sonnet-4-6": Model(price_row(3.00, 15.00, 3.75, 6.00, 0.30), min_cacheable_tokens=1024),
     "claude-sonnet-4-5": Model(SONNET_4, min_cacheable_tokens=1024, retires=date(2026, 11, 30)),
@@ -1474,7 +1476,8 @@ MODELS: dict[str, Model] = {
     "claude-haiku-5-5": Model(price_row(0.10, 0.50, long_prompt=(100_000, price_row(0.50, 2.50))),
                               min_cacheable_tokens=512),
     "claude-haiku-4-5": Model(price_row(1.00, 5.00, 1.25, 2.00, 0.10), min_cacheable_tokens=4096),
-    "claude-3-5-haiku": Model(price_row(0.80, 4.00, 1.00, 1.60, 0.08), min_cacheable_tokens=2048),
+    "claude-3-5-haiku": Model(price_row(0.80, 4.00, 1.00, 1.60, 0.08), min_cacheable_tokens=2048, retires=RETIRED),
+    "claude-3": Model(None, retires=RETIRED),  # Claude 3, 3.5 and 3.7 (Opus, Sonnet, Haiku): dated ids and -latest
 }
 CURRENT_MODELS = ("claude-fable-5-2", "claude-opus-5-5", "claude-sonnet-5-5", "claude-haiku-5-5")  # PRICES_AS_OF
 
@@ -1522,9 +1525,10 @@ RETIREMENT_NOTICE_DAYS = 60  # a model that retires sooner than this draws a war
 def retirement_notice(model: str, today: date) -> tuple[bool, str] | None:
     """Whether `model` has retired by `today` (the API answers 404 to it) and what to tell the user, if it has or
     retires within RETIREMENT_NOTICE_DAYS; None otherwise."""
-    day, family = model_facts(model).retires, DATED_ID.sub("", model).split("-")[1]
+    day, parts = model_facts(model).retires, model.split("-")
     if day is None:
         return None
+    family = next((part for part in parts if part in ("fable", "mythos", "opus", "sonnet", "haiku")), "")
     successor = next((current for current in CURRENT_MODELS if f"-{family}-" in current), CURRENT_MODELS[0])
     if day <= today:
         return True, f"{model} is retired: the API answers 404 not_found_error to it; use {successor}"
@@ -1796,6 +1800,34 @@ def log_stop(stop: Stop, detail: str = "", fate: str = "", **facts: Any) -> None
     log.emit(stop.level, "{}", f"{message} {fate}" if fate else message)
 
 
+LINE_SPECIFIC = re.compile(r" \(request-id [^)]*\)|^attempt \d+: |^line \d+: ")  # what differs between lines
+CAUSE_LINES_NAMED = 5  # a cause's first line numbers, in the summary
+
+
+class Causes:
+    """One message per cause: the first line a cause strikes is logged as it comes, the others only at DEBUG, and the
+    summary says how many lines each cause that struck several struck, with the first of their numbers. A cause is
+    its message without what differs between lines (LINE_SPECIFIC)."""
+
+    def __init__(self) -> None:
+        self.lines: dict[str, list[int]] = {}  # cause -> its first line numbers...
+        self.counts: Counter[str] = Counter()  # ...and how many lines it struck
+
+    def say(self, level: str, cause: str, line_number: int, message: str) -> None:
+        cause = LINE_SPECIFIC.sub("", cause)
+        self.counts[cause] += 1
+        log.emit(level if self.counts[cause] == 1 else "DEBUG", "{}", message)
+        if len(named := self.lines.setdefault(cause, [])) < CAUSE_LINES_NAMED:
+            named.append(line_number)
+
+    def summarize(self) -> None:
+        for cause, count in self.counts.items():
+            if count > 1:
+                named = ", ".join(f"{line:,}" for line in self.lines[cause])
+                log.warning("{:,} lines: {} (lines {}{}).", count, cause, named, ", ..." if count > len(
+                    self.lines[cause]) else "")
+
+
 @dataclass
 class BatchProgress:
     """A batch run's own counters, for the status line, the summary and the exit code."""
@@ -1839,6 +1871,7 @@ class RunStats:
     budget: Budget | None = None  # --max_cost
     failures_remembered: int = 0  # lines not sent because they failed in an earlier run for a reason of their own
     read_to_end: bool = False  # every input line was read (and so matched with what earlier runs left)
+    causes: Causes = field(default_factory=Causes)  # what failed lines, said once per cause
 
     @property
     def elapsed(self) -> float:
@@ -2266,10 +2299,13 @@ class ResultWriter:
             self.errors.close()
 
 
-def write_failure(sink: ResultSink, job: Job, reason: str, permanent: bool = False) -> None:
-    """A line that failed for good, for either road: its error record, each attempt's message naming the line.
-    `permanent`: the request's own fault (see RememberedFailures), not sent again by a rerun."""
-    log.error("line {}: failed ({}): {}", job.line_number, reason, job.errors[-1] if job.errors else "")
+def write_failure(sink: ResultSink, job: Job, reason: str, causes: Causes, permanent: bool = False) -> None:
+    """A line that failed for good, for either road: its error record, each attempt's message naming the line, and
+    its cause said once (Causes). `permanent`: the request's own fault (see RememberedFailures), not sent again by a
+    rerun."""
+    last = job.errors[-1] if job.errors else ""
+    causes.say("ERROR", f"failed ({reason}): {LINE_SPECIFIC.sub('', last)}", job.line_number,
+               f"line {job.line_number}: failed ({reason}): {last}")
     sink.write_error(job.line_number, job.body, [f"line {job.line_number}, {message}" for message in job.errors],
                      job.metadata, permanent)
 
@@ -2357,11 +2393,11 @@ class LineReader:
 
     def __init__(self, lines: Iterable[tuple[int, Any]], resume_index: ResumeIndex, failures: RememberedFailures,
                  writer: ResultSink, stats: RunStats, settings: Settings, stop: Callable[[Stop, str], None],
-                 auto_cache: AutoCache | None = None, say: Callable[..., None] = log.warning) -> None:
+                 auto_cache: AutoCache | None = None, quiet: bool = False) -> None:
         self.version = settings.anthropic_version  # whose rules a line must keep (version_problem)
         self.auto_cache = auto_cache  # None: every body goes as written
         self.stop = stop  # the road's, for a requests file that changes under the reader
-        self.say = say  # each bad line and each retiring model, once (a dry run counts them instead)
+        self.quiet = quiet  # a dry run's: it counts the bad lines and retiring models instead of logging them
         self.betas = settings.betas or ()  # every job's, before its line's own
         self.lines = lines
         self.resume_index = resume_index
@@ -2397,7 +2433,7 @@ class LineReader:
                 if body["model"] not in self.models:
                     self.models.add(body["model"])
                     if notice := retirement_notice(body["model"], datetime.now(timezone.utc).date()):
-                        self.say("Line {}: {}.", line_number, notice[1])
+                        log.emit("DEBUG" if self.quiet else "WARNING", "Line {}: {}.", line_number, notice[1])
                 written, auto_prefix = body, None
                 if self.auto_cache is not None and b'"cache_control"' not in payload:
                     body, auto_prefix = self.auto_cache.mark(body, line_number)
@@ -2438,7 +2474,8 @@ class LineReader:
         if self.failures and self.remembered(line_number, failure_identity(raw, None)):
             return
         message = f"line {line_number}: {problem}; not sent"
-        self.say("{}", message)
+        if not self.quiet:
+            self.stats.causes.say("WARNING", f"{problem}; not sent", line_number, message)
         self.writer.write_error(line_number, raw, [message], None, True)
         self.stats.bad_lines += 1
 
@@ -3704,7 +3741,7 @@ class Road:
     def fail(self, job: Job, reason: str, permanent: bool = False) -> None:
         if not job.errors:  # never sent: the run stopped first
             job.errors.append(self.stats.unsent_reason)
-        write_failure(self.writer, job, reason, permanent)
+        write_failure(self.writer, job, reason, self.stats.causes, permanent)
         self.stats.failed += 1
 
 # ==================================================================================================
@@ -3891,6 +3928,7 @@ class Processor(Road):
         self.unmarked_warned = False
         self.first_outcome = asyncio.Event()  # set once the first attempt has come back, whatever it came to
         self.first_sent = False
+        self.missing_models: dict[str, int] = {}  # a model the API answered 404 not_found_error to -> on which line
 
     def read_jobs(self) -> Iterator[Job]:
         for job in self.reader.jobs(self.estimator.estimate):
@@ -3926,7 +3964,12 @@ class Processor(Road):
         """Wait for a slot, for capacity and for room in the budget, then send the job's next attempt in its own
         task; a job whose turn comes once the run has stopped goes to the errors file. The first request goes
         alone, for a few seconds at most: its response's headers tell the limits before a burst could overrun
-        them."""
+        them. A job whose model the API does not know (missing_models) fails without being sent."""
+        if (model := job.body["model"]) in self.missing_models:
+            job.errors.append(f"not sent: the API answered 404 not_found_error to {model} on line "
+                              f"{self.missing_models[model]}")
+            self.fail(job, "model not found", permanent=True)
+            return
         if not self.stats.failing_unsent:
             if self.first_sent and not self.first_outcome.is_set():
                 await wait_for_event(self.first_outcome, FIRST_REQUEST_ALONE_SECONDS)
@@ -4009,6 +4052,9 @@ class Processor(Road):
         elif decision.action == STOP:
             return
         elif decision.action == FAIL:
+            model = job.body["model"]
+            if result.status == 404 and "not_found_error" in result.error and f"model: {model}" in result.error:
+                self.missing_models.setdefault(model, job.line_number)
             self.fail(job, "no attempts left" if result.retryable else "not retryable", permanent=result.refused)
         else:
             delay = decision.delay
@@ -5154,7 +5200,7 @@ def print_dry_run(config: Settings) -> int:
     reader = LineReader(read_lines(config.requests_filepath), answered, failures, unsent, stats, config,
                         lambda stop, detail: unsent.messages.append(f"line {detail}: the file changed while it was "
                                                                     "read; not read"),
-                        automatic_caching(config, estimator), say=lambda *_: None)  # a run's rules, counted
+                        automatic_caching(config, estimator), quiet=True)  # a run's rules, counted, not logged
     for job in reader.jobs(estimator.estimate):
         body, model = job.body, job.body["model"]
         if problem := model_problem(body):
@@ -5203,11 +5249,14 @@ def print_dry_run(config: Settings) -> int:
               "model: give the models without one a price with --prices, or the run stops at their first line.")
     retired = False
     for model, plan in sorted(plans.items()):
-        known = [*CURRENT_MODELS, *prices]
-        if plan.price is None and (nearest := difflib.get_close_matches(model, known, n=1, cutoff=0.8)):
-            print(f"  {model} (first on line {plan.first_line:,}) is not a model this tool knows: did you mean "
-                  f"{nearest[0]}?")
-        if notice := retirement_notice(model, datetime.now(timezone.utc).date()):
+        notice = retirement_notice(model, datetime.now(timezone.utc).date())
+        if plan.price is None and notice is None:  # a model the API does not know answers 404 to every line
+            nearest = difflib.get_close_matches(model, [*CURRENT_MODELS, *prices], n=1, cutoff=0.8)
+            retired = True
+            print(f"  404 expected: {plan.requests:,} line(s): {model} (first on line {plan.first_line:,}) is not a "
+                  f"model this tool knows: " + (f"did you mean {nearest[0]}?" if nearest else "if your --request_url "
+                                                 "serves it, give it a price with --prices to say so"))
+        if notice:
             retired |= notice[0]
             print(f"  {'404 expected:' if notice[0] else 'note:'} {plan.requests:,} line(s), the first on line "
                   f"{plan.first_line:,}: {notice[1]}")
@@ -5222,6 +5271,7 @@ def print_dry_run(config: Settings) -> int:
 def log_summary(stats: RunStats, settings: Settings) -> None:
     verb = "Finished" if not stats.interrupted else f"Interrupted by {stats.stop.name}" if stats.stop.is_signal \
         else f"Stopped ({stats.stop.words})"
+    stats.causes.summarize()
     log.info("{} after {:.1f} s: {}", verb, stats.elapsed, status_line(stats))
     log_costs(stats)
     if settings.save_filepath and not Path(settings.save_filepath).is_file():

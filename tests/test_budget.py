@@ -103,7 +103,7 @@ def test_the_status_line_summary_and_dry_run_show_the_budget(tmp_path, fake_serv
 
 @pytest.mark.parametrize(("ttl", "warm", "batch", "us_only", "expected"), [
     (300.0, False, False, False, 3880),  # 240 input at $2, 960 written at $2.50, 100 output at $10 (per million)
-    (300.0, True, False, False, 1672),  # the prefix read at $0.20
+    (300.0, True, False, False, 1576),  # the prefix read at $0.10
     (3600.0, False, False, False, 5320),  # written for an hour at $4
     (300.0, False, True, False, 1940),  # the batch price: half
     (300.0, False, False, True, 4268),  # US-only inference: 1.1x

@@ -30,7 +30,7 @@ HAND_PRICES = {
     "claude-opus-4-1-20250805": (15, 18.75, 30, 1.50, 75),
     "claude-opus-4-0": (15, 18.75, 30, 1.50, 75),
     "claude-opus-4-20250514": (15, 18.75, 30, 1.50, 75),
-    "claude-sonnet-5-5": (2, 2.50, 4, 0.20, 10),
+    "claude-sonnet-5-5": (2, 2.50, 4, 0.10, 10),  # reads at $0.10 since 7 October 2026
     "claude-sonnet-5": (2, 2.50, 4, 0.20, 10),
     "claude-sonnet-4-6": (3, 3.75, 6, 0.30, 15),
     "claude-sonnet-4-5-20250929": (3, 3.75, 6, 0.30, 15),
@@ -326,3 +326,26 @@ def test_the_dry_run_prices_automatic_caching_at_most_half_the_cost_as_written(t
     assert all(with_it <= 0.5 * without for with_it, without in pairs)
     assert "Automatic caching: a breakpoint on 199 line(s) that share 1 prefix(es)" in cached.stdout
     assert "Automatic caching" not in as_written.stdout and "1 distinct cached prefix;" in cached.stdout
+
+
+def test_the_dry_run_names_every_model_that_will_404_and_the_model_to_use(tmp_path):
+    models = ["claude-3-5-sonnet-20240620", "claude-3-haiku-20240307", "claude-sonnet-4-5", "claude-sonet-5-5",
+              "claude-sonnet-5-5"]
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i, model=model) for i, model in
+                                                       enumerate(models)])
+    result = run_cli("--requests_filepath", str(requests_path), "--dry_run")
+    out = result.stdout
+    assert result.returncode == 1
+    assert "the first on line 1: claude-3-5-sonnet-20240620 is retired: the API answers 404 not_found_error to it; " \
+           "use claude-sonnet-5-5" in out
+    assert "the first on line 2: claude-3-haiku-20240307 is retired" in out and "use claude-haiku-5-5" in out
+    assert "the first on line 3: claude-sonnet-4-5 is retired" in out
+    assert "claude-sonet-5-5 (first on line 4) is not a model this tool knows: did you mean claude-sonnet-5-5?" in out
+
+
+def test_sonnet_5_5_reads_its_cache_at_ten_cents_a_million():
+    stats = app.RunStats(prices=app.load_prices(None))
+    cost = stats.add_usage("claude-sonnet-5-5", {"input_tokens": 0, "cache_read_input_tokens": 1_000_000,
+                                                 "output_tokens": 0})
+    assert cost == pytest.approx(0.10)
+    assert stats.add_usage("claude-sonnet-5", {"cache_read_input_tokens": 1_000_000}) == pytest.approx(0.20)

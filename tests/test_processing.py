@@ -8,7 +8,7 @@ import json
 from collections import Counter
 
 import pytest
-from conftest import outputs, request, run_in_process, write_jsonl
+from conftest import MODEL, outputs, request, run_in_process, write_jsonl
 
 import api_request_parallel_processor as app
 
@@ -534,3 +534,33 @@ def test_betas_go_in_the_header_never_the_body_and_the_record_keeps_the_line(tmp
     assert not any("betas" in body for body in fake.stats.bodies_seen)
     by_row = {record[2]["row"]: record[0] for record in results}
     assert by_row[1]["betas"] == ["context-1m-2025-08-07"] and "betas" not in by_row[0]
+
+
+def test_a_model_the_api_does_not_know_fails_its_lines_without_sending_them_and_the_others_go_on(
+        tmp_path, fake_server, captured_logs):
+    fake = fake_server(latency=(0.05, 0.1))
+    rows = [request(f"q{i}", i, model="claude-unknown-9" if i % 2 else MODEL) for i in range(200)]
+    requests_path = write_jsonl(tmp_path / "r.jsonl", rows)
+
+    stats = run_in_process(requests_path, fake, max_requests_per_minute=600, max_concurrent_requests=4)
+
+    results, errors = outputs(requests_path)
+    sent_unknown = sum(1 for body in fake.stats.bodies_seen if body["model"] == "claude-unknown-9")
+    assert stats.exit_code == 1 and len(results) == 100 and len(errors) == 100
+    assert sent_unknown <= 5  # those on their way when the first 404 came back
+    assert all(record[3]["permanent"] for record in errors)
+    failures = [line for line in captured_logs if line.startswith("ERROR line")]
+    assert len(failures) <= 2 and any("lines: failed (model not found)" in line for line in captured_logs)
+
+
+def test_a_cause_shared_by_many_lines_is_logged_once_with_its_count(tmp_path, fake_server, captured_logs):
+    fake = fake_server()
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i, temperature=0.5) for i in range(3000)])
+
+    stats = run_in_process(requests_path, fake)
+
+    said = [line for line in captured_logs if "does not accept 'temperature'" in line]
+    assert stats.bad_lines == 3000 and fake.stats.received == 0
+    assert len(said) == 2 and said[0].startswith("WARNING line 1: ")
+    assert said[1].startswith("WARNING 3,000 lines: API version 2026-10-21 does not accept 'temperature'")
+    assert said[1].endswith("(lines 1, 2, 3, 4, 5, ...).")
