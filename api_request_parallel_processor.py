@@ -1870,6 +1870,7 @@ class RunStats:
     batch: BatchProgress | None = None  # a batch run's own counters
     budget: Budget | None = None  # --max_cost
     failures_remembered: int = 0  # lines not sent because they failed in an earlier run for a reason of their own
+    refused: int = 0  # answers the model refused (stop_reason "refusal"): saved and paid as answers, counted apart
     read_to_end: bool = False  # every input line was read (and so matched with what earlier runs left)
     causes: Causes = field(default_factory=Causes)  # what failed lines, said once per cause
 
@@ -1880,6 +1881,13 @@ class RunStats:
     @property
     def limits_in_force(self) -> str:
         return self.describe_limits()
+
+    def add_answer(self, body: dict[str, Any], message: dict[str, Any], batch: bool = False) -> float:
+        """Count one answer: a refusal apart, and its usage at the price of the model that answered (which the API
+        may have chosen among the request's `fallbacks`); what it cost."""
+        self.refused += message.get("stop_reason") == "refusal"
+        model = message["model"] if "fallbacks" in body else body["model"]
+        return self.add_usage(model, message["usage"], body.get("inference_geo") == "us", batch)
 
     def add_usage(self, model: str, usage: dict[str, Any], us_only: bool = False, batch: bool = False) -> float:
         """Count one response's usage; what it cost."""
@@ -4024,7 +4032,7 @@ class Processor(Road):
         usage = response.get("usage") if isinstance(response.get("usage"), dict) else {}
         lane.answered(job, usage)
         self.stats.input_ratios[job.body["model"]] = lane.input_ratio
-        self.stats.add_usage(job.body["model"], usage, us_only=job.body.get("inference_geo") == "us")
+        self.stats.add_answer(job.body, response)
         self.writer.write_result(job, response, raw)
         self.stats.succeeded += 1
         log.debug("line {}: done after {} attempt(s); usage {}", job.line_number, job.attempts, usage)
@@ -4784,8 +4792,7 @@ class BatchRun(Road):
         if kind == "succeeded" and message_problem(message) is None:
             self.writer.write_result(job, message, json.dumps(message, ensure_ascii=False).encode("utf-8"))
             self.stats.succeeded += 1
-            self.stats.add_usage(job.body["model"], message.get("usage") or {},
-                                 us_only=job.body.get("inference_geo") == "us", batch=True)
+            self.stats.add_answer(job.body, message, batch=True)
             return 0.0
         action, problem = decide_batch_result(result, job.attempts, self.settings.max_attempts)
         if problem:
@@ -4816,7 +4823,7 @@ class BatchRun(Road):
 
 EXPORT_COLUMNS = ("line", "status", "model", "text", "stop_reason", "input_tokens", "cache_write_tokens",
                   "cache_read_tokens", "output_tokens", "cost_usd", "error")  # the metadata's fields after `line`
-ANSWERED, FAILED, PENDING = "answered", "failed", "pending"
+ANSWERED, REFUSED, FAILED, PENDING = "answered", "refused", "failed", "pending"  # REFUSED: stop_reason refusal
 
 
 def metadata_column(key: str) -> str:
@@ -4844,7 +4851,8 @@ def export_row(line_number: int, raw: bytes, results: RecordFinder, errors: Reco
         price = price_of(model) if isinstance(model, str) else None
         cost = usage.add(message.get("usage") if isinstance(message.get("usage"), dict) else {}, price,
                          body.get("inference_geo") == "us", batch)
-        row.update(status=ANSWERED, model=model, text=message_text(message), stop_reason=message.get("stop_reason"),
+        row.update(status=REFUSED if message.get("stop_reason") == "refusal" else ANSWERED, model=model,
+                   text=message_text(message), stop_reason=message.get("stop_reason"),
                    input_tokens=usage.input_tokens, cache_write_tokens=usage.cache_write_tokens,
                    cache_read_tokens=usage.cache_read_tokens, output_tokens=usage.output_tokens,
                    cost_usd=round(cost, 6) if price is not None else None)
@@ -4932,8 +4940,9 @@ def write_export(config: Settings) -> Counter[str]:
         statuses = write_rows(exported_rows(config), config.export, config.requests_filepath)
     except OSError as error:
         raise ConfigError(f"cannot write the export {config.export}: {error.strerror}") from None
-    log.info("Exported {:,} rows to {} ({:,} answered, {:,} failed, {:,} pending), in input order.",
-             sum(statuses.values()), config.export, statuses[ANSWERED], statuses[FAILED], statuses[PENDING])
+    log.info("Exported {:,} rows to {} ({:,} answered, {:,} refused, {:,} failed, {:,} pending), in input order.",
+             sum(statuses.values()), config.export, statuses[ANSWERED], statuses[REFUSED], statuses[FAILED],
+             statuses[PENDING])
     return statuses
 
 # ==================================================================================================
@@ -5282,6 +5291,9 @@ def log_summary(stats: RunStats, settings: Settings) -> None:
     if stats.failed or stats.bad_lines:
         where = settings.errors_filepath if settings.save_filepath else "the errors of each result"
         log.warning("{:,} request(s) failed and {:,} line(s) were bad: see {}", stats.failed, stats.bad_lines, where)
+    if stats.refused:
+        log.info("{:,} line(s) the model refused (stop_reason refusal): saved, and paid, as answers; the export's "
+                 "status says refused.", stats.refused)
     if stats.failures_remembered:
         log.info("{:,} line(s) failed in an earlier run for a reason of their own and were not sent again: their "
                  "records stay in {} (--retry_failed sends them again).", stats.failures_remembered,

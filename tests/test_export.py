@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+from aiohttp import web
 from conftest import API_KEY, read_jsonl, request, run_in_process, write_jsonl
 
 import api_request_parallel_processor as app
@@ -83,3 +84,28 @@ def test_an_export_that_would_overwrite_a_file_of_the_run_is_refused(tmp_path, f
     assert requests_path.read_bytes() == before
     with pytest.raises(app.ConfigError, match="must end in .csv or .jsonl"):
         app.Settings(requests_filepath=str(requests_path), export="answers.txt")
+
+
+def test_a_refusal_is_counted_apart_and_a_fallback_is_priced_by_the_model_that_answered(tmp_path, fake_server,
+                                                                                        captured_logs):
+    async def refuse_or_fall_back(request, body):
+        text = body["messages"][0]["content"]
+        message = {"id": "msg_1", "type": "message", "role": "assistant", "model": body["model"], "content": [],
+                   "stop_reason": "end_turn", "usage": {"input_tokens": 50_000, "output_tokens": 0}}
+        if text == "refuse":
+            return web.json_response({**message, "stop_reason": "refusal", "stop_details": {"category": "cyber"}})
+        if text == "fall back":
+            return web.json_response({**message, "model": "claude-haiku-5-5"})  # at Haiku 5.5's $0.10 a million
+        return None
+
+    fake = fake_server(hostile=refuse_or_fall_back)
+    rows = [request("refuse", 0), request("fall back", 1, fallbacks=[{"model": "claude-haiku-5-5"}]), request("ok", 2)]
+    requests_path = write_jsonl(tmp_path / "r.jsonl", rows)
+
+    stats = run_in_process(requests_path, fake, export=str(tmp_path / "a.jsonl"))
+
+    rows_out = read_jsonl(tmp_path / "a.jsonl")
+    assert stats.exit_code == 0 and stats.refused == 1
+    assert [row["status"] for row in rows_out] == ["refused", "answered", "answered"]
+    assert stats.by_model["claude-haiku-5-5"].cost == pytest.approx(0.005)  # not Sonnet's $0.10
+    assert any("1 line(s) the model refused" in line for line in captured_logs)

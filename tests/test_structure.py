@@ -55,3 +55,11 @@ def test_a_lines_way_names_only_what_the_file_defines():
     for name in names:
         owner, _, member = name.partition(".")
         assert hasattr(app, owner) and (not member or hasattr(getattr(app, owner), member)), name
+
+
+def test_pip_install_asks_for_the_same_packages_as_requirements_txt():
+    """Two ways to install (the cookbook's `pip install -r requirements.txt`, and `pip install .`): one list."""
+    pyproject = (SCRIPT.parent / "pyproject.toml").read_text(encoding="utf-8")
+    dependencies = re.search(r"^dependencies = \[(.*)\]$", pyproject, flags=re.MULTILINE).group(1)
+    requirements = (SCRIPT.parent / "requirements.txt").read_text(encoding="utf-8").split()
+    assert re.findall(r'"([^"]+)"', dependencies) == requirements
