@@ -210,6 +210,29 @@ def export_path(value: str) -> str:
     return value
 
 
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a token, as HTTP defines a header's name
+OWN_HEADERS = ("x-api-key", "anthropic-version", "anthropic-beta", "content-type")  # set by their flags
+
+
+def header_pairs(value: str | Iterable[Any] | dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """Headers for every API call: 'NAME: VALUE' (the flag, repeatable as curl's -H), a list of them or of pairs, or
+    a dict. A message never shows a value: it may be a secret."""
+    items = value.items() if isinstance(value, dict) else [value] if isinstance(value, str) else value
+    pairs = []
+    for item in items:
+        if isinstance(item, tuple) and item and isinstance(item[0], tuple):  # argparse's list of parsed flags
+            pairs += item
+            continue
+        name, colon, text = item.partition(":") if isinstance(item, str) else (item[0], ":", item[1])
+        name, text = str(name).strip(), str(text).strip()
+        if not colon or not HEADER_NAME.fullmatch(name) or any(ord(char) < 32 or ord(char) == 127 for char in text):
+            raise ValueError("expected 'NAME: VALUE', a header's name then its value on one line")
+        if name.lower() in OWN_HEADERS:
+            raise ValueError(f"{name} is the tool's own: set it with its flag")
+        pairs.append((name, text))
+    return tuple(pairs)
+
+
 def url_problem(url: str) -> str | None:
     """Why a request URL cannot be used at all, or None."""
     try:
@@ -275,6 +298,10 @@ class Settings:
                                   positive_number)
     anthropic_version: str = flag(API_VERSIONS[-1], "the API version: 2026-10-21 refuses temperature, top_p and "
                                                     "top_k; 2023-06-01 keeps the older rules", api_version)
+    header: tuple[tuple[str, str], ...] | None = flag(
+        None, "'NAME: VALUE', a header for every API call on either road (repeatable, as curl's -H): an AI gateway's "
+              "authorization, anthropic-workspace-id; its value is never logged", header_pairs, secret=True,
+        action="append")
     betas: tuple[str, ...] | None = flag(None, "beta features for every request, comma-separated (sent as "
                                                "anthropic-beta; a line's own \"betas\" list adds to them)", beta_names)
     status_interval: float | None = flag(None, "seconds between status lines when stderr is not a terminal "
@@ -316,6 +343,11 @@ class Settings:
             raise ConfigError("export_only needs export (--export answers.csv)")
         if self.save_filepath is None and self.requests_filepath is not None:
             self.save_filepath = default_save_filepath(self.requests_filepath)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """What no message may show: the key, and the values of the headers given."""
+        return tuple(secret for secret in (self.api_key, *(value for _, value in self.header or ())) if secret)
 
     @property
     def errors_filepath(self) -> str:
@@ -415,9 +447,12 @@ def resolve_api_key(explicit: str | None) -> str:
     return key
 
 
-def redact(text: str, secret: str | None) -> str:
-    """Belt and braces: no message we record or log may carry the API key, whatever echoed it."""
-    return text.replace(secret, "[redacted]") if secret else text
+def redact(text: str, secrets: str | Iterable[str] | None) -> str:
+    """Belt and braces: no message we record or log may carry the API key or a header's value (Settings.secrets),
+    whatever echoed it."""
+    for secret in (secrets,) if isinstance(secrets, str) else secrets or ():
+        text = text.replace(secret, "[redacted]")
+    return text
 
 
 def format_duration(seconds: float) -> str:
@@ -3084,8 +3119,8 @@ def parse_retry_after(headers: Any) -> float | None:
 
 
 def api_headers(settings: Settings) -> dict[str, str]:
-    return {"x-api-key": settings.api_key or "", "anthropic-version": settings.anthropic_version,
-            "content-type": "application/json"}
+    return {**dict(settings.header or ()), "x-api-key": settings.api_key or "",
+            "anthropic-version": settings.anthropic_version, "content-type": "application/json"}
 
 
 def with_betas(headers: dict[str, str], betas: tuple[str, ...]) -> dict[str, str]:
@@ -3729,7 +3764,7 @@ class Road:
             return
         budget = self.budget.describe() if self.budget else ""
         asked = f", and it asks to wait {format_duration(wait)} more" if wait else ""
-        log_stop(stop, redact(detail, self.settings.api_key), self.fate(stop), lasted=format_duration(lasted),
+        log_stop(stop, redact(detail, self.settings.secrets), self.fate(stop), lasted=format_duration(lasted),
                  asked=asked, budget=budget)
         if stop.kind == INTERRUPTS:
             self.halt(stop)
@@ -4017,7 +4052,7 @@ class Processor(Road):
         if self.outage.record(job.line_number, result):
             log.warning("{} lines in a row got no answer or a 5xx (the last: {}): the API or the network is down. "
                         "Holding every request and retrying without using up their attempts, for up to {}.",
-                        OUTAGE_LINES, redact(result.error, self.settings.api_key), format_duration(OUTAGE_MAX_SECONDS))
+                        OUTAGE_LINES, redact(result.error, self.settings.secrets), format_duration(OUTAGE_MAX_SECONDS))
         if result.response is not None:
             self.succeed(lane, job, result.response, result.raw)
         else:
@@ -4039,7 +4074,7 @@ class Processor(Road):
         self.settle(job, usage)
 
     def attempt_failed(self, lane: ModelLane, job: Job, result: Attempt) -> None:
-        message = redact(f"attempt {job.attempts}: {result.error}", self.settings.api_key)
+        message = redact(f"attempt {job.attempts}: {result.error}", self.settings.secrets)
         job.errors.append(message)
         if result.rate_limited:
             self.stats.rate_limited += 1
@@ -4415,7 +4450,7 @@ class BatchClient:
         self.url = settings.request_url.rstrip("/") + "/batches"
         self.headers = api_headers(settings)
         self.timeout = settings.request_timeout
-        self.api_key = settings.api_key
+        self.secrets = settings.secrets
         self.api_clock_ahead = 0.0  # seconds the API's clock is ahead of ours, from its latest answer's Date header
 
     async def call(self, method: str, url: str, upload: Callable[[], AsyncIterator[bytes]] | None = None,
@@ -4436,9 +4471,9 @@ class BatchClient:
                 found = await made()
                 if found is not None:
                     log.info("The answer to creating batch {} was lost ({}), but the API made it: going on with it.",
-                             found.get("id"), redact(attempt.error, self.api_key))
+                             found.get("id"), redact(attempt.error, self.secrets))
                     return found
-            log.debug("{} {}: {}; trying again in {:.1f} s", method, url, redact(attempt.error, self.api_key), delay)
+            log.debug("{} {}: {}; trying again in {:.1f} s", method, url, redact(attempt.error, self.secrets), delay)
             await asyncio.sleep(delay)
 
     def retry_delay(self, attempt: Attempt, tries: int, started: float) -> float:
@@ -4447,7 +4482,7 @@ class BatchClient:
         not be tried again."""
         failing = monotonic() - started
         decision = decide(attempt, tries, math.inf, failing, failing)
-        problem = redact(attempt.error, self.api_key)
+        problem = redact(attempt.error, self.secrets)
         if decision.action == FAIL:
             raise RunStopped(Stop.BATCH_REFUSED, problem)
         if decision.cause is Stop.ORGANIZATION_REFUSED:
@@ -4743,7 +4778,7 @@ class BatchRun(Road):
             except DownloadCut as cut:
                 problem, delay = str(cut), self.client.retry_delay(cut.attempt, tries, started)
             log.warning("The results download of batch {} broke off ({}): reading it again; no result is written "
-                        "twice.", record.batch_id, redact(problem, self.settings.api_key))
+                        "twice.", record.batch_id, redact(problem, self.settings.secrets))
             await asyncio.sleep(delay)
         if self.writer.problem:  # the batch stays open: the next run writes what this one could not
             raise RunStopped(Stop.WRITE_FAILED, self.writer.problem)

@@ -148,6 +148,7 @@ class FakeStats:
     cache_write_tokens: int = 0
     cache_read_tokens: int = 0
     headers_seen: list[dict[str, str]] = field(default_factory=list)
+    batch_headers_seen: list[dict[str, str]] = field(default_factory=list)  # of every call to the batch endpoints
     bodies_seen: list[dict[str, Any]] = field(default_factory=list)
     batch_submissions: dict[str, int] = field(default_factory=dict)  # request fingerprint -> times in a batch
     submitted_twice: int = 0  # requests submitted while answered already, or while in a batch not yet ended
@@ -311,6 +312,8 @@ class FakeAnthropic:
     @web.middleware
     async def dated(self, request: web.Request, handler: Any) -> web.StreamResponse:
         """Every answer's Date header by the fake's own clock, as the API's is by its own."""
+        if "/batches" in request.path:
+            self.stats.batch_headers_seen.append(dict(request.headers))
         response = await handler(request)
         if not response.prepared:
             response.headers["Date"] = formatdate(self.now(), usegmt=True)

@@ -669,3 +669,36 @@ def test_a_retry_after_past_the_fifteen_minutes_stops_at_once_and_says_so(tmp_pa
     stopped = [line for line in captured_logs if line.startswith("ERROR Nothing but 429s")]
     assert stats.exit_code == 3 and outputs(requests_path) == ([], [])  # every line left for the next run
     assert len(stopped) == 1 and ", and it asks to wait 24h00m more:" in stopped[0], stopped
+
+
+def test_a_header_reaches_every_call_of_both_roads_and_never_a_log_line_or_a_file(tmp_path, fake_server):
+    secret = "gw-secret-4d9f1c"
+    seen: list[dict[str, str]] = []
+
+    async def echo(request, body):  # a gateway that echoes what it was sent into its error
+        seen.append(dict(request.headers))
+        text = body["messages"][0]["content"] if "messages" in body else ""
+        if text == "echo" and sum(1 for headers in seen if headers.get("x-gateway-auth")) == 1:
+            return web.json_response({"type": "error", "error": {"type": "api_error",
+                                                                 "message": f"bad gateway auth {secret}"}}, status=500)
+        return None
+
+    fake = fake_server(hostile=echo)
+    requests_path = write_jsonl(tmp_path / "r.jsonl", [request("echo", 0), request("plain", 1)])
+    direct = subprocess.run([sys.executable, str(SCRIPT), "--requests_filepath", str(requests_path), "--request_url",
+                             fake.url, "--api_key", API_KEY, "--header", f"x-gateway-auth: {secret}", "--header",
+                             "anthropic-workspace-id: wrkspc_1", "--logging_level", "TRACE"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    batch_path = write_jsonl(tmp_path / "b.jsonl", [request("batched", 0)])
+    batched = subprocess.run([sys.executable, str(SCRIPT), "--requests_filepath", str(batch_path), "--request_url",
+                              fake.url, "--api_key", API_KEY, "--header", f"x-gateway-auth: {secret}", "--batch",
+                              "--batch_poll_seconds", "0.05"], capture_output=True, text=True, timeout=60, check=False)
+
+    assert direct.returncode == 0 and batched.returncode == 0, direct.stderr + batched.stderr
+    assert all(headers.get("x-gateway-auth") == secret and headers.get("anthropic-workspace-id") == "wrkspc_1"
+               for headers in seen[:3])  # the two lines' attempts
+    assert len(fake.stats.batch_headers_seen) >= 3 and all(  # create, retrieve, results
+        headers.get("x-gateway-auth") == secret for headers in fake.stats.batch_headers_seen)
+    written = "".join(path.read_text(errors="replace") for path in tmp_path.rglob("*") if path.is_file())
+    assert secret not in direct.stderr + batched.stderr + written
+    assert "[redacted]" in direct.stderr  # the echo was logged, without the value
