@@ -883,7 +883,8 @@ def foreign_format(first: bytes | Any) -> str | None:
         try:
             first = load_json(first)
         except (ValueError, RecursionError):
-            return f"looks like CSV or another text table: {EXPECTED_FORMAT}" if b"," in text and not text.startswith(
+            return f"looks like CSV or another text table: {EXPECTED_FORMAT} (python examples/rows_to_requests.py " \
+                   "turns a CSV into one)" if b"," in text and not text.startswith(
                 (b"{", b"[")) else None
     if isinstance(first, list) and first and isinstance(first[0], dict):
         return array

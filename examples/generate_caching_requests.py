@@ -1,11 +1,14 @@
-"""Writes examples/test_caching_requests_to_parallel_process.jsonl: 10 questions about one long document.
+"""Write the caching example: 10 questions about one long document, a breakpoint of your own on it.
 
 The document sits in a system block marked with cache_control, so the first request writes it to the
 prompt cache and the others read it at a tenth of the price. A prefix shorter than the model's minimum
 (1,024 tokens for most Sonnet and Opus models, 2,048 or 4,096 for Haiku) is silently not cached; this one
 is about 2,000 tokens by cl100k_base, and more by Claude's count.
+
+    python examples/generate_caching_requests.py [--output FILE]
 """
 
+import argparse
 import json
 from pathlib import Path
 
@@ -32,7 +35,11 @@ def handbook() -> str:
 
 QUESTIONS = [f"Who approves exceptions to the {topic} policy, and where is that recorded?" for topic in TOPICS[:10]]
 
-filename = Path(__file__).parent / "test_caching_requests_to_parallel_process.jsonl"
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--output", type=Path,
+                    default=Path(__file__).parent / "test_caching_requests_to_parallel_process.jsonl",
+                    help="where to write them (default: the example file beside this script)")
+filename = parser.parse_args().output
 document = handbook()
 with open(filename, "w") as file:
     for row, question in enumerate(QUESTIONS):

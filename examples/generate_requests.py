@@ -1,5 +1,6 @@
-"""Writes a file of small requests ("How much is 8 * x?"), by default the 10 of
-examples/test_requests_to_parallel_process.jsonl.
+"""Write a file of small test requests ("How much is 8 * x?"); by default, the example file's 10.
+
+To turn your own rows (a CSV) into requests, see examples/rows_to_requests.py.
 
     python examples/generate_requests.py [--count 200] [--model claude-haiku-5-5] [--output requests.jsonl]
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import socket
@@ -227,3 +228,44 @@ def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path, fake_server):
     requests_path.write_bytes(b"\xef\xbb\xbf" + json.dumps(request("q", 0)).encode() + b"\r\n")
     assert run_cli(*cli_args(fake, requests_path)).returncode == 0
     assert len(outputs(requests_path)[0]) == 1
+
+
+def test_a_csv_of_ones_own_rows_becomes_a_requests_file_in_one_command(tmp_path, fake_server):
+    rows = tmp_path / "reviews.csv"
+    with open(rows, "w", encoding="utf-8", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["id", "text", "stars"])
+        writer.writerow(["1", 'Great, "really" great 🎉', "5"])
+        writer.writerow(["2", "Two lines,\nof text", "3"])
+        writer.writerow(["3", "Plain", "1"])
+    (tmp_path / "prompt.txt").write_text("Classify the review as positive or negative.", encoding="utf-8")
+
+    made = subprocess.run([sys.executable, str(ROOT / "examples" / "rows_to_requests.py"), str(rows), "--template",
+                           "Review {id}: {text}", "--system", str(tmp_path / "prompt.txt"), "--metadata", "id,stars"],
+                          capture_output=True, text=True, check=False)
+    refused = run_cli("--requests_filepath", str(rows), "--api_key", API_KEY)
+
+    assert made.returncode == 0, made.stderr
+    requests = read_jsonl(tmp_path / "reviews_requests.jsonl")
+    assert [request["messages"][0]["content"] for request in requests] == [
+        'Review 1: Great, "really" great 🎉', "Review 2: Two lines,\nof text", "Review 3: Plain"]
+    assert requests[0]["system"] == "Classify the review as positive or negative."
+    assert [request["metadata"] for request in requests] == [{"id": "1", "stars": "5"}, {"id": "2", "stars": "3"},
+                                                             {"id": "3", "stars": "1"}]
+    assert refused.returncode == 2 and "examples/rows_to_requests.py turns a CSV into one" in refused.stderr
+    fake = fake_server()
+    assert run_cli(*cli_args(fake, tmp_path / "reviews_requests.jsonl")).returncode == 0
+    missing = subprocess.run([sys.executable, str(ROOT / "examples" / "rows_to_requests.py"), str(rows),
+                              "--template", "{review}"], capture_output=True, text=True, check=False)
+    assert missing.returncode == 2 and "row 1 has no column 'review'" in missing.stderr
+
+
+@pytest.mark.parametrize("script", ["generate_requests.py", "generate_caching_requests.py", "rows_to_requests.py"])
+def test_each_example_scripts_help_is_whole_and_writes_nothing(script):
+    before = {path: path.stat().st_mtime_ns for path in (ROOT / "examples").iterdir()}
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--help"], capture_output=True,
+                            text=True, check=False)
+    assert result.returncode == 0 and result.stdout.startswith("usage:")
+    description = result.stdout.split("\n\n")[1]
+    assert description.rstrip().endswith((".", ")")), description
+    assert {path: path.stat().st_mtime_ns for path in (ROOT / "examples").iterdir()} == before
