@@ -5335,7 +5335,8 @@ def log_summary(stats: RunStats, settings: Settings) -> None:
                  "records stay in {} (--retry_failed sends them again).", stats.failures_remembered,
                  settings.errors_filepath)
     if stats.rate_limited:
-        log.warning("{:,} rate limit (429) responses: consider lower --max_*_per_minute figures.", stats.rate_limited)
+        log.info("{:,} rate limit (429) responses: each paused its model and went again, using up no attempt (a limit "
+                 "the API reports below your figures is said when it is seen).", stats.rate_limited)
     if stats.stop is Stop.BUDGET:
         left = f"{stats.total - stats.finished:,} line(s)" if stats.total else "the lines without a result"
         log.warning("Stopped at the budget: {}. The budget counts this run's spending only: a rerun with the same "

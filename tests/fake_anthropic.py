@@ -51,6 +51,7 @@ import json
 import math
 import random
 import re
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -283,6 +284,7 @@ class FakeAnthropic:
         app.router.add_get("/v1/messages/batches/{id}", self.retrieve_batch)
         app.router.add_get("/v1/messages/batches/{id}/results", self.batch_results)
         app.router.add_post("/v1/messages/batches/{id}/cancel", self.cancel_batch)
+        app.router.add_get("/_stats", lambda request: web.json_response(report(self.stats)))
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)
@@ -941,20 +943,51 @@ class Listener:
         return sum(1 for _, headers in self.seen if "x-api-key" in {name.lower() for name in headers})
 
 
+def report(stats: FakeStats) -> dict[str, Any]:
+    """What the fake served, for /_stats and its last line: requests received, answered, answered twice (the same
+    request answered again: paid twice), 429s, faults, and the bill."""
+    return {"received": stats.received, "answered": sum(stats.answered.values()), "answered_twice": stats.paid_twice,
+            "rate_limited": stats.rate_limited, "faults": sum(stats.faults.values()),
+            "billed_usd": round(stats.billed, 6)}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description="A fake Anthropic Messages API on 127.0.0.1, to rehearse a job against without a key or a bill: "
+                    "its limits, latency, answer length and faults as the real API's may be. GET /_stats reports "
+                    "what it served (requests received, answered, answered twice), and so does its last line when "
+                    "it stops (Ctrl+C).", epilog=f"The key it accepts: {API_KEY}")
     parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--requests_per_minute", type=float)
-    parser.add_argument("--input_tokens_per_minute", type=float)
-    parser.add_argument("--fault_rate", type=float, default=0.0)
+    parser.add_argument("--requests_per_minute", type=float, help="its requests limit (default: none)")
+    parser.add_argument("--input_tokens_per_minute", type=float, help="its input-token limit (default: none)")
+    parser.add_argument("--output_tokens_per_minute", type=float, help="its output-token limit (default: none)")
+    parser.add_argument("--latency", type=float, nargs=2, metavar=("LOW", "HIGH"), default=(0.0, 0.0),
+                        help="seconds before each answer, drawn between LOW and HIGH (default: 0 0)")
+    parser.add_argument("--output_tokens", type=int, default=20, help="tokens in each answer, at most max_tokens "
+                                                                      "(default: 20)")
+    parser.add_argument("--seconds_per_token", type=float, default=0.0, help="generation time per output token "
+                                                                             "(default: 0)")
+    parser.add_argument("--fault_rate", type=float, default=0.0, help="the share of requests that fail (default: 0)")
+    parser.add_argument("--fault_kinds", default=",".join(RANDOM_FAULTS),
+                        help=f"which faults, comma-separated (default: {','.join(RANDOM_FAULTS)})")
     args = parser.parse_args()
     config = FakeConfig(requests_per_minute=args.requests_per_minute,
-                        input_tokens_per_minute=args.input_tokens_per_minute, fault_rate=args.fault_rate)
+                        input_tokens_per_minute=args.input_tokens_per_minute,
+                        output_tokens_per_minute=args.output_tokens_per_minute, latency=tuple(args.latency),
+                        output_tokens=args.output_tokens, seconds_per_token=args.seconds_per_token,
+                        fault_rate=args.fault_rate, fault_kinds=tuple(args.fault_kinds.split(",")))
 
     async def serve() -> None:
         fake = FakeAnthropic(config)
-        print(f"Fake Anthropic API at {await fake.start(args.port)} (key {config.api_key})", flush=True)
-        await asyncio.Event().wait()
+        url = await fake.start(args.port)
+        print(f"Fake Anthropic API at {url} (key {config.api_key}); what it served: GET "
+              f"{url.removesuffix('/v1/messages')}/_stats", flush=True)
+        stop = asyncio.Event()
+        for number in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(number, stop.set)
+        await stop.wait()
+        print(f"Served: {json.dumps(report(fake.stats))}", flush=True)
+        await fake.stop()
 
     asyncio.run(serve())
 

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 from conftest import API_KEY, ROOT, cli_args, outputs, read_jsonl, request, run_cli, write_jsonl
@@ -269,3 +270,31 @@ def test_each_example_scripts_help_is_whole_and_writes_nothing(script):
     description = result.stdout.split("\n\n")[1]
     assert description.rstrip().endswith((".", ")")), description
     assert {path: path.stat().st_mtime_ns for path in (ROOT / "examples").iterdir()} == before
+
+
+def test_the_fake_can_be_made_realistic_from_its_command_line_and_reports_what_it_served(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    helped = subprocess.run([sys.executable, str(ROOT / "tests" / "fake_anthropic.py"), "--help"],
+                            capture_output=True, text=True, check=False).stdout
+    assert all(flag in helped for flag in ("--latency", "--requests_per_minute", "--input_tokens_per_minute",
+                                           "--output_tokens_per_minute", "--output_tokens", "--fault_rate"))
+    assert "answered twice" in " ".join(helped.split())
+    fake = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_anthropic.py"), "--port", str(port),
+                             "--latency", "0.01", "0.03", "--requests_per_minute", "6000", "--output_tokens", "5"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert "/_stats" in fake.stdout.readline()
+        requests_path = write_jsonl(tmp_path / "r.jsonl", [request(f"q{i}", i) for i in range(20)])
+        url = f"http://127.0.0.1:{port}/v1/messages"
+        assert run_cli("--requests_filepath", str(requests_path), "--request_url", url, "--api_key", API_KEY,
+                       "--max_requests_per_minute", "6000").returncode == 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stats", timeout=10) as answer:
+            served = json.loads(answer.read())
+        assert (served["received"], served["answered"], served["answered_twice"]) == (20, 20, 0)
+        assert all(record[1]["usage"]["output_tokens"] == 5 for record in outputs(requests_path)[0])
+    finally:
+        fake.terminate()
+        last = fake.communicate(timeout=30)[0].strip().splitlines()[-1]
+    assert last.startswith("Served: ") and json.loads(last.removeprefix("Served: "))["answered"] == 20
