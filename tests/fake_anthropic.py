@@ -284,7 +284,7 @@ class FakeAnthropic:
         app.router.add_get("/v1/messages/batches/{id}", self.retrieve_batch)
         app.router.add_get("/v1/messages/batches/{id}/results", self.batch_results)
         app.router.add_post("/v1/messages/batches/{id}/cancel", self.cancel_batch)
-        app.router.add_get("/_stats", lambda request: web.json_response(report(self.stats)))
+        app.router.add_get("/_stats", self.served)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)
@@ -292,6 +292,10 @@ class FakeAnthropic:
         bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.url = f"http://127.0.0.1:{bound}/v1/messages"
         return self.url
+
+    async def served(self, request: web.Request) -> web.Response:
+        """GET /_stats: what the fake served (see report)."""
+        return web.json_response(report(self.stats))
 
     async def stop(self) -> None:
         if self._runner is not None:
