@@ -2261,14 +2261,15 @@ UNWRITTEN_RETRY_SECONDS = 1.0  # while records wait in memory, writing them is t
 
 
 class ResultWriter:
-    """Appends result and error records (see AppendedFile); the errors file is created only when there is an
-    error to write. The first record that cannot be written sets `problem`: from then on every record waits in
-    memory, in order, until write_unwritten finds room for them; the resume index learns of a result only once it
-    is on disk."""
+    """Appends result and error records (see AppendedFile); each file is created only when there is a record to write
+    in it (a run that answers nothing leaves no empty results file). The first record that cannot be written sets
+    `problem`: from then on every record waits in memory, in order, until write_unwritten finds room for them; the
+    resume index learns of a result only once it is on disk."""
 
     def __init__(self, results_path: str, errors_path: str, index: ResumeIndex | None = None) -> None:
         Path(results_path).parent.mkdir(parents=True, exist_ok=True)
-        self.results = AppendedFile(results_path)
+        self.results_path = results_path
+        self.results: AppendedFile | None = None
         self.errors_path = errors_path
         self.errors: AppendedFile | None = None
         self.index = index  # told of every result written
@@ -2300,12 +2301,13 @@ class ResultWriter:
             return
         try:
             if to_results:
+                self.results = self.results or AppendedFile(self.results_path)
                 self.results.append(record)
             else:
                 self.errors = self.errors or AppendedFile(self.errors_path)
                 self.errors.append(record)
         except OSError as error:
-            path = self.results.path if to_results else self.errors_path
+            path = self.results_path if to_results else self.errors_path
             self.problem = f"cannot write {path}: {error.strerror or error}"
             self.unwritten.append((to_results, record, entry))
             return
@@ -2338,9 +2340,9 @@ class ResultWriter:
         return len(self.unwritten)
 
     def close(self) -> None:
-        self.results.close()
-        if self.errors is not None:
-            self.errors.close()
+        for file in (self.results, self.errors):
+            if file is not None:
+                file.close()
 
 
 def write_failure(sink: ResultSink, job: Job, reason: str, causes: Causes, permanent: bool = False) -> None:
@@ -5319,7 +5321,7 @@ def log_summary(stats: RunStats, settings: Settings) -> None:
     stats.causes.summarize()
     log.info("{} after {:.1f} s: {}", verb, stats.elapsed, status_line(stats))
     log_costs(stats)
-    if settings.save_filepath and not Path(settings.save_filepath).is_file():
+    if settings.save_filepath and stats.succeeded and not Path(settings.save_filepath).is_file():
         log.warning("{} is gone (moved or deleted during the run): the answers saved to it went with it.",
                     settings.save_filepath)
     elif settings.save_filepath and stats.succeeded:

@@ -147,7 +147,7 @@ def test_no_wait_submits_then_collects_with_the_documented_exit_codes(tmp_path, 
     submitted = run_cli(*args)
     assert submitted.returncode == 4, submitted.stderr  # batches still processing
     assert "3 batch(es) are still processing (25 requests)" in submitted.stderr
-    assert not (tmp_path / "r_results.jsonl").read_text()
+    assert not (tmp_path / "r_results.jsonl").exists()  # no result yet: no file
     again = run_cli(*args)  # before they end: nothing submitted twice, still 4
     assert again.returncode == 4 and "25 lines in earlier runs' batches" in again.stderr
     end_batches(fake)
