@@ -5211,6 +5211,28 @@ class BudgetCoverage:
                 "sending before it passes the budget (exit code 5), and a rerun goes on from there.")
 
 
+BATCH_ADVICE_SAVING = 1.0  # USD: a smaller saving is not worth a word
+
+
+def dry_run_advice(config: Settings, plans: dict[str, ModelPlan]) -> list[str]:
+    """What a dry run advises after its estimate, where there is something to gain: the limits its duration assumes
+    when they are the defaults (the cookbook's figures of 2024), and what --batch would cost."""
+    advice = []
+    defaults = {setting.name: setting.default for setting in fields(Settings)}
+    if not config.batch and plans and all(getattr(config, name) == defaults[name]
+                                          for name in ("max_requests_per_minute", "max_tokens_per_minute")):
+        advice.append(f"the duration assumes the default limits ({defaults['max_requests_per_minute']} requests and "
+                      f"{defaults['max_tokens_per_minute']:,} input tokens a minute, the cookbook's figures of 2024); "
+                      "give yours with --max_requests_per_minute and --max_tokens_per_minute, or auto to run at the "
+                      "limits the API reports")
+    low, high = (sum(getattr(plan, bound).cost for plan in plans.values()) for bound in ("low", "high"))
+    if not config.batch and all(plan.price for plan in plans.values()) and low * BATCH_MULTIPLIER >= \
+            BATCH_ADVICE_SAVING:
+        advice.append(f"with --batch, about ${low * BATCH_MULTIPLIER:,.2f} to ${high * BATCH_MULTIPLIER:,.2f} (half "
+                      "the list prices), results usually within the hour")
+    return advice
+
+
 class DryRunSink:
     """Where a dry run's LineReader settles the lines it would not send: nothing is written, and the bad lines'
     messages are kept to print."""
@@ -5291,6 +5313,8 @@ def print_dry_run(config: Settings) -> int:
         print(f"Automatic caching: a breakpoint on {marked_lines:,} line(s) that share {len(marked):,} prefix(es), "
               f"counted above; as written (--auto_cache off) ${sum(p.low.cost for p in written.values()):,.2f} to "
               f"${sum(p.high.cost for p in written.values()):,.2f}{before}.")
+    for advice in dry_run_advice(config, plans):
+        print(f"Advice: {advice}")
     if config.max_cost and plans:
         print(budget.describe() if all(p.price for p in plans.values()) else "--max_cost needs the price of every "
               "model: give the models without one a price with --prices, or the run stops at their first line.")

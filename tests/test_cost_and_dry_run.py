@@ -349,3 +349,18 @@ def test_sonnet_5_5_reads_its_cache_at_ten_cents_a_million():
                                                  "output_tokens": 0})
     assert cost == pytest.approx(0.10)
     assert stats.add_usage("claude-sonnet-5", {"cache_read_input_tokens": 1_000_000}) == pytest.approx(0.20)
+
+
+def test_the_dry_run_advises_only_where_there_is_something_to_gain(tmp_path):
+    big = write_jsonl(tmp_path / "big.jsonl", [request(f"Essay {i}?", i, max_tokens=20_000) for i in range(500)])
+    small = write_jsonl(tmp_path / "small.jsonl", [request("Hi?", 0)])
+
+    defaults = run_cli("--requests_filepath", str(big), "--dry_run").stdout
+    given = run_cli("--requests_filepath", str(big), "--dry_run", "--max_requests_per_minute", "4000",
+                    "--max_tokens_per_minute", "2000000").stdout
+    batched = run_cli("--requests_filepath", str(big), "--dry_run", "--batch").stdout
+    tiny = run_cli("--requests_filepath", str(small), "--dry_run", "--max_requests_per_minute", "auto").stdout
+
+    assert "Advice: the duration assumes the default limits (40 requests and 16,000" in defaults
+    assert "Advice: with --batch, about $" in defaults and "Advice: with --batch" in given
+    assert "default limits" not in given and "Advice" not in batched and "Advice" not in tiny
