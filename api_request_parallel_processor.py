@@ -939,12 +939,19 @@ def without_breakpoints(body: dict[str, Any]) -> dict[str, Any]:
     return bare
 
 
+def marks_breakpoint(value: Any) -> bool:
+    """Whether a request, or any part of it, holds a `cache_control`: a walk of its objects, not of its text."""
+    if isinstance(value, dict):
+        return "cache_control" in value or any(marks_breakpoint(item) for item in value.values()
+                                               if isinstance(item, (dict, list)))
+    return isinstance(value, list) and any(marks_breakpoint(item) for item in value if isinstance(item, (dict, list)))
+
+
 def hash_request(body: Any, metadata: Any) -> int:
     """Identifies a request by content: the body as written plus its metadata, key order and breakpoints ignored
     (without_breakpoints), so that a result is found whether or not automatic caching marked its request."""
-    text = CANONICAL_JSON.encode([body, metadata])
-    if '"cache_control"' in text and isinstance(body, dict):
-        text = CANONICAL_JSON.encode([without_breakpoints(body), metadata])
+    bare = without_breakpoints(body) if isinstance(body, dict) and marks_breakpoint(body) else body
+    text = CANONICAL_JSON.encode([bare, metadata])
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
 
 
@@ -2439,11 +2446,12 @@ class LineReader:
 
     def __init__(self, lines: Iterable[tuple[int, Any]], resume_index: ResumeIndex, failures: RememberedFailures,
                  writer: ResultSink, stats: RunStats, settings: Settings, stop: Callable[[Stop, str], None],
-                 auto_cache: AutoCache | None = None, quiet: bool = False) -> None:
+                 auto_cache: AutoCache | None = None, dry_run: bool = False) -> None:
         self.version = settings.anthropic_version  # whose rules a line must keep (version_problem)
         self.auto_cache = auto_cache  # None: every body goes as written
         self.stop = stop  # the road's, for a requests file that changes under the reader
-        self.quiet = quiet  # a dry run's: it counts the bad lines and retiring models instead of logging them
+        self.dry_run = dry_run  # it counts bad lines and retiring models instead of logging them, and encodes and
+        # hashes a request only to match it with what earlier runs left
         self.betas = settings.betas or ()  # every job's, before its line's own
         self.lines = lines
         self.resume_index = resume_index
@@ -2459,16 +2467,17 @@ class LineReader:
             if raw is INPUT_CHANGED:
                 self.stop(Stop.INPUT_CHANGED, f"{line_number:,}")
                 return
-            line_hash = hash_line(raw)
             resuming = len(answered) > 0
+            line_hash = hash_line(raw) if resuming or not self.dry_run else None
             if resuming and line_hash is not None and answered.claim_line(line_hash):
                 self.stats.already_done += 1
                 continue
             try:  # whatever one line does to the parser, the estimate or the hash, it is that line's problem
                 body, metadata = parse_request(raw)
-                payload = REQUEST_JSON.encode(body).encode("utf-8")
-                encoded_metadata = None if metadata is None else REQUEST_JSON.encode(metadata).encode("utf-8")
-                request_hash = hash_request(body, metadata)
+                payload = b"" if self.dry_run else REQUEST_JSON.encode(body).encode("utf-8")
+                encoded_metadata = None if metadata is None or self.dry_run else REQUEST_JSON.encode(
+                    metadata).encode("utf-8")
+                request_hash = hash_request(body, metadata) if resuming or self.failures or not self.dry_run else 0
                 if resuming and answered.claim(request_hash, line_hash):
                     self.stats.already_done += 1
                     continue
@@ -2479,11 +2488,12 @@ class LineReader:
                 if body["model"] not in self.models:
                     self.models.add(body["model"])
                     if notice := retirement_notice(body["model"], datetime.now(timezone.utc).date()):
-                        log.emit("DEBUG" if self.quiet else "WARNING", "Line {}: {}.", line_number, notice[1])
+                        log.emit("DEBUG" if self.dry_run else "WARNING", "Line {}: {}.", line_number, notice[1])
                 written, auto_prefix = body, None
-                if self.auto_cache is not None and b'"cache_control"' not in payload:
+                if self.auto_cache is not None and not marks_breakpoint(body):
                     body, auto_prefix = self.auto_cache.mark(body, line_number)
-                    payload = REQUEST_JSON.encode(body).encode("utf-8") if auto_prefix is not None else payload
+                    if auto_prefix is not None and not self.dry_run:
+                        payload = REQUEST_JSON.encode(body).encode("utf-8")
                 job = Job(line_number, body, payload, metadata, encoded_metadata,
                           estimate(body) if estimate else NOT_ESTIMATED, request_hash=request_hash,
                           line_hash=line_hash, sent=payload, auto_prefix=auto_prefix,
@@ -2520,7 +2530,7 @@ class LineReader:
         if self.failures and self.remembered(line_number, failure_identity(raw, None)):
             return
         message = f"line {line_number}: {problem}; not sent"
-        if not self.quiet:
+        if not self.dry_run:
             self.stats.causes.say("WARNING", f"{problem}; not sent", line_number, message)
         self.writer.write_error(line_number, raw, [message], None, True)
         self.stats.bad_lines += 1
@@ -5269,7 +5279,7 @@ def print_dry_run(config: Settings) -> int:
     reader = LineReader(read_lines(config.requests_filepath), answered, failures, unsent, stats, config,
                         lambda stop, detail: unsent.messages.append(f"line {detail}: the file changed while it was "
                                                                     "read; not read"),
-                        automatic_caching(config, estimator), quiet=True)  # a run's rules, counted, not logged
+                        automatic_caching(config, estimator), dry_run=True)  # a run's rules, counted, not logged
     for job in reader.jobs(estimator.estimate):
         body, model = job.body, job.body["model"]
         if problem := model_problem(body):
