@@ -70,7 +70,6 @@ import signal
 import socket
 import stat
 import sys
-import tempfile
 import threading
 import time
 import zlib
@@ -220,9 +219,6 @@ def header_pairs(value: str | Iterable[Any] | dict[str, str]) -> tuple[tuple[str
     items = value.items() if isinstance(value, dict) else [value] if isinstance(value, str) else value
     pairs = []
     for item in items:
-        if isinstance(item, tuple) and item and isinstance(item[0], tuple):  # argparse's list of parsed flags
-            pairs += item
-            continue
         name, colon, text = item.partition(":") if isinstance(item, str) else (item[0], ":", item[1])
         name, text = str(name).strip(), str(text).strip()
         if not colon or not HEADER_NAME.fullmatch(name) or any(ord(char) < 32 or ord(char) == 127 for char in text):
@@ -423,7 +419,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
         options = {key: value for key, value in setting.metadata.items() if key != "parse"}
         if setting.default is False and "nargs" not in options:
             options["action"] = "store_true"
-        if setting.metadata["parse"] is not None:
+        if setting.metadata["parse"] is not None and options.get("action") != "append":  # a list: Settings parses it
             options["type"] = argument_type(setting.metadata["parse"])
         if setting.default not in (None, False) and "default" not in options["help"]:
             options["help"] += f" (default: {setting.default})"
@@ -947,10 +943,13 @@ def marks_breakpoint(value: Any) -> bool:
     return isinstance(value, list) and any(marks_breakpoint(item) for item in value if isinstance(item, (dict, list)))
 
 
-def hash_request(body: Any, metadata: Any) -> int:
+def hash_request(body: Any, metadata: Any, marked: bool | None = None) -> int:
     """Identifies a request by content: the body as written plus its metadata, key order and breakpoints ignored
-    (without_breakpoints), so that a result is found whether or not automatic caching marked its request."""
-    bare = without_breakpoints(body) if isinstance(body, dict) and marks_breakpoint(body) else body
+    (without_breakpoints), so that a result is found whether or not automatic caching marked its request. `marked`:
+    whether it holds a breakpoint, where the caller knows already (marks_breakpoint)."""
+    if marked is None:
+        marked = isinstance(body, dict) and marks_breakpoint(body)
+    bare = without_breakpoints(body) if marked else body
     text = CANONICAL_JSON.encode([bare, metadata])
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
 
@@ -1509,8 +1508,8 @@ MODELS: dict[str, Model] = {
     "claude-opus-4-1": Model(OPUS_4, min_cacheable_tokens=1024, retires=RETIRED),
     "claude-opus-4-0": Model(OPUS_4, min_cacheable_tokens=1024, retires=RETIRED),
     "claude-opus-4": Model(OPUS_4, min_cacheable_tokens=1024, retires=RETIRED),  # Opus 4 (by its dated id)
-    "claude-sonnet-5-5": Model(price_row(2.00, 10.00, 2.50, 4.00, 0.10), 1.4, 1024, refuses=FIXED_SAMPLING),  # its
-    # cache reads at $0.10 since 7 October 2026
+    # Sonnet 5.5's cache reads cost $0.10 since 7 October 2026; Sonnet 5's, $0.20.
+    "claude-sonnet-5-5": Model(price_row(2.00, 10.00, 2.50, 4.00, 0.10), 1.4, 1024, refuses=FIXED_SAMPLING),
     "claude-sonnet-5": Model(SONNET_5, 1.4, 1024, refuses=FIXED_SAMPLING),  # a new tokenizer, ~1.35-1.45x
     "claude-sonnet-4-6": Model(price_row(3.00, 15.00, 3.75, 6.00, 0.30), min_cacheable_tokens=1024),
     "claude-sonnet-4-5": Model(SONNET_4, min_cacheable_tokens=1024, retires=date(2026, 11, 30)),
@@ -1810,12 +1809,15 @@ class Stop(Enum):
         """Whether the requests in flight get only the grace period: all but the budget's, which are paid for."""
         return self.kind == INTERRUPTS and self is not Stop.BUDGET
 
+    @property
+    def rank(self) -> tuple[int, int]:
+        """How much a stop says of the run: an interruption most, then a failing stop, then an ending by its exit
+        code (batches still processing say more than lines left); two interruptions rank alike, so the first
+        stands."""
+        return {ENDS: 0, FAILS: 1, INTERRUPTS: 2}[self.kind], self.exit_code if self.kind == ENDS else 0
+
     def outranks(self, other: Stop | None) -> bool:
-        """Whether this stop says more of the run than `other`: the first interruption stands, a failing stop
-        comes next, and an ending with the higher exit code last."""
-        rank = {ENDS: 0, FAILS: 1, INTERRUPTS: 2}
-        return other is None or (rank[self.kind], self.kind == ENDS and self.exit_code) > (
-            rank[other.kind], other.kind == ENDS and other.exit_code)
+        return other is None or self.rank > other.rank
 
 
 # Error codes (`error.details.error_code`, as SDK 2.10.0's error classes name them) that refuse every request of the
@@ -2477,7 +2479,9 @@ class LineReader:
                 payload = b"" if self.dry_run else REQUEST_JSON.encode(body).encode("utf-8")
                 encoded_metadata = None if metadata is None or self.dry_run else REQUEST_JSON.encode(
                     metadata).encode("utf-8")
-                request_hash = hash_request(body, metadata) if resuming or self.failures or not self.dry_run else 0
+                marked = marks_breakpoint(body)
+                request_hash = hash_request(body, metadata, marked) if resuming or self.failures or not self.dry_run \
+                    else 0
                 if resuming and answered.claim(request_hash, line_hash):
                     self.stats.already_done += 1
                     continue
@@ -2490,7 +2494,7 @@ class LineReader:
                     if notice := retirement_notice(body["model"], datetime.now(timezone.utc).date()):
                         log.emit("DEBUG" if self.dry_run else "WARNING", "Line {}: {}.", line_number, notice[1])
                 written, auto_prefix = body, None
-                if self.auto_cache is not None and not marks_breakpoint(body):
+                if self.auto_cache is not None and not marked:
                     body, auto_prefix = self.auto_cache.mark(body, line_number)
                     if auto_prefix is not None and not self.dry_run:
                         payload = REQUEST_JSON.encode(body).encode("utf-8")
@@ -3744,7 +3748,7 @@ class Road:
         self.settings = settings
         self.writer = writer
         self.budget = Budget(settings.max_cost, prices) if settings.max_cost else None
-        self.estimator = TokenEstimator() if self.budget or not batch else None  # a batch's budget needs it too
+        self.estimator = TokenEstimator() if self.budget or not settings.batch else None  # a batch's: for its budget
         self.stats = RunStats(prices=prices, batch=batch, budget=self.budget)
         self.reader = LineReader(lines, resume_index, failures, writer, self.stats, settings, self.interrupt,
                                  automatic_caching(settings, self.estimator))
@@ -4952,12 +4956,9 @@ def write_rows(rows: Iterator[dict[str, Any]], path: str, requests_path: str) ->
     at once each end whole (the last renamed wins), and one killed leaves the file as it was."""
     statuses = Counter[str]()
     folder, name = os.path.split(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(handle, 0o666 & ~umask)  # as open() would have made it
+    temporary = os.path.join(folder, f".{name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")  # this export's own
     try:
-        with open(handle, "w", encoding="utf-8", newline="") as file:
+        with open(temporary, "x", encoding="utf-8", newline="") as file:
             if path.endswith(".csv"):
                 names: dict[str, None] = {}
                 for _, raw in read_lines(requests_path):
@@ -5162,6 +5163,16 @@ class ModelPlan:
         return tuple(expected.add({**usage, "output_tokens": round(body["max_tokens"] * share)}, self.price, us_only,
                                   batch) for expected, share in ((self.low, TYPICAL_OUTPUT_SHARE), (self.high, 1.0)))
 
+    def as_written(self, sent: ModelPlan, written: ModelPlan) -> ModelPlan:
+        """This plan had automatic caching marked none of its lines: `sent` and `written` hold the lines it marked,
+        as sent and as written."""
+        plan = ModelPlan(self.tokens_per_cl100k, self.price, requests=self.requests)
+        for bound in ("low", "high"):
+            parts = (getattr(self, bound), getattr(sent, bound), getattr(written, bound))
+            setattr(plan, bound, ModelUsage(*(getattr(parts[0], counter.name) - getattr(parts[1], counter.name)
+                                              + getattr(parts[2], counter.name) for counter in fields(ModelUsage))))
+        return plan
+
 
 def binding_need(config: Settings, plans: dict[str, ModelPlan]) -> tuple[str, str, float, float]:
     """The model and limit that set a direct run's duration, with what it needs of the limit and the limit: the
@@ -5269,8 +5280,8 @@ def print_dry_run(config: Settings) -> int:
     started = time.perf_counter()
     estimator = TokenEstimator()
     plans: dict[str, ModelPlan] = {}
-    written: dict[str, ModelPlan] = {}  # the same, as written: without automatic caching's breakpoints
-    marked, marked_lines = set(), 0  # the prefixes automatic caching marked, and on how many lines
+    marked: dict[str, tuple[ModelPlan, ModelPlan]] = {}  # the lines automatic caching marked, as sent and as written
+    prefixes = set()  # the prefixes it marked
     warned: list[str] = []
     budget = BudgetCoverage(config.max_cost)
     answered = ResumeIndex() if config.start_over else ResumeIndex.load(config.save_filepath)
@@ -5288,10 +5299,12 @@ def print_dry_run(config: Settings) -> int:
             learned.get(model, model_facts(model).tokens_per_cl100k), price_for(model, prices), model in learned))
         plan.first_line = plan.first_line or job.line_number
         budget.add(*plan.add(job.estimate, body, config.batch))
-        as_written = written.get(model) or written.setdefault(model, ModelPlan(plan.tokens_per_cl100k, plan.price))
-        as_written.add(estimator.estimate(job.written) if job.written else job.estimate, body, config.batch)
-        marked.update((job.auto_prefix,) if job.auto_prefix is not None else ())
-        marked_lines += job.auto_prefix is not None
+        if job.written is not None:
+            sent, written = marked.get(model) or marked.setdefault(model, (
+                ModelPlan(plan.tokens_per_cl100k, plan.price), ModelPlan(plan.tokens_per_cl100k, plan.price)))
+            sent.add(job.estimate, body, config.batch)
+            written.add(estimator.estimate(job.written), job.written, config.batch)
+            prefixes.add(job.auto_prefix)
     failures.finish(read_to_end=False)  # a dry run changes no file
     bad, done, failed_before = unsent.messages, stats.already_done, stats.failures_remembered
     valid = sum(plan.requests for plan in plans.values())
@@ -5317,10 +5330,12 @@ def print_dry_run(config: Settings) -> int:
               "max_tokens)." if all(p.price for p in plans.values())
               else "Estimated cost: unknown for the models without a price.")
         print(expected_duration(config, plans))
-    if marked_lines and all(plan.price for plan in written.values()):
+    if marked and all(plan.price for plan in plans.values()):
+        written = {model: plan.as_written(*marked[model]) if model in marked else plan for model, plan in plans.items()}
         need = binding_need(config, written)
         before = "" if config.batch else f" and about {format_duration(need[2] / need[3] * 60)}"
-        print(f"Automatic caching: a breakpoint on {marked_lines:,} line(s) that share {len(marked):,} prefix(es), "
+        lines = sum(sent.requests for sent, _ in marked.values())
+        print(f"Automatic caching: a breakpoint on {lines:,} line(s) that share {len(prefixes):,} prefix(es), "
               f"counted above; as written (--auto_cache off) ${sum(p.low.cost for p in written.values()):,.2f} to "
               f"${sum(p.high.cost for p in written.values()):,.2f}{before}.")
     for advice in dry_run_advice(config, plans):

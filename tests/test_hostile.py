@@ -702,3 +702,13 @@ def test_a_header_reaches_every_call_of_both_roads_and_never_a_log_line_or_a_fil
     written = "".join(path.read_text(errors="replace") for path in tmp_path.rglob("*") if path.is_file())
     assert secret not in direct.stderr + batched.stderr + written
     assert "[redacted]" in direct.stderr  # the echo was logged, without the value
+
+
+def test_running_time_leaves_out_the_pauses_that_its_ticks_show():
+    now = [100.0]
+    running = app.RunningTime(clock=lambda: now[0])
+    for step, expected in ((0.5, 0.5), (0.5, 1.0), (3.0, 1.5), (0.5, 2.0), (1.0, 3.0)):  # a 2.5 s gap is a pause
+        now[0] += step
+        assert running.now() - 100.0 == pytest.approx(expected)  # a pause not yet ticked is left out already...
+        running.tick()
+        assert running.now() - 100.0 == pytest.approx(expected)  # ...and once ticked, the same
